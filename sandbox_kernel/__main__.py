@@ -1,0 +1,3 @@
+from sandbox_kernel.kernelapp import main
+
+main()

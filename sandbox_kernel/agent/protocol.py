@@ -1,0 +1,113 @@
+"""The agent protocol: how the kernel and the agent inside the sandbox talk.
+
+Standard library only: this module runs on both sides (the kernel imports it as
+``sandbox_kernel.agent.protocol``, the sandbox as ``sandbox_agent.protocol``).
+
+Framing
+-------
+One frame is one JSON object encoded as UTF-8 on a single line, terminated by ``\\n``
+(``json.dumps`` escapes every newline inside strings, so a frame never spans lines).
+A frame longer than :data:`MAX_FRAME` bytes is a protocol error; senders keep stream
+chunks to :data:`STREAM_CHUNK` bytes so ordinary output never comes near the limit.
+Every frame has a ``"type"``. Frames that belong to a request carry its ``"id"``.
+The transport is any byte stream: pipes to a process in a local sandbox, or the
+stdin/stdout channels of a Kubernetes exec stream.
+
+Agent → kernel
+--------------
+``hello``          {version, pid, python, ipython} — first frame, once per attach
+``stream``         {id, name: stdout|stderr, text}
+``display``        {id, data, metadata, transient, update}
+``execute_result`` {id, data, metadata, execution_count}
+``clear_output``   {id, wait}
+``error``          {id, ename, evalue, traceback: [str]}
+``input_request``  {id, prompt, password}
+``blocked``        {id, record} — a connection the guard or watcher saw blocked
+``done``           {id, status: ok|error, exit_status, duration_ms, execution_count,
+                    payload, user_expressions}
+``reply``          {id, content} — answer to complete / inspect / is_complete
+``pong``           {id}
+
+Kernel → agent
+--------------
+``execute``        {id, code, silent, store_history, user_expressions, allow_stdin}
+``input_reply``    {id, value} (value ``None`` means the user interrupted)
+``interrupt``      {} — raise KeyboardInterrupt in the running cell and its processes
+``complete``       {id, code, cursor_pos}
+``inspect``        {id, code, cursor_pos, detail_level}
+``is_complete``    {id, code}
+``policy``         {policy} — the policy in force, for the guard and the notices
+``ping``           {id}
+``shutdown``       {}
+
+Exit status (the contract the kernel relies on): 0 when a cell completed, 1 when it
+raised, ``n`` for ``SystemExit(n)``, and for a cell whose last action was a shell
+command (``!cmd``, ``%%bash``) that command's exit status.
+"""
+
+from __future__ import annotations
+
+import json
+
+VERSION = 1
+MAX_FRAME = 16 * 1024 * 1024
+STREAM_CHUNK = 64 * 1024
+
+AGENT_TYPES = frozenset(
+    {
+        "hello",
+        "stream",
+        "display",
+        "execute_result",
+        "clear_output",
+        "error",
+        "input_request",
+        "blocked",
+        "done",
+        "reply",
+        "pong",
+    }
+)
+KERNEL_TYPES = frozenset(
+    {
+        "execute",
+        "input_reply",
+        "interrupt",
+        "complete",
+        "inspect",
+        "is_complete",
+        "policy",
+        "ping",
+        "shutdown",
+    }
+)
+
+
+class FrameError(ValueError):
+    """A frame that is not valid protocol (bad JSON, not an object, unknown type, too long)."""
+
+
+def encode(frame: dict) -> bytes:
+    """Encode one frame (a dict with a ``type``) as a line of bytes."""
+    data = json.dumps(frame, separators=(",", ":"), ensure_ascii=False, default=str).encode(
+        "utf-8", "surrogatepass"
+    )
+    if len(data) >= MAX_FRAME:
+        raise FrameError(f"frame of {len(data)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return data + b"\n"
+
+
+def decode(line: bytes, allowed: frozenset[str]) -> dict:
+    """Decode one line into a frame whose type is in ``allowed``; raise FrameError otherwise."""
+    if len(line) > MAX_FRAME:
+        raise FrameError(f"frame of {len(line)} bytes exceeds the {MAX_FRAME}-byte limit")
+    try:
+        frame = json.loads(line.decode("utf-8", "surrogatepass"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise FrameError(f"not a JSON frame: {err}") from None
+    if not isinstance(frame, dict):
+        raise FrameError(f"frame is a {type(frame).__name__}, not an object")
+    kind = frame.get("type")
+    if not isinstance(kind, str) or kind not in allowed:
+        raise FrameError(f"unknown frame type {kind!r}")
+    return frame

@@ -1,0 +1,148 @@
+"""The interface every backend implements.
+
+A backend owns the sandboxes of one kernel: it starts them, enforces their egress
+policy, opens a :class:`Transport` to the agent inside, and removes everything on
+stop. The :class:`~sandbox_kernel.session.Session` is the only caller.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from traitlets.config import LoggingConfigurable
+
+from ..agent import protocol
+
+#: progress callback: ``progress("Pulling image python:3.12-slim…")``
+Progress = Callable[[str], None]
+
+
+@dataclass
+class SandboxInfo:
+    """What a backend reports about one running sandbox (shown by ``%sandbox status``)."""
+
+    backend: str
+    sandbox_id: str
+    #: backend-specific details (netns name, namespace/pod name, enforcer…)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Transport(abc.ABC):
+    """A byte stream to one agent, carrying protocol frames.
+
+    Created by :meth:`Backend.attach`; read by the session's reader task.
+    """
+
+    @abc.abstractmethod
+    async def send(self, frame: dict) -> None:
+        """Send one frame to the agent. Raises ``ConnectionError`` when the stream is gone."""
+
+    @abc.abstractmethod
+    async def recv(self) -> dict | None:
+        """Return the next frame from the agent, or ``None`` at end of stream.
+
+        Raises :class:`~sandbox_kernel.agent.protocol.FrameError` for a malformed frame.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close the stream (the agent keeps running where the backend allows re-attach)."""
+
+
+class LineTransport(Transport):
+    """A transport over an asyncio reader/writer pair (pipes, sockets)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: Any):
+        self._reader = reader
+        self._writer = writer
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, frame: dict) -> None:
+        data = protocol.encode(frame)
+        async with self._send_lock:
+            if self._writer.is_closing():
+                raise ConnectionError("the stream to the sandbox is closed")
+            self._writer.write(data)
+            await self._writer.drain()
+
+    async def recv(self) -> dict | None:
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as err:
+            if err.partial:
+                raise protocol.FrameError(
+                    f"stream ended inside a frame ({len(err.partial)} bytes)"
+                ) from None
+            return None
+        except asyncio.LimitOverrunError:
+            raise protocol.FrameError(
+                f"frame longer than {protocol.MAX_FRAME} bytes"
+            ) from None
+        return protocol.decode(line, protocol.AGENT_TYPES)
+
+    async def close(self) -> None:
+        if not self._writer.is_closing():
+            self._writer.close()
+
+
+class Backend(LoggingConfigurable):
+    """Starts and stops sandboxes for one kernel.
+
+    One instance per kernel, created by the Session with the kernel as config parent,
+    so ``c.LocalBackend.…`` / ``c.KubernetesBackend.…`` settings apply.
+    """
+
+    #: the name used in configuration and in ``%sandbox status``
+    name = "base"
+
+    #: set by :meth:`exit_reason`: the agent's exit status when known (128+N for signal N)
+    last_exit_status: int | None = None
+
+    def check(self) -> None:
+        """Raise :class:`~sandbox_kernel.errors.IsolationUnavailable` if this machine or
+        cluster cannot provide the isolation. Called by the Session before the first start
+        and by ``sandbox-kernel doctor``. Must not change anything."""
+        raise NotImplementedError
+
+    async def start(self, kernel_id: str, policy: Any, progress: Progress) -> SandboxInfo:
+        """Create the sandbox (network isolation, policy, agent process) and return its info.
+
+        Called by Session.start() when the kernel starts and again after a crash.
+        ``policy`` is the policy to enforce before any code runs. Reports long waits through
+        ``progress``. On failure, leaves nothing behind and raises SandboxStartError.
+        """
+        raise NotImplementedError
+
+    async def attach(self) -> Transport:
+        """Open a transport to the running agent. Called by Session after start() and to
+        re-attach after a dropped stream."""
+        raise NotImplementedError
+
+    async def apply_policy(self, policy: Any) -> dict[str, Any]:
+        """Enforce ``policy`` atomically: on any error the previous policy stays in force.
+
+        Called by Session.apply_policy(). Returns details of what was applied (enforcer,
+        timestamps, resolved addresses)."""
+        raise NotImplementedError
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell out of band, if the backend can (the in-band
+        ``interrupt`` frame is sent by the Session as well)."""
+        raise NotImplementedError
+
+    async def exit_reason(self) -> str:
+        """After the transport ended: describe in plain words why the agent is gone
+        ("killed by signal SIGSEGV (segmentation fault)"). Called by Session."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Remove the sandbox and everything created for it. Idempotent. Called on kernel
+        shutdown, on restart and before replacing a crashed sandbox."""
+        raise NotImplementedError
+
+    def info(self) -> SandboxInfo | None:
+        """The running sandbox, or None."""
+        return None

@@ -1,0 +1,523 @@
+"""The local backend: one Linux network namespace + nftables + bubblewrap per kernel.
+
+How a local sandbox is built (all undone by :meth:`LocalBackend.stop`, and by
+``sandbox-kernel gc`` when the kernel died without stopping it):
+
+1. a named network namespace ``sbx-<id>`` (``ip netns add``) with only loopback up;
+2. an nftables table inside that namespace whose output chain drops everything that
+   is not loopback or allowed by the policy; refused TCP gets a reset and everything
+   else an ICMP "administratively prohibited", so code fails fast instead of hanging;
+3. when the policy allows anything outside, a userspace uplink (``slirp4netns``) gives
+   the namespace a route out through the host's own sockets: no veth, no NAT rule and
+   no ``ip_forward`` change on the host. Host loopback is not reachable through it;
+4. the agent runs under bubblewrap inside the namespace: read-only system directories,
+   a private ``/tmp``, a private writable working directory, its own PID/IPC/UTS
+   namespaces, no capabilities, an unprivileged uid, and it dies with the kernel.
+
+The kernel process must run as root (it creates namespaces and nftables rules); the
+code in the sandbox never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+from traitlets import Integer, List, Unicode, default
+
+from ..agent import protocol
+from ..agent.bundle import build_pyz
+from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
+from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
+
+NETNS_DIR = Path("/run/netns")
+NETNS_PREFIX = "sbx-"
+NFT_TABLE = "sandbox_kernel"
+SANDBOX_HOME = "/home/sandbox"
+AGENT_PATH = "/opt/sandbox-agent/agent.pyz"
+
+
+def _env_default(name: str, fallback):
+    value = os.environ.get(name)
+    return fallback if value in (None, "") else value
+
+
+def _signal_name(num: int) -> str:
+    try:
+        name = signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+    plain = {
+        "SIGSEGV": "segmentation fault",
+        "SIGKILL": "killed",
+        "SIGABRT": "aborted",
+        "SIGBUS": "bus error",
+        "SIGFPE": "arithmetic error",
+        "SIGTERM": "terminated",
+        "SIGILL": "illegal instruction",
+    }.get(name)
+    return f"signal {name} ({plain})" if plain else f"signal {name}"
+
+
+def describe_exit(returncode: int | None) -> str:
+    """Plain words for how the sandbox's process ended (bubblewrap reports 128+N for signal N)."""
+    if returncode is None:
+        return "the sandbox stopped responding"
+    if returncode < 0:
+        return f"the sandbox process was killed by {_signal_name(-returncode)}"
+    if returncode > 128:
+        sig = returncode - 128
+        if sig == signal.SIGKILL:
+            return ("the sandbox process was killed by signal SIGKILL (killed; "
+                    "out of memory, or killed from outside)")
+        return f"the sandbox process was killed by {_signal_name(sig)}"
+    return f"the sandbox process exited with status {returncode}"
+
+
+def _run(argv: list[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, input=input, capture_output=True, text=True, check=check, timeout=30)
+
+
+def deny_ruleset(table: str = NFT_TABLE, nflog_group: int = 42) -> str:
+    """The default-deny ruleset: loopback only; every other packet logged and refused."""
+    return f"""table inet {table}
+delete table inet {table}
+table inet {table} {{
+  chain output {{
+    type filter hook output priority 0; policy drop;
+    oif "lo" accept
+    ct state established,related accept
+    log group {nflog_group} prefix "sbx-deny"
+    meta l4proto tcp reject with tcp reset
+    reject with icmpx type admin-prohibited
+  }}
+  chain input {{
+    type filter hook input priority 0; policy drop;
+    iif "lo" accept
+    ct state established,related accept
+  }}
+}}
+"""
+
+
+class LocalBackend(Backend):
+    """Sandboxes on this machine: netns + nftables + bubblewrap."""
+
+    name = "local"
+
+    state_dir = Unicode(
+        help="Where sandbox state lives (owner records, working directories). "
+        "Env: SANDBOX_KERNEL_STATE_DIR."
+    ).tag(config=True)
+
+    @default("state_dir")
+    def _state_dir_default(self):
+        return _env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel")
+
+    python = Unicode(
+        help="The Python interpreter that runs the agent inside the sandbox (its install "
+        "prefix is bound read-only). Default: the interpreter running the kernel. "
+        "Env: SANDBOX_KERNEL_PYTHON."
+    ).tag(config=True)
+
+    @default("python")
+    def _python_default(self):
+        return _env_default("SANDBOX_KERNEL_PYTHON", sys.executable)
+
+    uid = Integer(
+        help="The unprivileged uid (and gid) code runs as in the sandbox. Env: SANDBOX_KERNEL_UID."
+    ).tag(config=True)
+
+    @default("uid")
+    def _uid_default(self):
+        return int(_env_default("SANDBOX_KERNEL_UID", 65534))
+
+    extra_ro_binds = List(
+        Unicode(),
+        help="Extra host paths bound read-only into the sandbox at the same path "
+        "(e.g. a shared dataset directory).",
+    ).tag(config=True)
+
+    start_timeout = Integer(
+        30, help="Seconds to wait for the agent to start in a new sandbox."
+    ).tag(config=True)
+
+    nflog_group = Integer(
+        42, help="NFLOG group the sandbox's nftables rules log refused packets to."
+    ).tag(config=True)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._sandbox_id: str | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr_task: asyncio.Task | None = None
+        self._stderr_tail: list[str] = []
+        self._info: SandboxInfo | None = None
+        self._applied: dict[str, Any] = {}
+        self._uplink: subprocess.Popen | None = None
+        self._uplink_exit_fd: int | None = None
+
+    # -- checks -------------------------------------------------------------------
+    def check(self) -> None:
+        missing = []
+        if not sys.platform.startswith("linux"):
+            raise IsolationUnavailable([f"the local backend needs Linux (this is {sys.platform})"])
+        if os.geteuid() != 0:
+            missing.append(
+                "root privileges: the kernel creates network namespaces and nftables rules "
+                "(run Jupyter as root, or use the kubernetes backend)"
+            )
+        for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("bwrap", "bubblewrap"),
+                              ("nsenter", "util-linux"), ("setpriv", "util-linux"),
+                              ("slirp4netns", "slirp4netns")):
+            if shutil.which(tool) is None:
+                missing.append(f"the `{tool}` command: apt-get install {package}")
+        if not os.path.exists(self.python):
+            missing.append(f"the sandbox interpreter {self.python} (c.LocalBackend.python)")
+        if missing:
+            raise IsolationUnavailable(missing)
+
+    # -- lifecycle ----------------------------------------------------------------
+    @property
+    def netns(self) -> str | None:
+        return f"{NETNS_PREFIX}{self._sandbox_id}" if self._sandbox_id else None
+
+    def _dir(self) -> Path:
+        assert self._sandbox_id
+        return Path(self.state_dir) / self._sandbox_id
+
+    async def start(self, kernel_id: str, policy: Any, progress: Progress) -> SandboxInfo:
+        self.check()
+        self._sandbox_id = secrets.token_hex(4)
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self._create, kernel_id, policy)
+            await self._spawn_agent()
+        except BaseException as err:
+            await self.stop()
+            if isinstance(err, (SandboxStartError, PolicyError)):
+                raise
+            if isinstance(err, subprocess.CalledProcessError):
+                raise SandboxStartError(
+                    f"creating the local sandbox failed: `{' '.join(err.cmd)}` said: "
+                    f"{(err.stderr or '').strip() or err.returncode}"
+                ) from None
+            raise
+        self._info = SandboxInfo(
+            backend=self.name,
+            sandbox_id=self._sandbox_id,
+            details={
+                "netns": self.netns,
+                "enforcer": "nftables",
+                "workdir": str(self._dir() / "work"),
+                "start_ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
+        return self._info
+
+    def _create(self, kernel_id: str, policy: Any) -> None:
+        """Namespace, rules, state directory (runs in a worker thread)."""
+        root = self._dir()
+        Path(self.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)  # host users must not walk into sandboxes' files
+        (root / "work").mkdir(parents=True)
+        os.chown(root / "work", self.uid, self.uid)
+        # 0755: bwrap enters it (as root without capabilities) after dropping privileges
+        os.chmod(root / "work", 0o755)
+        (root / "agent.pyz").write_bytes(build_pyz())
+        (root / "owner.json").write_text(json.dumps({
+            "kernel_pid": os.getpid(),
+            "kernel_pid_start": _proc_start_time(os.getpid()),
+            "kernel_id": kernel_id,
+            "created": time.time(),
+        }))
+        # the sandbox gets its own resolv.conf: the host's may point at a loopback resolver
+        (root / "resolv.conf").write_text("# written by sandbox-kernel\nnameserver 10.0.2.3\n")
+        _run(["ip", "netns", "add", self.netns])
+        _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        # rules first: the uplink must never be up without the policy in force
+        self._apply_rules(self._ruleset(policy))
+        self._start_uplink()
+
+    def _start_uplink(self) -> None:
+        """Give the namespace a route out through slirp4netns (userspace, no host changes).
+
+        With default-deny nothing passes the nftables output chain anyway, but the route
+        makes refused connections fail fast and be logged (no route = no packet = no notice).
+        slirp4netns exits when the kernel dies: it watches the read end of a pipe we hold.
+        """
+        ready_r, ready_w = os.pipe()
+        exit_r, exit_w = os.pipe()
+        try:
+            self._uplink = subprocess.Popen(
+                ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+                 "--enable-ipv6", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
+                 "--netns-type=path", str(NETNS_DIR / self.netns), "tap0"],
+                pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            )
+        except OSError as err:
+            os.close(exit_w)
+            raise SandboxStartError(f"starting slirp4netns failed: {err}") from None
+        finally:
+            os.close(ready_w)
+            os.close(exit_r)
+        self._uplink_exit_fd = exit_w
+        with os.fdopen(ready_r, "rb") as ready:
+            ok = ready.read(1) == b"1"
+        if not ok:
+            err = self._uplink.stderr.read().decode(errors="replace").strip() if self._uplink.stderr else ""
+            raise SandboxStartError(f"slirp4netns could not configure the sandbox network: {err}")
+    def _ruleset(self, policy: Any) -> str:
+        return deny_ruleset(NFT_TABLE, self.nflog_group)
+
+    def _apply_rules(self, ruleset: str) -> None:
+        """Replace the whole table in one ``nft -f`` transaction: all or nothing."""
+        result = _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=ruleset, check=False)
+        if result.returncode != 0:
+            raise PolicyError(f"nftables refused the ruleset; the previous one stays in force: "
+                              f"{result.stderr.strip()}")
+        self._applied = {"enforcer": "nftables", "applied_at": time.time()}
+
+    def _bwrap_argv(self) -> list[str]:
+        root = self._dir()
+        prefixes = _python_prefixes(self.python)
+        argv = [
+            "nsenter", f"--net={NETNS_DIR / self.netns}",
+            "bwrap",
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--hostname", "sandbox",
+            "--ro-bind", "/usr", "/usr",
+        ]
+        for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            target = os.path.join("/", link)
+            if os.path.islink(target):
+                argv += ["--symlink", os.readlink(target), target]
+            elif os.path.isdir(target):
+                argv += ["--ro-bind", target, target]
+        argv += ["--ro-bind", "/etc", "/etc",
+                 "--ro-bind", str(root / "resolv.conf"), "/etc/resolv.conf"]
+        made: set[str] = set()
+        for path in [*prefixes, *self.extra_ro_binds]:
+            if path.startswith("/usr/") or not os.path.exists(path):
+                continue
+            # parents are created world-readable so the unprivileged uid can walk to the bind
+            parts = Path(path).parts[1:-1]
+            for i in range(1, len(parts) + 1):
+                parent = "/" + "/".join(parts[:i])
+                if parent not in made:
+                    argv += ["--perms", "0755", "--dir", parent]
+                    made.add(parent)
+            argv += ["--ro-bind", path, path]
+        argv += [
+            "--proc", "/proc", "--dev", "/dev",
+            "--perms", "1777", "--tmpfs", "/tmp",
+            "--perms", "0755", "--dir", "/home",
+            "--bind", str(root / "work"), SANDBOX_HOME,
+            "--perms", "0755", "--dir", "/opt/sandbox-agent",
+            "--ro-bind", str(root / "agent.pyz"), AGENT_PATH,
+            "--chdir", SANDBOX_HOME,
+            "--clearenv",
+            "--setenv", "HOME", SANDBOX_HOME,
+            "--setenv", "USER", "sandbox",
+            "--setenv", "PATH", f"{os.path.dirname(self.python)}:/usr/local/bin:/usr/bin:/bin",
+            "--setenv", "LANG", "C.UTF-8",
+            "--setenv", "PYTHONUNBUFFERED", "1",
+            "--setenv", "TERM", "xterm-256color",
+            "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+            "--cap-add", "CAP_SETPCAP",
+            # bwrap needs root to build the mounts; the code runs as an unprivileged uid
+            "setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all",
+            self.python, "-s", AGENT_PATH,
+        ]
+        return argv
+
+    async def _spawn_agent(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            *self._bwrap_argv(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            limit=protocol.MAX_FRAME + 1,
+            start_new_session=True,
+        )
+        self._stderr_tail = []
+        self._stderr_task = asyncio.create_task(self._read_stderr(self._proc))
+
+    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        """Keep the last lines the sandbox machinery wrote (bwrap errors, agent crashes)."""
+        assert proc.stderr
+        while True:
+            line = await proc.stderr.readline()
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            self.log.debug("sandbox %s: %s", self._sandbox_id, text)
+            self._stderr_tail = (self._stderr_tail + [text])[-20:]
+
+    async def attach(self) -> Transport:
+        if self._proc is None or self._proc.returncode is not None:
+            raise SandboxStartError("the local sandbox is not running")
+        assert self._proc.stdout and self._proc.stdin
+        return LineTransport(self._proc.stdout, self._proc.stdin)
+
+    async def apply_policy(self, policy: Any) -> dict[str, Any]:
+        if not self._sandbox_id:
+            raise PolicyError("no sandbox is running")
+        await asyncio.to_thread(self._apply_rules, self._ruleset(policy))
+        return dict(self._applied)
+
+    async def interrupt(self) -> None:
+        """The in-band interrupt frame is enough locally: nothing more to do."""
+
+    async def exit_reason(self) -> str:
+        proc = self._proc
+        if proc is None:
+            return "the sandbox is not running"
+        try:
+            code = await asyncio.wait_for(proc.wait(), 2)
+        except asyncio.TimeoutError:
+            return "the sandbox stopped responding"
+        if self._stderr_task:
+            try:
+                await asyncio.wait_for(self._stderr_task, 1)
+            except asyncio.TimeoutError:
+                pass
+        self.last_exit_status = code
+        reason = describe_exit(code)
+        if self._stderr_tail and code not in (0, None):
+            # what the sandbox machinery (bwrap, the interpreter) said last, e.g. a missing path
+            reason += f" ({self._stderr_tail[-1]})"
+        return reason
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
+                self.log.warning("sandbox %s did not exit after SIGKILL", self._sandbox_id)
+        if self._stderr_task:
+            self._stderr_task.cancel()
+            self._stderr_task = None
+        await asyncio.to_thread(self._stop_uplink)
+        if self._sandbox_id:
+            await asyncio.to_thread(remove_sandbox, self._sandbox_id, self.state_dir)
+        self._sandbox_id = None
+        self._info = None
+
+    def _stop_uplink(self) -> None:
+        if self._uplink_exit_fd is not None:
+            os.close(self._uplink_exit_fd)  # slirp4netns exits when this pipe closes
+            self._uplink_exit_fd = None
+        uplink, self._uplink = self._uplink, None
+        if uplink is not None:
+            try:
+                uplink.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                uplink.kill()
+                uplink.wait()
+            if uplink.stderr:
+                uplink.stderr.close()
+
+    def info(self) -> SandboxInfo | None:
+        return self._info
+
+
+# -- cleanup, shared by stop() and gc ------------------------------------------------
+
+def _proc_start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _python_prefixes(python: str) -> list[str]:
+    """Directories the sandbox interpreter needs: its prefix (and base prefix for a venv)."""
+    result = _run([python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"], check=False)
+    paths = [p for p in result.stdout.split() if p] if result.returncode == 0 else []
+    if not paths:
+        paths = [sysconfig.get_config_var("prefix") or "/usr"]
+    out: list[str] = []
+    for p in paths:
+        real = os.path.realpath(p)
+        if real not in out and real != "/usr":
+            out.append(real)
+    return out
+
+
+def remove_sandbox(sandbox_id: str, state_dir: str) -> list[str]:
+    """Kill every process in the sandbox's namespace, delete the namespace and its state.
+
+    Idempotent. Returns what was removed (for ``sandbox-kernel gc``).
+    """
+    removed = []
+    netns = f"{NETNS_PREFIX}{sandbox_id}"
+    if (NETNS_DIR / netns).exists():
+        pids = _run(["ip", "netns", "pids", netns], check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        result = _run(["ip", "netns", "delete", netns], check=False)
+        if result.returncode == 0:
+            removed.append(f"network namespace {netns}")
+            if pids:
+                removed.append(f"{len(pids)} process(es) in {netns}")
+    root = Path(state_dir) / sandbox_id
+    if root.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(f"state directory {root}")
+    return removed
+
+
+def _owner_alive(owner_file: Path) -> bool:
+    try:
+        owner = json.loads(owner_file.read_text())
+        pid = int(owner["kernel_pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _proc_start_time(pid) is not None and _proc_start_time(pid) == owner.get("kernel_pid_start")
+
+
+def gc(state_dir: str | None = None) -> list[str]:
+    """Remove local sandboxes whose kernel process is gone. Called by ``sandbox-kernel gc``
+    and by every local kernel when it starts."""
+    state = Path(state_dir or _env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel"))
+    ids: set[str] = set()
+    if NETNS_DIR.exists():
+        ids |= {p.name[len(NETNS_PREFIX):] for p in NETNS_DIR.iterdir() if p.name.startswith(NETNS_PREFIX)}
+    if state.exists():
+        ids |= {p.name for p in state.iterdir() if p.is_dir()}
+    removed: list[str] = []
+    for sandbox_id in sorted(ids):
+        owner = state / sandbox_id / "owner.json"
+        if owner.exists() and _owner_alive(owner):
+            continue
+        if not owner.exists() and (state / sandbox_id).exists():
+            # a sandbox being created right now has its directory before its owner record
+            try:
+                if time.time() - (state / sandbox_id).stat().st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+        removed += remove_sandbox(sandbox_id, str(state))
+    return removed

@@ -1,0 +1,110 @@
+"""``sandbox-kernel install | doctor | gc | policy``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+KERNEL_NAME = "sandbox"
+
+
+def _kernelspec_source() -> Path:
+    """The kernelspec shipped with the package (wheel shared-data) or in a source checkout."""
+    here = Path(__file__).resolve().parent
+    candidates = [here.parent / "kernelspec", Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL_NAME]
+    for candidate in candidates:
+        if (candidate / "kernel.json").exists():
+            return candidate
+    raise FileNotFoundError("the Sandbox kernelspec is missing from this installation")
+
+
+def install(user: bool = False, sys_prefix: bool = False, prefix: str | None = None,
+            python: str | None = None) -> str:
+    """Install the ``sandbox`` kernelspec, pointing at this interpreter (like ``ipykernel install``)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if sys_prefix:
+        prefix = sys.prefix
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / KERNEL_NAME
+        shutil.copytree(_kernelspec_source(), target)
+        spec = json.loads((target / "kernel.json").read_text())
+        spec["argv"][0] = python or sys.executable
+        (target / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+        return KernelSpecManager().install_kernel_spec(str(target), KERNEL_NAME, user=user, prefix=prefix)
+
+
+def doctor() -> int:
+    """Check that this machine can run local sandboxes; print what is missing and how to fix it."""
+    from .backends.local import LocalBackend
+    from .errors import IsolationUnavailable
+
+    backend = LocalBackend()
+    try:
+        backend.check()
+    except IsolationUnavailable as err:
+        print(err)
+        return 1
+    print("local backend: ready")
+    print(f"  sandbox interpreter: {backend.python}")
+    print(f"  state directory:     {backend.state_dir}")
+    print(f"  sandbox uid:         {backend.uid}")
+    uplink = shutil.which("slirp4netns")
+    print(f"  uplink (allowlist):  {uplink or 'slirp4netns missing: apt-get install slirp4netns (needed for allowlisted egress)'}")
+    return 0
+
+
+def run_gc() -> int:
+    from .backends.local import gc
+
+    removed = gc()
+    for line in removed:
+        print(f"removed {line}")
+    if not removed:
+        print("nothing to clean up")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sandbox-kernel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_install = sub.add_parser("install", help="install the Sandbox kernelspec")
+    where = p_install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for the current user")
+    where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix (a venv or conda env)")
+    where.add_argument("--prefix", help="install into this prefix")
+    p_install.add_argument("--python", help="interpreter the kernel runs with (default: this one)")
+
+    sub.add_parser("doctor", help="check that this machine can run sandboxes")
+    sub.add_parser("gc", help="remove sandboxes left behind by kernels that died")
+
+    try:
+        from .policy import cli as policy_cli
+    except ImportError:
+        policy_cli = None
+    if policy_cli is not None and hasattr(policy_cli, "add_subcommands"):
+        policy_cli.add_subcommands(sub)
+
+    args = parser.parse_args(argv)
+    if args.command == "install":
+        path = install(user=args.user, sys_prefix=args.sys_prefix, prefix=args.prefix, python=args.python)
+        print(f"Installed kernelspec {KERNEL_NAME} in {path}")
+        return 0
+    if args.command == "doctor":
+        return doctor()
+    if args.command == "gc":
+        return run_gc()
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        return int(handler(args) or 0)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""SandboxKernel: Jupyter messages in, sandboxed execution out.
+
+The kernel runs next to Jupyter and never executes user code itself: every cell goes
+to the :class:`~sandbox_kernel.session.Session`, which forwards it to the agent in the
+sandbox. What comes back is published on IOPub, followed by a one-line footer with the
+cell's exit status, and the ``execute_reply`` carries ``metadata["sandbox"]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+
+import zmq
+from ipykernel.kernelbase import Kernel
+from traitlets import Enum, Float, Instance, Unicode, default
+
+from . import __version__
+from .backends.base import Backend
+from .errors import SandboxError
+from .session import CellResult, Session
+
+FOOTER_MODES = ("always", "on-failure", "never")
+
+
+def _env(name: str, fallback):
+    value = os.environ.get(name)
+    return fallback if value in (None, "") else value
+
+
+def format_duration(ms: float) -> str:
+    """``12 ms``, ``3.2 s``, ``2 min 5 s`` — the footer's duration."""
+    if ms < 1000:
+        return f"{ms:.0f} ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest} s"
+
+
+def policy_label(policy) -> str:
+    """How the footer names the policy in force: ``default-deny``, ``allowlist (3 entries)``."""
+    if policy is None:
+        return "default-deny"
+    describe = getattr(policy, "describe", None)
+    if callable(describe):
+        return str(describe())
+    return "default-deny"
+
+
+def footer_line(exit_status: int, duration_ms: float, policy, blocked: int = 0) -> str:
+    parts = [f"exit {exit_status}", format_duration(duration_ms), f"egress: {policy_label(policy)}"]
+    if blocked:
+        parts.append(f"{blocked} blocked")
+    return " · ".join(parts)
+
+
+class SandboxKernel(Kernel):
+    """The "Sandbox" kernel (kernelspec name ``sandbox``)."""
+
+    implementation = "sandbox_kernel"
+    implementation_version = __version__
+    banner = (
+        f"Sandbox kernel {__version__}: Python cells run in an isolated sandbox "
+        "with controlled network egress. Type %sandbox help for the controls."
+    )
+    language_info = {
+        "name": "python",
+        "version": sys.version.split()[0],
+        "mimetype": "text/x-python",
+        "file_extension": ".py",
+        "pygments_lexer": "ipython3",
+        "codemirror_mode": {"name": "ipython", "version": 3},
+        "nbconvert_exporter": "python",
+    }
+    help_links = [{"text": "Sandbox kernel manual", "url": "https://github.com/sandbox-kernel/sandbox-kernel/tree/main/docs"}]
+
+    backend_name = Unicode(
+        help="Which backend runs the sandboxes: 'local' (this machine: netns + nftables + "
+        "bubblewrap) or 'kubernetes' (a pod per kernel). Env: SANDBOX_KERNEL_BACKEND.",
+        config=True,
+    )
+
+    @default("backend_name")
+    def _backend_default(self):
+        return _env("SANDBOX_KERNEL_BACKEND", "local")
+
+    footer = Enum(
+        FOOTER_MODES,
+        help="When to show the one-line footer (exit status, duration, egress policy) after a "
+        "cell: 'always', 'on-failure' or 'never'. The exit status is always in the reply "
+        "metadata. Env: SANDBOX_KERNEL_FOOTER.",
+        config=True,
+    )
+
+    @default("footer")
+    def _footer_default(self):
+        value = _env("SANDBOX_KERNEL_FOOTER", "always")
+        return value if value in FOOTER_MODES else "always"
+
+    start_timeout = Float(
+        120.0, help="Seconds a cell waits for its sandbox to start before giving up.", config=True
+    )
+
+    progress_delay = Float(
+        1.5,
+        help="Seconds a cell waits for its sandbox before the start-up progress lines are shown.",
+        config=True,
+    )
+
+    sandbox = Instance(Session, allow_none=True)
+    sandbox_backend = Instance(Backend, allow_none=True)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_id = _env("SANDBOX_KERNEL_ID", "") or uuid.uuid4().hex
+        self.policy = self._initial_policy()
+        self.sandbox_backend = self._make_backend()
+        self._progress_lines: list[str] = []
+        self._progress_live = False
+        self.sandbox = Session(self.sandbox_backend, self.kernel_id, self.policy, self.log,
+                               progress=self._on_progress, start_timeout=self.start_timeout)
+        self._cell_state: dict | None = None
+        self._last_sandbox_meta: dict = {}
+
+    # -- construction ---------------------------------------------------------------
+    def _initial_policy(self):
+        return None
+
+    def _make_backend(self) -> Backend:
+        if self.backend_name == "local":
+            from .backends.local import LocalBackend, gc
+
+            try:
+                for line in gc():
+                    self.log.info("removed leftover %s", line)
+            except OSError as err:  # cleaning others' leftovers must not stop this kernel
+                self.log.warning("could not clean leftover sandboxes: %s", err)
+            return LocalBackend(parent=self)
+        if self.backend_name == "kubernetes":
+            from .backends.kubernetes import KubernetesBackend
+
+            return KubernetesBackend(parent=self)
+        raise SandboxError(
+            f"unknown backend {self.backend_name!r}: use 'local' or 'kubernetes' "
+            "(c.SandboxKernel.backend_name or SANDBOX_KERNEL_BACKEND)"
+        )
+
+    def start(self):
+        super().start()
+        self.io_loop.add_callback(self._start_sandbox)
+        # "signal" interrupt mode, or a SIGINT sent by hand: forward it to the sandbox
+        signal.signal(signal.SIGINT, lambda *_: self.io_loop.add_callback_from_signal(self._interrupt))
+
+    async def _start_sandbox(self):
+        try:
+            await self.sandbox.start_soon()
+        except Exception as err:  # noqa: BLE001 - reported to the first cell instead
+            self.log.warning("the sandbox did not start: %s", err)
+
+    async def _interrupt(self):
+        await self.sandbox.interrupt()
+
+    def _on_progress(self, line: str) -> None:
+        self.log.info("sandbox: %s", line)
+        self._progress_lines.append(line)
+        if self._progress_live:
+            self._stream("stdout", f"[sandbox] {line}\n")
+
+    # -- publishing -------------------------------------------------------------------
+    def _stream(self, name: str, text: str) -> None:
+        self.send_response(self.iopub_socket, "stream", {"name": name, "text": text})
+
+    def on_event(self, frame: dict) -> None:
+        """Called by the Session for every event of the running cell."""
+        state = self._cell_state
+        kind = frame.get("type")
+        if state is not None and state.get("error") is not None and kind != "error":
+            self._publish_error(state.pop("error"))
+            state["error"] = None
+        if kind == "stream":
+            name = frame.get("name") if frame.get("name") in ("stdout", "stderr") else "stdout"
+            text = frame.get("text")
+            if isinstance(text, str) and text:
+                self._stream(name, text)
+        elif kind == "display":
+            msg_type = "update_display_data" if frame.get("update") else "display_data"
+            self.send_response(self.iopub_socket, msg_type, {
+                "data": _dict(frame.get("data")), "metadata": _dict(frame.get("metadata")),
+                "transient": _dict(frame.get("transient")),
+            })
+        elif kind == "execute_result":
+            if state is not None and state.get("silent"):
+                return
+            self.send_response(self.iopub_socket, "execute_result", {
+                "data": _dict(frame.get("data")), "metadata": _dict(frame.get("metadata")),
+                "execution_count": self.execution_count,
+            })
+        elif kind == "clear_output":
+            self.send_response(self.iopub_socket, "clear_output", {"wait": bool(frame.get("wait"))})
+        elif kind == "error":
+            content = {
+                "ename": str(frame.get("ename", "Error")),
+                "evalue": str(frame.get("evalue", "")),
+                "traceback": [str(line) for line in frame.get("traceback") or []],
+            }
+            if state is not None:
+                # held until the cell ends so the footer can be its last line
+                state["error"] = content
+            else:
+                self._publish_error(content)
+        elif kind == "protocol_error":
+            self._stream("stderr", f"[sandbox] protocol error from the sandbox, ignored: {frame.get('message')}\n")
+
+    def _publish_error(self, content: dict) -> None:
+        self.send_response(self.iopub_socket, "error", content)
+
+    async def on_input_request(self, prompt: str, password: bool) -> str | None:
+        """Ask the frontend for a line on the stdin channel without blocking the event loop."""
+        state = self._cell_state or {}
+        if not state.get("allow_stdin"):
+            return "\x04"
+        sys.stdout.flush()
+        while True:
+            try:
+                self.stdin_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+        ident = self._get_shell_context_var(self._shell_parent_ident)
+        parent = self.get_parent("shell")
+        self.session.send(self.stdin_socket, "input_request",
+                          {"prompt": prompt, "password": password}, parent, ident=ident)
+        while True:
+            try:
+                _, reply = self.session.recv(self.stdin_socket, mode=zmq.NOBLOCK)
+            except Exception:  # noqa: BLE001 - a bad message on stdin: keep waiting
+                self.log.warning("invalid message on the stdin channel", exc_info=True)
+                reply = None
+            if reply is not None:
+                try:
+                    return str(reply["content"]["value"])
+                except (KeyError, TypeError):
+                    return ""
+            await asyncio.sleep(0.01)
+
+    # -- Jupyter handlers -----------------------------------------------------------
+    async def do_execute(self, code, silent, store_history=True, user_expressions=None,
+                         allow_stdin=False, *, cell_meta=None, cell_id=None):
+        self._cell_state = {"error": None, "silent": silent, "allow_stdin": allow_stdin}
+        try:
+            return await self._execute(code, silent, store_history, user_expressions, allow_stdin)
+        finally:
+            self._cell_state = None
+
+    async def _execute(self, code, silent, store_history, user_expressions, allow_stdin):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await self._wait_for_sandbox()
+            result = await self.sandbox.execute(
+                code, self, silent=silent, store_history=store_history,
+                user_expressions=user_expressions or {}, allow_stdin=allow_stdin,
+                execution_count=self.execution_count,
+            )
+        except SandboxError as err:
+            result = CellResult(status="error", exit_status=126,
+                                duration_ms=(loop.time() - started) * 1000)
+            self._cell_state["error"] = {
+                "ename": err.ename, "evalue": str(err),
+                "traceback": [f"{err.ename}: {err}"],
+            }
+        return self._finish(result, silent)
+
+    async def _wait_for_sandbox(self):
+        task = asyncio.ensure_future(self.sandbox.ready())
+        done, _ = await asyncio.wait({task}, timeout=self.progress_delay)
+        if not done:
+            self._progress_live = True
+            for line in self._progress_lines or ["Starting the sandbox…"]:
+                self._stream("stdout", f"[sandbox] {line}\n")
+        try:
+            await task
+        finally:
+            self._progress_live = False
+            self._progress_lines = []
+
+    def _finish(self, result: CellResult, silent: bool) -> dict:
+        state = self._cell_state
+        error = state.get("error")
+        if result.crashed:
+            error = {
+                "ename": "SandboxCrashed",
+                "evalue": result.crashed,
+                "traceback": [
+                    f"SandboxCrashed: {result.crashed}.",
+                    "Variables and imports of this sandbox are lost; the next cell runs in a fresh sandbox.",
+                ],
+            }
+        elif result.exit_status != 0 and error is None:
+            error = {
+                "ename": "NonZeroExitStatus",
+                "evalue": f"exit status {result.exit_status}",
+                "traceback": [f"The cell's last command exited with status {result.exit_status}."],
+            }
+        self._last_sandbox_meta = {
+            "exit_status": result.exit_status,
+            "duration_ms": round(result.duration_ms, 3),
+            "blocked": [],
+        }
+        footer = None
+        if self.footer == "always" or (self.footer == "on-failure" and result.exit_status != 0):
+            footer = footer_line(result.exit_status, result.duration_ms, self.policy)
+        if error is not None:
+            if footer and not silent:
+                error["traceback"] = [*error["traceback"], footer]
+            if not silent:
+                self._publish_error(error)
+            return {"status": "error", "execution_count": self.execution_count, **error}
+        if footer and not silent:
+            self._stream("stdout", footer + "\n")
+        return {"status": "ok", "execution_count": self.execution_count, "payload": [],
+                "user_expressions": result.user_expressions}
+
+    def finish_metadata(self, parent, metadata, reply_content):
+        metadata = super().finish_metadata(parent, metadata, reply_content)
+        if parent.get("header", {}).get("msg_type") == "execute_request":
+            metadata["sandbox"] = dict(self._last_sandbox_meta)
+        return metadata
+
+    async def do_complete(self, code, cursor_pos):
+        content = await self._ask({"type": "complete", "code": code, "cursor_pos": cursor_pos})
+        if content is None:
+            pos = len(code) if cursor_pos is None else cursor_pos
+            return {"status": "ok", "matches": [], "cursor_start": pos, "cursor_end": pos, "metadata": {}}
+        return content
+
+    async def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
+        content = await self._ask({"type": "inspect", "code": code, "cursor_pos": cursor_pos,
+                                   "detail_level": detail_level})
+        return content or {"status": "ok", "found": False, "data": {}, "metadata": {}}
+
+    async def do_is_complete(self, code):
+        content = await self._ask({"type": "is_complete", "code": code})
+        return content or {"status": "unknown"}
+
+    async def _ask(self, frame: dict) -> dict | None:
+        try:
+            return await self.sandbox.request(frame)
+        except (SandboxError, asyncio.TimeoutError, ConnectionError) as err:
+            self.log.warning("%s request failed: %s", frame["type"], err)
+            return None
+
+    async def interrupt_request(self, stream, ident, parent):
+        """Control channel (its own thread): forward the interrupt to the sandbox."""
+        self.io_loop.add_callback(self._interrupt)
+        self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
+
+    async def do_shutdown(self, restart):
+        """Control channel (its own thread and loop): stop the sandbox on the main loop."""
+        future = asyncio.run_coroutine_threadsafe(self.sandbox.stop(), self.io_loop.asyncio_loop)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), 30)
+        except Exception as err:  # noqa: BLE001 - shutting down regardless; gc removes leftovers
+            self.log.warning("stopping the sandbox failed: %s", err)
+        return {"status": "ok", "restart": restart}
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,27 @@
+"""The kernel application: ``python -m sandbox_kernel -f {connection_file}``.
+
+Configuration is read from ``sandbox_kernel_config.py`` in the Jupyter config path,
+e.g. ``c.SandboxKernel.footer = "on-failure"`` or ``c.LocalBackend.uid = 65534``.
+"""
+
+from __future__ import annotations
+
+from ipykernel.kernelapp import IPKernelApp
+from traitlets import Type
+
+from .backends.local import LocalBackend
+from .kernel import SandboxKernel
+
+
+class SandboxKernelApp(IPKernelApp):
+    name = "sandbox-kernel"
+    description = "The Sandbox Jupyter kernel: cells run in an isolated sandbox."
+    kernel_class = Type(SandboxKernel, klass="ipykernel.kernelbase.Kernel")
+
+    @property
+    def classes(self):  # type: ignore[override]
+        return [*super().classes, SandboxKernel, LocalBackend]
+
+
+def main() -> None:
+    SandboxKernelApp.launch_instance()

@@ -1,0 +1,299 @@
+"""One kernel's sandbox: lifecycle, the execute stream, crash recovery.
+
+The :class:`Session` sits between the kernel (Jupyter messages) and a backend
+(sandboxes). It owns the transport to the agent and the single reader task that
+routes the agent's frames: cell events to the running cell, replies to whoever asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+from .agent import protocol
+from .backends.base import Backend, SandboxInfo, Transport
+from .errors import ProtocolError, SandboxCrashed, SandboxError, SandboxStartError
+
+
+class CellSink(Protocol):
+    """Where a running cell's events go (implemented by the kernel)."""
+
+    def on_event(self, frame: dict) -> None: ...
+
+    async def on_input_request(self, prompt: str, password: bool) -> str | None: ...
+
+
+@dataclass
+class CellResult:
+    """What the session knows about a finished cell."""
+
+    status: str
+    exit_status: int
+    duration_ms: float
+    execution_count: int | None = None
+    user_expressions: dict = field(default_factory=dict)
+    crashed: str | None = None  # plain-words reason when the sandbox died during the cell
+
+
+_END = object()
+
+
+class Session:
+    """Runs cells in a sandbox created by ``backend``; replaces the sandbox after a crash."""
+
+    def __init__(self, backend: Backend, kernel_id: str, policy: Any, log,
+                 progress: Callable[[str], None] | None = None, start_timeout: float = 60.0):
+        self.backend = backend
+        self.kernel_id = kernel_id
+        self.policy = policy
+        self.log = log
+        self.start_timeout = start_timeout
+        self._progress = progress or (lambda line: None)
+        self._ids = itertools.count(1)
+        self._transport: Transport | None = None
+        self._reader: asyncio.Task | None = None
+        self._starting: asyncio.Task | None = None
+        self._cell: asyncio.Queue | None = None
+        self._replies: dict[Any, asyncio.Future] = {}
+        self._input_task: asyncio.Task | None = None
+        self.hello: dict = {}
+        self.info: SandboxInfo | None = None
+        self.start_error: BaseException | None = None
+        self.restarts = 0
+
+    # -- lifecycle ----------------------------------------------------------------
+    def start_soon(self) -> asyncio.Task:
+        """Begin starting the sandbox in the background (kernel start, after a crash)."""
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start())
+        return self._starting
+
+    async def ready(self) -> None:
+        """Wait until the sandbox runs; raise the start error (typed) if it cannot."""
+        if self._transport is not None and self._reader is not None and not self._reader.done():
+            return
+        task = self.start_soon()
+        await asyncio.shield(task)
+
+    async def _start(self) -> None:
+        self.start_error = None
+        try:
+            self.info = await self.backend.start(self.kernel_id, self.policy, self._progress)
+            self._transport = await self.backend.attach()
+            hello = await asyncio.wait_for(self._transport.recv(), self.start_timeout)
+            if not hello or hello.get("type") != "hello":
+                raise SandboxStartError(
+                    f"the agent did not start: {await self.backend.exit_reason()}"
+                )
+            if hello.get("version") != protocol.VERSION:
+                raise SandboxStartError(
+                    f"the agent in the sandbox speaks protocol {hello.get('version')!r}, "
+                    f"this kernel speaks {protocol.VERSION}: use matching versions"
+                )
+            self.hello = hello
+            self._reader = asyncio.ensure_future(self._read())
+            await self._transport.send({"type": "policy", "policy": _policy_dict(self.policy)})
+        except asyncio.TimeoutError:
+            self.start_error = SandboxStartError(
+                f"the sandbox did not start within {self.start_timeout:.0f} s"
+            )
+            await self._teardown()
+            raise self.start_error from None
+        except BaseException as err:
+            self.start_error = err
+            await self._teardown()
+            raise
+
+    async def _teardown(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        if self._transport is not None:
+            try:
+                await self._transport.close()
+            except Exception:  # noqa: BLE001 - closing a dead stream
+                pass
+            self._transport = None
+        await self.backend.stop()
+        self.info = None
+
+    async def stop(self) -> None:
+        """Stop the sandbox and remove everything (kernel shutdown)."""
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+            try:
+                await self._starting
+            except BaseException:  # noqa: BLE001 - we are stopping anyway
+                pass
+        await self._teardown()
+
+    async def restart(self) -> None:
+        """Replace the sandbox with a fresh one (``%sandbox restart``, after a crash)."""
+        await self._teardown()
+        self.restarts += 1
+        await self.ready()
+
+    # -- the reader ---------------------------------------------------------------
+    async def _read(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        while True:
+            try:
+                frame = await transport.recv()
+            except protocol.FrameError as err:
+                self.log.warning("protocol error from the sandbox: %s", err)
+                self._to_cell({"type": "protocol_error", "id": None, "message": str(err)})
+                continue
+            except (ConnectionError, OSError) as err:
+                self.log.warning("stream to the sandbox failed: %s", err)
+                frame = None
+            if frame is None:
+                break
+            kind = frame["type"]
+            if kind in ("reply", "pong"):
+                fut = self._replies.pop(frame.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(frame)
+            else:
+                self._to_cell(frame)
+        # the agent is gone: fail everything that waits on it
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(SandboxCrashed("the sandbox stopped"))
+        self._replies.clear()
+        self._to_cell(_END)
+
+    def _to_cell(self, frame) -> None:
+        if self._cell is not None:
+            self._cell.put_nowait(frame)
+        elif frame is not _END and isinstance(frame, dict):
+            self.log.debug("sandbox event outside a cell: %s", frame.get("type"))
+
+    # -- requests -----------------------------------------------------------------
+    async def request(self, frame: dict, timeout: float = 10.0) -> dict:
+        """Send a request that gets one ``reply`` (complete, inspect, is_complete)."""
+        await self.ready()
+        assert self._transport is not None
+        fid = f"r{next(self._ids)}"
+        fut = asyncio.get_running_loop().create_future()
+        self._replies[fid] = fut
+        try:
+            await self._transport.send({**frame, "id": fid})
+            reply = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._replies.pop(fid, None)
+        content = reply.get("content")
+        if not isinstance(content, dict):
+            raise ProtocolError("the agent's reply has no content")
+        return content
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell (and any pending input request)."""
+        if self._input_task is not None and not self._input_task.done():
+            self._input_task.cancel()
+        if self._transport is not None:
+            try:
+                await self._transport.send({"type": "interrupt"})
+            except (ConnectionError, OSError):
+                pass
+        await self.backend.interrupt()
+
+    async def apply_policy(self, policy: Any) -> dict:
+        """Enforce a new policy (atomic in the backend), then tell the agent about it."""
+        details = await self.backend.apply_policy(policy)
+        self.policy = policy
+        if self._transport is not None:
+            try:
+                await self._transport.send({"type": "policy", "policy": _policy_dict(policy)})
+            except (ConnectionError, OSError):
+                pass
+        return details
+
+    async def execute(self, code: str, sink: CellSink, *, silent: bool = False,
+                      store_history: bool = True, user_expressions: dict | None = None,
+                      allow_stdin: bool = False, execution_count: int = 0) -> CellResult:
+        """Run one cell; stream its events to ``sink``; return its result.
+
+        A sandbox that dies during the cell gives a result with ``crashed`` set, and a
+        fresh sandbox is started in the background for the next cell.
+        """
+        started = time.perf_counter()
+        await self.ready()
+        assert self._transport is not None
+        fid = f"c{next(self._ids)}"
+        cell: asyncio.Queue = asyncio.Queue()
+        self._cell = cell
+        try:
+            await self._transport.send({
+                "type": "execute", "id": fid, "code": code, "silent": silent,
+                "store_history": store_history, "user_expressions": user_expressions or {},
+                "allow_stdin": allow_stdin, "execution_count": execution_count,
+            })
+            while True:
+                frame = await cell.get()
+                if frame is _END:
+                    return await self._crashed(started)
+                kind = frame.get("type")
+                if kind == "done" and frame.get("id") == fid:
+                    return CellResult(
+                        status="error" if frame.get("status") == "error" else "ok",
+                        exit_status=_as_int(frame.get("exit_status"), 1),
+                        duration_ms=_as_float(frame.get("duration_ms"),
+                                              (time.perf_counter() - started) * 1000),
+                        execution_count=_as_int(frame.get("execution_count"), None),
+                        user_expressions=frame.get("user_expressions") or {},
+                    )
+                if kind == "input_request":
+                    await self._answer_input(frame, sink)
+                    continue
+                sink.on_event(frame)
+        except (ConnectionError, OSError):
+            return await self._crashed(started)
+        finally:
+            if self._cell is cell:
+                self._cell = None
+
+    async def _answer_input(self, frame: dict, sink: CellSink) -> None:
+        self._input_task = asyncio.ensure_future(
+            sink.on_input_request(str(frame.get("prompt", "")), bool(frame.get("password")))
+        )
+        try:
+            value = await self._input_task
+        except asyncio.CancelledError:
+            value = None
+        finally:
+            self._input_task = None
+        if self._transport is not None:
+            await self._transport.send({"type": "input_reply", "id": frame.get("id"), "value": value})
+
+    async def _crashed(self, started: float) -> CellResult:
+        reason = await self.backend.exit_reason()
+        self.log.warning("sandbox ended during a cell: %s", reason)
+        code = _as_int(getattr(self.backend, "last_exit_status", None), None) or 1
+        await self._teardown()
+        self.restarts += 1
+        self.start_soon()
+        return CellResult(status="error", exit_status=code,
+                          duration_ms=(time.perf_counter() - started) * 1000, crashed=reason)
+
+
+def _policy_dict(policy: Any) -> dict:
+    if policy is None:
+        return {"mode": "deny", "entries": []}
+    if hasattr(policy, "to_dict"):
+        return policy.to_dict()
+    return dict(policy)
+
+
+def _as_int(value, default):
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _as_float(value, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+__all__ = ["Session", "CellResult", "CellSink", "SandboxError"]
