@@ -404,6 +404,8 @@ def _system_exit_status(err: SystemExit) -> int:
 # ---------------------------------------------------------------------------------
 
 def _make_runner(agent: Agent):
+    if os.environ.get("SANDBOX_AGENT_RUNNER") == "plain":
+        return PlainRunner(agent)
     try:
         import IPython  # noqa: F401
     except ImportError:

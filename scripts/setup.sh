@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything the Sandbox kernel needs on a Debian 12 machine, as root:
+# system tools (iproute2, nftables, bubblewrap, slirp4netns), a virtualenv in .venv with
+# the package and its extras ($1, e.g. "lab" or "test"), and the `sandbox` kernelspec.
+# Idempotent: a second run only checks. Sourced by lab.sh and test.sh.
+set -euo pipefail
+
+extras="${1:-lab}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${SANDBOX_KERNEL_VENV:-$repo/.venv}"
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup: the local backend needs root (network namespaces, nftables); run as root" >&2
+  exit 1
+fi
+
+need_apt=()
+for pair in ip:iproute2 nft:nftables bwrap:bubblewrap slirp4netns:slirp4netns nsenter:util-linux \
+            setpriv:util-linux ps:procps; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
+done
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv"
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q -e "$repo[$extras]"
+"$venv/bin/sandbox-kernel" install --sys-prefix >/dev/null
+"$venv/bin/sandbox-kernel" doctor
+export PATH="$venv/bin:$PATH"

@@ -1,0 +1,213 @@
+"""Cells through a real jupyter_client to the real kernel on the real local backend."""
+
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import sandbox_namespaces
+
+
+def test_stream_arrives_while_the_cell_runs(kernel):
+    cell = kernel.execute("import time\nfor i in range(4):\n    print(i)\n    time.sleep(0.4)")
+    lines = [(t, o["content"]["text"]) for t, o in zip(cell.times, cell.outputs) if o["msg_type"] == "stream"]
+    numbered = [(t, text) for t, text in lines if text.strip().isdigit()]
+    assert [text.strip() for _, text in numbered] == ["0", "1", "2", "3"]
+    # one by one: each line arrives about 0.4 s after the previous one, not all at the end
+    gaps = [b[0] - a[0] for a, b in zip(numbered, numbered[1:])]
+    assert all(0.25 < gap < 0.9 for gap in gaps), gaps
+
+
+def test_shell_and_subprocess_output_streams(kernel):
+    cell = kernel.execute("!for shvar in 1 2 3; do echo line$shvar; sleep 0.3; done")
+    texts = [o["content"]["text"] for o in cell.of_type("stream")]
+    assert "line1" in cell.stream() and "line3" in cell.stream()
+    assert len([t for t in texts if t.startswith("line")]) >= 2, texts
+    cell = kernel.execute("%%bash\necho from-bash\necho to-stderr >&2")
+    assert "from-bash" in cell.stream("stdout")
+    assert "to-stderr" in cell.stream("stderr")
+    cell = kernel.execute("import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'print(\"child says hi\")'])")
+    assert "child says hi" in cell.stream()
+
+
+@pytest.mark.parametrize(
+    ("code", "exit_status", "status"),
+    [
+        ("x = 1", 0, "ok"),
+        ("1/0", 1, "error"),
+        ("raise SystemExit(3)", 3, "error"),
+        ("raise SystemExit(0)", 0, "ok"),
+        ("!false", 1, "error"),
+        ("!true", 0, "ok"),
+        ("%%bash\nexit 7", 7, "error"),
+        ("!exit 2\n!exit 5", 5, "error"),
+    ],
+)
+def test_exit_status_contract(kernel, code, exit_status, status):
+    cell = kernel.execute(code)
+    assert cell.status == status
+    meta = cell.sandbox
+    assert meta["exit_status"] == exit_status
+    assert isinstance(meta["duration_ms"], float) and meta["duration_ms"] >= 0
+    assert meta["blocked"] == []
+    footer = f"exit {exit_status} · "
+    if status == "error":
+        errors = cell.of_type("error")
+        assert len(errors) == 1
+        assert errors[0]["content"]["traceback"][-1].startswith(footer)
+        assert "egress: default-deny" in errors[0]["content"]["traceback"][-1]
+    else:
+        assert cell.stream().splitlines()[-1].startswith(footer)
+
+
+def test_error_cell_has_exactly_one_output_with_readable_traceback(kernel):
+    cell = kernel.execute("def f():\n    raise ValueError('bad value')\nf()")
+    assert [o["msg_type"] for o in cell.outputs] == ["error"]
+    content = cell.outputs[0]["content"]
+    assert content["ename"] == "ValueError" and content["evalue"] == "bad value"
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(content["traceback"]))
+    assert "f()" in plain and "ValueError: bad value" in plain
+    assert cell.reply["content"]["ename"] == "ValueError"
+
+
+def test_state_persists_between_cells(kernel):
+    kernel.execute("import json\nvalue = 41\nimport os\nos.makedirs('sub', exist_ok=True)\nos.chdir('sub')")
+    cell = kernel.execute("value + 1, json.dumps([1]), os.getcwd()")
+    result = cell.of_type("execute_result")[0]["content"]["data"]["text/plain"]
+    assert result == "(42, '[1]', '/home/sandbox/sub')"
+    kernel.execute("os.chdir('/home/sandbox')")
+
+
+def test_rich_output(kernel):
+    cell = kernel.execute("from IPython.display import HTML, display\ndisplay(HTML('<i>hi</i>'))\n6*7")
+    assert cell.of_type("display_data")[0]["content"]["data"]["text/html"] == "<i>hi</i>"
+    assert cell.of_type("execute_result")[0]["content"]["data"]["text/plain"] == "42"
+
+
+def test_png_from_matplotlib(kernel):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed in the sandbox interpreter")
+    cell = kernel.execute("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()")
+    assert cell.status == "ok", cell.outputs
+    assert any("image/png" in o["content"]["data"] for o in cell.of_type("display_data"))
+
+
+def test_input_round_trip(kernel):
+    prompts = []
+
+    def answer(prompt):
+        prompts.append(prompt)
+        return "Ada"
+
+    cell = kernel.execute("name = input('Your name? ')\nprint('hello', name)", stdin=answer)
+    assert prompts == ["Your name? "]
+    assert "hello Ada" in cell.stream()
+
+
+def test_input_without_stdin_support_is_a_clear_error(kernel):
+    cell = kernel.execute("input('x')")
+    assert cell.status == "error"
+    assert "does not support input" in cell.reply["content"]["evalue"]
+
+
+def test_completion_inspection_is_complete(kernel):
+    kernel.execute("sandbox_variable = 3")
+    msg_id = kernel.kc.complete("sandbox_var", 11)
+    reply = kernel.kc.get_shell_msg(timeout=10)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert "sandbox_variable" in reply["content"]["matches"]
+    kernel.kc.inspect("len", 3)
+    reply = kernel.kc.get_shell_msg(timeout=10)
+    assert reply["content"]["found"] and "text/plain" in reply["content"]["data"]
+    kernel.kc.is_complete("for i in range(3):")
+    reply = kernel.kc.get_shell_msg(timeout=10)
+    assert reply["content"]["status"] == "incomplete"
+
+
+def _interrupt_after(kernel, delay):
+    timer = threading.Timer(delay, kernel.km.interrupt_kernel)
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("code", ["while True: pass", "import time; time.sleep(100)", "!sleep 100"])
+def test_interrupt_stops_the_cell_within_a_second(kernel, code):
+    sent = {}
+
+    def interrupt():
+        sent["at"] = time.monotonic()
+        kernel.km.interrupt_kernel()
+
+    timer = threading.Timer(0.8, interrupt)
+    timer.start()
+    cell = kernel.execute(code, timeout=20)
+    finished = time.monotonic()
+    timer.join()
+    assert cell.status == "error"
+    assert cell.reply["content"]["ename"] == "KeyboardInterrupt"
+    assert finished - sent["at"] < 1.0
+    # the kernel stays usable, with its state
+    again = kernel.execute("2 + 2")
+    assert again.of_type("execute_result")[0]["content"]["data"]["text/plain"] == "4"
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        ("import os; os._exit(3)", "exited with status 3"),
+        ("import ctypes; ctypes.string_at(0)", "SIGSEGV (segmentation fault)"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "SIGKILL"),
+    ],
+)
+def test_crash_is_reported_and_the_next_cell_gets_a_fresh_sandbox(fresh_kernel, code, words):
+    kernel = fresh_kernel()
+    kernel.execute("marker = 'old sandbox'")
+    before = sandbox_namespaces()
+    cell = kernel.execute(code, timeout=30)
+    assert cell.status == "error"
+    error = cell.of_type("error")
+    assert len(error) == 1 and error[0]["content"]["ename"] == "SandboxCrashed"
+    assert words in error[0]["content"]["evalue"]
+    assert "fresh sandbox" in " ".join(error[0]["content"]["traceback"])
+    assert cell.sandbox["exit_status"] != 0
+    after = kernel.execute("'marker' in globals()")
+    assert after.status == "ok"
+    assert after.of_type("execute_result")[0]["content"]["data"]["text/plain"] == "False"
+    # the crashed sandbox's namespace was replaced, not leaked
+    assert len(sandbox_namespaces() - before) <= 1
+
+
+def test_sandbox_killed_from_outside_between_cells(fresh_kernel):
+    kernel = fresh_kernel()
+    pid_cell = kernel.execute("import os; print(os.getpid())")
+    assert pid_cell.status == "ok"
+    netns = sandbox_namespaces()
+    pids = []
+    for ns in netns:
+        pids += os.popen(f"ip netns pids {ns}").read().split()
+    own = [p for p in pids if "agent.pyz" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
+    assert own, "the agent process should be visible from the host"
+    for pid in own:
+        os.kill(int(pid), signal.SIGKILL)
+    time.sleep(0.3)
+    cell = kernel.execute("1 + 1", timeout=30)
+    # either the death is reported on this cell, or it already ran in the replacement
+    if cell.status == "error":
+        assert cell.of_type("error")[0]["content"]["ename"] == "SandboxCrashed"
+        cell = kernel.execute("1 + 1", timeout=30)
+    assert cell.of_type("execute_result")[0]["content"]["data"]["text/plain"] == "2"
+
+
+def test_footer_modes(fresh_kernel):
+    quiet = fresh_kernel({"SANDBOX_KERNEL_FOOTER": "on-failure"})
+    ok = quiet.execute("print('x')")
+    assert ok.stream() == "x\n"
+    assert ok.sandbox["exit_status"] == 0
+    bad = quiet.execute("!exit 4")
+    assert bad.of_type("error")[0]["content"]["traceback"][-1].startswith("exit 4 · ")
+    never = fresh_kernel({"SANDBOX_KERNEL_FOOTER": "never"})
+    bad = never.execute("1/0")
+    assert not any(line.startswith("exit 1") for line in bad.of_type("error")[0]["content"]["traceback"])
+    assert bad.sandbox["exit_status"] == 1
