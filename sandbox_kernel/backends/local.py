@@ -306,8 +306,11 @@ class LocalBackend(Backend):
             elif os.path.isdir(target):
                 argv += ["--ro-bind", target, target]
         argv += ["--ro-bind", "/etc", "/etc",
-                 "--ro-bind", str(root / "resolv.conf"), "/etc/resolv.conf"]
-        made: set[str] = set()
+                 "--ro-bind", str(root / "resolv.conf"), "/etc/resolv.conf",
+                 # before the interpreter's binds, which may live under /tmp (a venv in a CI clone)
+                 "--proc", "/proc", "--dev", "/dev",
+                 "--perms", "1777", "--tmpfs", "/tmp"]
+        made: set[str] = {"/tmp"}
         for path in [*prefixes, *self.extra_ro_binds]:
             if path.startswith("/usr/") or not os.path.exists(path):
                 continue
@@ -320,8 +323,6 @@ class LocalBackend(Backend):
                     made.add(parent)
             argv += ["--ro-bind", path, path]
         argv += [
-            "--proc", "/proc", "--dev", "/dev",
-            "--perms", "1777", "--tmpfs", "/tmp",
             "--perms", "0755", "--dir", "/home",
             "--bind", str(root / "work"), SANDBOX_HOME,
             "--perms", "0755", "--dir", "/opt/sandbox-agent",

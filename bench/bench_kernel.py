@@ -1,0 +1,112 @@
+"""Sandbox kernel vs stock ipykernel, measured in the same run (issue: the foundation).
+
+Metrics: median round trip of ``1+1``; kernel start to the first execute reply; printing
+1,000,000 short lines (wall time and the kernel process's peak RSS). Prints a table and,
+with ``--json FILE``, writes the numbers.
+
+    python bench/bench_kernel.py [--repeat 200] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+
+from jupyter_client.manager import KernelManager
+
+TARGETS = {"roundtrip_1p1_ms": 1.25, "start_to_first_reply_s": 1.5, "print_1e6_lines_s": 1.5}
+
+
+def _run(kc, code: str, timeout: float = 600) -> dict:
+    msg_id = kc.execute(code)
+    while True:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
+                and msg["content"]["execution_state"] == "idle"):
+            break
+    while True:
+        reply = kc.get_shell_msg(timeout=timeout)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(kernel_name: str, repeat: int) -> dict:
+    started = time.perf_counter()
+    km = KernelManager(kernel_name=kernel_name)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=120)
+    _run(kc, "1+1")
+    start_to_first = time.perf_counter() - started
+    try:
+        for _ in range(10):
+            _run(kc, "1+1")
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            _run(kc, "1+1")
+            times.append((time.perf_counter() - t) * 1000)
+        pid = km.provisioner.process.pid
+        peak = [_rss_kb(pid)]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak.append(_rss_kb(pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t = time.perf_counter()
+        _run(kc, "for i in range(1_000_000):\n    print(i)")
+        print_s = time.perf_counter() - t
+        stop.set()
+        sampler.join()
+        return {
+            "roundtrip_1p1_ms": statistics.median(times),
+            "start_to_first_reply_s": start_to_first,
+            "print_1e6_lines_s": print_s,
+            "kernel_peak_rss_mb": max(peak) / 1024,
+        }
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    stock = measure("python3", args.repeat)
+    ours = measure("sandbox", args.repeat)
+    rows = []
+    for metric in ("roundtrip_1p1_ms", "start_to_first_reply_s", "print_1e6_lines_s", "kernel_peak_rss_mb"):
+        ratio = ours[metric] / stock[metric] if stock[metric] else float("nan")
+        target = TARGETS.get(metric)
+        rows.append({"metric": metric, "ours": ours[metric], "baseline": stock[metric], "ratio": ratio,
+                     "target": f"≤ {target}×" if target else "bounded"})
+    print(f"{'metric':28} {'sandbox':>10} {'ipykernel':>10} {'ratio':>7}  target")
+    for row in rows:
+        print(f"{row['metric']:28} {row['ours']:10.3f} {row['baseline']:10.3f} {row['ratio']:7.2f}  {row['target']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
