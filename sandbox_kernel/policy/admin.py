@@ -1,0 +1,356 @@
+"""The administrator's ceiling: what users may change, add, and what is always blocked.
+
+``AdminPolicy`` is a traitlets ``Configurable``, so a Jupyter config file sets it::
+
+    c.AdminPolicy.locked = True                       # exam mode
+    c.AdminPolicy.user_may_allow = ["*.github.com", "pypi.org:443"]
+    c.AdminPolicy.cluster_ranges = ["10.0.0.0/8"]
+
+Each setting's default can also come from an environment variable named in its help
+(config file > environment variable > built-in default), which is how the Helm chart
+passes values to a kernel.
+
+Who calls what:
+
+* ``%sandbox allow`` / the widget → :meth:`AdminPolicy.check_change` before
+  ``Session.apply_policy``; a :class:`CeilingRefused` leaves the policy in force untouched.
+* blocked-connection notices → :meth:`AdminPolicy.decide_connection` for the advice line
+  ("you may allow it: %sandbox allow X" / "not permitted by your administrator").
+* backends → :meth:`AdminPolicy.blocked_networks` as ``always_blocked`` for every compiler.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from traitlets import Bool, Enum, Int, List, TraitError, Unicode, default, validate
+from traitlets.config import Configurable
+
+from ..errors import PolicyError
+from .destinations import is_blocked, parse_networks
+from .model import MODES, EgressPolicy, Entry, InvalidEntry, IPNetwork, parse_entry
+from .presets import PRESETS
+
+#: Always-blocked ranges by default, and why each one is there.
+DEFAULT_ALWAYS_BLOCKED: dict[str, str] = {
+    "169.254.0.0/16": "link-local, incl. the cloud metadata server 169.254.169.254",
+    "fd00:ec2::254/128": "the AWS IPv6 metadata server",
+    "fe80::/10": "IPv6 link-local",
+    "127.0.0.0/8": "the host's loopback",
+    "::1/128": "the host's IPv6 loopback",
+    "0.0.0.0/8": "'this network': 0.0.0.0 reaches the host's own services on Linux",
+    "::ffff:0:0/96": "IPv4-mapped IPv6, which would carry IPv4 ranges past IPv6 rules",
+}
+
+#: Blocked whatever the configuration says: one typo in a config must never expose the
+#: cloud metadata server (node credentials) to the code in a sandbox.
+METADATA_FLOOR = ("169.254.0.0/16", "fd00:ec2::254/128")
+
+# Ranges that are not "public" for the ``public`` pattern of ``user_may_allow``.
+# (ipaddress's is_global looks only at a network's two ends, so 0.0.0.0/0 would pass.)
+_NOT_PUBLIC = parse_networks(
+    [
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15",
+        "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+        "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "100::/64", "2001:db8::/32",
+        "fc00::/7", "fe80::/10", "ff00::/8",
+    ]
+)
+
+PATTERN_KEYWORDS = ("public", "any")
+
+
+class CeilingRefused(PolicyError):
+    """A change goes beyond the administrator's ceiling; nothing was changed."""
+
+    ename = "CeilingRefused"
+
+    def __init__(self, reason: str, entry: Entry | None = None):
+        self.reason = reason
+        self.entry = entry
+        super().__init__(
+            f"Refused by your administrator's rule: {reason}. "
+            "The policy in force was not changed; ask your administrator if you need this."
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a user may allow ``entry``, and the sentence to show them."""
+
+    allowed: bool
+    reason: str
+    entry: Entry | None = None
+
+
+class AdminPolicy(Configurable):
+    """The ceiling on every sandbox's egress policy, set by the administrator."""
+
+    mode = Enum(
+        MODES,
+        help="Mode of the default policy of new sandboxes: 'deny' or 'allowlist'. "
+        "Environment variable: SANDBOX_KERNEL_POLICY_MODE.",
+    ).tag(config=True)
+
+    entries = List(
+        Unicode(),
+        help="Entries of the default policy (e.g. 'pypi.org:443'). Environment variable: "
+        "SANDBOX_KERNEL_POLICY_ENTRIES (entries separated by whitespace).",
+    ).tag(config=True)
+
+    presets = List(
+        Unicode(),
+        help=f"Presets of the default policy ({', '.join(sorted(PRESETS))}). Environment "
+        "variable: SANDBOX_KERNEL_POLICY_PRESETS (comma or whitespace separated).",
+    ).tag(config=True)
+
+    locked = Bool(
+        help="Exam mode: users may not change the policy at all (not even narrow it). "
+        "Environment variable: SANDBOX_KERNEL_POLICY_LOCKED (true/false).",
+    ).tag(config=True)
+
+    user_may_allow = List(
+        Unicode(),
+        help="What users may add. Each item is 'public' (any domain, and CIDRs made only of "
+        "public addresses), 'any' (anything not always blocked), or an entry pattern that "
+        "contains what may be added: 'pypi.org:443', '*.github.com' (one label), "
+        "'203.0.113.0/24', '10.0.0.0/8:5432/tcp', '[2001:db8::/32]:8000-8100'. An empty list "
+        "means users may add nothing. Environment variable: SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW "
+        "(whitespace separated).",
+    ).tag(config=True)
+
+    max_entries = Int(
+        help="Most entries a policy may have, counted after presets are expanded. "
+        "Environment variable: SANDBOX_KERNEL_POLICY_MAX_ENTRIES.",
+    ).tag(config=True)
+
+    always_blocked = List(
+        Unicode(),
+        help="CIDRs no entry can open, whatever the user or the default policy says: "
+        + "; ".join(f"{k} ({v})" for k, v in DEFAULT_ALWAYS_BLOCKED.items())
+        + f". {' and '.join(METADATA_FLOOR)} stay blocked even if removed here. "
+        "Environment variable: SANDBOX_KERNEL_POLICY_ALWAYS_BLOCKED (comma or whitespace separated).",
+    ).tag(config=True)
+
+    cluster_ranges = List(
+        Unicode(),
+        help="Cluster-internal CIDRs (pod, service and node ranges, internal load balancers) "
+        "that sandboxes must never reach; blocked like always_blocked. Environment variable: "
+        "SANDBOX_KERNEL_POLICY_CLUSTER_RANGES (comma or whitespace separated).",
+    ).tag(config=True)
+
+    # -- defaults from the environment
+
+    @default("mode")
+    def _default_mode(self) -> str:
+        return os.environ.get("SANDBOX_KERNEL_POLICY_MODE", "deny")
+
+    @default("entries")
+    def _default_entries(self) -> list[str]:
+        return os.environ.get("SANDBOX_KERNEL_POLICY_ENTRIES", "").split()
+
+    @default("presets")
+    def _default_presets(self) -> list[str]:
+        return _split_list(os.environ.get("SANDBOX_KERNEL_POLICY_PRESETS", ""))
+
+    @default("locked")
+    def _default_locked(self) -> bool:
+        return _env_bool("SANDBOX_KERNEL_POLICY_LOCKED", False)
+
+    @default("user_may_allow")
+    def _default_user_may_allow(self) -> list[str]:
+        return os.environ.get("SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW", "public").split()
+
+    @default("max_entries")
+    def _default_max_entries(self) -> int:
+        text = os.environ.get("SANDBOX_KERNEL_POLICY_MAX_ENTRIES", "100")
+        try:
+            return int(text)
+        except ValueError:
+            raise TraitError(f"SANDBOX_KERNEL_POLICY_MAX_ENTRIES={text!r} is not a number") from None
+
+    @default("always_blocked")
+    def _default_always_blocked(self) -> list[str]:
+        text = os.environ.get("SANDBOX_KERNEL_POLICY_ALWAYS_BLOCKED")
+        return _split_list(text) if text is not None else list(DEFAULT_ALWAYS_BLOCKED)
+
+    @default("cluster_ranges")
+    def _default_cluster_ranges(self) -> list[str]:
+        return _split_list(os.environ.get("SANDBOX_KERNEL_POLICY_CLUSTER_RANGES", ""))
+
+    # -- validation: a bad config fails when it is loaded, naming the setting
+
+    @validate("entries")
+    def _check_entries(self, proposal: Any) -> list[str]:
+        for text in proposal["value"]:
+            _trait_guard("AdminPolicy.entries", parse_entry, text)
+        return proposal["value"]
+
+    @validate("presets")
+    def _check_presets(self, proposal: Any) -> list[str]:
+        for name in proposal["value"]:
+            if name not in PRESETS:
+                raise TraitError(f"AdminPolicy.presets: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return proposal["value"]
+
+    @validate("user_may_allow")
+    def _check_user_may_allow(self, proposal: Any) -> list[str]:
+        for text in proposal["value"]:
+            if text not in PATTERN_KEYWORDS:
+                _trait_guard("AdminPolicy.user_may_allow", parse_entry, text)
+        return proposal["value"]
+
+    @validate("always_blocked", "cluster_ranges")
+    def _check_ranges(self, proposal: Any) -> list[str]:
+        _trait_guard(f"AdminPolicy.{proposal['trait'].name}", parse_networks, proposal["value"])
+        return proposal["value"]
+
+    @validate("max_entries")
+    def _check_max_entries(self, proposal: Any) -> int:
+        if proposal["value"] < 0:
+            raise TraitError("AdminPolicy.max_entries must be 0 or more")
+        return proposal["value"]
+
+    # -- reading
+
+    def default_policy(self) -> EgressPolicy:
+        """The policy a new sandbox starts with."""
+        return EgressPolicy(mode=self.mode, entries=tuple(self.entries), presets=tuple(self.presets))
+
+    def blocked_networks(self) -> tuple[IPNetwork, ...]:
+        """Every range no entry may open: the floor, always_blocked, cluster_ranges."""
+        nets = parse_networks([*METADATA_FLOOR, *self.always_blocked, *self.cluster_ranges])
+        return tuple(dict.fromkeys(nets))
+
+    def blocked_reason(self, ip: Any) -> str | None:
+        """Why ``ip`` is always blocked (for notices), or None if it is not."""
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        net = ipaddress.ip_network(address)
+        for blocked in self.blocked_networks():
+            if is_blocked(net, (blocked,)):
+                why = DEFAULT_ALWAYS_BLOCKED.get(str(blocked))
+                if why is None and str(blocked) in self.cluster_ranges:
+                    why = "a cluster-internal range"
+                return f"{address} is in {blocked}" + (f" ({why})" if why else "")
+        return None
+
+    def blocks(self, ip: Any) -> bool:
+        """Whether ``ip`` is always blocked, whatever the policy says."""
+        return self.blocked_reason(ip) is not None
+
+    # -- deciding
+
+    def decide(self, entry: str | Entry) -> Decision:
+        """May a user add ``entry``? ``reason`` is the sentence for the notebook."""
+        entry = parse_entry(entry)
+        if self.locked:
+            return _refuse("the administrator has locked the egress policy (exam mode)", entry)
+        if entry.kind == "cidr" and is_blocked(entry.network, self.blocked_networks()):
+            why = self.blocked_reason(entry.network.network_address)
+            return _refuse(f"{why}, which your administrator always blocks", entry)
+        if any(_permits(pattern, entry) for pattern in self.user_may_allow):
+            return Decision(True, f"you may allow it: %sandbox allow {entry}", entry)
+        allowed = ", ".join(self.user_may_allow) or "nothing"
+        return _refuse(f"{entry} is outside what your administrator lets users allow ({allowed})", entry)
+
+    def decide_connection(self, ip: Any, port: int | None, protocol: str | None, host: str | None = None) -> Decision:
+        """Advice for a blocked connection: the narrowest entry that would allow it, decided."""
+        why = self.blocked_reason(ip)
+        if why:
+            return Decision(False, f"not permitted by your administrator: {why}, which is always blocked")
+        target = host if host else str(ip)
+        if not host and ":" in target:
+            target = f"[{target}]"
+        text = target + (f":{port}" if port else "") + (f"/{protocol}" if protocol in ("tcp", "udp") else "")
+        try:
+            entry = parse_entry(text)
+        except InvalidEntry:
+            return Decision(False, f"{target} cannot be written as an egress entry")
+        return self.decide(entry)
+
+    def check_change(self, old: EgressPolicy, new: EgressPolicy, who: str = "user") -> None:
+        """Raise :class:`CeilingRefused` if ``who`` may not go from ``old`` to ``new``.
+
+        Called before every apply. ``who="admin"`` (the kernel applying the configured
+        default) is not limited. A user may always remove entries or switch to deny
+        unless the policy is locked; every entry that would newly be enforced must be
+        permitted (entries of the administrator's default policy always are).
+        """
+        if who == "admin" or old == new:
+            return
+        if self.locked:
+            raise CeilingRefused("the administrator has locked the egress policy (exam mode)")
+        count = len(new.expanded_entries())
+        if count > self.max_entries:
+            raise CeilingRefused(f"a policy may have at most {self.max_entries} entries; this one has {count}")
+        before = set(old.expanded_entries())
+        admin_given = set(self.default_policy().expanded_entries())
+        switching_on = new.mode == "allowlist" and old.mode != "allowlist"
+        for entry in new.expanded_entries():
+            if entry in admin_given or (entry in before and not switching_on):
+                continue
+            decision = self.decide(entry)
+            if not decision.allowed:
+                raise CeilingRefused(decision.reason.removeprefix("not permitted by your administrator: "), entry)
+
+
+def _permits(pattern: str, entry: Entry) -> bool:
+    """Whether the ceiling ``pattern`` contains everything ``entry`` would open."""
+    if pattern == "any":
+        return True
+    if pattern == "public":
+        if entry.kind != "cidr":
+            return True
+        net = entry.network
+        return not any(net.version == n.version and net.overlaps(n) for n in _NOT_PUBLIC)
+    allowed = parse_entry(pattern)
+    if allowed.protocol is not None and entry.protocol != allowed.protocol:
+        return False
+    if allowed.ports:
+        if not entry.ports:
+            return False
+        if not all(any(a <= lo and hi <= b for a, b in allowed.ports) for lo, hi in entry.ports):
+            return False
+    if allowed.kind == "cidr":
+        return entry.kind == "cidr" and entry.network.version == allowed.network.version and entry.network.subnet_of(allowed.network)
+    if allowed.kind == "domain":
+        return entry.kind == "domain" and entry.value == allowed.value
+    # wildcard pattern: the same wildcard, or one exact name one label below it
+    if entry.kind == "wildcard":
+        return entry.value == allowed.value
+    return entry.kind == "domain" and Entry("wildcard", allowed.value).matches(None, None, None, entry.value)
+
+
+def _refuse(reason: str, entry: Entry | None) -> Decision:
+    return Decision(False, f"not permitted by your administrator: {reason}", entry)
+
+
+def _trait_guard(name: str, func: Any, value: Any) -> None:
+    try:
+        func(value)
+    except (PolicyError, ValueError) as err:
+        raise TraitError(f"{name}: {err}") from None
+
+
+def _split_list(text: str) -> list[str]:
+    return text.replace(",", " ").split()
+
+
+def _env_bool(name: str, fallback: bool) -> bool:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return fallback
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise TraitError(f"{name}={text!r} is not a boolean (use true or false)")
+
