@@ -29,8 +29,10 @@ import time
 import traceback
 import warnings
 
+from . import guard as guards
 from . import protocol
 from .channel import Channel
+from .netwatch import Watcher
 
 FLUSH_INTERVAL = 0.02
 _SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
@@ -180,6 +182,8 @@ class Agent:
         self.stdout = OutStream(self, "stdout", 1)
         self.stderr = OutStream(self, "stderr", 2)
         self.flusher = Flusher([self.stdout, self.stderr])
+        self.guard = guards.Guard(self.report_guarded)
+        self.watcher = Watcher(self.report_blocked, host_of=self.guard.host_of)
         self.runner = _make_runner(self)
 
     # -- output -----------------------------------------------------------------
@@ -199,6 +203,16 @@ class Agent:
         self.flush_output()
         self.send({"type": "display", "id": self.cell_id, "data": data,
                    "metadata": metadata or {}, "transient": transient or {}, "update": bool(update)})
+
+    def report_blocked(self, record: dict) -> None:
+        """A connection the watcher saw dropped (watcher thread)."""
+        self.send({"type": "blocked", "id": self.cell_id, "record": record})
+
+    def report_guarded(self, record: dict) -> None:
+        """A connection the guard refused (the cell's own thread): keep it in output order."""
+        self.stdout.flush()
+        self.stderr.flush()
+        self.report_blocked(record)
 
     def send_error(self, ename: str, evalue: str, tb: list[str]) -> None:
         self.flush_output()
@@ -220,7 +234,13 @@ class Agent:
         elif kind == "ping":
             self.send({"type": "pong", "id": frame.get("id")})
         elif kind == "policy":
-            self.policy = frame.get("policy")
+            policy = frame.get("policy")
+            if isinstance(policy, dict):
+                self.policy = policy
+                self.guard.set_policy(policy)
+                threshold = policy.get("watch_threshold")
+                if isinstance(threshold, (int, float)) and threshold > 0:
+                    self.watcher.threshold = float(threshold)
         else:
             self.queue.put(frame)
 
@@ -245,6 +265,8 @@ class Agent:
         sys.stdin = open(os.devnull)  # noqa: SIM115 - input() goes through the protocol
         self.capture.start()
         self.flusher.start()
+        self.watcher.start()
+        guards.install(self.guard)
         reader = threading.Thread(target=self._serve, name="sandbox-reader", daemon=True)
         reader.start()
         while True:
@@ -598,12 +620,12 @@ class IPythonRunner:
                 print("exit() does nothing in the Sandbox kernel: use Kernel → Restart to start a fresh sandbox.")
 
         warnings.filterwarnings("ignore", message="To exit: use")
-        try:
-            import matplotlib_inline  # noqa: F401
+        import importlib.util
 
+        # find_spec, not import: importing matplotlib_inline imports matplotlib, which reads
+        # MPLBACKEND once, at import
+        if importlib.util.find_spec("matplotlib_inline") is not None:
             os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-        except ImportError:
-            pass
         self.shell = AgentShell.instance(
             display_pub_class=AgentDisplayPublisher,
             displayhook_class=AgentDisplayHook,

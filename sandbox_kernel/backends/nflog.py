@@ -1,0 +1,181 @@
+"""Read the packets a sandbox's nftables rules logged (NFLOG) — the enforcer's own record.
+
+nftables ``log group N`` hands each refused packet to netlink (NETLINK_NETFILTER,
+subsystem ULOG); a plain ``log`` would go to the kernel log, which is silent inside a
+network namespace. The listening socket must be created inside the sandbox's namespace,
+so :func:`open_in_netns` enters it in a short-lived thread (``setns`` is per thread).
+
+Only the first bytes of each packet are copied: enough for the IP and transport headers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFULA_CFG_CMD = 1
+NFULA_CFG_MODE = 2
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_COPY_PACKET = 2
+NFULA_PAYLOAD = 9
+NFULA_PREFIX = 10
+NFULA_UID = 11
+NLM_F_REQUEST = 1
+NLM_F_ACK = 4
+NLMSG_ERROR = 2
+CLONE_NEWNET = 0x40000000
+COPY_RANGE = 96
+
+
+@dataclass(frozen=True)
+class LoggedPacket:
+    """One packet the sandbox's rules refused."""
+
+    prefix: str
+    family: int  # 4 or 6
+    protocol: str  # tcp | udp | icmp | icmpv6 | other
+    src: str
+    dst: str
+    sport: int | None
+    dport: int | None
+    uid: int | None
+    at: float
+
+
+def _nlmsg(msg_type: int, flags: int, payload: bytes, seq: int = 0) -> bytes:
+    return struct.pack("=IHHII", 16 + len(payload), msg_type, flags, seq, 0) + payload
+
+
+def _attr(kind: int, data: bytes) -> bytes:
+    length = 4 + len(data)
+    return struct.pack("=HH", length, kind) + data + b"\0" * ((4 - length % 4) % 4)
+
+
+def _config(group: int, attr: bytes, family: int = socket.AF_UNSPEC) -> bytes:
+    # nfgenmsg: family, version, res_id (the group, big endian)
+    nfgen = struct.pack("=BBH", family, 0, socket.htons(group))
+    return _nlmsg((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, nfgen + attr)
+
+
+def _setns(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def open_in_netns(netns_path: str, group: int) -> socket.socket:
+    """A netlink socket, in the namespace at ``netns_path``, bound to NFLOG ``group``.
+
+    Called by the local backend when a sandbox starts. The returned socket is
+    non-blocking; read it with :func:`parse`.
+    """
+    box: dict = {}
+
+    def create() -> None:
+        try:
+            _setns(netns_path)  # this thread only; it ends right after
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.bind((0, 0))
+            sock.send(_config(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
+            _expect_ack(sock)
+            mode = struct.pack(">IB", COPY_RANGE, NFULNL_COPY_PACKET) + b"\0"
+            sock.send(_config(group, _attr(NFULA_CFG_MODE, mode)))
+            _expect_ack(sock)
+            sock.setblocking(False)
+            box["sock"] = sock
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            box["err"] = err
+
+    thread = threading.Thread(target=create, name="nflog-open")
+    thread.start()
+    thread.join()
+    if "err" in box:
+        raise box["err"]
+    return box["sock"]
+
+
+def _expect_ack(sock: socket.socket) -> None:
+    data = sock.recv(65536)
+    _, msg_type = struct.unpack_from("=IH", data)
+    if msg_type == NLMSG_ERROR:
+        (code,) = struct.unpack_from("=i", data, 16)
+        if code != 0:
+            raise OSError(-code, f"NFLOG configuration refused: {os.strerror(-code)}")
+
+
+def parse(data: bytes) -> list[LoggedPacket]:
+    """Decode the NFLOG packet messages in one netlink read."""
+    out: list[LoggedPacket] = []
+    offset = 0
+    while offset + 16 <= len(data):
+        length, msg_type = struct.unpack_from("=IH", data, offset)
+        if length < 16 or offset + length > len(data):
+            break
+        if msg_type == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+            packet = _packet(data[offset + 20 : offset + length])
+            if packet is not None:
+                out.append(packet)
+        offset += (length + 3) & ~3
+    return out
+
+
+def _packet(attrs: bytes) -> LoggedPacket | None:
+    prefix, payload, uid = "", b"", None
+    pos = 0
+    while pos + 4 <= len(attrs):
+        length, kind = struct.unpack_from("=HH", attrs, pos)
+        if length < 4:
+            break
+        value = attrs[pos + 4 : pos + length]
+        kind &= 0x7FFF
+        if kind == NFULA_PREFIX:
+            prefix = value.rstrip(b"\0").decode("ascii", "replace")
+        elif kind == NFULA_PAYLOAD:
+            payload = value
+        elif kind == NFULA_UID and len(value) >= 4:
+            (uid,) = struct.unpack(">I", value[:4])
+        pos += (length + 3) & ~3
+    return _decode_ip(payload, prefix, uid)
+
+
+_PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 132: "sctp"}
+
+
+def _decode_ip(payload: bytes, prefix: str, uid: int | None) -> LoggedPacket | None:
+    if not payload:
+        return None
+    version = payload[0] >> 4
+    if version == 4 and len(payload) >= 20:
+        ihl = (payload[0] & 0x0F) * 4
+        proto = payload[9]
+        src = str(ipaddress.IPv4Address(payload[12:16]))
+        dst = str(ipaddress.IPv4Address(payload[16:20]))
+        transport = payload[ihl:]
+    elif version == 6 and len(payload) >= 40:
+        proto = payload[6]
+        src = str(ipaddress.IPv6Address(payload[8:24]))
+        dst = str(ipaddress.IPv6Address(payload[24:40]))
+        transport = payload[40:]
+    else:
+        return None
+    sport = dport = None
+    if proto in (6, 17, 132) and len(transport) >= 4:
+        sport, dport = struct.unpack(">HH", transport[:4])
+    return LoggedPacket(prefix=prefix, family=version, protocol=_PROTOCOLS.get(proto, "other"),
+                        src=src, dst=dst, sport=sport, dport=dport, uid=uid, at=time.time())
