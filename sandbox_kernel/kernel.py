@@ -9,6 +9,8 @@ cell's exit status, and the ``execute_reply`` carries ``metadata["sandbox"]``.
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import os
 import signal
 import sys
@@ -21,6 +23,8 @@ from traitlets import Enum, Float, Instance, Unicode, default
 from . import __version__
 from .backends.base import Backend
 from .errors import SandboxError
+from .notices import NoticeBoard
+from .policy.admin import AdminPolicy
 from .session import CellResult, Session
 
 FOOTER_MODES = ("always", "on-failure", "never")
@@ -118,18 +122,34 @@ class SandboxKernel(Kernel):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.kernel_id = _env("SANDBOX_KERNEL_ID", "") or uuid.uuid4().hex
-        self.policy = self._initial_policy()
+        self.admin = AdminPolicy(parent=self)
+        self.policy = self.admin.default_policy()
         self.sandbox_backend = self._make_backend()
         self._progress_lines: list[str] = []
         self._progress_live = False
         self.sandbox = Session(self.sandbox_backend, self.kernel_id, self.policy, self.log,
-                               progress=self._on_progress, start_timeout=self.start_timeout)
+                               progress=self._on_progress, start_timeout=self.start_timeout,
+                               agent_view=self.agent_policy_view, on_blocked=self._blocked_between_cells)
         self._cell_state: dict | None = None
         self._last_sandbox_meta: dict = {}
+        self.recent_blocked: collections.deque = collections.deque(maxlen=200)
+        self._cells = itertools.count(1)
 
     # -- construction ---------------------------------------------------------------
-    def _initial_policy(self):
-        return None
+    def agent_policy_view(self, policy) -> dict:
+        """What the agent's guard needs to know about ``policy`` (plain JSON)."""
+        allow = []
+        if policy.mode == "allowlist":
+            for entry in policy.expanded_entries():
+                value = entry.value[2:] if entry.kind == "wildcard" else entry.value
+                allow.append({"kind": entry.kind, "value": value,
+                              "ports": [list(r) for r in entry.ports], "protocol": entry.protocol})
+        applied = getattr(self.sandbox_backend, "applied", None) or {}
+        return {
+            "mode": policy.mode, "name": policy.name, "label": policy.describe(), "allow": allow,
+            "blocked": [str(net) for net in self.admin.blocked_networks()],
+            "resolved": applied.get("resolved", {}), "resolver": applied.get("resolver"),
+        }
 
     def _make_backend(self) -> Backend:
         if self.backend_name == "local":
@@ -213,8 +233,34 @@ class SandboxKernel(Kernel):
                 state["error"] = content
             else:
                 self._publish_error(content)
+        elif kind == "blocked":
+            self._on_blocked(frame.get("record"), frame.get("source") or "guard")
         elif kind == "protocol_error":
             self._stream("stderr", f"[sandbox] protocol error from the sandbox, ignored: {frame.get('message')}\n")
+
+    def _on_blocked(self, record, source: str) -> None:
+        state = self._cell_state
+        if state is None or state.get("board") is None:
+            self._blocked_between_cells(record, source)
+            return
+        merged = state["board"].add(record, source)
+        if merged is None:
+            return
+        conn, new = merged
+        if state.get("silent"):
+            return
+        self.send_response(self.iopub_socket, "display_data" if new else "update_display_data", {
+            "data": conn.bundle(), "metadata": {}, "transient": {"display_id": conn.display_id},
+        })
+        if new:
+            self.recent_blocked.append(conn)
+
+    def _blocked_between_cells(self, record, source: str) -> None:
+        """A background process was blocked while no cell ran: keep it for %sandbox blocked."""
+        board = NoticeBoard(self.policy, self.admin, "idle")
+        merged = board.add(record, source)
+        if merged is not None:
+            self.recent_blocked.append(merged[0])
 
     def _publish_error(self, content: dict) -> None:
         self.send_response(self.iopub_socket, "error", content)
@@ -250,7 +296,8 @@ class SandboxKernel(Kernel):
     # -- Jupyter handlers -----------------------------------------------------------
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, *, cell_meta=None, cell_id=None):
-        self._cell_state = {"error": None, "silent": silent, "allow_stdin": allow_stdin}
+        self._cell_state = {"error": None, "silent": silent, "allow_stdin": allow_stdin,
+                            "board": NoticeBoard(self.policy, self.admin, f"{os.getpid()}-{next(self._cells)}")}
         try:
             return await self._execute(code, silent, store_history, user_expressions, allow_stdin)
         finally:
@@ -306,14 +353,15 @@ class SandboxKernel(Kernel):
                 "evalue": f"exit status {result.exit_status}",
                 "traceback": [f"The cell's last command exited with status {result.exit_status}."],
             }
+        board = state["board"]
         self._last_sandbox_meta = {
             "exit_status": result.exit_status,
             "duration_ms": round(result.duration_ms, 3),
-            "blocked": [],
+            "blocked": board.records(),
         }
         footer = None
         if self.footer == "always" or (self.footer == "on-failure" and result.exit_status != 0):
-            footer = footer_line(result.exit_status, result.duration_ms, self.policy)
+            footer = footer_line(result.exit_status, result.duration_ms, self.policy, len(board))
         if error is not None:
             if footer and not silent:
                 error["traceback"] = [*error["traceback"], footer]

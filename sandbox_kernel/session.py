@@ -45,8 +45,15 @@ class Session:
     """Runs cells in a sandbox created by ``backend``; replaces the sandbox after a crash."""
 
     def __init__(self, backend: Backend, kernel_id: str, policy: Any, log,
-                 progress: Callable[[str], None] | None = None, start_timeout: float = 60.0):
+                 progress: Callable[[str], None] | None = None, start_timeout: float = 60.0,
+                 agent_view: Callable[[Any], dict] | None = None,
+                 on_blocked: Callable[[dict, str], None] | None = None):
         self.backend = backend
+        #: what the agent is told about the policy (for the guard and the notices)
+        self.agent_view = agent_view or _policy_dict
+        #: blocked connections reported while no cell runs (source: guard|watcher|enforcer)
+        self.on_blocked = on_blocked or (lambda record, source: None)
+        backend.blocked_sink = self._enforcer_blocked
         self.kernel_id = kernel_id
         self.policy = policy
         self.log = log
@@ -95,7 +102,7 @@ class Session:
                 )
             self.hello = hello
             self._reader = asyncio.ensure_future(self._read())
-            await self._transport.send({"type": "policy", "policy": _policy_dict(self.policy)})
+            await self._transport.send({"type": "policy", "policy": self.agent_view(self.policy)})
         except asyncio.TimeoutError:
             self.start_error = SandboxStartError(
                 f"the sandbox did not start within {self.start_timeout:.0f} s"
@@ -153,6 +160,8 @@ class Session:
             if frame is None:
                 break
             kind = frame["type"]
+            if kind == "blocked":
+                frame.pop("source", None)  # only the backend may speak for the enforcer
             if kind in ("reply", "pong"):
                 fut = self._replies.pop(frame.get("id"), None)
                 if fut is not None and not fut.done():
@@ -169,8 +178,14 @@ class Session:
     def _to_cell(self, frame) -> None:
         if self._cell is not None:
             self._cell.put_nowait(frame)
+        elif isinstance(frame, dict) and frame.get("type") == "blocked":
+            self.on_blocked(frame.get("record"), _source(frame))
         elif frame is not _END and isinstance(frame, dict):
             self.log.debug("sandbox event outside a cell: %s", frame.get("type"))
+
+    def _enforcer_blocked(self, record: dict) -> None:
+        """Called by the backend (event loop) for each packet its enforcer refused."""
+        self._to_cell({"type": "blocked", "source": "enforcer", "record": record})
 
     # -- requests -----------------------------------------------------------------
     async def request(self, frame: dict, timeout: float = 10.0) -> dict:
@@ -207,7 +222,7 @@ class Session:
         self.policy = policy
         if self._transport is not None:
             try:
-                await self._transport.send({"type": "policy", "policy": _policy_dict(policy)})
+                await self._transport.send({"type": "policy", "policy": self.agent_view(policy)})
             except (ConnectionError, OSError):
                 pass
         return details
@@ -286,6 +301,16 @@ def _policy_dict(policy: Any) -> dict:
     if hasattr(policy, "to_dict"):
         return policy.to_dict()
     return dict(policy)
+
+
+def _source(frame: dict) -> str:
+    """Who reported a blocked connection: the enforcer (set by us), else the agent's guard
+    or watcher (told apart by verdict; the agent's word is never taken for 'enforcer')."""
+    if frame.get("source") == "enforcer":
+        return "enforcer"
+    record = frame.get("record")
+    verdict = record.get("verdict") if isinstance(record, dict) else None
+    return "guard" if verdict == "guarded" else "watcher"
 
 
 def _as_int(value, default):

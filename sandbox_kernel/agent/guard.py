@@ -209,8 +209,10 @@ def install(guard: Guard) -> None:
 
     def getaddrinfo(host, *args, **kwargs):
         results = original(host, *args, **kwargs)
-        if isinstance(host, (str, bytes)):
-            guard.remember(host.decode() if isinstance(host, bytes) else host, results)
+        if isinstance(host, bytes):
+            host = host.decode("ascii", "replace")
+        if isinstance(host, str) and not _is_literal(host):
+            guard.remember(host, results)
         return results
 
     getaddrinfo.__wrapped__ = original  # type: ignore[attr-defined]

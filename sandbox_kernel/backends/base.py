@@ -101,6 +101,10 @@ class Backend(LoggingConfigurable):
     #: set by :meth:`exit_reason`: the agent's exit status when known (128+N for signal N)
     last_exit_status: int | None = None
 
+    #: set by the Session: called with a blocked-connection record whenever the enforcer
+    #: itself reports one (local: NFLOG). Records use the notice JSON field names.
+    blocked_sink: Callable[[dict], None] | None = None
+
     def check(self) -> None:
         """Raise :class:`~sandbox_kernel.errors.IsolationUnavailable` if this machine or
         cluster cannot provide the isolation. Called by the Session before the first start

@@ -38,6 +38,7 @@ from traitlets import Integer, List, Unicode, default
 from ..agent import protocol
 from ..agent.bundle import build_pyz
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
+from . import nflog
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 
 NETNS_DIR = Path("/run/netns")
@@ -165,6 +166,7 @@ class LocalBackend(Backend):
         self._info: SandboxInfo | None = None
         self._applied: dict[str, Any] = {}
         self._uplink: subprocess.Popen | None = None
+        self._nflog = None
         self._uplink_exit_fd: int | None = None
 
     # -- checks -------------------------------------------------------------------
@@ -202,6 +204,7 @@ class LocalBackend(Backend):
         started = time.monotonic()
         try:
             await asyncio.to_thread(self._create, kernel_id, policy)
+            self._listen_enforcer_log()
             await self._spawn_agent()
         except BaseException as err:
             await self.stop()
@@ -278,6 +281,42 @@ class LocalBackend(Backend):
         if not ok:
             err = self._uplink.stderr.read().decode(errors="replace").strip() if self._uplink.stderr else ""
             raise SandboxStartError(f"slirp4netns could not configure the sandbox network: {err}")
+    def _listen_enforcer_log(self) -> None:
+        """Read the packets our nftables rules refuse (NFLOG) and report them as notices."""
+        try:
+            sock = nflog.open_in_netns(str(NETNS_DIR / self.netns), self.nflog_group)
+        except OSError as err:
+            self.log.warning("no enforcer log for sandbox %s: %s", self._sandbox_id, err)
+            return
+        self._nflog = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_nflog)
+
+    def _on_nflog(self) -> None:
+        sock = self._nflog
+        if sock is None:
+            return
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # ENOBUFS: the kernel dropped log messages; keep reading
+                self.log.debug("NFLOG read: %s", err)
+                return
+            for packet in nflog.parse(data):
+                record = enforcer_record(packet)
+                if record is not None and self.blocked_sink is not None:
+                    self.blocked_sink(record)
+
+    def _close_enforcer_log(self) -> None:
+        sock, self._nflog = self._nflog, None
+        if sock is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            except RuntimeError:
+                pass
+            sock.close()
+
     def _ruleset(self, policy: Any) -> str:
         return deny_ruleset(NFT_TABLE, self.nflog_group)
 
@@ -403,6 +442,7 @@ class LocalBackend(Backend):
         return reason
 
     async def stop(self) -> None:
+        self._close_enforcer_log()
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             try:
@@ -438,6 +478,21 @@ class LocalBackend(Backend):
 
     def info(self) -> SandboxInfo | None:
         return self._info
+
+
+def enforcer_record(packet: nflog.LoggedPacket) -> dict | None:
+    """A logged packet as a blocked-connection record, or None for link-local noise
+    (neighbour discovery, multicast) that no code asked for."""
+    if packet.protocol == "icmpv6" or packet.dst.startswith(("ff", "224.", "239.")):
+        return None
+    verdict = "dropped" if "drop" in packet.prefix else "rejected"
+    return {
+        "host": None, "ip": packet.dst, "port": packet.dport, "protocol": packet.protocol,
+        "verdict": verdict, "process": None, "first_seen": packet.at, "last_seen": packet.at,
+        "count": 1,
+        # a TCP attempt is one source port (retransmitted SYNs repeat it); UDP counts datagrams
+        "attempt": f"{packet.protocol}:{packet.sport}" if packet.protocol == "tcp" else None,
+    }
 
 
 # -- cleanup, shared by stop() and gc ------------------------------------------------

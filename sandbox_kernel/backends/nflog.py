@@ -25,6 +25,8 @@ NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
 NFULA_CFG_CMD = 1
 NFULA_CFG_MODE = 2
+NFULA_CFG_TIMEOUT = 3
+NFULA_CFG_QTHRESH = 4
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULA_PAYLOAD = 9
@@ -96,6 +98,11 @@ def open_in_netns(netns_path: str, group: int) -> socket.socket:
             _expect_ack(sock)
             mode = struct.pack(">IB", COPY_RANGE, NFULNL_COPY_PACKET) + b"\0"
             sock.send(_config(group, _attr(NFULA_CFG_MODE, mode)))
+            _expect_ack(sock)
+            # deliver every packet at once: by default the kernel batches them for up to 1 s
+            sock.send(_config(group, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))))
+            _expect_ack(sock)
+            sock.send(_config(group, _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0))))
             _expect_ack(sock)
             sock.setblocking(False)
             box["sock"] = sock

@@ -1,0 +1,226 @@
+"""Blocked-connection notices: merge what the guard, the watcher and the enforcer saw.
+
+Three sources report blocked connections (DESIGN.md, "Blocked-connection notices"):
+the agent's guard (``guarded``), the agent's SYN_SENT watcher (``dropped``) and the
+enforcer's own log (``rejected`` / ``dropped``). :class:`NoticeBoard` merges them per
+cell into one :class:`BlockedConnection` per destination, counts repeated attempts,
+and renders each as the notice the user sees. The kernel owns one board per cell.
+
+The notice MIME type ``application/vnd.sandbox-kernel.notice+json`` is public API.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+NOTICE_MIME = "application/vnd.sandbox-kernel.notice+json"
+VERDICTS = ("rejected", "dropped", "guarded")
+
+
+@dataclass
+class BlockedConnection:
+    """One destination the policy stopped during a cell (the notice's JSON)."""
+
+    host: str | None
+    ip: str | None
+    port: int | None
+    protocol: str
+    verdict: str
+    process: dict | None
+    policy: dict
+    remedy: dict
+    count: int = 1
+    first_seen: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    sources: set = field(default_factory=set)
+    attempts: set = field(default_factory=set)
+    display_id: str = ""
+
+    def key(self) -> tuple:
+        return (self.ip or self.host, self.port, self.protocol)
+
+    def to_json(self) -> dict:
+        return {
+            "host": self.host, "ip": self.ip, "port": self.port, "protocol": self.protocol,
+            "verdict": self.verdict, "process": self.process, "policy": self.policy,
+            "count": self.count, "first_seen": self.first_seen, "last_seen": self.last_seen,
+            "remedy": self.remedy,
+        }
+
+    # -- rendering --------------------------------------------------------------------
+    def destination(self) -> str:
+        where = self.host or (f"[{self.ip}]" if self.ip and ":" in self.ip else self.ip) or "?"
+        return f"{where}:{self.port}" if self.port else where
+
+    def headline(self) -> str:
+        details = ", ".join(x for x in (self.ip if self.host else None, self.protocol) if x)
+        text = f"⛔ egress blocked: {self.destination()}"
+        if details:
+            text += f" ({details})"
+        if self.process and self.process.get("name"):
+            pid = self.process.get("pid")
+            text += f" from {self.process['name']}" + (f" (pid {pid})" if pid else "")
+        if self.count > 1:
+            text += f" ×{self.count}"
+        return text
+
+    def advice(self) -> str:
+        label = self.policy.get("label") or self.policy.get("mode", "")
+        if self.remedy.get("action") == "allow":
+            return f"policy: {label} · you may allow it: {self.remedy['command']}"
+        return f"policy: {label} · {forbidden_text(self.remedy.get('reason', ''))}"
+
+    def text(self) -> str:
+        return f"{self.headline()}\n   {self.advice()}"
+
+    def html(self) -> str:
+        verdict = {"rejected": "refused", "dropped": "dropped", "guarded": "stopped by the guard"}.get(
+            self.verdict, self.verdict)
+        head = html.escape(self.headline())
+        if self.remedy.get("action") == "allow":
+            tail = (f"policy: {html.escape(self.policy.get('label', ''))} · you may allow it: "
+                    f"<code>{html.escape(self.remedy['command'])}</code>")
+        else:
+            detail = forbidden_text(self.remedy.get("reason", ""))[len(FORBIDDEN):].lstrip(": ")
+            tail = (f"policy: {html.escape(self.policy.get('label', ''))} · <b>{FORBIDDEN}</b>"
+                    + (f": {html.escape(detail)}" if detail else ""))
+        return (
+            '<div class="sandbox-kernel-notice" style="border-left:4px solid #c62828;'
+            'background:#fff3f3;color:#222;padding:4px 8px;margin:2px 0;font-family:var(--jp-code-font-family,monospace);'
+            f'font-size:12px" title="{html.escape(verdict)}">{head}<br>'
+            f'<span style="color:#555">{tail}</span></div>'
+        )
+
+    def bundle(self) -> dict:
+        return {"text/plain": self.text(), "text/html": self.html(), NOTICE_MIME: self.to_json()}
+
+
+class NoticeBoard:
+    """The notices of one cell: merge, de-duplicate, count.
+
+    ``add`` returns the connection and whether it is new (publish ``display_data``) or
+    changed (publish ``update_display_data``), or None when nothing visible changed.
+    """
+
+    def __init__(self, policy: Any, admin: Any, cell_tag: str):
+        self._policy = policy_view(policy)
+        self._admin = admin
+        self._tag = cell_tag
+        self._by_key: dict[tuple, BlockedConnection] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def records(self) -> list[dict]:
+        return [c.to_json() for c in self._by_key.values()]
+
+    def connections(self) -> list[BlockedConnection]:
+        return list(self._by_key.values())
+
+    def add(self, record: dict, source: str) -> tuple[BlockedConnection, bool] | None:
+        """Merge one report (from ``source``: guard, watcher, enforcer)."""
+        clean = _clean(record)
+        if clean is None:
+            return None
+        key = (clean["ip"] or clean["host"], clean["port"], clean["protocol"])
+        now = clean["last_seen"]
+        existing = self._by_key.get(key)
+        if existing is None and clean["host"] and clean["ip"]:
+            # a guard lookup refusal is keyed by host; a later report may carry the address
+            existing = self._by_key.pop((clean["host"], clean["port"], clean["protocol"]), None)
+            if existing is not None:
+                existing.ip = clean["ip"]
+                self._by_key[key] = existing
+        if existing is None:
+            conn = BlockedConnection(
+                host=clean["host"], ip=clean["ip"], port=clean["port"], protocol=clean["protocol"],
+                verdict=clean["verdict"], process=clean["process"], policy=self._policy,
+                remedy=self._remedy(clean), first_seen=clean["first_seen"], last_seen=now,
+                sources={source}, display_id=f"sandbox-notice-{self._tag}-{len(self._by_key)}",
+            )
+            if clean["attempt"] is not None:
+                conn.attempts.add(clean["attempt"])
+            self._by_key[key] = conn
+            return conn, True
+        changed = False
+        if clean["host"] and not existing.host:
+            existing.host, changed = clean["host"], True
+        if clean["process"] and not existing.process:
+            existing.process, changed = clean["process"], True
+        existing.last_seen = max(existing.last_seen, now)
+        # the enforcer and the watcher can see the same attempt: count it once
+        same_attempt = (clean["attempt"] is not None and clean["attempt"] in existing.attempts) or (
+            source == "watcher" and "enforcer" in existing.sources)
+        if not same_attempt:
+            existing.count += max(1, clean["count"])
+            changed = True
+        if clean["attempt"] is not None:
+            existing.attempts.add(clean["attempt"])
+        existing.sources.add(source)
+        return (existing, False) if changed else None
+
+    def _remedy(self, clean: dict) -> dict:
+        if self._admin is None:
+            return {"action": "forbidden", "reason": "no administrator policy is configured"}
+        decision = self._admin.decide_connection(clean["ip"] or clean["host"], clean["port"],
+                                                 clean["protocol"], clean["host"])
+        if decision.allowed and decision.entry is not None:
+            return {"action": "allow", "command": f"%sandbox allow {decision.entry}", "entry": str(decision.entry)}
+        return {"action": "forbidden", "reason": decision.reason}
+
+
+FORBIDDEN = "not permitted by your administrator"
+
+
+def forbidden_text(reason: str) -> str:
+    """``not permitted by your administrator: <why>`` without saying it twice."""
+    reason = reason.strip()
+    if reason.startswith(FORBIDDEN):
+        return reason
+    return f"{FORBIDDEN}: {reason}" if reason else FORBIDDEN
+
+
+def policy_view(policy: Any) -> dict:
+    """``{mode, name, label}`` of a policy, for notices and metadata."""
+    if policy is None:
+        return {"mode": "deny", "name": "default", "label": "default-deny"}
+    return {"mode": getattr(policy, "mode", "deny"), "name": getattr(policy, "name", "default"),
+            "label": policy.describe() if hasattr(policy, "describe") else "default-deny"}
+
+
+def _clean(record: Any) -> dict | None:
+    """Validate a report (it may come from the untrusted sandbox): typed fields or None."""
+    if not isinstance(record, dict):
+        return None
+    ip = record.get("ip")
+    host = record.get("host")
+    ip = ip if isinstance(ip, str) and 0 < len(ip) <= 64 else None
+    host = host.lower() if isinstance(host, str) and 0 < len(host) <= 253 else None
+    if ip is None and host is None:
+        return None
+    port = record.get("port")
+    port = port if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535 else None
+    protocol = record.get("protocol") if record.get("protocol") in ("tcp", "udp", "icmp", "icmpv6", "sctp") else "other"
+    verdict = record.get("verdict") if record.get("verdict") in VERDICTS else "dropped"
+    process = record.get("process")
+    if isinstance(process, dict):
+        name, pid = process.get("name"), process.get("pid")
+        process = {"name": str(name)[:64] if name else None,
+                   "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) else None}
+    else:
+        process = None
+    now = time.time()
+    first = record.get("first_seen")
+    last = record.get("last_seen")
+    count = record.get("count")
+    attempt = record.get("attempt")
+    return {
+        "ip": ip, "host": host, "port": port, "protocol": protocol, "verdict": verdict, "process": process,
+        "first_seen": float(first) if isinstance(first, (int, float)) else now,
+        "last_seen": float(last) if isinstance(last, (int, float)) else now,
+        "count": count if isinstance(count, int) and 0 < count < 1_000_000 else 1,
+        "attempt": attempt if isinstance(attempt, (int, str)) else None,
+    }
