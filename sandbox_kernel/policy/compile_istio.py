@@ -36,7 +36,7 @@ from .model import EgressPolicy, Entry, IPNetwork, UnsupportedByEnforcer
 NETWORKING = "networking.istio.io/v1"
 SECURITY = "security.istio.io/v1"
 DEFAULT_PORTS = ((80, "HTTP"), (443, "TLS"))
-MAX_PORTS = 64
+MAX_PORTS = 256  # the CRD's maxItems for ports
 MAX_ADDRESSES = 256  # the CRD's maxItems for addresses
 _WELL_KNOWN = {80: "HTTP", 443: "TLS"}
 
@@ -87,7 +87,10 @@ def compile_istio(
                 raise UnsupportedByEnforcer(entry, "istio", f"more than {MAX_ADDRESSES} networks after removing blocked ranges")
             cidrs.append((entry, nets, ports))
         else:
-            hosts.setdefault(entry.value, {}).update(ports)
+            merged = hosts.setdefault(entry.value, {})
+            merged.update(ports)
+            if len(merged) > MAX_PORTS:
+                raise UnsupportedByEnforcer(entry, "istio", f"its host would list more than {MAX_PORTS} ports")
 
     for host, ports in sorted(hosts.items()):
         objects.append(_service_entry(policy, child_name(name, host.replace("*", "wildcard")), namespace, labels,
