@@ -23,6 +23,7 @@ from traitlets import Enum, Float, Instance, Unicode, default
 from . import __version__
 from .backends.base import Backend
 from .errors import SandboxError
+from .magics import SandboxMagics, split_cell
 from .notices import NoticeBoard
 from .policy.admin import AdminPolicy
 from .session import CellResult, Session
@@ -125,6 +126,9 @@ class SandboxKernel(Kernel):
         self.admin = AdminPolicy(parent=self)
         self.policy = self.admin.default_policy()
         self.sandbox_backend = self._make_backend()
+        self.sandbox_backend.always_blocked = [str(n) for n in self.admin.blocked_networks()]
+        self.policy_applied_at: float | None = None
+        self._policy_lock = asyncio.Lock()
         self._progress_lines: list[str] = []
         self._progress_live = False
         self.sandbox = Session(self.sandbox_backend, self.kernel_id, self.policy, self.log,
@@ -133,7 +137,25 @@ class SandboxKernel(Kernel):
         self._cell_state: dict | None = None
         self._last_sandbox_meta: dict = {}
         self.recent_blocked: collections.deque = collections.deque(maxlen=200)
+        self.magics = SandboxMagics(self)
         self._cells = itertools.count(1)
+
+    # -- the policy: one source of truth, changed only here ----------------------------
+    async def set_policy(self, new, who: str = "user") -> dict:
+        """Check ``new`` against the administrator's ceiling, enforce it, make it current.
+
+        Called by the ``%sandbox`` magics and the policy panel (and tests). Atomic: on any
+        error (ceiling refused, bad rules, enforcer failure) the old policy stays in force
+        and is still ``self.policy``; the error propagates, typed.
+        """
+        async with self._policy_lock:
+            old = self.policy
+            self.admin.check_change(old, new, who=who)
+            await self.sandbox.ready()
+            details = await self.sandbox.apply_policy(new)
+            self.policy = new
+            self.policy_applied_at = details.get("applied_at")
+            return details
 
     # -- construction ---------------------------------------------------------------
     def agent_policy_view(self, policy) -> dict:
@@ -306,21 +328,51 @@ class SandboxKernel(Kernel):
     async def _execute(self, code, silent, store_history, user_expressions, allow_stdin):
         loop = asyncio.get_running_loop()
         started = loop.time()
+        result = CellResult(status="ok", exit_status=0, duration_ms=0.0)
+        for kind, part in split_cell(code) or [("code", code)]:
+            if kind == "magic":
+                result = await self._run_magic(part, silent)
+            else:
+                result = await self._run_code(part, silent, store_history, user_expressions, allow_stdin)
+            if result.exit_status != 0 or self._cell_state.get("error") is not None:
+                break
+        result.duration_ms = (loop.time() - started) * 1000
+        return self._finish(result, silent)
+
+    async def _run_magic(self, line: str, silent: bool) -> CellResult:
+        try:
+            out = await self.magics.run(line)
+        except (SandboxError, ValueError) as err:
+            ename = getattr(err, "ename", type(err).__name__)
+            self._cell_state["error"] = {"ename": ename, "evalue": str(err), "traceback": [f"{ename}: {err}"]}
+            return CellResult(status="error", exit_status=1, duration_ms=0.0)
+        if not silent:
+            if out.text and out.html is None:
+                self._stream("stdout", out.text.rstrip("\n") + "\n")
+            elif out.text:
+                self.send_response(self.iopub_socket, "display_data", {
+                    "data": {"text/plain": out.text, "text/html": out.html}, "metadata": {}, "transient": {}})
+            for bundle in out.displays:
+                self.send_response(self.iopub_socket, "display_data", {"data": bundle, "metadata": {}, "transient": {}})
+        return CellResult(status="ok", exit_status=0, duration_ms=0.0)
+
+    async def _run_code(self, code, silent, store_history, user_expressions, allow_stdin) -> CellResult:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             await self._wait_for_sandbox()
-            result = await self.sandbox.execute(
+            return await self.sandbox.execute(
                 code, self, silent=silent, store_history=store_history,
                 user_expressions=user_expressions or {}, allow_stdin=allow_stdin,
                 execution_count=self.execution_count,
             )
         except SandboxError as err:
-            result = CellResult(status="error", exit_status=126,
-                                duration_ms=(loop.time() - started) * 1000)
             self._cell_state["error"] = {
                 "ename": err.ename, "evalue": str(err),
                 "traceback": [f"{err.ename}: {err}"],
             }
-        return self._finish(result, silent)
+            return CellResult(status="error", exit_status=126,
+                              duration_ms=(loop.time() - started) * 1000)
 
     async def _wait_for_sandbox(self):
         task = asyncio.ensure_future(self.sandbox.ready())

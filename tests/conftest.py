@@ -7,7 +7,7 @@ sends traffic anywhere else.
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
 import shutil
 import socket
@@ -160,7 +160,8 @@ def fresh_kernel():
 
 @dataclass
 class TestHost:
-    """A TCP/UDP listener in a network namespace of its own, reachable from the host."""
+    """A host in a network namespace of its own, reachable from the host: TCP on ``port``
+    and ``port + 1`` (IPv4 and IPv6), UDP on ``port``; it logs every contact."""
 
     name: str
     ip: str
@@ -180,7 +181,7 @@ port, log = int(sys.argv[1]), sys.argv[2]
 def note(what):
     with open(log, "a") as f:
         f.write(what + "\n")
-def tcp(family, addr):
+def tcp(family, addr, port):
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
@@ -197,11 +198,17 @@ def udp():
     while True:
         data, peer = s.recvfrom(2048); note(f"udp {peer[0]}")
         s.sendto(b"pong", peer)
-for target in (lambda: tcp(socket.AF_INET, "0.0.0.0"), lambda: tcp(socket.AF_INET6, "::"), udp):
+targets = [udp]
+for p in (port, port + 1):
+    targets += [lambda p=p: tcp(socket.AF_INET, "0.0.0.0", p), lambda p=p: tcp(socket.AF_INET6, "::", p)]
+for target in targets:
     threading.Thread(target=target, daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
 """
+
+
+_HOST_INDEX = itertools.count(1)
 
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -212,11 +219,11 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 def test_host():
     """Create test hosts on demand; every namespace, veth and process is removed after."""
     made: list[tuple[str, subprocess.Popen | None]] = []
-    counter = [0]
 
     def make(port: int = 8080) -> TestHost:
-        counter[0] += 1
-        index = (os.getpid() * 7 + counter[0]) % 250 + 1
+        # a new subnet for every host of the run, so no policy entry left by an earlier
+        # test can match a later test's host
+        index = (os.getpid() * 7 + next(_HOST_INDEX)) % 250 + 1
         name = f"skt-{uuid.uuid4().hex[:6]}"
         host_if, peer_if = f"{name}h", f"{name}p"
         ip, gw = f"10.231.{index}.2", f"10.231.{index}.1"

@@ -33,17 +33,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Integer, List, Unicode, default
+from traitlets import Enum, Integer, List, Unicode, default
 
 from ..agent import protocol
 from ..agent.bundle import build_pyz
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
+from ..policy.compile_nftables import compile_nftables
+from ..policy.resolve import resolve_policy
 from . import nflog
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "sbx-"
 NFT_TABLE = "sandbox_kernel"
+#: the DNS server slirp4netns offers the sandbox (it forwards to the host's resolver)
+SANDBOX_RESOLVER = "10.0.2.3"
 SANDBOX_HOME = "/home/sandbox"
 AGENT_PATH = "/opt/sandbox-agent/agent.pyz"
 
@@ -87,28 +91,6 @@ def describe_exit(returncode: int | None) -> str:
 
 def _run(argv: list[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, input=input, capture_output=True, text=True, check=check, timeout=30)
-
-
-def deny_ruleset(table: str = NFT_TABLE, nflog_group: int = 42) -> str:
-    """The default-deny ruleset: loopback only; every other packet logged and refused."""
-    return f"""table inet {table}
-delete table inet {table}
-table inet {table} {{
-  chain output {{
-    type filter hook output priority 0; policy drop;
-    oif "lo" accept
-    ct state established,related accept
-    log group {nflog_group} prefix "sbx-deny"
-    meta l4proto tcp reject with tcp reset
-    reject with icmpx type admin-prohibited
-  }}
-  chain input {{
-    type filter hook input priority 0; policy drop;
-    iif "lo" accept
-    ct state established,related accept
-  }}
-}}
-"""
 
 
 class LocalBackend(Backend):
@@ -157,6 +139,18 @@ class LocalBackend(Backend):
         42, help="NFLOG group the sandbox's nftables rules log refused packets to."
     ).tag(config=True)
 
+    refuse_with = Enum(
+        ["reject", "drop"], default_value="reject",
+        help="How refused packets are answered: 'reject' (TCP reset / ICMP admin-prohibited, "
+        "code fails at once) or 'drop' (silence, as a Kubernetes NetworkPolicy does; the "
+        "watcher then reports the connection after its threshold). Env: SANDBOX_KERNEL_REFUSE_WITH.",
+    ).tag(config=True)
+
+    @default("refuse_with")
+    def _refuse_with_default(self):
+        value = _env_default("SANDBOX_KERNEL_REFUSE_WITH", "reject")
+        return value if value in ("reject", "drop") else "reject"
+
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._sandbox_id: str | None = None
@@ -167,6 +161,9 @@ class LocalBackend(Backend):
         self._applied: dict[str, Any] = {}
         self._uplink: subprocess.Popen | None = None
         self._nflog = None
+        self._refresh: asyncio.Task | None = None
+        #: set by the kernel from its AdminPolicy: ranges no policy may open
+        self.always_blocked: list[str] = []
         self._uplink_exit_fd: int | None = None
 
     # -- checks -------------------------------------------------------------------
@@ -216,6 +213,7 @@ class LocalBackend(Backend):
                     f"{(err.stderr or '').strip() or err.returncode}"
                 ) from None
             raise
+        self._schedule_refresh(policy)
         self._info = SandboxInfo(
             backend=self.name,
             sandbox_id=self._sandbox_id,
@@ -304,7 +302,7 @@ class LocalBackend(Backend):
                 self.log.debug("NFLOG read: %s", err)
                 return
             for packet in nflog.parse(data):
-                record = enforcer_record(packet)
+                record = enforcer_record(packet, "dropped" if self.refuse_with == "drop" else "rejected")
                 if record is not None and self.blocked_sink is not None:
                     self.blocked_sink(record)
 
@@ -317,16 +315,57 @@ class LocalBackend(Backend):
                 pass
             sock.close()
 
-    def _ruleset(self, policy: Any) -> str:
-        return deny_ruleset(NFT_TABLE, self.nflog_group)
+    def _ruleset(self, policy: Any) -> tuple[str, dict]:
+        """Resolve the policy's domains (allowlist mode) and compile the nftables script."""
+        resolved: dict[str, list[str]] = {}
+        expires_at = None
+        if policy is not None and policy.mode == "allowlist" and policy.domains():
+            resolution = resolve_policy(policy)
+            resolved, expires_at = resolution.addresses, resolution.expires_at
+            if resolution.errors:
+                self.log.warning("could not resolve %s", ", ".join(sorted(resolution.errors)))
+        ruleset = compile_nftables(
+            policy, table=NFT_TABLE, resolved=resolved, resolver=SANDBOX_RESOLVER,
+            always_blocked=self.always_blocked or _default_blocked(), nflog_group=self.nflog_group,
+        )
+        if self.refuse_with == "drop":
+            ruleset = ruleset.replace("reject with tcp reset", "drop").replace(
+                "reject with icmpx type admin-prohibited", "drop")
+        return ruleset, {"resolved": resolved, "expires_at": expires_at, "resolver": SANDBOX_RESOLVER}
 
-    def _apply_rules(self, ruleset: str) -> None:
+    def _apply_rules(self, compiled: tuple[str, dict]) -> None:
         """Replace the whole table in one ``nft -f`` transaction: all or nothing."""
+        ruleset, details = compiled
+        started = time.monotonic()
         result = _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=ruleset, check=False)
         if result.returncode != 0:
             raise PolicyError(f"nftables refused the ruleset; the previous one stays in force: "
                               f"{result.stderr.strip()}")
-        self._applied = {"enforcer": "nftables", "applied_at": time.time()}
+        self._applied = {"enforcer": "nftables", "applied_at": time.time(),
+                         "apply_ms": round((time.monotonic() - started) * 1000, 1), **details}
+
+    @property
+    def applied(self) -> dict[str, Any]:
+        """What is in force now: enforcer, when, resolved addresses, the DNS resolver."""
+        return dict(self._applied)
+
+    def _schedule_refresh(self, policy: Any) -> None:
+        """Re-resolve the policy's domains when their DNS answers expire, and re-apply."""
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
+        expires_at = self._applied.get("expires_at")
+        if not expires_at or expires_at == float("inf"):
+            return
+
+        async def refresh() -> None:
+            await asyncio.sleep(max(5.0, expires_at - time.time()))
+            try:
+                await self.apply_policy(policy)
+            except PolicyError as err:
+                self.log.warning("refreshing the resolved addresses failed, keeping the old ones: %s", err)
+
+        self._refresh = asyncio.ensure_future(refresh())
 
     def _bwrap_argv(self) -> list[str]:
         root = self._dir()
@@ -415,8 +454,10 @@ class LocalBackend(Backend):
     async def apply_policy(self, policy: Any) -> dict[str, Any]:
         if not self._sandbox_id:
             raise PolicyError("no sandbox is running")
-        await asyncio.to_thread(self._apply_rules, self._ruleset(policy))
-        return dict(self._applied)
+        compiled = await asyncio.to_thread(self._ruleset, policy)
+        await asyncio.to_thread(self._apply_rules, compiled)
+        self._schedule_refresh(policy)
+        return self.applied
 
     async def interrupt(self) -> None:
         """The in-band interrupt frame is enough locally: nothing more to do."""
@@ -442,6 +483,9 @@ class LocalBackend(Backend):
         return reason
 
     async def stop(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
         self._close_enforcer_log()
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
@@ -480,12 +524,17 @@ class LocalBackend(Backend):
         return self._info
 
 
-def enforcer_record(packet: nflog.LoggedPacket) -> dict | None:
+def _default_blocked() -> list[str]:
+    from ..policy.enforcers import default_always_blocked
+
+    return [str(net) for net in default_always_blocked()]
+
+
+def enforcer_record(packet: nflog.LoggedPacket, verdict: str = "rejected") -> dict | None:
     """A logged packet as a blocked-connection record, or None for link-local noise
     (neighbour discovery, multicast) that no code asked for."""
     if packet.protocol == "icmpv6" or packet.dst.startswith(("ff", "224.", "239.")):
         return None
-    verdict = "dropped" if "drop" in packet.prefix else "rejected"
     return {
         "host": None, "ip": packet.dst, "port": packet.dport, "protocol": packet.protocol,
         "verdict": verdict, "process": None, "first_seen": packet.at, "last_seen": packet.at,

@@ -1,0 +1,217 @@
+"""``%sandbox …``: see and change the sandbox from the notebook.
+
+Handled in the kernel process, never forwarded to the sandbox: code in the sandbox
+must not be able to change its own policy. Every change goes through
+:meth:`SandboxKernel.set_policy` (the administrator's ceiling, atomic apply), the same
+path the policy panel's buttons take.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import shlex
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import PolicyError, SandboxError
+from .policy.model import MODES, parse_entry
+from .policy.presets import PRESETS
+
+if TYPE_CHECKING:
+    from .kernel import SandboxKernel
+
+VERBS = ("status", "policy", "allow", "revoke", "mode", "preset", "blocked", "restart", "help")
+
+HELP = """%sandbox — the sandbox and its egress policy (handled by the kernel, not the sandbox)
+
+  %sandbox status              backend, sandbox, policy in force, enforcer, recent blocks
+  %sandbox policy              the policy panel (toggle mode, edit entries, allow blocked)
+  %sandbox allow ENTRY…        allow destinations, e.g. api.github.com:443  *.pythonhosted.org
+                               10.1.2.0/24:5432/tcp  (switches a default-deny policy to allowlist)
+  %sandbox revoke ENTRY…       remove allowed destinations
+  %sandbox mode deny|allowlist default-deny, or only what is allowed
+  %sandbox preset NAME         add a named set of destinations ({presets})
+  %sandbox blocked             recent blocked connections
+  %sandbox restart             replace the sandbox with a fresh one (the policy is kept)
+  %sandbox help                this text
+"""
+
+
+class UsageError(SandboxError):
+    """A ``%sandbox`` line that cannot be understood; nothing was changed."""
+
+    ename = "UsageError"
+
+
+@dataclass
+class MagicOutput:
+    """What one ``%sandbox`` line shows."""
+
+    text: str = ""
+    html: str | None = None
+    #: extra display_data bundles (e.g. the panel)
+    displays: list[dict] = field(default_factory=list)
+
+
+def is_sandbox_line(line: str) -> bool:
+    return line.startswith("%sandbox") and (len(line) == 8 or line[8].isspace())
+
+
+def split_cell(code: str) -> list[tuple[str, str]]:
+    """Split a cell into ("magic", line) and ("code", text) parts, in order.
+
+    Only top-level lines that start with ``%sandbox`` are magics; everything else,
+    indented lines included, goes to the sandbox unchanged.
+    """
+    parts: list[tuple[str, str]] = []
+    buffer: list[str] = []
+    for line in code.split("\n"):
+        if is_sandbox_line(line.rstrip()):
+            if any(b.strip() for b in buffer):
+                parts.append(("code", "\n".join(buffer)))
+            buffer = []
+            parts.append(("magic", line.rstrip()))
+        else:
+            buffer.append(line)
+    if any(b.strip() for b in buffer):
+        parts.append(("code", "\n".join(buffer)))
+    return parts
+
+
+class SandboxMagics:
+    """Runs ``%sandbox`` lines against one kernel."""
+
+    def __init__(self, kernel: SandboxKernel):
+        self.kernel = kernel
+
+    async def run(self, line: str) -> MagicOutput:
+        """Run one ``%sandbox …`` line. Raises UsageError / PolicyError (typed, one line)."""
+        try:
+            words = shlex.split(line[len("%sandbox"):])
+        except ValueError as err:
+            raise UsageError(f"%sandbox: {err}") from None
+        if not words:
+            return MagicOutput(HELP.format(presets=", ".join(sorted(PRESETS))))
+        verb, args = words[0], words[1:]
+        if verb not in VERBS:
+            raise UsageError(f"%sandbox {verb}: unknown command; one of {', '.join(VERBS)} (see %sandbox help)")
+        return await getattr(self, f"do_{verb}")(args)
+
+    # -- reading ------------------------------------------------------------------
+    async def do_help(self, args) -> MagicOutput:
+        return MagicOutput(HELP.format(presets=", ".join(sorted(PRESETS))))
+
+    async def do_status(self, args) -> MagicOutput:
+        self._no_args("status", args)
+        k = self.kernel
+        info = k.sandbox.info
+        applied = getattr(k.sandbox_backend, "applied", None) or {}
+        rows = [
+            ("backend", k.sandbox_backend.name),
+            ("sandbox", _describe_sandbox(info) if info else "not running (starts with the next cell)"),
+            ("policy", k.policy.describe()),
+            ("entries", ", ".join(str(e) for e in k.policy.entries) or "none"),
+            ("presets", ", ".join(k.policy.presets) or "none"),
+            ("enforcer", applied.get("enforcer", "—")),
+            ("applied", _when(k.policy_applied_at or applied.get("applied_at"))),
+            ("changes", "locked by your administrator (exam mode)" if k.admin.locked else "allowed within your administrator's limits"),
+            ("recent blocked", str(len(k.recent_blocked))),
+        ]
+        width = max(len(r[0]) for r in rows)
+        text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+        table = "".join(f"<tr><th style='text-align:left'>{html.escape(n)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
+                        for n, v in rows)
+        return MagicOutput(text, f"<table class='sandbox-kernel-status'>{table}</table>")
+
+    async def do_blocked(self, args) -> MagicOutput:
+        self._no_args("blocked", args)
+        conns = list(self.kernel.recent_blocked)[-50:]
+        if not conns:
+            return MagicOutput("no blocked connections yet")
+        lines = [f"{_when(c.last_seen)}  {c.headline()[2:]}  [{c.verdict}]  "
+                 + (c.remedy.get("command") if c.remedy.get("action") == "allow" else "not permitted by your administrator")
+                 for c in conns]
+        head = "<tr><th>when</th><th>destination</th><th>process</th><th>verdict</th><th>count</th><th>what you can do</th></tr>"
+        body = "".join(
+            f"<tr><td>{_when(c.last_seen)}</td><td>{html.escape(c.destination())}</td>"
+            f"<td>{html.escape((c.process or {}).get('name') or '')}</td><td>{c.verdict}</td><td>{c.count}</td>"
+            f"<td>{html.escape(c.remedy.get('command') or 'not permitted by your administrator')}</td></tr>"
+            for c in conns)
+        return MagicOutput("\n".join(lines), f"<table class='sandbox-kernel-blocked'>{head}{body}</table>")
+
+    async def do_policy(self, args) -> MagicOutput:
+        self._no_args("policy", args)
+        from .widgets import panel_for
+
+        panel = panel_for(self.kernel)
+        return MagicOutput(displays=[panel.bundle()])
+
+    # -- changing -----------------------------------------------------------------
+    async def do_allow(self, args) -> MagicOutput:
+        if not args:
+            raise UsageError("%sandbox allow: name at least one destination, e.g. %sandbox allow pypi.org:443")
+        entries = [parse_entry(a) for a in args]
+        new = self.kernel.policy.with_entries_added(*entries)
+        if new.mode != "allowlist":
+            new = new.with_mode("allowlist")
+        return await self._apply(new)
+
+    async def do_revoke(self, args) -> MagicOutput:
+        if not args:
+            raise UsageError("%sandbox revoke: name at least one allowed destination")
+        return await self._apply(self.kernel.policy.with_entries_removed(*args))
+
+    async def do_mode(self, args) -> MagicOutput:
+        if len(args) != 1 or args[0] not in MODES:
+            raise UsageError(f"%sandbox mode: say one of {' | '.join(MODES)}")
+        return await self._apply(self.kernel.policy.with_mode(args[0]))
+
+    async def do_preset(self, args) -> MagicOutput:
+        if len(args) != 1:
+            raise UsageError(f"%sandbox preset: name one preset ({', '.join(sorted(PRESETS))})")
+        new = self.kernel.policy.with_presets_added(args[0])
+        if new.mode != "allowlist":
+            new = new.with_mode("allowlist")
+        return await self._apply(new)
+
+    async def do_restart(self, args) -> MagicOutput:
+        self._no_args("restart", args)
+        started = time.monotonic()
+        await self.kernel.sandbox.restart()
+        return MagicOutput(f"fresh sandbox started in {(time.monotonic() - started):.1f} s "
+                           f"(variables were reset; egress: {self.kernel.policy.describe()})")
+
+    async def _apply(self, new) -> MagicOutput:
+        started = time.monotonic()
+        details = await self.kernel.set_policy(new)
+        return MagicOutput(in_force(self.kernel.policy, details, time.monotonic() - started))
+
+    @staticmethod
+    def _no_args(verb: str, args) -> None:
+        if args:
+            raise UsageError(f"%sandbox {verb} takes no arguments (got {' '.join(args)})")
+
+
+def in_force(policy, details: dict, seconds: float) -> str:
+    """``egress now: allowlist (1 entry): pypi.org:443 · enforced by nftables in 9 ms``."""
+    entries = [*(f"preset {p}" for p in policy.presets), *(str(e) for e in policy.entries)]
+    text = f"egress now: {policy.describe()}"
+    if policy.mode == "allowlist" and entries:
+        text += ": " + ", ".join(entries)
+    return text + f" · enforced by {details.get('enforcer', 'the backend')} in {seconds * 1000:.0f} ms"
+
+
+def _describe_sandbox(info) -> str:
+    details = ", ".join(f"{k} {v}" for k, v in info.details.items() if k in ("netns", "namespace", "pod"))
+    return f"{info.sandbox_id}" + (f" ({details})" if details else "")
+
+
+def _when(ts) -> str:
+    if not ts:
+        return "—"
+    return datetime.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
+__all__ = ["SandboxMagics", "split_cell", "UsageError", "PolicyError"]
