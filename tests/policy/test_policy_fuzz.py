@@ -52,7 +52,8 @@ def networks(draw):
     bits = 32 if version == 4 else 128
     prefix = draw(st.integers(0, bits))
     address = draw(st.integers(0, 2**bits - 1))
-    return ipaddress.ip_network((address, prefix), strict=False)
+    cls = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+    return cls((address, prefix), strict=False)
 
 
 @st.composite
