@@ -24,7 +24,7 @@ from . import __version__
 from .backends.base import Backend
 from .errors import SandboxError
 from .magics import SandboxMagics, split_cell
-from .notices import NoticeBoard
+from .notices import NOTICE_MIME, NoticeBoard
 from .policy.admin import AdminPolicy
 from .session import CellResult, Session
 
@@ -269,13 +269,17 @@ class SandboxKernel(Kernel):
         if merged is None:
             return
         conn, new = merged
-        if state.get("silent"):
-            return
-        self.send_response(self.iopub_socket, "display_data" if new else "update_display_data", {
-            "data": conn.bundle(), "metadata": {}, "transient": {"display_id": conn.display_id},
-        })
         if new:
             self.recent_blocked.append(conn)
+        if not state.get("silent"):
+            self._publish_notice(conn, new)
+
+    def _publish_notice(self, conn, new: bool) -> None:
+        bundle = conn.bundle()
+        conn.published = bundle[NOTICE_MIME]
+        self.send_response(self.iopub_socket, "display_data" if new else "update_display_data", {
+            "data": bundle, "metadata": {}, "transient": {"display_id": conn.display_id},
+        })
 
     def _blocked_between_cells(self, record, source: str) -> None:
         """A background process was blocked while no cell ran: keep it for %sandbox blocked."""
@@ -406,6 +410,10 @@ class SandboxKernel(Kernel):
                 "traceback": [f"The cell's last command exited with status {result.exit_status}."],
             }
         board = state["board"]
+        if not silent:
+            for conn in board.connections():  # e.g. last_seen of a retransmitted SYN
+                if conn.to_json() != conn.published:
+                    self._publish_notice(conn, new=False)
         self._last_sandbox_meta = {
             "exit_status": result.exit_status,
             "duration_ms": round(result.duration_ms, 3),

@@ -38,6 +38,8 @@ class BlockedConnection:
     sources: set = field(default_factory=set)
     attempts: set = field(default_factory=set)
     display_id: str = ""
+    #: the JSON last shown in the notebook (the kernel re-publishes when it changed)
+    published: dict | None = None
 
     def key(self) -> tuple:
         return (self.ip or self.host, self.port, self.protocol)

@@ -161,7 +161,9 @@ class Session:
                 break
             kind = frame["type"]
             if kind == "blocked":
-                frame.pop("source", None)  # only the backend may speak for the enforcer
+                # only the backend may speak for the enforcer; the agent is guard or watcher
+                frame.pop("source", None)
+                frame["source"] = _source(frame)
             if kind in ("reply", "pong"):
                 fut = self._replies.pop(frame.get("id"), None)
                 if fut is not None and not fut.done():
@@ -253,6 +255,11 @@ class Session:
                     return await self._crashed(started)
                 kind = frame.get("type")
                 if kind == "done" and frame.get("id") == fid:
+                    self.backend.drain_blocked()
+                    while not cell.empty():  # what the enforcer logged before the cell ended
+                        late = cell.get_nowait()
+                        if isinstance(late, dict) and late.get("type") == "blocked":
+                            sink.on_event(late)
                     return CellResult(
                         status="error" if frame.get("status") == "error" else "ok",
                         exit_status=_as_int(frame.get("exit_status"), 1),

@@ -147,6 +147,10 @@ class Backend(LoggingConfigurable):
         shutdown, on restart and before replacing a crashed sandbox."""
         raise NotImplementedError
 
+    def drain_blocked(self) -> None:
+        """Report every enforcer record already received (called by the Session when a cell
+        ends, so a refusal logged just before the cell finished still belongs to it)."""
+
     def info(self) -> SandboxInfo | None:
         """The running sandbox, or None."""
         return None

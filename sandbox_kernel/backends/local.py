@@ -306,6 +306,9 @@ class LocalBackend(Backend):
                 if record is not None and self.blocked_sink is not None:
                     self.blocked_sink(record)
 
+    def drain_blocked(self) -> None:
+        self._on_nflog()
+
     def _close_enforcer_log(self) -> None:
         sock, self._nflog = self._nflog, None
         if sock is not None:
