@@ -1,7 +1,7 @@
 """``sandbox-kernel policy check|render``: validate a policy file, show what would be applied.
 
 The top-level CLI (``sandbox_kernel/cli.py``) calls :func:`add_subcommands` on its
-subparsers and then ``args.func(args)``, which returns the exit status. :func:`run`
+subparsers and then ``args.handler(args)`` (``args.func`` is the same), which returns the exit status. :func:`run`
 does the same on its own, for tests and ``python -m``-style use.
 
 Exit status: 0 on success, 2 when the policy (or an option) is invalid; the typed
@@ -46,7 +46,7 @@ def _fill(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="policy_command", required=True)
     check = sub.add_parser("check", help="validate a policy file (YAML or JSON)")
     check.add_argument("file")
-    check.set_defaults(func=_check)
+    check.set_defaults(func=_check, handler=_check)  # top-level cli.py calls args.handler(args)
 
     show = sub.add_parser("render", help="print what an enforcer would apply")
     show.add_argument("file")
@@ -62,7 +62,7 @@ def _fill(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--resolver", help="DNS server the sandbox uses (nftables DNS rule; --resolve asks it)")
     show.add_argument("--node-local-dns", action="store_true", help="allow DNS to NodeLocal DNSCache 169.254.20.10")
     show.add_argument("--gke-cloud-dns", action="store_true", help="allow DNS to GKE Cloud DNS on 169.254.169.254:53")
-    show.set_defaults(func=_render)
+    show.set_defaults(func=_render, handler=_render)
 
 
 def _check(args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:

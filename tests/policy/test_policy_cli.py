@@ -55,3 +55,4 @@ def test_add_subcommands_wires_into_a_parent_parser(tmp_path):
     args = parser.parse_args(["policy", "check", str(policy)])
     out = io.StringIO()
     assert args.func(args, stdout=out) == 0 and "allowlist (1 entry)" in out.getvalue()
+    assert args.handler is args.func  # the top-level sandbox-kernel CLI calls args.handler(args)
