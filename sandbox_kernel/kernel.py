@@ -138,6 +138,7 @@ class SandboxKernel(Kernel):
         self._last_sandbox_meta: dict = {}
         self.recent_blocked: collections.deque = collections.deque(maxlen=200)
         self.magics = SandboxMagics(self)
+        self._init_comms()
         self._cells = itertools.count(1)
 
     # -- the policy: one source of truth, changed only here ----------------------------
@@ -155,9 +156,22 @@ class SandboxKernel(Kernel):
             details = await self.sandbox.apply_policy(new)
             self.policy = new
             self.policy_applied_at = details.get("applied_at")
-            return details
+        panels = sys.modules.get("sandbox_kernel.widgets")
+        if panels is not None:
+            panels.refresh_all(self)
+        return details
 
     # -- construction ---------------------------------------------------------------
+    def _init_comms(self) -> None:
+        """Comms for ipywidgets (the policy panel): ipykernel's comm implementation, with
+        this kernel as the one that publishes."""
+        import comm
+        import ipykernel.ipkernel  # noqa: F401 - sets comm.create_comm / get_comm_manager
+
+        self.comm_manager = comm.get_comm_manager()
+        for msg_type in ("comm_open", "comm_msg", "comm_close"):
+            self.shell_handlers[msg_type] = getattr(self.comm_manager, msg_type)
+
     def agent_policy_view(self, policy) -> dict:
         """What the agent's guard needs to know about ``policy`` (plain JSON)."""
         allow = []
@@ -271,6 +285,9 @@ class SandboxKernel(Kernel):
         conn, new = merged
         if new:
             self.recent_blocked.append(conn)
+            panels = sys.modules.get("sandbox_kernel.widgets")
+            if panels is not None:
+                panels.blocked_everywhere(self, conn)
         if not state.get("silent"):
             self._publish_notice(conn, new)
 
