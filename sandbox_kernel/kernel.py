@@ -18,7 +18,7 @@ import uuid
 
 import zmq
 from ipykernel.kernelbase import Kernel
-from traitlets import Enum, Float, Instance, Unicode, default
+from traitlets import Enum, Float, Instance, Integer, Unicode, default
 
 from . import __version__
 from .backends.base import Backend
@@ -45,6 +45,14 @@ def format_duration(ms: float) -> str:
         return f"{seconds:.1f} s"
     minutes, rest = divmod(int(round(seconds)), 60)
     return f"{minutes} min {rest} s"
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 def policy_label(policy) -> str:
@@ -110,6 +118,17 @@ class SandboxKernel(Kernel):
     start_timeout = Float(
         120.0, help="Seconds a cell waits for its sandbox to start before giving up.", config=True
     )
+
+    output_limit = Integer(
+        help="Most bytes of output (streams and rich output) one cell may send to the notebook; "
+        "the rest is dropped and a note says how much. Protects the browser and the kernel's "
+        "memory. 0 for no limit. Env: SANDBOX_KERNEL_OUTPUT_LIMIT.",
+        config=True,
+    )
+
+    @default("output_limit")
+    def _output_limit_default(self):
+        return int(_env("SANDBOX_KERNEL_OUTPUT_LIMIT", 10 * 1024 * 1024))
 
     progress_delay = Float(
         1.5,
@@ -238,6 +257,8 @@ class SandboxKernel(Kernel):
         if state is not None and state.get("error") is not None and kind != "error":
             self._publish_error(state.pop("error"))
             state["error"] = None
+        if kind in ("stream", "display", "execute_result") and state is not None and not self._within_limit(state, frame):
+            return
         if kind == "stream":
             name = frame.get("name") if frame.get("name") in ("stdout", "stderr") else "stdout"
             text = frame.get("text")
@@ -273,6 +294,25 @@ class SandboxKernel(Kernel):
             self._on_blocked(frame.get("record"), frame.get("source") or "guard")
         elif kind == "protocol_error":
             self._stream("stderr", f"[sandbox] protocol error from the sandbox, ignored: {frame.get('message')}\n")
+
+    def _within_limit(self, state: dict, frame: dict) -> bool:
+        """Count a cell's output; past ``output_limit`` drop it (the count goes on)."""
+        if not self.output_limit:
+            return True
+        if frame["type"] == "stream":
+            size = len(frame.get("text") or "")
+        else:
+            size = sum(len(v) if isinstance(v, str) else len(str(v)) for v in _dict(frame.get("data")).values())
+        sent = state.get("out_bytes", 0)
+        state["out_bytes"] = sent + size
+        if sent + size <= self.output_limit:
+            return True
+        if not state.get("truncated"):
+            state["truncated"] = True
+            self._stream("stderr", f"[sandbox] output limit of {format_bytes(self.output_limit)} reached: "
+                                   "further output of this cell is not shown (the cell keeps running)\n")
+        state["dropped"] = state.get("dropped", 0) + size
+        return False
 
     def _on_blocked(self, record, source: str) -> None:
         state = self._cell_state
@@ -427,6 +467,9 @@ class SandboxKernel(Kernel):
                 "traceback": [f"The cell's last command exited with status {result.exit_status}."],
             }
         board = state["board"]
+        if state.get("dropped") and not silent:
+            self._stream("stderr", f"[sandbox] {format_bytes(state['dropped'])} of output were dropped "
+                                   f"(limit {format_bytes(self.output_limit)}: c.SandboxKernel.output_limit)\n")
         if not silent:
             for conn in board.connections():  # e.g. last_seen of a retransmitted SYN
                 if conn.to_json() != conn.published:

@@ -40,7 +40,7 @@ from ..agent.bundle import build_pyz
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ..policy.compile_nftables import compile_nftables
 from ..policy.resolve import resolve_policy
-from . import nflog
+from . import limits, nflog
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 
 NETNS_DIR = Path("/run/netns")
@@ -139,6 +139,42 @@ class LocalBackend(Backend):
         42, help="NFLOG group the sandbox's nftables rules log refused packets to."
     ).tag(config=True)
 
+    memory_limit = Unicode(
+        help="Memory limit of a sandbox (all its processes), e.g. '2G'; '0' for none. A cell "
+        "that exceeds it is killed and reported as out of memory. Env: SANDBOX_KERNEL_MEMORY_LIMIT."
+    ).tag(config=True)
+
+    @default("memory_limit")
+    def _memory_limit_default(self):
+        return _env_default("SANDBOX_KERNEL_MEMORY_LIMIT", "2G")
+
+    pids_limit = Integer(
+        help="Most processes and threads a sandbox may have (stops fork bombs); 0 for none. "
+        "Env: SANDBOX_KERNEL_PIDS_LIMIT."
+    ).tag(config=True)
+
+    @default("pids_limit")
+    def _pids_limit_default(self):
+        return int(_env_default("SANDBOX_KERNEL_PIDS_LIMIT", 512))
+
+    tmp_size = Unicode(
+        help="Size of the sandbox's private /tmp (memory-backed). Env: SANDBOX_KERNEL_TMP_SIZE."
+    ).tag(config=True)
+
+    @default("tmp_size")
+    def _tmp_size_default(self):
+        return _env_default("SANDBOX_KERNEL_TMP_SIZE", "256M")
+
+    work_size = Unicode(
+        help="Size of the sandbox's working directory /home/sandbox (memory-backed, kept across "
+        "sandbox restarts of one kernel); '0' for a plain directory on the host's disk, unbounded. "
+        "Env: SANDBOX_KERNEL_WORK_SIZE."
+    ).tag(config=True)
+
+    @default("work_size")
+    def _work_size_default(self):
+        return _env_default("SANDBOX_KERNEL_WORK_SIZE", "1G")
+
     refuse_with = Enum(
         ["reject", "drop"], default_value="reject",
         help="How refused packets are answered: 'reject' (TCP reset / ICMP admin-prohibited, "
@@ -162,6 +198,7 @@ class LocalBackend(Backend):
         self._uplink: subprocess.Popen | None = None
         self._nflog = None
         self._refresh: asyncio.Task | None = None
+        self._cgroup: limits.SandboxCgroup | None = None
         #: set by the kernel from its AdminPolicy: ranges no policy may open
         self.always_blocked: list[str] = []
         self._uplink_exit_fd: int | None = None
@@ -232,6 +269,11 @@ class LocalBackend(Backend):
         Path(self.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # host users must not walk into sandboxes' files
         (root / "work").mkdir(parents=True)
+        work_size = limits.parse_size(self.work_size)
+        if work_size:
+            # bounded: a cell filling its disk fills this, not the host's
+            _run(["mount", "-t", "tmpfs", "-o", f"size={work_size},mode=0755,nosuid,nodev",
+                  "sandbox-work", str(root / "work")])
         os.chown(root / "work", self.uid, self.uid)
         # 0755: bwrap enters it (as root without capabilities) after dropping privileges
         os.chmod(root / "work", 0o755)
@@ -244,6 +286,18 @@ class LocalBackend(Backend):
         }))
         # the sandbox gets its own resolv.conf: the host's may point at a loopback resolver
         (root / "resolv.conf").write_text("# written by sandbox-kernel\nnameserver 10.0.2.3\n")
+        self._cgroup = limits.SandboxCgroup(self._sandbox_id)
+        memory, pids = limits.parse_size(self.memory_limit), self.pids_limit
+        if memory or pids:
+            try:
+                self._cgroup.create(memory, pids)
+            except OSError as err:
+                raise SandboxStartError(
+                    f"cannot set the sandbox's resource limits ({err}); to run without them set "
+                    "c.LocalBackend.memory_limit = '0' and c.LocalBackend.pids_limit = 0"
+                ) from None
+        else:
+            self._cgroup = None
         _run(["ip", "netns", "add", self.netns])
         _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
         # rules first: the uplink must never be up without the policy in force
@@ -390,7 +444,8 @@ class LocalBackend(Backend):
                  "--ro-bind", str(root / "resolv.conf"), "/etc/resolv.conf",
                  # before the interpreter's binds, which may live under /tmp (a venv in a CI clone)
                  "--proc", "/proc", "--dev", "/dev",
-                 "--perms", "1777", "--tmpfs", "/tmp"]
+                 "--perms", "1777", "--size", str(limits.parse_size(self.tmp_size) or 1 << 40),
+                 "--tmpfs", "/tmp"]
         made: set[str] = {"/tmp"}
         for path in [*prefixes, *self.extra_ro_binds]:
             if path.startswith("/usr/") or not os.path.exists(path):
@@ -426,6 +481,13 @@ class LocalBackend(Backend):
         return argv
 
     async def _spawn_agent(self) -> None:
+        procs_files = self._cgroup.procs_files() if self._cgroup else []
+
+        def join_cgroup() -> None:  # in the child, before exec: no process escapes the limits
+            for path in procs_files:
+                with open(path, "w") as f:
+                    f.write(str(os.getpid()))
+
         self._proc = await asyncio.create_subprocess_exec(
             *self._bwrap_argv(),
             stdin=asyncio.subprocess.PIPE,
@@ -433,6 +495,7 @@ class LocalBackend(Backend):
             stderr=asyncio.subprocess.PIPE,
             limit=protocol.MAX_FRAME + 1,
             start_new_session=True,
+            preexec_fn=join_cgroup if procs_files else None,
         )
         self._stderr_tail = []
         self._stderr_task = asyncio.create_task(self._read_stderr(self._proc))
@@ -480,6 +543,10 @@ class LocalBackend(Backend):
                 pass
         self.last_exit_status = code
         reason = describe_exit(code)
+        if code in (137, -9) and self._cgroup is not None and self._cgroup.oom_killed():
+            limit = limits.format_size(limits.parse_size(self.memory_limit))
+            reason = (f"the sandbox ran out of memory (its limit is {limit}, "
+                      "c.LocalBackend.memory_limit) and was killed")
         if self._stderr_tail and code not in (0, None):
             # what the sandbox machinery (bwrap, the interpreter) said last, e.g. a missing path
             reason += f" ({self._stderr_tail[-1]})"
@@ -506,6 +573,7 @@ class LocalBackend(Backend):
         await asyncio.to_thread(self._stop_uplink)
         if self._sandbox_id:
             await asyncio.to_thread(remove_sandbox, self._sandbox_id, self.state_dir)
+        self._cgroup = None
         self._sandbox_id = None
         self._info = None
 
@@ -592,8 +660,13 @@ def remove_sandbox(sandbox_id: str, state_dir: str) -> list[str]:
                 removed.append(f"{len(pids)} process(es) in {netns}")
     root = Path(state_dir) / sandbox_id
     if root.exists():
+        if os.path.ismount(root / "work"):
+            _run(["umount", "-l", str(root / "work")], check=False)
         shutil.rmtree(root, ignore_errors=True)
         removed.append(f"state directory {root}")
+    for directory in limits.leftover_cgroups().get(sandbox_id, []):
+        if limits.remove_cgroup(directory):
+            removed.append(f"cgroup {directory}")
     return removed
 
 
@@ -615,6 +688,7 @@ def gc(state_dir: str | None = None) -> list[str]:
         ids |= {p.name[len(NETNS_PREFIX):] for p in NETNS_DIR.iterdir() if p.name.startswith(NETNS_PREFIX)}
     if state.exists():
         ids |= {p.name for p in state.iterdir() if p.is_dir()}
+    ids |= set(limits.leftover_cgroups())
     removed: list[str] = []
     for sandbox_id in sorted(ids):
         owner = state / sandbox_id / "owner.json"
