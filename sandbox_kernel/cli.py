@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("doctor", help="check that this machine can run sandboxes")
     sub.add_parser("gc", help="remove sandboxes left behind by kernels that died")
+    sub.add_parser("demo-host", help="start, stop or check the demo destination the notebooks use").add_argument(
+        "action", choices=("start", "stop", "status"))
 
     try:
         from .policy import cli as policy_cli
@@ -99,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         return doctor()
     if args.command == "gc":
         return run_gc()
+    if args.command == "demo-host":
+        from .demohost import main as demo_host
+
+        return demo_host([args.action])
     handler = getattr(args, "handler", None)
     if handler is not None:
         return int(handler(args) or 0)
