@@ -249,12 +249,24 @@ class FakeKube:
         """Every (apiGroup, resource, verb) seen, for checking against RBAC lists."""
         return {(r.group, r.resource, r.verb) for r in self.requests if r.resource}
 
-    def get_object(self, plural: str, namespace: str | None, name: str, group: str = "") -> dict | None:
+    @staticmethod
+    def _group_of(plural: str, group: str | None) -> str:
+        if group is not None:
+            return group
+        groups = {r.group for r in R.RESOURCE_TYPES if r.plural == plural}
+        if len(groups) != 1:
+            raise KeyError(f"unknown or ambiguous resource {plural!r}")
+        return groups.pop()
+
+    def get_object(self, plural: str, namespace: str | None, name: str, group: str | None = None) -> dict | None:
+        group = self._group_of(plural, group)
         with self._lock:
             obj = self._store.get((group, plural), {}).get((namespace, name))
             return copy.deepcopy(obj) if obj else None
 
-    def objects(self, plural: str, namespace: str | None = None, group: str = "") -> list[dict]:
+    def objects(self, plural: str, namespace: str | None = None, group: str | None = None) -> list[dict]:
+        """Stored objects of one resource (the API group is found from the plural)."""
+        group = self._group_of(plural, group)
         with self._lock:
             return [copy.deepcopy(o) for (ns, _), o in self._store.get((group, plural), {}).items()
                     if namespace in (None, ns)]

@@ -1,0 +1,1042 @@
+"""The Kubernetes backend: one namespace per user, one pod per kernel, cells over exec.
+
+Selected with ``c.SandboxKernel.backend_name = "kubernetes"``. One
+:class:`KubernetesBackend` per kernel, created by the kernel; the Session is its only
+caller. What it does on :meth:`~KubernetesBackend.start`:
+
+1. ``GET`` the user's namespace. If its ``sandbox-kernel.io/setup`` annotation matches
+   the hash of what this configuration wants there, skip to 3.
+2. Server-side apply (field manager ``sandbox-kernel``): Namespace, ServiceAccount,
+   ResourceQuota, LimitRange, default-deny NetworkPolicy, agent ConfigMap; then the
+   namespace again with the setup annotation (last, so a half-done setup is redone).
+3. Apply the kernel's egress policy objects (compiled by :mod:`sandbox_kernel.policy`).
+4. Create the pod, then WATCH the pod and its events from the create's
+   resourceVersion (no polling) until Ready, reporting progress lines.
+
+:meth:`~KubernetesBackend.attach` execs ``agent.pyz attach`` in the pod over the
+WebSocket exec API; the agent itself is the pod's main process, so a dropped stream
+is re-attached without losing state.
+
+Every Kubernetes call is blocking in the official client, so each runs in a thread
+(``asyncio.to_thread``). Cluster credentials are loaded lazily on first use, never at
+import. :data:`REQUIRED_PERMISSIONS` lists every API call this module makes; the Helm
+chart's RBAC and the tests check against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import getpass
+import hashlib
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from typing import Any, Callable
+
+from traitlets import Any as AnyTrait, Dict, Float, List, Unicode, default
+
+from ..agent import protocol
+from ..errors import PolicyError, SandboxError, SandboxStartError
+from . import objects
+from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
+from .slug import slugify, user_namespace
+
+FIELD_MANAGER = "sandbox-kernel"
+SETUP_ANNOTATION = "sandbox-kernel.io/setup"
+
+#: enforcers whose objects live in the cluster, and the kinds they produce
+ENFORCER_KINDS: dict[str, list[tuple[str, str, str]]] = {
+    # enforcer: [(apiGroup, version, plural)]
+    "networkpolicy": [("networking.k8s.io", "v1", "networkpolicies")],
+    "gke-fqdn": [("networking.k8s.io", "v1", "networkpolicies"),
+                 ("networking.gke.io", "v1alpha1", "fqdnnetworkpolicies")],
+    "cilium": [("cilium.io", "v2", "ciliumnetworkpolicies")],
+    "istio": [("networking.istio.io", "v1", "serviceentries"), ("networking.istio.io", "v1", "sidecars"),
+              ("security.istio.io", "v1", "authorizationpolicies")],
+}
+
+
+def _perms(group: str, resource: str, *verbs: str) -> list[tuple[str, str, str]]:
+    return [(group, resource, verb) for verb in verbs]
+
+
+#: every (apiGroup, resource, verb) this backend may use; server-side apply needs
+#: ``patch`` and, when it creates the object, ``create``
+REQUIRED_PERMISSIONS: tuple[tuple[str, str, str], ...] = tuple(
+    _perms("", "namespaces", "get", "create", "patch", "list")
+    + _perms("", "serviceaccounts", "create", "patch")
+    + _perms("", "resourcequotas", "create", "patch")
+    + _perms("", "limitranges", "create", "patch")
+    + _perms("", "configmaps", "create", "patch")
+    + _perms("", "pods", "create", "get", "list", "watch", "delete")
+    + _perms("", "pods/exec", "create", "get")  # websocket exec: create (>=1.31) or get (older)
+    + _perms("", "events", "watch")
+    + [(group, plural, verb)
+       for group, plural in sorted({(g, p) for kinds in ENFORCER_KINDS.values() for g, _, p in kinds})
+       for verb in ("create", "patch", "list", "delete", "deletecollection")]
+    + _perms("authorization.k8s.io", "selfsubjectaccessreviews", "create")
+)
+
+
+# --- errors a user can hit ---------------------------------------------------------
+
+class KubernetesUnavailable(SandboxStartError):
+    """No credentials, or the API server cannot be reached."""
+
+    ename = "KubernetesUnavailable"
+
+
+class KubernetesForbidden(SandboxStartError):
+    """RBAC refused one call; names the verb and the resource."""
+
+    ename = "KubernetesForbidden"
+
+    def __init__(self, verb: str, resource: str, namespace: str | None, detail: str = ""):
+        self.verb, self.resource, self.namespace = verb, resource, namespace
+        where = f' in namespace "{namespace}"' if namespace else ""
+        super().__init__(
+            f"Kubernetes refused to let the kernel {verb} {resource}{where} (RBAC: forbidden). "
+            f"Ask your administrator to grant the kernel's service account '{verb}' on '{resource}' "
+            f"(the Helm chart's RBAC does; see docs/kubernetes.md).{_detail(detail)}"
+        )
+
+
+class QuotaExceeded(SandboxStartError):
+    """The user's ResourceQuota has no room for another sandbox."""
+
+    ename = "QuotaExceeded"
+
+    def __init__(self, namespace: str, detail: str):
+        super().__init__(
+            f"Your sandbox quota in namespace {namespace} is used up, so no new sandbox was started. "
+            f"Shut down another notebook's kernel, or ask your administrator for a larger quota.{_detail(detail)}"
+        )
+
+
+class ImagePullFailed(SandboxStartError):
+    """The node could not pull the sandbox image."""
+
+    ename = "ImagePullFailed"
+
+    def __init__(self, image: str, detail: str):
+        self.image = image
+        super().__init__(
+            f"The sandbox image {image} could not be pulled. Check the image name and that the "
+            f"cluster may pull it (c.KubernetesBackend.image / SANDBOX_KERNEL_K8S_IMAGE).{_detail(detail)}"
+        )
+
+
+class Unschedulable(SandboxStartError):
+    """No node can run the sandbox pod."""
+
+    ename = "Unschedulable"
+
+    def __init__(self, detail: str, waited: float):
+        super().__init__(
+            f"No node could run the sandbox after {waited:.0f} s: the cluster is full or no node matches "
+            f"the requested resources, node selector or tolerations. Try again later or ask your "
+            f"administrator.{_detail(detail)}"
+        )
+
+
+def _detail(text: str) -> str:
+    return f"\nKubernetes said: {text}" if text else ""
+
+
+# --- configuration helpers -----------------------------------------------------------
+
+def _env(name: str, fallback: Any, parse: Callable[[str], Any] = str) -> Any:
+    value = os.environ.get(name)
+    return fallback if value in (None, "") else parse(value)
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _default_user() -> str:
+    for name in ("SANDBOX_KERNEL_USER", "JUPYTERHUB_USER"):
+        if os.environ.get(name):
+            return os.environ[name]
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "user"
+
+
+class KubernetesBackend(Backend):
+    """Sandboxes as pods: see the module docstring for the sequence of API calls."""
+
+    name = "kubernetes"
+
+    image = Unicode(help="The sandbox image; any image with python3 works (the agent comes in a "
+                         "ConfigMap). Env: SANDBOX_KERNEL_K8S_IMAGE.").tag(config=True)
+    image_pull_policy = Unicode(help="imagePullPolicy of the sandbox container. "
+                                     "Env: SANDBOX_KERNEL_K8S_IMAGE_PULL_POLICY.").tag(config=True)
+    namespace_template = Unicode(help="The user's namespace; must keep a fixed prefix before {slug}. "
+                                      "Env: SANDBOX_KERNEL_K8S_NAMESPACE_TEMPLATE.").tag(config=True)
+    user = Unicode(help="Whose sandbox this is (names the namespace). "
+                        "Env: SANDBOX_KERNEL_USER, else JUPYTERHUB_USER, else the login name.").tag(config=True)
+    requests = Dict(help='Container resource requests, e.g. {"cpu": "250m", "memory": "512Mi"}. '
+                         "Env: SANDBOX_KERNEL_K8S_REQUESTS (JSON).").tag(config=True)
+    limits = Dict(help='Container resource limits, e.g. {"cpu": "1", "memory": "2Gi"}. '
+                       "Env: SANDBOX_KERNEL_K8S_LIMITS (JSON).").tag(config=True)
+    quota = Dict(help="ResourceQuota spec.hard of each user namespace (all of a user's sandboxes). "
+                      "Env: SANDBOX_KERNEL_K8S_QUOTA (JSON).").tag(config=True)
+    runtime_class = Unicode(None, allow_none=True,
+                            help="runtimeClassName of sandbox pods, e.g. 'gvisor' (GKE Sandbox). "
+                                 "Env: SANDBOX_KERNEL_K8S_RUNTIME_CLASS.").tag(config=True)
+    node_selector = Dict(help="nodeSelector of sandbox pods. Env: SANDBOX_KERNEL_K8S_NODE_SELECTOR (JSON)."
+                         ).tag(config=True)
+    tolerations = List(Dict(), help="Tolerations of sandbox pods (e.g. Spot nodes). "
+                                    "Env: SANDBOX_KERNEL_K8S_TOLERATIONS (JSON list).").tag(config=True)
+    enforcers = List(Unicode(), help="Which objects enforce egress: any of networkpolicy, gke-fqdn, cilium, "
+                                     "istio. Env: SANDBOX_KERNEL_K8S_ENFORCERS (comma-separated)."
+                     ).tag(config=True)
+    node_local_dns = Unicode(help="'true' to allow DNS to NodeLocal DNSCache (169.254.20.10). "
+                                  "Env: SANDBOX_KERNEL_K8S_NODE_LOCAL_DNS.").tag(config=True)
+    start_timeout = Float(help="Seconds to wait for a sandbox pod to be ready. "
+                               "Env: SANDBOX_KERNEL_K8S_START_TIMEOUT.").tag(config=True)
+    schedule_timeout = Float(help="Seconds a pod may stay unschedulable (e.g. waiting for the autoscaler) "
+                                  "before the start fails. Env: SANDBOX_KERNEL_K8S_SCHEDULE_TIMEOUT."
+                             ).tag(config=True)
+    idle_timeout = Float(help="Delete the pod after this many seconds with no cell running (0: never); "
+                              "the next cell starts a fresh one. Env: SANDBOX_KERNEL_K8S_IDLE_TIMEOUT."
+                         ).tag(config=True)
+    context = Unicode(None, allow_none=True, help="kubeconfig context to use outside a cluster. "
+                                                  "Env: SANDBOX_KERNEL_K8S_CONTEXT.").tag(config=True)
+
+    #: set by tests or embedding code: a ready ``kubernetes.client.Configuration``
+    #: (otherwise in-cluster config or kubeconfig is loaded on first use)
+    client_configuration = AnyTrait(None, allow_none=True)
+
+    @default("image")
+    def _image_default(self): return _env("SANDBOX_KERNEL_K8S_IMAGE", "python:3.12-slim")
+    @default("image_pull_policy")
+    def _ipp_default(self): return _env("SANDBOX_KERNEL_K8S_IMAGE_PULL_POLICY", "IfNotPresent")
+    @default("namespace_template")
+    def _nt_default(self): return _env("SANDBOX_KERNEL_K8S_NAMESPACE_TEMPLATE", "user-sandbox-{slug}")
+    @default("user")
+    def _user_default(self): return _default_user()
+    @default("requests")
+    def _requests_default(self): return _env("SANDBOX_KERNEL_K8S_REQUESTS", {"cpu": "250m", "memory": "512Mi"}, json.loads)
+    @default("limits")
+    def _limits_default(self): return _env("SANDBOX_KERNEL_K8S_LIMITS", {"cpu": "1", "memory": "2Gi"}, json.loads)
+    @default("quota")
+    def _quota_default(self):
+        return _env("SANDBOX_KERNEL_K8S_QUOTA", {"pods": "4", "limits.cpu": "4", "limits.memory": "8Gi"}, json.loads)
+    @default("runtime_class")
+    def _rc_default(self): return _env("SANDBOX_KERNEL_K8S_RUNTIME_CLASS", None)
+    @default("node_selector")
+    def _ns_default(self): return _env("SANDBOX_KERNEL_K8S_NODE_SELECTOR", {}, json.loads)
+    @default("tolerations")
+    def _tol_default(self): return _env("SANDBOX_KERNEL_K8S_TOLERATIONS", [], json.loads)
+    @default("enforcers")
+    def _enf_default(self): return _env("SANDBOX_KERNEL_K8S_ENFORCERS", ["networkpolicy"], _csv)
+    @default("node_local_dns")
+    def _nld_default(self): return _env("SANDBOX_KERNEL_K8S_NODE_LOCAL_DNS", "false")
+    @default("start_timeout")
+    def _st_default(self): return _env("SANDBOX_KERNEL_K8S_START_TIMEOUT", 300.0, float)
+    @default("schedule_timeout")
+    def _sch_default(self): return _env("SANDBOX_KERNEL_K8S_SCHEDULE_TIMEOUT", 120.0, float)
+    @default("idle_timeout")
+    def _idle_default(self): return _env("SANDBOX_KERNEL_K8S_IDLE_TIMEOUT", 0.0, float)
+    @default("context")
+    def _ctx_default(self): return _env("SANDBOX_KERNEL_K8S_CONTEXT", None)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._api_client = None
+        self._config = None
+        self._config_lock = threading.Lock()
+        self.always_blocked: list[str] | None = None  # set by the kernel from the AdminPolicy
+        self.namespace: str | None = None
+        self.pod: str | None = None
+        self.kernel_id: str | None = None
+        self._info: SandboxInfo | None = None
+        self._policy_objects: list[dict] = []
+        self._applied: dict[str, Any] = {}
+        self._transport: ExecTransport | None = None
+        self._idle_task: asyncio.Task | None = None
+        self._idle_stopped = False
+
+    # --- API access (lazy) -------------------------------------------------------
+
+    def configuration(self):
+        """The client Configuration: given, in-cluster, or kubeconfig — loaded once, on first use."""
+        with self._config_lock:
+            if self._config is None:
+                if self.client_configuration is not None:
+                    self._config = self.client_configuration
+                else:
+                    self._config = _load_configuration(self.context)
+            return self._config
+
+    def api_client(self):
+        """The shared ``ApiClient`` for REST calls (exec uses its own, see :meth:`attach`)."""
+        from kubernetes import client
+
+        if self._api_client is None:
+            self._api_client = client.ApiClient(self.configuration())
+        return self._api_client
+
+    def _core(self):
+        from kubernetes import client
+
+        return client.CoreV1Api(self.api_client())
+
+    # --- Backend interface ---------------------------------------------------------
+
+    def check(self) -> None:
+        """Load credentials (no API call). Raises KubernetesUnavailable when there are none."""
+        self.configuration()
+        for enforcer in self.enforcers:
+            if enforcer not in ENFORCER_KINDS:
+                raise SandboxError(f"unknown Kubernetes enforcer {enforcer!r}: choose from "
+                                   f"{', '.join(ENFORCER_KINDS)} (c.KubernetesBackend.enforcers)")
+
+    async def start(self, kernel_id: str, policy: Any, progress: Progress) -> SandboxInfo:
+        """Ensure the namespace, apply the policy, create the pod and watch it until Ready.
+
+        Called by Session.start(). On failure deletes what it created for this kernel and
+        raises a SandboxStartError subclass naming the cause.
+        """
+        self.kernel_id = kernel_id
+        self._idle_stopped = False
+        await asyncio.to_thread(self.check)
+        try:
+            self.namespace = user_namespace(self.user, self.namespace_template)
+        except SandboxError as err:
+            raise SandboxStartError(str(err)) from None
+        self.pod = f"sandbox-{slugify(kernel_id, 40)}-{secrets.token_hex(3)}"
+        try:
+            await asyncio.to_thread(self._ensure_namespace, progress)
+            await self._apply_policy_objects(policy)
+            pod = await asyncio.to_thread(self._create_pod)
+            progress("Scheduling…")
+            await self._wait_ready(pod["metadata"]["resourceVersion"], progress)
+        except BaseException:
+            await self.stop()
+            raise
+        self._info = SandboxInfo(self.name, self.pod, {
+            "namespace": self.namespace, "pod": self.pod, "image": self.image,
+            "enforcers": list(self.enforcers), "runtime_class": self.runtime_class})
+        return self._info
+
+    async def attach(self) -> Transport:
+        """Exec ``agent.pyz attach`` in the pod; its stdin/stdout carry the frames.
+
+        Called by Session after start() and to re-attach after a dropped stream."""
+        if not self.pod:
+            raise SandboxStartError("the Kubernetes sandbox is not running")
+        ws = await asyncio.to_thread(self._open_exec, list(objects.ATTACH_COMMAND))
+        self._transport = ExecTransport(ws, asyncio.get_running_loop(), self.log)
+        if self.idle_timeout > 0 and (self._idle_task is None or self._idle_task.done()):
+            self._idle_task = asyncio.ensure_future(self._idle_watch())
+        return self._transport
+
+    async def apply_policy(self, policy: Any) -> dict[str, Any]:
+        """Apply the compiled policy objects; on failure re-apply the previous ones.
+
+        Called by Session.apply_policy()."""
+        if not self.pod:
+            raise PolicyError("no sandbox is running")
+        return await self._apply_policy_objects(policy)
+
+    async def interrupt(self) -> None:
+        """The in-band interrupt frame reaches the agent over the exec stream: nothing more."""
+
+    async def exit_reason(self) -> str:
+        """Why the stream ended, from the pod's status (one GET). Called by Session."""
+        if self._idle_stopped:
+            if self._idle_task is not None and self._idle_task is not asyncio.current_task():
+                await asyncio.shield(self._idle_task)
+            return (f"the sandbox pod was removed after {self.idle_timeout:.0f} s without a running cell "
+                    "(c.KubernetesBackend.idle_timeout); the next cell starts a new one")
+        if not self.pod:
+            return "the sandbox is not running"
+        try:
+            pod = await asyncio.to_thread(self._read_pod)
+        except SandboxError as err:
+            return f"the sandbox pod could not be read: {err}"
+        reason, self.last_exit_status = describe_pod_end(pod)
+        return reason
+
+    async def stop(self) -> None:
+        """Delete the pod and the kernel's policy objects. Idempotent. Called by Session."""
+        if self._idle_task is not None and self._idle_task is not asyncio.current_task():
+            self._idle_task.cancel()
+            self._idle_task = None
+        if self.pod and self.namespace:
+            # the pod first: its agent dies and any open exec stream ends by itself
+            await asyncio.to_thread(self._delete_kernel_objects)
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            await transport.close()
+        self.pod = None
+        self._info = None
+        self._policy_objects = []
+
+    def info(self) -> SandboxInfo | None:
+        return self._info
+
+    @property
+    def applied(self) -> dict[str, Any]:
+        """What is in force: enforcers, object names, when, resolved addresses."""
+        return dict(self._applied)
+
+    # --- namespace setup -------------------------------------------------------------
+
+    def namespace_objects(self) -> list[Any]:
+        """Everything the user namespace needs, as typed objects (pure; see objects.py)."""
+        from ..agent.bundle import build_pyz, pyz_digest
+
+        ns = self.namespace
+        return [
+            objects.make_namespace(ns, self.user),
+            objects.make_service_account(ns),
+            objects.make_resource_quota(ns, self.quota),
+            objects.make_limit_range(ns, self.requests, self.limits),
+            objects.make_default_deny_policy(ns),
+            objects.make_agent_configmap(objects.agent_configmap_name(pyz_digest()), ns, build_pyz(), pyz_digest()),
+        ]
+
+    def _ensure_namespace(self, progress: Progress) -> None:
+        """One GET when the namespace is already set up; otherwise apply everything."""
+        wanted = [objects.to_dict(o) for o in self.namespace_objects()]
+        setup = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
+        current = None
+        try:
+            current = self._call("get", "namespaces", None, self._core().read_namespace, self.namespace)
+        except _NotFound:
+            pass
+        if current is not None and (current.metadata.annotations or {}).get(SETUP_ANNOTATION) == setup:
+            return
+        progress(f"Preparing namespace {self.namespace}…")
+        for body in wanted:
+            self.apply_object(body)
+        marked = json.loads(json.dumps(wanted[0]))
+        marked["metadata"]["annotations"][SETUP_ANNOTATION] = setup
+        self.apply_object(marked)
+
+    def apply_object(self, body: dict) -> dict:
+        """Server-side apply one object (typed API for core/networking kinds, custom objects
+        for CRDs) with field manager ``sandbox-kernel``. The seam the policy objects go through."""
+        from kubernetes import client
+
+        api_version, kind = body["apiVersion"], body["kind"]
+        name = body["metadata"]["name"]
+        ns = body["metadata"].get("namespace")
+        kw = {"field_manager": FIELD_MANAGER, "force": True, "_content_type": "application/apply-patch+yaml"}
+        api = self.api_client()
+        typed = {
+            ("v1", "Namespace"): ("namespaces", lambda: client.CoreV1Api(api).patch_namespace(name, body, **kw)),
+            ("v1", "ServiceAccount"): ("serviceaccounts", lambda: client.CoreV1Api(api).patch_namespaced_service_account(name, ns, body, **kw)),
+            ("v1", "ResourceQuota"): ("resourcequotas", lambda: client.CoreV1Api(api).patch_namespaced_resource_quota(name, ns, body, **kw)),
+            ("v1", "LimitRange"): ("limitranges", lambda: client.CoreV1Api(api).patch_namespaced_limit_range(name, ns, body, **kw)),
+            ("v1", "ConfigMap"): ("configmaps", lambda: client.CoreV1Api(api).patch_namespaced_config_map(name, ns, body, **kw)),
+            ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", lambda: client.NetworkingV1Api(api).patch_namespaced_network_policy(name, ns, body, **kw)),
+        }
+        if (api_version, kind) in typed:
+            resource, call = typed[(api_version, kind)]
+            group = api_version.rpartition("/")[0]
+            result = self._call("patch", resource, ns, call, group=group)
+            return api.sanitize_for_serialization(result)
+        group, _, version = api_version.partition("/")
+        plural = _plural(group, kind)
+        return self._call("patch", plural, ns, lambda: client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            group, version, ns, plural, name, body, **kw), group=group)
+
+    # --- policy ----------------------------------------------------------------------
+
+    def pod_selector(self) -> dict[str, str]:
+        return {objects.KERNEL_LABEL: objects.label_value(self.kernel_id or "")}
+
+    def policy_objects(self, policy: Any, resolved: dict | None = None) -> list[dict]:
+        """Compile ``policy`` with every configured cluster enforcer (pure; no API calls)."""
+        from ..policy.enforcers import render
+
+        out: list[dict] = []
+        seen: set[tuple[str, str]] = set()
+        for enforcer in self.enforcers:
+            rendered = render(policy, enforcer, namespace=self.namespace, pod_selector=self.pod_selector(),
+                              name=f"{self.pod}-egress", resolved=resolved, always_blocked=self.always_blocked,
+                              node_local_dns=self.node_local_dns.lower() == "true")
+            for obj in rendered:
+                obj.setdefault("metadata", {}).setdefault("labels", {}).update(
+                    {objects.MANAGED_BY_LABEL: objects.MANAGED_BY, **self.pod_selector()})
+                key = (obj["kind"], obj["metadata"]["name"])
+                if key not in seen:
+                    seen.add(key)
+                    out.append(obj)
+        return out
+
+    async def _apply_policy_objects(self, policy: Any) -> dict[str, Any]:
+        resolved = None
+        if policy is not None and getattr(policy, "mode", None) == "allowlist" and policy.domains() \
+                and "networkpolicy" in self.enforcers:
+            from ..policy.resolve import resolve_policy
+
+            resolution = await asyncio.to_thread(resolve_policy, policy)
+            resolved = resolution.addresses
+        try:
+            new = self.policy_objects(policy, resolved)
+        except PolicyError:
+            raise
+        previous = self._policy_objects
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(lambda: [self.apply_object(o) for o in new])
+        except SandboxError as err:
+            if previous:
+                try:
+                    await asyncio.to_thread(lambda: [self.apply_object(o) for o in previous])
+                except SandboxError:
+                    pass
+            raise PolicyError(f"the egress policy could not be applied; the previous one stays in force: {err}") from None
+        stale = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in previous} - {
+            (o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in new}
+        if stale:
+            await asyncio.to_thread(self._delete_named, stale)
+        self._policy_objects = new
+        self._applied = {"enforcer": ",".join(self.enforcers), "applied_at": time.time(),
+                         "apply_ms": round((time.monotonic() - started) * 1000, 1),
+                         "objects": [f"{o['kind']}/{o['metadata']['name']}" for o in new],
+                         "resolved": resolved or {}}
+        return self.applied
+
+    # --- the pod ---------------------------------------------------------------------
+
+    def make_pod(self):
+        from ..agent.bundle import pyz_digest
+
+        return objects.make_pod(
+            self.pod, self.namespace, kernel_id=self.kernel_id, user=self.user, image=self.image,
+            agent_configmap=objects.agent_configmap_name(pyz_digest()), requests=self.requests,
+            limits=self.limits, image_pull_policy=self.image_pull_policy, runtime_class=self.runtime_class,
+            node_selector=self.node_selector, tolerations=self.tolerations,
+            annotations={"sandbox-kernel.io/idle-timeout": str(int(self.idle_timeout))} if self.idle_timeout else None,
+        )
+
+    def _create_pod(self) -> dict:
+        body = objects.to_dict(self.make_pod())
+        pod = self._call("create", "pods", self.namespace, self._core().create_namespaced_pod, self.namespace, body)
+        return self.api_client().sanitize_for_serialization(pod)
+
+    def _read_pod(self) -> dict | None:
+        try:
+            pod = self._call("get", "pods", self.namespace, self._core().read_namespaced_pod, self.pod, self.namespace)
+        except _NotFound:
+            return None
+        return self.api_client().sanitize_for_serialization(pod)
+
+    async def _wait_ready(self, resource_version: str, progress: Progress) -> None:
+        """Watch the pod and its events (from the create's resourceVersion) until Ready."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        core = self._core()
+        timeout = max(1, int(self.start_timeout) + 1)
+        watches = [
+            _Watch(queue, loop, "pod", "pods", self.namespace, core.list_namespaced_pod, self.namespace,
+                   field_selector=f"metadata.name={self.pod}", resource_version=resource_version,
+                   timeout_seconds=timeout),
+            _Watch(queue, loop, "event", "events", self.namespace, core.list_namespaced_event, self.namespace,
+                   field_selector=f"involvedObject.name={self.pod}", resource_version=resource_version,
+                   timeout_seconds=timeout),
+        ]
+        for w in watches:
+            w.start()
+        tracker = StartTracker(self.image, progress)
+        deadline = loop.time() + self.start_timeout
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise SandboxStartError(
+                        f"the sandbox pod {self.namespace}/{self.pod} was not ready within "
+                        f"{self.start_timeout:.0f} s (c.KubernetesBackend.start_timeout); last state: {tracker.last}")
+                try:
+                    source, kind, obj = await asyncio.wait_for(queue.get(), min(remaining, 1.0))
+                except asyncio.TimeoutError:
+                    tracker.tick(self.schedule_timeout)
+                    continue
+                if source == "error":
+                    raise obj
+                if source == "event":
+                    tracker.event(obj)
+                elif kind == "DELETED":
+                    raise SandboxStartError(f"the sandbox pod {self.namespace}/{self.pod} was deleted while starting")
+                elif tracker.pod(obj):
+                    return
+                tracker.tick(self.schedule_timeout)
+        finally:
+            for w in watches:
+                w.stop()
+
+    def _open_exec(self, command: list[str]):
+        """Open the exec WebSocket (own ApiClient: ``stream()`` swaps the client's call_api)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.stream import stream
+
+        api_client = client.ApiClient(self.configuration())
+        api = client.CoreV1Api(api_client)
+        try:
+            return stream(api.connect_get_namespaced_pod_exec, self.pod, self.namespace, command=command,
+                          container=objects.CONTAINER, stdin=True, stdout=True, stderr=True, tty=False,
+                          _preload_content=False, binary=True)
+        except ApiException as err:
+            m = re.search(r"Handshake status (\d+)", str(err.reason))
+            code = int(m.group(1)) if m else 0
+            if code == 403:
+                raise KubernetesForbidden("create", "pods/exec", self.namespace, str(err.reason)) from None
+            if code == 0:
+                raise KubernetesUnavailable(f"cannot open an exec stream to the Kubernetes API server "
+                                            f"({self.configuration().host}): {err.reason}") from None
+            raise SandboxStartError(f"the exec stream to pod {self.namespace}/{self.pod} failed: {err.reason}") from None
+        finally:
+            api_client.close()  # the WebSocket does not use it once open
+
+    async def _idle_watch(self) -> None:
+        """Stop the pod after ``idle_timeout`` s with no cell running (stream closed → Session sees it)."""
+        while True:
+            transport = self._transport
+            if transport is None:
+                return
+            idle = transport.idle_for()
+            if idle is not None and idle >= self.idle_timeout:
+                self.log.info("sandbox %s idle for %.0f s: removing it", self.pod, idle)
+                self._idle_stopped = True
+                await self.stop()
+                return
+            await asyncio.sleep(max(0.05, min(self.idle_timeout - (idle or 0), 5.0)))
+
+    # --- cleanup ---------------------------------------------------------------------
+
+    def _kinds(self) -> list[tuple[str, str, str]]:
+        return sorted({k for e in self.enforcers for k in ENFORCER_KINDS.get(e, [])})
+
+    def _delete_kernel_objects(self) -> None:
+        from kubernetes import client
+
+        try:
+            self._call("delete", "pods", self.namespace, self._core().delete_namespaced_pod, self.pod,
+                       self.namespace, grace_period_seconds=1)
+        except _NotFound:
+            pass
+        selector = f"{objects.KERNEL_LABEL}={objects.label_value(self.kernel_id or '')}"
+        api = self.api_client()
+        for group, version, plural in self._kinds():
+            if (group, plural) == ("networking.k8s.io", "networkpolicies"):
+                call = lambda: client.NetworkingV1Api(api).delete_collection_namespaced_network_policy(
+                    self.namespace, label_selector=selector)
+            else:
+                call = lambda g=group, v=version, p=plural: client.CustomObjectsApi(api).delete_collection_namespaced_custom_object(
+                    g, v, self.namespace, p, label_selector=selector)
+            try:
+                self._call("deletecollection", plural, self.namespace, call, group=group)
+            except _NotFound:
+                pass
+
+    def _delete_named(self, keys: set[tuple[str, str, str]]) -> None:
+        from kubernetes import client
+
+        api = self.api_client()
+        for api_version, kind, name in keys:
+            group, _, version = api_version.rpartition("/")
+            if kind == "NetworkPolicy":
+                call = lambda n=name: client.NetworkingV1Api(api).delete_namespaced_network_policy(n, self.namespace)
+            else:
+                plural = _plural(group, kind)
+                call = lambda g=group, v=version, p=plural, n=name: client.CustomObjectsApi(api).delete_namespaced_custom_object(
+                    g, v, self.namespace, p, n)
+            try:
+                self._call("delete", _plural(group, kind), self.namespace, call, group=group)
+            except _NotFound:
+                pass
+
+    # --- error mapping ----------------------------------------------------------------
+
+    def _call(self, verb: str, resource: str, namespace: str | None, fn, *args, group: str = "", **kwargs):
+        """Run one API call; turn ApiException into a typed error naming verb and resource."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as err:
+            raise _api_error(err, verb, resource if not group else f"{resource}.{group}", namespace) from None
+        except HTTPError as err:
+            raise KubernetesUnavailable(
+                f"cannot reach the Kubernetes API server at {self.configuration().host}: {err}") from None
+
+
+class _NotFound(SandboxError):
+    ename = "NotFound"
+
+
+def _status_message(err) -> tuple[str, str]:
+    try:
+        body = json.loads(err.body or "{}")
+        return body.get("message", ""), body.get("reason", "")
+    except (TypeError, ValueError):
+        return str(err.body or err.reason or ""), ""
+
+
+def _api_error(err, verb: str, resource: str, namespace: str | None) -> SandboxError:
+    """An ApiException as the error a user should see (pure; the tests call it too)."""
+    message, reason = _status_message(err)
+    if err.status == 404:
+        return _NotFound(message or f"{resource} not found")
+    if err.status == 403 and ("exceeded quota" in message or "failed quota" in message):
+        return QuotaExceeded(namespace or "?", message)
+    if err.status == 403:
+        return KubernetesForbidden(verb, resource, namespace, message)
+    if err.status == 401:
+        return KubernetesUnavailable(f"the Kubernetes API server rejected the kernel's credentials (401): {message}")
+    if err.status == 422:
+        return SandboxStartError(f"Kubernetes rejected the {resource} object as invalid (a bug in "
+                                 f"sandbox-kernel or its configuration): {message}")
+    return SandboxStartError(f"Kubernetes could not {verb} {resource}: {err.status} {reason} {message}".strip())
+
+
+def _plural(group: str, kind: str) -> str:
+    for kinds in ENFORCER_KINDS.values():
+        for g, _, plural in kinds:
+            if g == group and plural.rstrip("s") in (kind.lower(), kind.lower().rstrip("y") + "ie"):
+                return plural
+    return kind.lower() + "s"
+
+
+def _load_configuration(context: str | None):
+    """In-cluster config when running in a pod, else kubeconfig. Raises KubernetesUnavailable."""
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not context:
+            config.load_incluster_config(client_configuration=cfg)
+        else:
+            config.load_kube_config(context=context, client_configuration=cfg)
+    except Exception as err:  # noqa: BLE001 - the client raises several unrelated types here
+        raise KubernetesUnavailable(
+            "no Kubernetes credentials: run the kernel in a pod with a service account, or provide a "
+            f"kubeconfig (KUBECONFIG, ~/.kube/config; context: c.KubernetesBackend.context). ({err})"
+        ) from None
+    return cfg
+
+
+# --- start progress -------------------------------------------------------------------
+
+class StartTracker:
+    """Turns pod states and events into progress lines and typed failures (pure logic).
+
+    Fed by KubernetesBackend._wait_ready(); ``pod()`` returns True once the pod is Ready.
+    """
+
+    def __init__(self, image: str, progress: Progress, clock: Callable[[], float] = time.monotonic):
+        self.image = image
+        self.progress = progress
+        self.clock = clock
+        self.last = "created"
+        self._said: set[str] = set()
+        self._unschedulable_since: float | None = None
+        self._unschedulable_msg = ""
+
+    def say(self, line: str) -> None:
+        if line not in self._said:
+            self._said.add(line)
+            self.progress(line)
+
+    def event(self, ev: dict) -> None:
+        reason, message = ev.get("reason", ""), ev.get("message", "")
+        if reason == "Scheduled":
+            self._unschedulable_since = None
+            node = message.rpartition(" to ")[2]
+            self.say(f"Scheduled on node {node}" if node else "Scheduled")
+        elif reason == "FailedScheduling":
+            self._unschedulable_msg = message
+            if self._unschedulable_since is None:
+                self._unschedulable_since = self.clock()
+            self.say(f"Waiting for a node: {message}")
+        elif reason == "TriggeredScaleUp":
+            self.say("Waiting for the cluster to add a node…")
+        elif reason == "Pulling":
+            self.say(f"Pulling image {self.image}…")
+        elif reason == "Pulled":
+            m = re.search(r" in ([0-9.]+m?s)", message)
+            self.say(f"Pulled image {self.image}" + (f" in {m.group(1)}" if m else ""))
+        elif reason == "Started":
+            self.say("Started")
+        elif reason in ("Failed", "BackOff") and ("pull" in message.lower() or "ErrImagePull" in message):
+            if "Failed to pull image" in message:
+                self._pull_error = message
+        self.last = f"{reason}: {message}"
+
+    def pod(self, pod: dict) -> bool:
+        status = pod.get("status") or {}
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                    and cond.get("reason") == "Unschedulable" and self._unschedulable_since is None:
+                self._unschedulable_since = self.clock()
+                self._unschedulable_msg = cond.get("message", "")
+                self.say(f"Waiting for a node: {self._unschedulable_msg}")
+        for cs in status.get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            waiting = state.get("waiting") or {}
+            if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
+                raise ImagePullFailed(self.image, getattr(self, "_pull_error", "") or waiting.get("message", ""))
+            if waiting.get("reason") in ("CreateContainerConfigError", "CreateContainerError", "RunContainerError"):
+                raise SandboxStartError(f"the sandbox container could not be created: {waiting.get('message', '')}")
+            if "terminated" in state:
+                term = state["terminated"]
+                raise SandboxStartError(
+                    f"the sandbox container exited during start (exit code {term.get('exitCode')}, "
+                    f"{term.get('reason', '')}){_hint(term.get('exitCode'))}")
+        if status.get("phase") in ("Failed", "Succeeded"):
+            raise SandboxStartError(f"the sandbox pod ended during start: {status.get('reason', '')} "
+                                    f"{status.get('message', '')}".strip())
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if ready:
+            self.say("Ready")
+        self.last = f"phase {status.get('phase')}"
+        return ready
+
+    def tick(self, schedule_timeout: float) -> None:
+        if self._unschedulable_since is not None:
+            waited = self.clock() - self._unschedulable_since
+            if waited >= schedule_timeout:
+                raise Unschedulable(self._unschedulable_msg, waited)
+
+
+def _hint(exit_code) -> str:
+    if exit_code == 127:
+        return ": the image has no python3 on its PATH (c.KubernetesBackend.image)"
+    return ""
+
+
+def describe_pod_end(pod: dict | None) -> tuple[str, int | None]:
+    """Why a pod's agent is gone, in plain words, and its exit status when known (pure)."""
+    if pod is None:
+        return "the sandbox pod was deleted", None
+    if pod["metadata"].get("deletionTimestamp"):
+        return "the sandbox pod is being deleted", None
+    status = pod.get("status") or {}
+    if status.get("reason") == "Evicted":
+        return f"the sandbox pod was evicted: {status.get('message', '')}".strip(), None
+    for cs in status.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            code = term.get("exitCode")
+            what = "was killed (out of memory)" if term.get("reason") == "OOMKilled" else f"exited with status {code}"
+            return f"the agent in the sandbox pod {what}", code
+    return "the exec stream to the sandbox pod closed (the pod is still running)", None
+
+
+# --- watching in threads ------------------------------------------------------------------
+
+class _Watch:
+    """One ``Watch().stream`` in a daemon thread, feeding ``(source, type, object-dict)``
+    into an asyncio queue. ``stop()`` ends it at once (the client shuts its socket)."""
+
+    def __init__(self, queue, loop, source, resource, namespace, func, *args, **kwargs):
+        from kubernetes import watch
+
+        self.queue, self.loop, self.source = queue, loop, source
+        self.resource, self.namespace = resource, namespace
+        self.func, self.args, self.kwargs = func, args, kwargs
+        self.watch = watch.Watch()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"sandbox-watch-{source}")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.watch.stop()
+
+    def _put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    def _run(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            for event in self.watch.stream(self.func, *self.args, deserialize=False, **self.kwargs):
+                self._put((self.source, event["type"], event["object"]))
+        except ApiException as err:
+            if not self.watch._stop:
+                self._put(("error", None, _api_error(err, "watch", self.resource, self.namespace)))
+        except Exception as err:  # noqa: BLE001 - a socket shut by stop() surfaces as anything
+            if not self.watch._stop:
+                self._put(("error", None, KubernetesUnavailable(f"watching {self.resource} failed: {err}")))
+
+
+# --- the exec stream as a transport ----------------------------------------------------------
+
+class _ExecWriter:
+    """The writer half LineTransport expects, sending to the exec stdin channel in a thread."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self._buffer = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+
+    async def drain(self) -> None:
+        data, self._buffer = bytes(self._buffer), bytearray()
+        if data:
+            try:
+                await asyncio.to_thread(self.ws.write_stdin, data)
+            except Exception as err:  # noqa: BLE001 - websocket-client raises several types
+                self.closed = True
+                raise ConnectionError(f"the exec stream to the sandbox is closed: {err}") from None
+
+    def is_closing(self) -> bool:
+        return self.closed or not self.ws.is_open()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ExecTransport(LineTransport):
+    """Frames over a pod exec: stdin channel out, stdout channel in (stderr goes to the log).
+
+    A reader thread pulls channel data from the WebSocket and feeds an asyncio
+    StreamReader; the channel-3 status is kept as :attr:`status` when the exec ends.
+    Also tracks whether a cell is running, for the idle timeout.
+    """
+
+    def __init__(self, ws, loop: asyncio.AbstractEventLoop, log):
+        self.ws = ws
+        self.loop = loop
+        self.log = log
+        self.status: dict | None = None
+        self._busy: set = set()
+        self._last = time.monotonic()
+        reader = asyncio.StreamReader(limit=protocol.MAX_FRAME + 1)
+        super().__init__(reader, _ExecWriter(ws))
+        self._thread = threading.Thread(target=self._pump, daemon=True, name="sandbox-exec-reader")
+        self._thread.start()
+
+    def _pump(self) -> None:
+        ws, reader = self.ws, self._reader
+        try:
+            while ws.is_open() and not self._writer.closed:
+                ws.update(timeout=0.5)
+                out = ws.read_channel(1)
+                if out:
+                    self.loop.call_soon_threadsafe(reader.feed_data, out)
+                err = ws.read_channel(2)
+                if err:
+                    self.log.info("sandbox agent stderr: %s", err.decode("utf-8", "replace").rstrip())
+            status = ws.read_channel(3)
+            if status:
+                try:
+                    self.status = json.loads(status)
+                except ValueError:
+                    self.status = {"message": status.decode("utf-8", "replace")}
+        except Exception as err:  # noqa: BLE001 - a dropped socket may surface as many types
+            self.log.info("exec stream ended: %s", err)
+        finally:
+            try:
+                self.loop.call_soon_threadsafe(reader.feed_eof)
+            except RuntimeError:
+                pass
+
+    async def send(self, frame: dict) -> None:
+        if frame.get("type") == "execute":
+            self._busy.add(frame.get("id"))
+        self._last = time.monotonic()
+        await super().send(frame)
+
+    async def recv(self) -> dict | None:
+        frame = await super().recv()
+        self._last = time.monotonic()
+        if frame is not None and frame.get("type") == "done":
+            self._busy.discard(frame.get("id"))
+        return frame
+
+    def idle_for(self) -> float | None:
+        """Seconds since the last frame, or None while a cell runs."""
+        return None if self._busy else time.monotonic() - self._last
+
+    async def close(self) -> None:
+        self._writer.close()
+        await asyncio.to_thread(self._close_ws)
+
+    def _close_ws(self) -> None:
+        try:
+            self.ws.close()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self._thread.join(2)
+
+
+# --- garbage collection ---------------------------------------------------------------------
+
+def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now: float | None = None) -> list[str]:
+    """Remove orphans by label and age; return what was removed ("pods ns/name", …).
+
+    Called by ``sandbox-kernel gc`` (a CronJob in the Helm chart). Removes sandbox pods
+    (label ``app.kubernetes.io/managed-by=sandbox-kernel``) that ended (Succeeded/Failed)
+    or are older than ``max_age`` seconds, then per-kernel policy objects whose kernel has
+    no pod left. Namespaces are kept (they are cheap and make the next start fast).
+    """
+    from kubernetes import client
+
+    backend = KubernetesBackend(enforcers=enforcers or ["networkpolicy"])
+    if api_client is not None:
+        backend._api_client = api_client
+    api = backend.api_client()
+    core = client.CoreV1Api(api)
+    selector = f"{objects.MANAGED_BY_LABEL}={objects.MANAGED_BY},{objects.KERNEL_LABEL}"
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    pods = backend._call("list", "pods", None, core.list_pod_for_all_namespaces, label_selector=selector).items
+    live_kernels: set[tuple[str, str]] = set()
+    for pod in pods:
+        meta = pod.metadata
+        created = meta.creation_timestamp
+        age = now - created.timestamp() if isinstance(created, datetime.datetime) else 0
+        ended = pod.status is not None and pod.status.phase in ("Succeeded", "Failed")
+        if ended or age > max_age:
+            try:
+                backend._call("delete", "pods", meta.namespace, core.delete_namespaced_pod, meta.name,
+                              meta.namespace, grace_period_seconds=1)
+                removed.append(f"pods {meta.namespace}/{meta.name}")
+            except _NotFound:
+                pass
+        else:
+            live_kernels.add((meta.namespace, meta.labels.get(objects.KERNEL_LABEL, "")))
+    for group, version, plural in backend._kinds():
+        if (group, plural) == ("networking.k8s.io", "networkpolicies"):
+            items = backend._call("list", plural, None, client.NetworkingV1Api(api).list_network_policy_for_all_namespaces,
+                                  label_selector=selector, group=group).items
+            found = [(i.metadata.namespace, i.metadata.name, (i.metadata.labels or {}).get(objects.KERNEL_LABEL)) for i in items]
+        else:
+            items = backend._call("list", plural, None, client.CustomObjectsApi(api).list_cluster_custom_object,
+                                  group, version, plural, label_selector=selector, group=group)["items"]
+            found = [(i["metadata"]["namespace"], i["metadata"]["name"], i["metadata"].get("labels", {}).get(objects.KERNEL_LABEL))
+                     for i in items]
+        for ns, name, kernel in found:
+            if (ns, kernel) in live_kernels:
+                continue
+            if (group, plural) == ("networking.k8s.io", "networkpolicies"):
+                call = lambda n=name, s=ns: client.NetworkingV1Api(api).delete_namespaced_network_policy(n, s)
+            else:
+                call = lambda n=name, s=ns: client.CustomObjectsApi(api).delete_namespaced_custom_object(group, version, s, plural, n)
+            try:
+                backend._call("delete", plural, ns, call, group=group)
+                removed.append(f"{plural} {ns}/{name}")
+            except _NotFound:
+                pass
+    return removed
