@@ -7,19 +7,16 @@ sends traffic anywhere else.
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from kerneltest import _HOST_INDEX, _HOST_SERVER, KernelDriver, TestHost, _sh
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,93 +43,6 @@ def kernelspec_path(tmp_path_factory):
         os.environ["JUPYTER_PATH"] = old
 
 
-def sandbox_namespaces() -> set[str]:
-    netns = Path("/run/netns")
-    return {p.name for p in netns.iterdir() if p.name.startswith("sbx-")} if netns.exists() else set()
-
-
-@dataclass
-class Cell:
-    """Everything one execute_request produced."""
-
-    reply: dict
-    outputs: list[dict] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-
-    @property
-    def status(self) -> str:
-        return self.reply["content"]["status"]
-
-    @property
-    def sandbox(self) -> dict:
-        return self.reply["metadata"]["sandbox"]
-
-    def stream(self, name: str = "stdout") -> str:
-        return "".join(o["content"]["text"] for o in self.outputs
-                       if o["msg_type"] == "stream" and o["content"]["name"] == name)
-
-    def of_type(self, msg_type: str) -> list[dict]:
-        return [o for o in self.outputs if o["msg_type"] == msg_type]
-
-
-class KernelDriver:
-    """A real Sandbox kernel started by jupyter_client, and a blocking client to it."""
-
-    def __init__(self, env: dict | None = None):
-        from jupyter_client.manager import KernelManager
-
-        self.km = KernelManager(kernel_name="sandbox")
-        kernel_env = {**os.environ, **(env or {})}
-        self.km.start_kernel(env=kernel_env)
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
-
-    def execute(self, code: str, timeout: float = 60, stdin=None, on_output=None, **kwargs) -> Cell:
-        """Run ``code``; answer input requests with ``stdin(prompt)``; return the Cell."""
-        msg_id = self.kc.execute(code, allow_stdin=stdin is not None, **kwargs)
-        start = time.monotonic()
-        outputs, times = [], []
-        deadline = start + timeout
-        idle = False
-        while not idle:
-            if stdin is not None:
-                try:
-                    req = self.kc.get_stdin_msg(timeout=0.01)
-                    if req["parent_header"].get("msg_id") == msg_id:
-                        self.kc.input(stdin(req["content"]["prompt"]))
-                except Exception:  # noqa: BLE001 - queue.Empty: no request yet
-                    pass
-            try:
-                msg = self.kc.get_iopub_msg(timeout=0.05)
-            except Exception:  # noqa: BLE001
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"cell did not finish in {timeout} s: {code!r}")
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "status":
-                idle = msg["content"]["execution_state"] == "idle"
-                continue
-            if msg["msg_type"] == "execute_input":
-                continue
-            outputs.append(msg)
-            times.append(time.monotonic() - start)
-            if on_output:
-                on_output(msg)
-        while True:
-            reply = self.kc.get_shell_msg(timeout=timeout)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-        return Cell(reply=reply, outputs=outputs, times=times)
-
-    def shutdown(self) -> None:
-        try:
-            self.kc.stop_channels()
-        finally:
-            self.km.shutdown_kernel(now=False)
-
-
 @pytest.fixture(scope="module")
 def kernel():
     """One Sandbox kernel shared by a test module (state carries between its tests)."""
@@ -154,65 +64,6 @@ def fresh_kernel():
     yield start
     for driver in drivers:
         driver.shutdown()
-
-
-# -- test hosts -------------------------------------------------------------------------
-
-@dataclass
-class TestHost:
-    """A host in a network namespace of its own, reachable from the host: TCP on ``port``
-    and ``port + 1`` (IPv4 and IPv6), UDP on ``port``; it logs every contact."""
-
-    name: str
-    ip: str
-    ip6: str
-    port: int
-    connections: list = field(default_factory=list)
-
-    def seen(self) -> int:
-        """How many connections/datagrams reached the host (read from its log)."""
-        log = Path(f"/tmp/{self.name}.log")
-        return len(log.read_text().splitlines()) if log.exists() else 0
-
-
-_HOST_SERVER = r"""
-import socket, sys, threading, os
-port, log = int(sys.argv[1]), sys.argv[2]
-def note(what):
-    with open(log, "a") as f:
-        f.write(what + "\n")
-def tcp(family, addr, port):
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((addr, port)); s.listen(16)
-    while True:
-        c, peer = s.accept(); note(f"tcp {peer[0]}")
-        try:
-            c.sendall(b"hello from test host\n")
-        finally:
-            c.close()
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
-    while True:
-        data, peer = s.recvfrom(2048); note(f"udp {peer[0]}")
-        s.sendto(b"pong", peer)
-targets = [udp]
-for p in (port, port + 1):
-    targets += [lambda p=p: tcp(socket.AF_INET, "0.0.0.0", p), lambda p=p: tcp(socket.AF_INET6, "::", p)]
-for target in targets:
-    threading.Thread(target=target, daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-
-_HOST_INDEX = itertools.count(1)
-
-
-def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, check=check)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import KernelDriver, sandbox_namespaces
+from kerneltest import KernelDriver, sandbox_namespaces
 
 
 def _sandbox_processes() -> list[str]:

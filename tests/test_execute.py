@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import sandbox_namespaces
+from kerneltest import sandbox_namespaces
 
 
 def test_stream_arrives_while_the_cell_runs(kernel):

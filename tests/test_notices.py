@@ -9,7 +9,7 @@ from sandbox_kernel.notices import NOTICE_MIME
 
 @pytest.fixture(scope="module")
 def kernel():
-    from conftest import KernelDriver
+    from kerneltest import KernelDriver
 
     driver = KernelDriver({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16"})
     yield driver

@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def kernel():
-    from conftest import KernelDriver
+    from kerneltest import KernelDriver
 
     driver = KernelDriver({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
     yield driver
