@@ -808,6 +808,7 @@ class ExecHandler(_Base, tornado.websocket.WebSocketHandler):
         return None
 
     async def open(self, *args):
+        self.set_nodelay(True)  # as the kubelet's streams: no Nagle delay on small frames
         runner = self.fake.runner
         try:
             proc = await runner.spawn(self.pod, self.command, role="exec")
