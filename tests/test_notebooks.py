@@ -1,0 +1,296 @@
+"""The notebooks in notebooks/ run top to bottom on the Sandbox kernel (nbclient) and show
+what they say they show; ``sandbox-kernel demo-host`` creates and removes its destination.
+
+Notebooks 2 and 3 talk to the demo host (10.231.254.2); here a ``test_host`` takes its place:
+its address goes into the ``parameters`` cell and into the ``%sandbox`` lines, which the
+kernel reads literally. A cell tagged ``raises-exception`` must fail, every other cell must
+succeed (nbclient raises otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+NOTICE = "application/vnd.sandbox-kernel.notice+json"
+WIDGET = "application/vnd.jupyter.widget-view+json"
+DEMO_ADDR = "10.231.254.2"
+
+
+class Run:
+    """An executed notebook: its cells, and the execute_reply of each code cell."""
+
+    def __init__(self, nb, replies: dict[int, dict]):
+        self.nb = nb
+        self.replies = replies
+
+    def cell(self, text: str) -> tuple[int, dict]:
+        """The first code cell whose source contains ``text``."""
+        for i, cell in enumerate(self.nb.cells):
+            if cell.cell_type == "code" and text in cell.source:
+                return i, cell
+        raise KeyError(text)
+
+    def cells(self, text: str) -> list[tuple[int, dict]]:
+        return [(i, c) for i, c in enumerate(self.nb.cells) if c.cell_type == "code" and text in c.source]
+
+    def notices(self, index: int) -> list[dict]:
+        return [o["data"][NOTICE] for o in self.nb.cells[index].outputs
+                if o.get("output_type") == "display_data" and NOTICE in o.get("data", {})]
+
+    def sandbox_meta(self, index: int) -> dict:
+        return self.replies[index]["metadata"]["sandbox"]
+
+
+def footer(cell) -> str:
+    """The cell's footer line (the last stream line, or the last line of its error)."""
+    lines = []
+    for out in cell.outputs:
+        if out.get("output_type") == "stream":
+            lines += out["text"].splitlines()
+        elif out.get("output_type") == "error":
+            lines += out["traceback"]
+    found = [line for line in lines if re.match(r"^exit -?\d+ · ", line)]
+    assert found, f"no footer in {cell.source!r}: {lines}"
+    return found[-1]
+
+
+def text_of(cell) -> str:
+    parts = []
+    for out in cell.outputs:
+        if out.get("output_type") == "stream":
+            parts.append(out["text"])
+        elif out.get("output_type") in ("display_data", "execute_result"):
+            parts.append(out["data"].get("text/plain", ""))
+        elif out.get("output_type") == "error":
+            parts.append("\n".join(out["traceback"]))
+    return "".join(p if p.endswith("\n") else p + "\n" for p in parts)
+
+
+def execute(name: str, env: dict | None = None, host: str | None = None) -> Run:
+    """Run ``notebooks/<name>`` on the Sandbox kernel; point it at ``host`` if given."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    if host is not None:
+        params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1, "the notebook needs exactly one cell tagged 'parameters'"
+        params[0].source = f"DEMO_HOST = {host!r}\nDEMO_PORT = 8080"
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                cell.source = cell.source.replace(DEMO_ADDR, host)
+    replies: dict[int, dict] = {}
+    client = NotebookClient(nb, kernel_name="sandbox", timeout=60, resources={"metadata": {"path": "/tmp"}},
+                            on_cell_executed=lambda cell, cell_index, execute_reply: replies.__setitem__(cell_index, execute_reply))
+    client.execute(env={**os.environ, **(env or {})})
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        failed = any(o.get("output_type") == "error" for o in cell.outputs)
+        expected = "raises-exception" in cell.metadata.get("tags", [])
+        assert failed == expected, f"cell {i} {'failed' if failed else 'succeeded'} unexpectedly: {cell.source!r}"
+        assert replies[i]["metadata"]["sandbox"]["exit_status"] == int(footer(cell).split()[1]), cell.source
+    return Run(nb, replies)
+
+
+def test_committed_notebooks_are_clean():
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        assert nb.metadata["kernelspec"]["name"] == "sandbox", path.name
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"stale output in {path.name}: {cell.source!r}"
+
+
+def test_getting_started():
+    run = execute("01-getting-started.ipynb")
+    i, cell = run.cell("step {i}")
+    assert text_of(cell).startswith("step 0\nstep 1\nstep 2\n")
+    assert footer(cell).startswith("exit 0 · ") and footer(cell).endswith("egress: default-deny")
+    assert footer(run.cell("exit 3")[1]).startswith("exit 3 · ")
+    assert footer(run.cell("SystemExit(2)")[1]).startswith("exit 2 · ")
+    assert "/home/sandbox/project" in text_of(run.cell("os.getcwd()")[1])
+    assert "uid 65534" in text_of(run.cell("os.getuid()")[1])
+    i, cell = run.cell("10.0.2.2")
+    assert "refused:" in text_of(cell)
+    assert [n["port"] for n in run.notices(i)] == [8888]
+    assert footer(cell).endswith("1 blocked")
+    assert "b'pong'" in text_of(run.cell("pong")[1])
+
+
+def test_egress_policies(test_host):
+    host = test_host(8080)
+    run = execute("02-egress-policies.ipynb", host=host.ip,
+                  env={"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "public 10.231.0.0/16"})
+    entry = f"{host.ip}:8080/tcp"
+
+    i, status = run.cell("%sandbox status")
+    assert re.search(r"^policy +default-deny$", text_of(status), re.M)
+
+    blocked, reached, again = (i for i, _ in run.cells("hello(DEMO_HOST)"))
+    [notice] = run.notices(blocked)
+    assert (notice["ip"], notice["port"], notice["protocol"]) == (host.ip, 8080, "tcp")
+    assert notice["verdict"] == "guarded" and notice["policy"]["mode"] == "deny"
+    assert notice["remedy"] == {"action": "allow", "command": f"%sandbox allow {entry}", "entry": entry}
+    assert run.sandbox_meta(blocked)["blocked"][0]["remedy"] == notice["remedy"]
+    assert footer(run.nb.cells[blocked]).startswith("exit 1 · ") and footer(run.nb.cells[blocked]).endswith("1 blocked")
+
+    i, allow = run.cell(f"%sandbox allow {entry}")
+    assert f"egress now: allowlist (1 entry): {entry}" in text_of(allow)
+    assert "hello from test host" in text_of(run.nb.cells[reached])
+    assert run.sandbox_meta(reached)["exit_status"] == 0 and run.sandbox_meta(reached)["blocked"] == []
+
+    i, other_port = run.cell("hello(DEMO_HOST, 8081)")
+    assert "refused:" in text_of(other_port) and [n["port"] for n in run.notices(i)] == [8081]
+
+    assert "presets: pypi" in text_of(run.cell("%sandbox preset pypi")[1])
+    status_after = text_of(run.cells("%sandbox status")[-1][1])
+    assert re.search(r"^presets +pypi$", status_after, re.M) and entry in status_after
+
+    i, panel = run.cell("%sandbox policy")
+    [shown] = [o for o in panel.outputs if o.get("output_type") == "display_data"]
+    assert WIDGET in shown["data"] and "Sandbox egress policy: allowlist" in shown["data"]["text/plain"]
+    states = run.nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any(s["model_name"] == "ButtonModel" and s["state"].get("description") == "Apply" for s in states.values())
+
+    assert "egress now: allowlist (0 entries, presets: pypi)" in text_of(run.cell("%sandbox revoke")[1])
+    [notice] = run.notices(again)
+    assert notice["policy"]["mode"] == "allowlist" and notice["port"] == 8080
+
+    listed = text_of(run.cell("%sandbox blocked")[1])
+    assert f"{host.ip}:8080" in listed and f"{host.ip}:8081" in listed
+
+    i, curl = run.cell("!curl")
+    [notice] = run.notices(i)
+    assert notice["verdict"] == "rejected" and notice["ip"] == host.ip
+    assert footer(curl).startswith("exit 7 · ")
+
+    assert "egress now: default-deny" in text_of(run.cell("%sandbox mode deny")[1])
+    assert host.seen() == 1  # only the allowed connection ever reached the host
+
+
+def test_exam_mode(test_host):
+    host = test_host(8080)
+    run = execute("03-exam-mode.ipynb", host=host.ip, env={"SANDBOX_KERNEL_POLICY_LOCKED": "true"})
+    assert "locked by your administrator (exam mode)" in text_of(run.cell("%sandbox status")[1])
+
+    i, _ = run.cell("def hello")
+    [notice] = run.notices(i)
+    assert notice["verdict"] == "guarded"
+    assert notice["remedy"]["action"] == "forbidden" and "exam mode" in notice["remedy"]["reason"]
+
+    for magic in (f"%sandbox allow {host.ip}:8080/tcp", "%sandbox preset pypi"):
+        i, cell = run.cell(magic)
+        [error] = [o for o in cell.outputs if o["output_type"] == "error"]
+        assert error["ename"] == "CeilingRefused"
+        assert error["traceback"][0].startswith("CeilingRefused: Refused by your administrator's rule: "
+                                                "the administrator has locked the egress policy (exam mode).")
+        assert footer(cell).startswith("exit 1 · ") and footer(cell).endswith("egress: default-deny")
+
+    states = run.nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any("locked by your administrator" in str(s["state"].get("value", "")) for s in states.values())
+    assert all(s["state"].get("disabled") for s in states.values() if s["state"].get("description") in ("Apply", "Allow"))
+
+    i, _ = run.cell("guard.enabled = False")
+    [notice] = run.notices(i)
+    assert notice["verdict"] == "rejected"  # from the enforcer's log: the guard was off
+    assert re.search(r"^policy +default-deny$", text_of(run.cells("%sandbox status")[-1][1]), re.M)
+    assert host.seen() == 0
+
+
+def test_for_administrators(tmp_path):
+    run = execute("04-for-administrators.ipynb")
+    i, _ = run.cell("169.254.169.254")
+    [notice] = run.notices(i)
+    assert notice["remedy"]["action"] == "forbidden" and "always blocked" in notice["remedy"]["reason"]
+    i, cell = run.cell("%sandbox allow 169.254.169.254")
+    assert "CeilingRefused" in text_of(cell)
+
+
+def _blocks(cell, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", cell.source, re.S)
+
+
+def test_administrators_notebook_shows_what_the_cli_prints(tmp_path):
+    """The YAML and doctor lines in notebook 4 are static text: they must match the tools."""
+    nb = nbformat.read(NOTEBOOKS / "04-for-administrators.ipynb", as_version=4)
+    by_tag = {t: c for c in nb.cells for t in c.metadata.get("tags", [])}
+    (tmp_path / "course.yaml").write_text(_blocks(by_tag["policy-file"], "yaml")[0])
+    (tmp_path / "resolved.json").write_text(_blocks(by_tag["policy-file"], "json")[0])
+    cli = [sys.executable, "-m", "sandbox_kernel.cli"]
+    check = subprocess.run([*cli, "policy", "check", "course.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.strip() in by_tag["policy-file"].source.replace("\n", " ")
+    rendered = subprocess.run(
+        [*cli, "policy", "render", "--enforcer", "networkpolicy", "--namespace", "jupyter-alice",
+         "--resolved", "resolved.json", "course.yaml"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    shown = _blocks(by_tag["rendered-networkpolicy"], "yaml")[0]
+    assert list(yaml.safe_load_all(shown)) == list(yaml.safe_load_all(rendered.stdout))
+    doctor = subprocess.run([*cli, "doctor"], capture_output=True, text=True)
+    if doctor.returncode == 0:
+        for label in ("local backend: ready", "sandbox interpreter:", "state directory:", "sandbox uid:", "uplink (allowlist):"):
+            assert label in doctor.stdout and label in by_tag["doctor"].source
+
+
+# -- sandbox-kernel demo-host ---------------------------------------------------------------
+
+def _demo_host(action: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sandbox-kernel", "demo-host", action], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def demo_host():
+    """Leaves no demo host behind. Skips if one is running already (it is someone's)."""
+    if _demo_host("status").returncode == 0:
+        pytest.skip("a demo host is already running on this machine; not touching it")
+    yield _demo_host
+    _demo_host("stop")
+
+
+def _greeting(request: bytes = b"") -> bytes:
+    with socket.create_connection((DEMO_ADDR, 8080), timeout=5) as conn:
+        conn.settimeout(5)
+        if request:
+            conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+        return data
+
+
+def test_demo_host_start_status_stop(demo_host):
+    started = demo_host("start")
+    assert started.returncode == 0, started.stderr
+    assert f"running at {DEMO_ADDR}:8080" in started.stdout
+    assert demo_host("start").returncode == 0  # idempotent
+    assert demo_host("status").returncode == 0
+    assert _greeting() == b"hello from the demo host\n"
+    http = _greeting(b"GET / HTTP/1.0\r\nHost: demo\r\n\r\n")
+    assert http.startswith(b"HTTP/1.0 200 OK\r\n") and http.endswith(b"\r\n\r\nhello from the demo host\n")
+    assert "skdemo" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+    stopped = demo_host("stop")
+    assert stopped.returncode == 0 and "removed" in stopped.stdout
+    assert demo_host("status").returncode == 1
+    assert "skdemo" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert subprocess.run(["ip", "link", "show", "skdemo-h"], capture_output=True).returncode != 0
+    assert demo_host("stop").returncode == 0  # idempotent
+
+
+def test_demo_host_is_reachable_from_a_sandbox_only_when_allowed(demo_host, fresh_kernel):
+    assert demo_host("start").returncode == 0
+    kernel = fresh_kernel({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": f"public {DEMO_ADDR}"})
+    code = ("import socket\n"
+            f"print(socket.create_connection(({DEMO_ADDR!r}, 8080), timeout=5).recv(100).decode())")
+    assert kernel.execute(code).status == "error"
+    assert kernel.execute(f"%sandbox allow {DEMO_ADDR}:8080").status == "ok"
+    assert kernel.execute(code).stream().startswith("hello from the demo host\n")
