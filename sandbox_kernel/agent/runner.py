@@ -345,6 +345,7 @@ class Agent:
             exit_status = self.shell_status
         if exit_status != 0:
             status = "error"
+        reap_forgotten_children()
         self.send({"type": "done", "id": self.cell_id, "status": status, "exit_status": exit_status,
                    "duration_ms": round((time.perf_counter() - start) * 1000, 3),
                    "execution_count": count, "payload": [], "user_expressions": user_expressions})
@@ -388,6 +389,36 @@ class Agent:
         status = 128 - status if status < 0 else status
         self.shell_status = status
         return status
+
+
+def reap_forgotten_children() -> None:
+    """Reap exited children nobody will wait for (``os.fork()`` in a cell), so zombies do
+    not use up the sandbox's process limit. Children of live ``subprocess.Popen`` objects
+    are left to them: reaping those would lose their exit status."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            children = [int(p) for p in f.read().split()]
+    except OSError:
+        return
+    zombies = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    zombies.append(pid)
+        except OSError:
+            continue
+    if not zombies:
+        return
+    import gc
+
+    owned = {obj.pid for obj in gc.get_objects() if isinstance(obj, subprocess.Popen)}
+    for pid in zombies:
+        if pid not in owned:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
 
 def with_inputs_cleared(q: queue.Queue) -> None:
