@@ -314,7 +314,9 @@ class KubernetesBackend(Backend):
             raise SandboxStartError(str(err)) from None
         self.pod = f"sandbox-{slugify(kernel_id, 40)}-{secrets.token_hex(3)}"
         try:
-            await asyncio.to_thread(self._ensure_namespace, progress)
+            loop = asyncio.get_running_loop()
+            # progress() belongs to the event loop; the setup runs in a worker thread
+            await asyncio.to_thread(self._ensure_namespace, lambda line: loop.call_soon_threadsafe(progress, line))
             await self._apply_policy_objects(policy)
             pod = await asyncio.to_thread(self._create_pod)
             progress("Scheduling…")
