@@ -86,6 +86,20 @@ def measure(kernel_name: str, repeat: int) -> dict:
         km.shutdown_kernel(now=False)
 
 
+def rows(repeat: int = 200) -> list[dict]:
+    stock = measure("python3", repeat)
+    ours = measure("sandbox", repeat)
+    out = []
+    for metric, label in (("roundtrip_1p1_ms", "round trip of 1+1 (median ms)"),
+                          ("start_to_first_reply_s", "kernel start → first reply (s)"),
+                          ("print_1e6_lines_s", "print 1,000,000 lines (s)"),
+                          ("kernel_peak_rss_mb", "kernel peak RSS while printing (MB)")):
+        target = TARGETS.get(metric)
+        out.append({"metric": label, "ours": ours[metric], "baseline": stock[metric],
+                    "target": f"≤ {target}× stock" if target else "bounded"})
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=200)

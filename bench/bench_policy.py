@@ -34,6 +34,24 @@ def make_policy(count: int) -> tuple[EgressPolicy, dict[str, list[str]]]:
     return EgressPolicy(mode="allowlist", entries=tuple(entries), presets=("pypi", "github")), resolved
 
 
+def rows(count: int = 500, repeat: int = 11) -> list[dict]:
+    """Compile time per enforcer for ``count`` entries, for bench/run_all.py."""
+    blocked = AdminPolicy(cluster_ranges=["10.0.0.0/8"]).blocked_networks()
+    policy, resolved = make_policy(count)
+    out = []
+    for enforcer in ENFORCERS:
+        if enforcer == "istio":
+            continue
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            render(policy, enforcer, pod_selector={"app": "x"}, resolved=resolved, resolver="10.0.0.2", always_blocked=blocked)
+            samples.append((time.perf_counter() - start) * 1000)
+        out.append({"metric": f"compile {count} entries: {enforcer} (ms)", "ours": statistics.median(samples),
+                    "baseline": None, "target": "—"})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--entries", type=int, default=500)
