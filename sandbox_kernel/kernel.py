@@ -150,6 +150,7 @@ class SandboxKernel(Kernel):
         self._policy_lock = asyncio.Lock()
         self._progress_lines: list[str] = []
         self._progress_live = False
+        self._progress_parent: dict = {}
         self.sandbox = Session(self.sandbox_backend, self.kernel_id, self.policy, self.log,
                                progress=self._on_progress, start_timeout=self.start_timeout,
                                agent_view=self.agent_policy_view, on_blocked=self._blocked_between_cells)
@@ -241,10 +242,16 @@ class SandboxKernel(Kernel):
         await self.sandbox.interrupt()
 
     def _on_progress(self, line: str) -> None:
+        """Called by the backend (through the Session) for each start-up step."""
         self.log.info("sandbox: %s", line)
         self._progress_lines.append(line)
         if self._progress_live:
-            self._stream("stdout", f"[sandbox] {line}\n")
+            self._publish_progress(line)
+
+    def _publish_progress(self, line: str) -> None:
+        # the start task runs outside any request, so name the waiting cell as parent
+        self.session.send(self.iopub_socket, "stream", {"name": "stdout", "text": f"[sandbox] {line}\n"},
+                          parent=self._progress_parent, ident=self._topic("stream"))
 
     # -- publishing -------------------------------------------------------------------
     def _stream(self, name: str, text: str) -> None:
@@ -439,9 +446,10 @@ class SandboxKernel(Kernel):
         task = asyncio.ensure_future(self.sandbox.ready())
         done, _ = await asyncio.wait({task}, timeout=self.progress_delay)
         if not done:
+            self._progress_parent = self.get_parent("shell")
             self._progress_live = True
             for line in self._progress_lines or ["Starting the sandbox…"]:
-                self._stream("stdout", f"[sandbox] {line}\n")
+                self._publish_progress(line)
         try:
             await task
         finally:
@@ -490,7 +498,7 @@ class SandboxKernel(Kernel):
             return {"status": "error", "execution_count": self.execution_count, **error}
         if footer and not silent:
             self._stream("stdout", footer + "\n")
-        return {"status": "ok", "execution_count": self.execution_count, "payload": [],
+        return {"status": "ok", "execution_count": self.execution_count, "payload": result.payload,
                 "user_expressions": result.user_expressions}
 
     def finish_metadata(self, parent, metadata, reply_content):

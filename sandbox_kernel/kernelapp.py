@@ -11,6 +11,7 @@ from traitlets import Type
 
 from .backends.local import LocalBackend
 from .kernel import SandboxKernel
+from .policy.admin import AdminPolicy
 
 
 class SandboxKernelApp(IPKernelApp):
@@ -18,9 +19,14 @@ class SandboxKernelApp(IPKernelApp):
     description = "The Sandbox Jupyter kernel: cells run in an isolated sandbox."
     kernel_class = Type(SandboxKernel, klass="ipykernel.kernelbase.Kernel")
 
-    @property
-    def classes(self):  # type: ignore[override]
-        return [*super().classes, SandboxKernel, LocalBackend]
+    classes = [*IPKernelApp.classes, SandboxKernel, LocalBackend, AdminPolicy]
+    try:
+        from .backends.kubernetes import KubernetesBackend
+    except ImportError:  # the kubernetes extra is not installed
+        pass
+    else:
+        classes.append(KubernetesBackend)
+        del KubernetesBackend
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ class CellResult:
     execution_count: int | None = None
     user_expressions: dict = field(default_factory=dict)
     crashed: str | None = None  # plain-words reason when the sandbox died during the cell
+    payload: list = field(default_factory=list)
 
 
 _END = object()
@@ -267,6 +268,7 @@ class Session:
                                               (time.perf_counter() - started) * 1000),
                         execution_count=_as_int(frame.get("execution_count"), None),
                         user_expressions=frame.get("user_expressions") or {},
+                        payload=_pages(frame.get("payload")),
                     )
                 if kind == "input_request":
                     await self._answer_input(frame, sink)
@@ -318,6 +320,14 @@ def _source(frame: dict) -> str:
     record = frame.get("record")
     verdict = record.get("verdict") if isinstance(record, dict) else None
     return "guard" if verdict == "guarded" else "watcher"
+
+
+def _pages(payload) -> list:
+    """Pager payloads only (``obj?``): the one kind a sandbox may ask the frontend for."""
+    if not isinstance(payload, list):
+        return []
+    return [{"source": "page", "data": p["data"], "start": p.get("start", 0) if isinstance(p.get("start"), int) else 0}
+            for p in payload[:5] if isinstance(p, dict) and p.get("source") == "page" and isinstance(p.get("data"), dict)]
 
 
 def _as_int(value, default):

@@ -175,6 +175,7 @@ class Agent:
         self.executing = False
         self.allow_stdin = False
         self.shell_status: int | None = None
+        self.payload: list[dict] = []
         self.policy: dict | None = None
         self.queue: queue.Queue[dict] = queue.Queue()
         self.inputs: queue.Queue[object] = queue.Queue()
@@ -314,6 +315,7 @@ class Agent:
         self.cell_id = frame.get("id")
         self.allow_stdin = bool(frame.get("allow_stdin", False))
         self.shell_status = None
+        self.payload = []
         with_inputs_cleared(self.inputs)
         start = time.perf_counter()
         status = "ok"
@@ -348,7 +350,7 @@ class Agent:
         reap_forgotten_children()
         self.send({"type": "done", "id": self.cell_id, "status": status, "exit_status": exit_status,
                    "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-                   "execution_count": count, "payload": [], "user_expressions": user_expressions})
+                   "execution_count": count, "payload": self.payload, "user_expressions": user_expressions})
         self.cell_id = None
 
     # -- services for cells ---------------------------------------------------------
@@ -669,6 +671,8 @@ class IPythonRunner:
         self.shell.Completer.use_jedi = False  # jedi is slow to start and optional
         self.shell.history_manager.enabled = False
         self.shell.history_manager.end_session()
+        # ``obj?`` and %page go to the notebook's pager, as in ipykernel
+        self.shell.set_hook("show_in_pager", self._page)
         self.shell.register_magic_function(self._shell_cell, "cell", "bash")
         self.shell.register_magic_function(self._shell_cell, "cell", "sh")
         builtins.input = agent.input  # type: ignore[assignment]
@@ -677,6 +681,10 @@ class IPythonRunner:
         getpass.getpass = lambda prompt="Password: ", stream=None: agent.input(prompt, password=True)
         if "" not in sys.path:
             sys.path.insert(0, "")
+
+    def _page(self, shell, data, start=0, screen_lines=0, pager_cmd=None):
+        bundle = data if isinstance(data, dict) else {"text/plain": str(data)}
+        self.agent.payload.append({"source": "page", "data": bundle, "start": start})
 
     def _shell_cell(self, line, cell):
         status = self.agent.system(cell)

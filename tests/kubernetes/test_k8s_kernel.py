@@ -36,9 +36,8 @@ def test_kernel_end_to_end(fakekube, kube_kernel):
     first = kube_kernel.execute("x = 20\nprint(x + 1)")
     assert first.status == "ok", first.reply
     assert "21\n" in first.stream()
-    assert "[sandbox] " in first.stream()  # the wait is announced (the backend's lines are
-    # checked in test_k8s_backend.py: the kernel currently publishes them under the parent of
-    # the start task, not of the waiting cell)
+    # the wait is announced with the backend's own progress lines, under the waiting cell
+    assert "[sandbox] " in first.stream() and "Pulling image" in first.stream(), first.stream()
     pods = fakekube.objects("pods")
     assert len(pods) == 1 and pods[0]["metadata"]["namespace"].startswith("user-sandbox-alice-smith--")
     failed = kube_kernel.execute("raise SystemExit(3)")
