@@ -6,6 +6,8 @@ e.g. ``c.SandboxKernel.footer = "on-failure"`` or ``c.LocalBackend.uid = 65534``
 
 from __future__ import annotations
 
+import sys
+
 from ipykernel.kernelapp import IPKernelApp
 from traitlets import Type
 
@@ -20,14 +22,15 @@ class SandboxKernelApp(IPKernelApp):
     kernel_class = Type(SandboxKernel, klass="ipykernel.kernelbase.Kernel")
 
     classes = [*IPKernelApp.classes, SandboxKernel, LocalBackend, AdminPolicy]
-    try:
-        from .backends.kubernetes import KubernetesBackend
-    except ImportError:  # the kubernetes extra is not installed
-        pass
-    else:
-        classes.append(KubernetesBackend)
-        del KubernetesBackend
 
 
 def main() -> None:
+    if any(arg.startswith("--help") for arg in sys.argv[1:]):
+        # only for the help: importing the kubernetes client takes seconds at every start
+        try:
+            from .backends.kubernetes import KubernetesBackend
+        except ImportError:  # the kubernetes extra is not installed
+            pass
+        else:
+            SandboxKernelApp.classes = [*SandboxKernelApp.classes, KubernetesBackend]
     SandboxKernelApp.launch_instance()
