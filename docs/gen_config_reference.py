@@ -38,8 +38,9 @@ c.AdminPolicy.locked = True
 Most settings also take their default from an environment variable of the kernel process
 (named below); a value in a config file wins over the variable. The kernel gets the
 environment of the Jupyter server that starts it, or the `env` of its kernelspec
-(`kernel.json`). The Kubernetes backend's settings are in [kubernetes.md](kubernetes.md); the
-policy syntax and the ceiling in [policy.md](policy.md).
+(`kernel.json`). `python -m sandbox_kernel --help-all` prints the same options, and the
+Kubernetes backend's, which are described in [kubernetes.md](kubernetes.md); the policy syntax
+and the ceiling are in [policy.md](policy.md).
 """
 
 
