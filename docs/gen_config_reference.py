@@ -4,7 +4,8 @@
     python docs/gen_config_reference.py --check   # exit 1 if the file is out of date
 
 tests/test_docs.py runs the check, so a new or changed setting fails the tests until the
-reference is regenerated. Defaults are shown as they are with no SANDBOX_KERNEL_* variable set.
+reference is regenerated. Defaults are shown as they are with no SANDBOX_KERNEL_* variable set;
+a default that depends on the machine is described in the setting's help ("Default: …").
 """
 
 from __future__ import annotations
@@ -76,8 +77,6 @@ def _default(cls, name: str, trait) -> str:
         value = trait.default_value
     if value is Undefined or value is None:
         return "none"
-    if isinstance(value, str) and value.startswith(sys.prefix) and value.startswith("/"):
-        return "the interpreter running the kernel"
     return f"`{value!r}`"
 
 
@@ -101,7 +100,9 @@ def render() -> str:
             for name, trait in _own_config_traits(cls).items():
                 help_text = " ".join(trait.help.split())
                 env = _env_var(help_text)
-                meta = [_type(trait), f"default {_default(cls, name, trait)}"]
+                # a default that depends on the machine is described in the help ("Default: …")
+                default = "described below" if "Default:" in help_text else _default(cls, name, trait)
+                meta = [_type(trait), f"default {default}"]
                 if env:
                     meta.append(f"env `{env}`")
                 out.append(f"### `c.{cls.__name__}.{name}`\n\n{' · '.join(meta)}\n\n{help_text}\n")
