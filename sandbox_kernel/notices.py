@@ -58,7 +58,10 @@ class BlockedConnection:
         return f"{where}:{self.port}" if self.port else where
 
     def headline(self) -> str:
-        details = ", ".join(x for x in (self.ip if self.host else None, self.protocol) if x)
+        if self.protocol == "dns":
+            details = "DNS lookup refused"
+        else:
+            details = ", ".join(x for x in (self.ip if self.host else None, self.protocol) if x)
         text = f"⛔ egress blocked: {self.destination()}"
         if details:
             text += f" ({details})"
@@ -205,7 +208,7 @@ def _clean(record: Any) -> dict | None:
         return None
     port = record.get("port")
     port = port if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535 else None
-    protocol = record.get("protocol") if record.get("protocol") in ("tcp", "udp", "icmp", "icmpv6", "sctp") else "other"
+    protocol = record.get("protocol") if record.get("protocol") in ("tcp", "udp", "icmp", "icmpv6", "sctp", "dns") else "other"
     verdict = record.get("verdict") if record.get("verdict") in VERDICTS else "dropped"
     process = record.get("process")
     if isinstance(process, dict):

@@ -41,13 +41,14 @@ from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ..policy.compile_nftables import compile_nftables
 from ..policy.resolve import resolve_policy
 from . import limits, nflog
+from .dnsproxy import DnsProxy, upstream_from_resolv_conf
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "sbx-"
 NFT_TABLE = "sandbox_kernel"
-#: the DNS server slirp4netns offers the sandbox (it forwards to the host's resolver)
-SANDBOX_RESOLVER = "10.0.2.3"
+#: the sandbox's resolver: the kernel's DNS proxy, listening on the sandbox's own loopback
+SANDBOX_RESOLVER = "127.0.0.53"
 SANDBOX_HOME = "/home/sandbox"
 AGENT_PATH = "/opt/sandbox-agent/agent.pyz"
 
@@ -175,6 +176,15 @@ class LocalBackend(Backend):
     def _work_size_default(self):
         return _env_default("SANDBOX_KERNEL_WORK_SIZE", "1G")
 
+    upstream_dns = Unicode(
+        help="The resolver the sandbox's DNS proxy forwards allowed names to (ip or ip:port). "
+        "Default: the host's first nameserver in /etc/resolv.conf. Env: SANDBOX_KERNEL_UPSTREAM_DNS."
+    ).tag(config=True)
+
+    @default("upstream_dns")
+    def _upstream_dns_default(self):
+        return _env_default("SANDBOX_KERNEL_UPSTREAM_DNS", upstream_from_resolv_conf() or "")
+
     refuse_with = Enum(
         ["reject", "drop"], default_value="reject",
         help="How refused packets are answered: 'reject' (TCP reset / ICMP admin-prohibited, "
@@ -198,6 +208,8 @@ class LocalBackend(Backend):
         self._uplink: subprocess.Popen | None = None
         self._nflog = None
         self._refresh: asyncio.Task | None = None
+        self._dns: DnsProxy | None = None
+        self._policy: Any = None
         self._cgroup: limits.SandboxCgroup | None = None
         #: set by the kernel from its AdminPolicy: ranges no policy may open
         self.always_blocked: list[str] = []
@@ -239,6 +251,7 @@ class LocalBackend(Backend):
         try:
             await asyncio.to_thread(self._create, kernel_id, policy)
             self._listen_enforcer_log()
+            await self._start_dns(policy)
             await self._spawn_agent()
         except BaseException as err:
             await self.stop()
@@ -285,7 +298,9 @@ class LocalBackend(Backend):
             "created": time.time(),
         }))
         # the sandbox gets its own resolv.conf: the host's may point at a loopback resolver
-        (root / "resolv.conf").write_text("# written by sandbox-kernel\nnameserver 10.0.2.3\n")
+        (root / "resolv.conf").write_text(
+            f"# written by sandbox-kernel: the kernel's DNS proxy, which only answers for\n"
+            f"# names the egress policy allows\nnameserver {SANDBOX_RESOLVER}\noptions timeout:2 attempts:1\n")
         self._cgroup = limits.SandboxCgroup(self._sandbox_id)
         memory, pids = limits.parse_size(self.memory_limit), self.pids_limit
         if memory or pids:
@@ -360,6 +375,27 @@ class LocalBackend(Backend):
                 if record is not None and self.blocked_sink is not None:
                     self.blocked_sink(record)
 
+    async def _start_dns(self, policy: Any) -> None:
+        """The sandbox's resolver (see dnsproxy.py); without an upstream, nothing resolves."""
+        self._policy = policy
+        if not self.upstream_dns:
+            self.log.warning("no upstream DNS resolver (c.LocalBackend.upstream_dns): names will not resolve")
+        self._dns = await DnsProxy.start(
+            str(NETNS_DIR / self.netns), policy=lambda: self._policy,
+            upstream=self.upstream_dns or "127.0.0.1:9", add_addresses=self._add_addresses,
+            report=lambda record: self.blocked_sink and self.blocked_sink(record), log=self.log)
+
+    def _add_addresses(self, elements: list[tuple[str, str]]) -> None:
+        """Open addresses a wildcard's names resolved to (runs in a worker thread)."""
+        by_set: dict[str, list[str]] = {}
+        for set_name, address in elements:
+            by_set.setdefault(set_name, []).append(address)
+        script = "".join(f"add element inet {NFT_TABLE} {name} {{ {', '.join(sorted(set(addrs)))} }}\n"
+                         for name, addrs in by_set.items())
+        result = _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=script, check=False)
+        if result.returncode != 0:
+            raise PolicyError(f"nftables refused {script.strip()!r}: {result.stderr.strip()}")
+
     def drain_blocked(self) -> None:
         self._on_nflog()
 
@@ -377,7 +413,7 @@ class LocalBackend(Backend):
         resolved: dict[str, list[str]] = {}
         expires_at = None
         if policy is not None and policy.mode == "allowlist" and policy.domains():
-            resolution = resolve_policy(policy)
+            resolution = resolve_policy(policy, resolver=self.upstream_dns or None)
             resolved, expires_at = resolution.addresses, resolution.expires_at
             if resolution.errors:
                 self.log.warning("could not resolve %s", ", ".join(sorted(resolution.errors)))
@@ -522,6 +558,7 @@ class LocalBackend(Backend):
             raise PolicyError("no sandbox is running")
         compiled = await asyncio.to_thread(self._ruleset, policy)
         await asyncio.to_thread(self._apply_rules, compiled)
+        self._policy = policy  # the DNS proxy answers by the policy in force
         self._schedule_refresh(policy)
         return self.applied
 
@@ -557,6 +594,9 @@ class LocalBackend(Backend):
             self._refresh.cancel()
             self._refresh = None
         self._close_enforcer_log()
+        if self._dns is not None:
+            self._dns.close()
+            self._dns = None
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             try:

@@ -10,14 +10,14 @@ Only the first bytes of each packet are copied: enough for the IP and transport 
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass
+
+from .netns import in_netns
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
@@ -36,7 +36,6 @@ NFULA_UID = 11
 NLM_F_REQUEST = 1
 NLM_F_ACK = 4
 NLMSG_ERROR = 2
-CLONE_NEWNET = 0x40000000
 COPY_RANGE = 96
 
 
@@ -70,29 +69,15 @@ def _config(group: int, attr: bytes, family: int = socket.AF_UNSPEC) -> bytes:
     return _nlmsg((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, nfgen + attr)
 
 
-def _setns(path: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
 def open_in_netns(netns_path: str, group: int) -> socket.socket:
     """A netlink socket, in the namespace at ``netns_path``, bound to NFLOG ``group``.
 
     Called by the local backend when a sandbox starts. The returned socket is
     non-blocking; read it with :func:`parse`.
     """
-    box: dict = {}
-
-    def create() -> None:
+    def create() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
-            _setns(netns_path)  # this thread only; it ends right after
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.bind((0, 0))
             sock.send(_config(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
@@ -105,17 +90,13 @@ def open_in_netns(netns_path: str, group: int) -> socket.socket:
             _expect_ack(sock)
             sock.send(_config(group, _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0))))
             _expect_ack(sock)
-            sock.setblocking(False)
-            box["sock"] = sock
-        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-            box["err"] = err
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
 
-    thread = threading.Thread(target=create, name="nflog-open")
-    thread.start()
-    thread.join()
-    if "err" in box:
-        raise box["err"]
-    return box["sock"]
+    return in_netns(netns_path, create)
 
 
 def _expect_ack(sock: socket.socket) -> None:

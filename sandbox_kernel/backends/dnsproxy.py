@@ -1,0 +1,181 @@
+"""The sandbox's DNS resolver: answers only for names the policy allows.
+
+The local backend points the sandbox's ``/etc/resolv.conf`` at 127.0.0.53, where this
+proxy listens — inside the sandbox's network namespace, but run by the kernel process,
+outside the sandbox. For each query it decides with the policy in force:
+
+- a name the policy allows (an exact domain, a name under a wildcard, or any name when
+  the allowlist has CIDR entries, which are judged at connect time) is forwarded to the
+  upstream resolver; the addresses in the answer are added to the nftables set of the
+  matching entry *before* the answer is relayed, so a wildcard entry (``*.pythonhosted.org``)
+  opens exactly the addresses its names resolve to, for every process in the sandbox;
+- any other name gets REFUSED at once, and is reported as a blocked lookup (a notice).
+
+This also closes the simplest DNS exfiltration path: names outside the policy never reach
+an outside resolver. UDP only; a truncated answer is relayed as is (its client may retry
+over TCP, which is refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+import time
+from typing import Any, Callable
+
+from ..policy.compile_nftables import set_for_entry
+from ..policy.resolve import DNSFormatError, decode_name, parse_resolver, parse_response
+from .netns import in_netns
+
+LISTEN = ("127.0.0.53", 53)
+RCODE_REFUSED = 5
+TYPE_A, TYPE_AAAA = 1, 28
+
+
+def upstream_from_resolv_conf(path: str = "/etc/resolv.conf") -> str | None:
+    """The host's first nameserver (the proxy runs on the host side, so loopback ones work)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    ipaddress.ip_address(parts[1].split("%")[0])
+                    return parts[1]
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def name_matches(entry, name: str) -> bool:
+    """Whether ``name`` falls under a domain or wildcard entry (whatever its ports)."""
+    name = name.lower().rstrip(".")
+    if entry.kind == "domain":
+        return name == entry.value
+    if entry.kind == "wildcard":
+        suffix = entry.value[1:]  # ".pythonhosted.org"
+        head = name[: -len(suffix)] if name.endswith(suffix) else ""
+        return bool(head) and "." not in head
+    return False
+
+
+def parse_question(query: bytes) -> tuple[int, str, int]:
+    """(id, name, qtype) of a query; DNSFormatError when it is not one question."""
+    if len(query) < 12:
+        raise DNSFormatError("shorter than a DNS header")
+    qid, flags, qdcount = struct.unpack("!HHH", query[:6])
+    if flags & 0x8000 or qdcount != 1:
+        raise DNSFormatError("not a single-question query")
+    name, offset = decode_name(query, 12)
+    if offset + 4 > len(query):
+        raise DNSFormatError("truncated question")
+    (qtype,) = struct.unpack("!H", query[offset : offset + 2])
+    return qid, name, qtype
+
+
+def refused(query: bytes) -> bytes:
+    """A REFUSED answer to ``query`` (same id and question, no records)."""
+    qid, flags = struct.unpack("!HH", query[:4])
+    _, offset = decode_name(query, 12)
+    question = query[12 : offset + 4]
+    flags = 0x8000 | (flags & 0x0100) | 0x0080 | RCODE_REFUSED  # QR, RD copied, RA, REFUSED
+    return struct.pack("!HHHHHH", qid, flags, 1, 0, 0, 0) + question
+
+
+class DnsProxy(asyncio.DatagramProtocol):
+    """Serves one sandbox. Created and closed by the local backend."""
+
+    def __init__(self, *, policy: Callable[[], Any], upstream: str, add_addresses: Callable[[list[tuple[str, str]]], None],
+                 report: Callable[[dict], None], log):
+        self._policy = policy
+        self._upstream = parse_resolver(upstream)
+        self._add = add_addresses
+        self._report = report
+        self._log = log
+        self._transport: asyncio.DatagramTransport | None = None
+
+    @classmethod
+    async def start(cls, netns_path: str, **kwargs) -> DnsProxy:
+        def bind() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(LISTEN)
+            sock.setblocking(False)
+            return sock
+
+        sock = await asyncio.to_thread(in_netns, netns_path, bind)
+        proxy = cls(**kwargs)
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: proxy, sock=sock)
+        return proxy
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        asyncio.ensure_future(self._answer(data, addr))
+
+    # -- deciding -----------------------------------------------------------------------
+    def decide(self, name: str) -> tuple[bool, list]:
+        """Whether ``name`` may be resolved, and the entries whose sets its addresses join."""
+        policy = self._policy()
+        if policy is None or policy.mode != "allowlist":
+            return False, []
+        entries = policy.expanded_entries()
+        matching = [e for e in entries if name_matches(e, name)]
+        if matching:
+            return True, matching
+        # a CIDR entry may cover whatever this name resolves to: connect() decides
+        return any(e.kind == "cidr" for e in entries), []
+
+    async def _answer(self, query: bytes, addr) -> None:
+        try:
+            qid, name, qtype = parse_question(query)
+        except DNSFormatError:
+            return
+        allowed, entries = self.decide(name)
+        if not allowed:
+            self._send(refused(query), addr)
+            now = time.time()
+            self._report({"host": name, "ip": None, "port": None, "protocol": "dns", "verdict": "rejected",
+                          "process": None, "first_seen": now, "last_seen": now, "count": 1,
+                          "attempt": f"dns:{qid}:{qtype}"})
+            return
+        try:
+            response = await self._forward(query)
+        except (OSError, asyncio.TimeoutError) as err:
+            self._log.warning("DNS upstream %s failed for %s: %s", self._upstream, name, err)
+            return
+        if entries and qtype in (TYPE_A, TYPE_AAAA):
+            try:
+                answer = parse_response(response)
+                addresses = [a for records in answer.addresses.values() for a, _ in records]
+            except DNSFormatError:
+                addresses = []
+            elements = [(set_for_entry(entry, a), a) for entry in entries for a in addresses]
+            if elements:
+                try:
+                    await asyncio.to_thread(self._add, elements)
+                except Exception as err:  # noqa: BLE001 - the answer still goes out; connect is refused
+                    self._log.warning("could not open %s for %s: %s", addresses, name, err)
+        self._send(response, addr)
+
+    async def _forward(self, query: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self._upstream[0] else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, self._upstream)
+            await loop.sock_sendall(sock, query)
+            return await asyncio.wait_for(loop.sock_recv(sock, 65535), 3.0)
+
+    def _send(self, data: bytes, addr) -> None:
+        if self._transport is not None:
+            self._transport.sendto(data, addr)
+
+
+__all__ = ["DnsProxy", "upstream_from_resolv_conf", "LISTEN"]

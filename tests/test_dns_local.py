@@ -1,0 +1,108 @@
+"""The sandbox's DNS proxy: allowed names resolve (wildcards open their addresses),
+other names are refused at once and reported. The upstream is a fake DNS server on
+127.0.0.1 run by the test; no query leaves the machine."""
+
+import socket
+import struct
+import threading
+
+import pytest
+
+from kerneltest import KernelDriver
+
+
+class FakeUpstream:
+    """Answers A queries for names in ``records``, NXDOMAIN otherwise; counts queries."""
+
+    def __init__(self):
+        self.records: dict[str, str] = {}
+        self.queries: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self._stop:
+            try:
+                data, peer = self.sock.recvfrom(2048)
+            except OSError:
+                return
+            qid = data[:2]
+            offset, labels = 12, []
+            while data[offset]:
+                labels.append(data[offset + 1: offset + 1 + data[offset]].decode())
+                offset += 1 + data[offset]
+            name = ".".join(labels).lower()
+            qtype = struct.unpack("!H", data[offset + 1: offset + 3])[0]
+            question = data[12: offset + 5]
+            self.queries.append(name)
+            ip = self.records.get(name)
+            if ip and qtype == 1:
+                answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
+                reply = qid + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + question + answer
+            else:
+                rcode = 0 if ip else 3
+                reply = qid + struct.pack("!HHHHH", 0x8180 | rcode, 1, 0, 0, 0) + question
+            self.sock.sendto(reply, peer)
+
+    def close(self):
+        self._stop = True
+        self.sock.close()
+
+
+@pytest.fixture
+def upstream():
+    server = FakeUpstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def kernel(upstream):
+    driver = KernelDriver({"SANDBOX_KERNEL_UPSTREAM_DNS": f"127.0.0.1:{upstream.port}",
+                           "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
+    yield driver
+    driver.shutdown()
+
+
+CONNECT = "import socket\nprint('REPLY', socket.create_connection(({name!r}, 8080), timeout=3).recv(5))"
+SUBPROCESS = "!python3 -c \"import socket; print('REPLY', socket.create_connection(('{name}', 8080), timeout=3).recv(5))\""
+
+
+def test_wildcard_opens_exactly_the_addresses_its_names_resolve_to(kernel, upstream, test_host):
+    a, b = test_host(8080), test_host(8080)
+    upstream.records.update({"one.wild.test": a.ip, "two.wild.test": b.ip, "deep.one.wild.test": a.ip})
+    assert kernel.execute("%sandbox allow *.wild.test:8080/tcp").status == "ok"
+    # python, through the guard and the proxy
+    assert "REPLY" in kernel.execute(CONNECT.format(name="one.wild.test")).stream()
+    # a subprocess the guard never sees: only the proxy opens the address
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name="two.wild.test")).stream()
+    # one label only: deep.one.wild.test is not covered, even though it resolves to an allowed host
+    cell = kernel.execute(SUBPROCESS.format(name="deep.one.wild.test") + " 2>&1")
+    assert "REPLY" not in cell.stream()
+    assert "deep.one.wild.test" not in upstream.queries  # refused before any upstream query
+    # the address of an allowed name is open only on the allowed port
+    cell = kernel.execute(f"import socket\nsocket.create_connection(({a.ip!r}, 8081), timeout=3)")
+    assert cell.status == "error"
+
+
+def test_names_outside_the_policy_are_refused_and_reported(kernel, upstream, test_host):
+    host = test_host(8080)
+    upstream.records["elsewhere.test"] = host.ip
+    cell = kernel.execute("!getent hosts elsewhere.test || echo refused")
+    assert "refused" in cell.stream()
+    notices = cell.sandbox["blocked"]
+    assert [(n["host"], n["protocol"], n["verdict"]) for n in notices] == [("elsewhere.test", "dns", "rejected")]
+    assert notices[0]["remedy"]["command"] == "%sandbox allow elsewhere.test"
+    assert upstream.queries == []  # default-deny: not even the lookup left the machine
+
+
+def test_exact_domain_resolved_at_apply_time(kernel, upstream, test_host):
+    host = test_host(8080)
+    upstream.records["exact.test"] = host.ip
+    assert kernel.execute("%sandbox allow exact.test:8080/tcp").status == "ok"
+    assert "exact.test" in upstream.queries  # resolved by the kernel when the policy was applied
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name="exact.test")).stream()
