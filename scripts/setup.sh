@@ -33,6 +33,31 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e "$repo[$extras]"
+
+# The browser test (tests/browser) when the extras include "test": Chromium from Debian
+# (/usr/bin/chromium; playwright never downloads a browser), an emoji font for the notices,
+# JupyterLab, and playwright-core from npm at the version package-lock.json pins.
+case ",$extras," in
+  *,test,*)
+    need_apt=()
+    [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+    [ -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need_apt+=(fonts-noto-color-emoji)
+    command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
+    if [ "${#need_apt[@]}" -gt 0 ]; then
+      echo "setup: installing ${need_apt[*]} (browser test)"
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq
+      apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    fi
+    "$venv/bin/python" -c 'import jupyterlab' 2>/dev/null || "$venv/bin/python" -m pip install -q -e "$repo[lab]"
+    if ! (cd "$repo" && node -e '
+        const want = require("./package-lock.json").packages["node_modules/playwright-core"].version;
+        process.exit(require("./node_modules/playwright-core/package.json").version === want ? 0 : 1);
+      ') >/dev/null 2>&1; then
+      (cd "$repo" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    fi
+    ;;
+esac
 "$venv/bin/sandbox-kernel" install --sys-prefix >/dev/null
 "$venv/bin/sandbox-kernel" doctor
 export PATH="$venv/bin:$PATH"
