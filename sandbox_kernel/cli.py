@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -47,7 +48,9 @@ def doctor() -> int:
     try:
         backend.check()
     except IsolationUnavailable as err:
-        print(err)
+        print("local backend: NOT ready; missing:")
+        for item in err.missing:
+            print(f"  - {item}")
         return 1
     print("local backend: ready")
     print(f"  sandbox interpreter: {backend.python}")
@@ -80,8 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--prefix", help="install into this prefix")
     p_install.add_argument("--python", help="interpreter the kernel runs with (default: this one)")
 
-    sub.add_parser("doctor", help="check that this machine can run sandboxes")
-    sub.add_parser("gc", help="remove sandboxes left behind by kernels that died")
+    backend_help = "local or kubernetes (default: SANDBOX_KERNEL_BACKEND, else local)"
+    sub.add_parser("doctor", help="check that this machine (or the cluster) can run sandboxes").add_argument(
+        "--backend", choices=("local", "kubernetes"), help=backend_help)
+    p_gc = sub.add_parser("gc", help="remove sandboxes left behind by kernels that died")
+    p_gc.add_argument("--backend", choices=("local", "kubernetes"), help=backend_help)
+    p_gc.add_argument("--max-age", help="kubernetes: also remove sandbox pods older than this "
+                                        "(seconds, or 30m, 1h, 2d; default 24h)")
     sub.add_parser("demo-host", help="start, stop or check the demo destination the notebooks use").add_argument(
         "action", choices=("start", "stop", "status"))
 
@@ -97,9 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         path = install(user=args.user, sys_prefix=args.sys_prefix, prefix=args.prefix, python=args.python)
         print(f"Installed kernelspec {KERNEL_NAME} in {path}")
         return 0
-    if args.command == "doctor":
-        return doctor()
-    if args.command == "gc":
+    if args.command in ("doctor", "gc"):
+        backend = args.backend or os.environ.get("SANDBOX_KERNEL_BACKEND") or "local"
+        if backend == "kubernetes":
+            if args.command == "doctor":
+                from .doctor_k8s import main as doctor_k8s
+
+                return doctor_k8s()
+            from .backends.kubernetes import gc_command
+
+            return gc_command(args.max_age or "24h")
+        if args.command == "doctor":
+            return doctor()
+        if args.max_age:
+            parser.error("--max-age applies to the kubernetes backend only")
         return run_gc()
     if args.command == "demo-host":
         from .demohost import main as demo_host

@@ -18,7 +18,7 @@ import uuid
 
 import zmq
 from ipykernel.kernelbase import Kernel
-from traitlets import Enum, Float, Instance, Integer, Unicode, default
+from traitlets import Enum, Float, Instance, Integer, TraitError, Unicode, default
 
 from . import __version__
 from .backends.base import Backend
@@ -26,6 +26,7 @@ from .errors import SandboxError
 from .magics import SandboxMagics, split_cell
 from .notices import NOTICE_MIME, NoticeBoard
 from .policy.admin import AdminPolicy
+from .policy.model import EgressPolicy
 from .session import CellResult, Session
 
 FOOTER_MODES = ("always", "on-failure", "never")
@@ -143,7 +144,16 @@ class SandboxKernel(Kernel):
         super().__init__(**kwargs)
         self.kernel_id = _env("SANDBOX_KERNEL_ID", "") or uuid.uuid4().hex
         self.admin = AdminPolicy(parent=self)
-        self.policy = self.admin.default_policy()
+        #: a bad administrator setting: every cell reports it and nothing runs
+        self.config_error: Exception | None = None
+        try:
+            self.policy = self.admin.default_policy()
+            self.admin.locked, self.admin.user_may_allow, self.admin.blocked_networks()  # noqa: B018
+        except (TraitError, SandboxError, ValueError) as err:
+            self.config_error = err
+            self.admin = AdminPolicy(parent=None, locked=True, always_blocked=[], cluster_ranges=[],
+                                     entries=[], presets=[], mode="deny", user_may_allow=[], max_entries=0)
+            self.policy = EgressPolicy()
         self.sandbox_backend = self._make_backend()
         self.sandbox_backend.always_blocked = [str(n) for n in self.admin.blocked_networks()]
         self.policy_applied_at: float | None = None
@@ -397,6 +407,12 @@ class SandboxKernel(Kernel):
         loop = asyncio.get_running_loop()
         started = loop.time()
         result = CellResult(status="ok", exit_status=0, duration_ms=0.0)
+        if self.config_error is not None:
+            message = (f"the administrator's policy settings are invalid, so no code runs: {self.config_error} "
+                       "(fix c.AdminPolicy / SANDBOX_KERNEL_POLICY_* and restart the kernel)")
+            self._cell_state["error"] = {"ename": "ConfigurationError", "evalue": message,
+                                         "traceback": [f"ConfigurationError: {message}"]}
+            return self._finish(CellResult(status="error", exit_status=126, duration_ms=0.0), silent)
         for kind, part in split_cell(code) or [("code", code)]:
             if kind == "magic":
                 result = await self._run_magic(part, silent)
@@ -410,7 +426,9 @@ class SandboxKernel(Kernel):
     async def _run_magic(self, line: str, silent: bool) -> CellResult:
         try:
             out = await self.magics.run(line)
-        except (SandboxError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - a magic must answer, never leave the cell hanging
+            if not isinstance(err, (SandboxError, ValueError)):
+                self.log.error("%%sandbox failed", exc_info=True)
             ename = getattr(err, "ename", type(err).__name__)
             self._cell_state["error"] = {"ename": ename, "evalue": str(err), "traceback": [f"{ename}: {err}"]}
             return CellResult(status="error", exit_status=1, duration_ms=0.0)

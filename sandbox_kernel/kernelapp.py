@@ -23,6 +23,17 @@ class SandboxKernelApp(IPKernelApp):
 
     classes = [*IPKernelApp.classes, SandboxKernel, LocalBackend, AdminPolicy]
 
+    def initialize(self, argv=None):
+        """Also read ``sandbox_kernel_config.py`` from the Jupyter config path
+        (``jupyter --paths``: e.g. /etc/jupyter, ~/.jupyter), not only from IPython's."""
+        from jupyter_core.paths import jupyter_config_path
+        from traitlets.config.application import Application
+
+        for directory in reversed(jupyter_config_path()):  # the most specific one wins
+            # traitlets' own loader: IPython's override takes no path
+            Application.load_config_file(self, "sandbox_kernel_config", path=[directory])
+        super().initialize(argv)
+
 
 def main() -> None:
     if any(arg.startswith("--help") for arg in sys.argv[1:]):

@@ -180,10 +180,12 @@ def test_crash_is_reported_and_the_next_cell_gets_a_fresh_sandbox(fresh_kernel, 
 
 
 def test_sandbox_killed_from_outside_between_cells(fresh_kernel):
+    before = sandbox_namespaces()
     kernel = fresh_kernel()
     pid_cell = kernel.execute("import os; print(os.getpid())")
     assert pid_cell.status == "ok"
-    netns = sandbox_namespaces()
+    netns = sandbox_namespaces() - before  # only this kernel's sandbox: others may be running
+    assert len(netns) == 1
     pids = []
     for ns in netns:
         pids += os.popen(f"ip netns pids {ns}").read().split()
@@ -211,3 +213,18 @@ def test_footer_modes(fresh_kernel):
     bad = never.execute("1/0")
     assert not any(line.startswith("exit 1") for line in bad.of_type("error")[0]["content"]["traceback"])
     assert bad.sandbox["exit_status"] == 1
+
+
+def test_config_file_in_the_jupyter_config_dir(fresh_kernel, tmp_path):
+    (tmp_path / "sandbox_kernel_config.py").write_text('c.SandboxKernel.footer = "never"\n')
+    kernel = fresh_kernel({"JUPYTER_CONFIG_DIR": str(tmp_path)})
+    assert kernel.execute("print('plain')").stream() == "plain\n"
+
+
+def test_bad_administrator_setting_is_reported_and_nothing_runs(fresh_kernel):
+    kernel = fresh_kernel({"SANDBOX_KERNEL_POLICY_LOCKED": "maybe"})
+    for code in ("open('/tmp/ran', 'w')", "%sandbox status"):
+        cell = kernel.execute(code, timeout=30)
+        assert cell.status == "error"
+        assert cell.reply["content"]["ename"] == "ConfigurationError"
+        assert "SANDBOX_KERNEL_POLICY_LOCKED" in cell.reply["content"]["evalue"]
