@@ -1,0 +1,111 @@
+"""The chart's RBAC against REQUIRED_PERMISSIONS: every call the backend makes is granted,
+and nothing it does not make (so a new verb in the backend fails here, not in a cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandbox_kernel.backends.kubernetes import ENFORCER_KINDS, REQUIRED_PERMISSIONS
+
+from conftest import CHART, GC_IMAGE, NAMESPACE  # noqa: F401 - tests/helm/conftest.py
+
+Perm = tuple[str, str, str]
+ENFORCER_RESOURCES = {(g, p) for kinds in ENFORCER_KINDS.values() for g, _, p in kinds}
+DEFAULT_DENY = ("networking.k8s.io", "networkpolicies")  # every user namespace gets one
+
+#: calls only ``gc()`` makes: cluster-wide LISTs to find orphans by label. The chart gives
+#: them to the gc CronJob's account, not to the kernels' (which would otherwise read every
+#: pod spec in the cluster). Kept here because REQUIRED_PERMISSIONS does not say who calls.
+GC_ONLY: frozenset[Perm] = frozenset({("", "pods", "list")} | {(g, p, "list") for g, p in ENFORCER_RESOURCES})
+#: what gc() calls for the given enforcers (see gc() in backends/kubernetes.py)
+def gc_needs(enforcers: list[str]) -> set[Perm]:
+    kinds = {(g, p) for e in enforcers for g, _, p in ENFORCER_KINDS[e]}
+    return {("", "pods", "list"), ("", "pods", "delete")} | {(g, p, v) for g, p in kinds for v in ("list", "delete")}
+
+
+def kernel_needs(enforcers: list[str], required=REQUIRED_PERMISSIONS) -> set[Perm]:
+    """REQUIRED_PERMISSIONS for a kernel configured with ``enforcers``, gc's calls left out."""
+    kinds = {(g, p) for e in enforcers for g, _, p in ENFORCER_KINDS[e]} | {DEFAULT_DENY}
+    return {perm for perm in required
+            if perm not in GC_ONLY and ((perm[0], perm[1]) not in ENFORCER_RESOURCES or (perm[0], perm[1]) in kinds)}
+
+
+def grants(role: dict) -> set[Perm]:
+    out = set()
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], f"wildcard in {rule}"
+        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs")
+        out |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return out
+
+
+def roles(objects: list[dict]) -> dict[str, dict]:
+    return {o["metadata"]["name"].rsplit("-", 1)[1]: o for o in objects if o["kind"] == "ClusterRole"}
+
+
+ENFORCER_CASES = [[e] for e in ENFORCER_KINDS] + [list(ENFORCER_KINDS), ["networkpolicy", "cilium"]]
+
+
+@pytest.mark.parametrize("enforcers", ENFORCER_CASES, ids=["+".join(e) for e in ENFORCER_CASES])
+def test_kernel_role_grants_exactly_what_the_backend_calls(enforcers, render):
+    role = roles(render({"sandbox": {"enforcers": enforcers}}))["kernel"]
+    granted, needed = grants(role), kernel_needs(enforcers)
+    assert needed - granted == set(), "the backend calls these but the chart does not grant them"
+    assert granted - set(REQUIRED_PERMISSIONS) == set(), "the chart grants these but the backend never calls them"
+    assert granted & GC_ONLY == set(), "cluster-wide lists belong to the gc account only"
+    # kinds of enforcers that are not configured are not granted (beyond the default deny)
+    granted_kinds = {(g, r) for g, r, _ in granted} & ENFORCER_RESOURCES
+    assert granted_kinds == {(g, p) for e in enforcers for g, _, p in ENFORCER_KINDS[e]} | {DEFAULT_DENY}
+
+
+@pytest.mark.parametrize("enforcers", ENFORCER_CASES, ids=["+".join(e) for e in ENFORCER_CASES])
+def test_gc_role_grants_exactly_what_gc_calls(enforcers, render):
+    role = roles(render({"sandbox": {"enforcers": enforcers}, "gc": {"enabled": True, "image": GC_IMAGE}}))["gc"]
+    assert grants(role) == gc_needs(enforcers)
+    assert grants(role) <= set(REQUIRED_PERMISSIONS)
+
+
+def test_kernel_and_gc_together_cover_every_required_permission(render):
+    every = list(ENFORCER_KINDS)
+    objects = render({"sandbox": {"enforcers": every}, "gc": {"enabled": True, "image": GC_IMAGE}})
+    covered = grants(roles(objects)["kernel"]) | grants(roles(objects)["gc"])
+    assert set(REQUIRED_PERMISSIONS) - covered == set()
+
+
+def test_a_new_backend_call_would_fail_this_suite(render):
+    """The check above is not vacuous: a verb the backend starts using shows up as missing."""
+    role = roles(render({}))["kernel"]
+    for new in [("", "pods", "patch"), ("", "pods/log", "get"), ("", "secrets", "get")]:
+        assert new in kernel_needs(["networkpolicy"], REQUIRED_PERMISSIONS + (new,)) - grants(role)
+
+
+def test_bindings_tie_each_role_to_its_own_account(render):
+    objects = render({"gc": {"enabled": True, "image": GC_IMAGE}})
+    accounts = {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"}
+    for binding in (o for o in objects if o["kind"] == "ClusterRoleBinding"):
+        (subject,) = binding["subjects"]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                      "name": binding["metadata"]["name"]}
+        assert subject == {"kind": "ServiceAccount", "name": subject["name"], "namespace": NAMESPACE}
+        assert subject["name"] in accounts
+        assert subject["name"].endswith("-gc") == binding["metadata"]["name"].endswith("-gc")
+
+
+def test_existing_service_account_and_no_rbac(render):
+    objects = render({"serviceAccount": {"create": False, "name": "hub-users"}})
+    assert not [o for o in objects if o["kind"] == "ServiceAccount"]
+    (binding,) = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
+    assert binding["subjects"][0]["name"] == "hub-users"
+    assert not [o for o in render({"rbac": {"create": False}}) if o["kind"].startswith("ClusterRole")]
+
+
+@pytest.mark.parametrize("template", ["rbac.yaml", "gc.yaml"])
+def test_every_rule_is_commented_with_why(template, render_files):
+    files = render_files({"sandbox": {"enforcers": list(ENFORCER_KINDS)}, "gc": {"enabled": True, "image": GC_IMAGE}})
+    lines = files[f"sandbox-kernel/templates/{template}"].splitlines()
+    rules = [i for i, line in enumerate(lines) if line.strip().startswith("- apiGroups:")]
+    assert len(rules) >= 2
+    for i in rules:
+        assert lines[i - 1].strip().startswith("#"), f"{template}: a rule without a comment saying why: {lines[i:i + 3]}"
