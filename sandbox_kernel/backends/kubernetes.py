@@ -82,6 +82,15 @@ REQUIRED_PERMISSIONS: tuple[tuple[str, str, str], ...] = tuple(
 )
 
 
+def required_permissions(enforcers: list[str] | tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """The subset of :data:`REQUIRED_PERMISSIONS` a configuration with these enforcers uses
+    (policy kinds of other enforcers left out). ``sandbox-kernel doctor`` checks these."""
+    kinds = {(g, p) for e in enforcers for g, _, p in ENFORCER_KINDS.get(e, [])}
+    every_kind = {(g, p) for ks in ENFORCER_KINDS.values() for g, _, p in ks}
+    return [perm for perm in REQUIRED_PERMISSIONS
+            if (perm[0], perm[1]) not in every_kind or (perm[0], perm[1]) in kinds]
+
+
 # --- errors a user can hit ---------------------------------------------------------
 
 class KubernetesUnavailable(SandboxStartError):
@@ -723,7 +732,9 @@ def _load_configuration(context: str | None):
         if os.environ.get("KUBERNETES_SERVICE_HOST") and not context:
             config.load_incluster_config(client_configuration=cfg)
         else:
-            config.load_kube_config(context=context, client_configuration=cfg)
+            # KUBECONFIG read now: the client reads it once, when kubernetes.config is imported
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, context=context,
+                                    client_configuration=cfg)
     except Exception as err:  # noqa: BLE001 - the client raises several unrelated types here
         raise KubernetesUnavailable(
             "no Kubernetes credentials: run the kernel in a pod with a service account, or provide a "
@@ -995,7 +1006,8 @@ def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now:
     """
     from kubernetes import client
 
-    backend = KubernetesBackend(enforcers=enforcers or ["networkpolicy"])
+    # enforcers: given, else the configured ones (SANDBOX_KERNEL_K8S_ENFORCERS)
+    backend = KubernetesBackend(enforcers=enforcers) if enforcers else KubernetesBackend()
     if api_client is not None:
         backend._api_client = api_client
     api = backend.api_client()
@@ -1042,3 +1054,36 @@ def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now:
             except _NotFound:
                 pass
     return removed
+
+
+def parse_duration(text: str | float) -> float:
+    """``"1h"``, ``"30m"``, ``"90s"``, ``"2d"``, ``"86400"`` → seconds. ValueError otherwise."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 3600, 90s, 30m, 1h, 2d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def gc_command(max_age: str | float = "24h", enforcers: list[str] | None = None, api_client=None,
+               out: Callable[[str], None] = print) -> int:
+    """``sandbox-kernel gc --backend kubernetes [--max-age 1h]`` (the Helm chart's CronJob).
+
+    Prints one ``removed …`` line per object; returns 0, or 1 with the reason when the
+    cluster cannot be reached or RBAC refuses a call."""
+    try:
+        seconds = parse_duration(max_age)
+    except ValueError as err:
+        out(f"sandbox-kernel gc: {err}")
+        return 2
+    try:
+        removed = gc(seconds, api_client=api_client, enforcers=enforcers)
+    except SandboxError as err:
+        out(f"sandbox-kernel gc: {err}")
+        return 1
+    for line in removed:
+        out(f"removed {line}")
+    if not removed:
+        out(f"nothing to clean up (no ended sandbox pod, none older than {seconds:.0f} s, no orphaned policy object)")
+    return 0

@@ -49,6 +49,7 @@ RESOURCE_TYPES = [
     ResourceType("", "v1", "pods", "Pod"),
     ResourceType("", "v1", "events", "Event"),
     ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
+    ResourceType("apps", "v1", "daemonsets", "DaemonSet"),
     ResourceType("node.k8s.io", "v1", "runtimeclasses", "RuntimeClass", namespaced=False),
     ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions",
                  "CustomResourceDefinition", namespaced=False),

@@ -155,6 +155,7 @@ class FakeKube:
         self._watchers: list[_Watcher] = []
         self._procs: set[asyncio.subprocess.Process] = set()
         self._kubelets: dict[str, Kubelet] = {}
+        self._exec_handlers: set[ExecHandler] = set()
         self._tasks: set[asyncio.Future] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -275,6 +276,52 @@ class FakeKube:
         """Store ``obj`` directly (no HTTP, no RBAC), e.g. to seed a namespace or a CRD."""
         rtype = next(r for r in R.RESOURCE_TYPES if r.kind == obj["kind"] and r.api_version == obj["apiVersion"])
         return self._call(lambda: self._create(rtype, obj.get("metadata", {}).get("namespace"), obj))
+
+    # --- cluster furniture (what `sandbox-kernel doctor` looks at) -----------------
+
+    def ensure_namespace(self, name: str) -> None:
+        if self.get_object("namespaces", None, name) is None:
+            self.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+    def add_daemonset(self, name: str, namespace: str = "kube-system") -> dict:
+        """A minimal valid DaemonSet (e.g. ``anetd``, ``cilium``, ``calico-node`` in kube-system)."""
+        self.ensure_namespace(namespace)
+        labels = {"k8s-app": name}
+        return self.put_object({
+            "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"selector": {"matchLabels": labels}, "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": name, "image": f"registry.example/{name}:1"}]}}}})
+
+    def add_runtime_class(self, name: str = "gvisor", handler: str = "runsc") -> dict:
+        return self.put_object({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+                                "metadata": {"name": name}, "handler": handler})
+
+    def add_crd(self, name: str, versions: tuple[str, ...] | None = None) -> dict:
+        """A CustomResourceDefinition ``<plural>.<group>``; versions default to the kind's in the fake."""
+        plural, _, group = name.partition(".")
+        known = [r for r in R.RESOURCE_TYPES if r.plural == plural and r.group == group]
+        kind = known[0].kind if known else plural.rstrip("s").capitalize()
+        versions = versions or tuple(r.version for r in known) or ("v1",)
+        return self.put_object({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": name},
+            "spec": {"group": group, "scope": "Namespaced",
+                     "names": {"plural": plural, "kind": kind, "singular": plural[:-1], "listKind": kind + "List"},
+                     "versions": [{"name": v, "served": True, "storage": i == 0,
+                                   "schema": {"openAPIV3Schema": {"type": "object",
+                                                                  "x-kubernetes-preserve-unknown-fields": True}}}
+                                  for i, v in enumerate(versions)]}})
+
+    def drop_exec_streams(self) -> int:
+        """Cut every open exec WebSocket at the TCP level, as a load balancer or a node
+        restart of the API server would (no close frame, no status). Returns how many."""
+        def do():
+            handlers = list(self._exec_handlers)
+            for handler in handlers:
+                handler.drop()
+            return len(handlers)
+        return self._call(do)
 
     def evict(self, namespace: str, name: str) -> None:
         """Evict a pod as the kubelet would under node pressure: processes die, phase Failed."""
@@ -605,9 +652,12 @@ class ApiHandler(_Base, tornado.web.RequestHandler):
 
     async def _handle(self) -> None:
         path = self.request.path
-        if path == "/version":
-            return self._send(200, {"major": "1", "minor": "37", "gitVersion": "v1.37.0-fakekube",
-                                    "platform": "linux/amd64"})
+        if path.rstrip("/") == "/version":
+            return self._send(200, {"major": "1", "minor": "37", "emulationMajor": "1", "emulationMinor": "37",
+                                    "minCompatibilityMajor": "1", "minCompatibilityMinor": "36",
+                                    "gitVersion": "v1.37.0-fakekube", "gitCommit": "0" * 40,
+                                    "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+                                    "goVersion": "go1.25.0", "compiler": "gc", "platform": "linux/amd64"})
         route = parse_route(path)
         query = parse_qs(urlparse(self.request.uri).query)
         try:
@@ -819,6 +869,7 @@ class ExecHandler(_Base, tornado.websocket.WebSocketHandler):
         proc._fakekube_pod = self.pod["metadata"]["uid"]
         self.proc = proc
         self.fake.track(proc)
+        self.fake._exec_handlers.add(self)
         if not self.want["stdin"]:
             proc.stdin.close()
         self._pumps = [asyncio.ensure_future(self._pump(proc.stdout, 1)),
@@ -868,7 +919,14 @@ class ExecHandler(_Base, tornado.websocket.WebSocketHandler):
                 self.proc.stdin.close()
         # channel 4 (resize) is accepted and ignored: no TTYs here
 
+    def drop(self) -> None:
+        """Close the TCP connection without a close frame or status (see FakeKube.drop_exec_streams)."""
+        stream = self.ws_connection.stream if self.ws_connection is not None else None
+        if stream is not None:
+            stream.close()
+
     def on_close(self) -> None:
+        self.fake._exec_handlers.discard(self)
         proc = self.proc
         if proc is not None and proc.returncode is None:
             if not proc.stdin.is_closing():

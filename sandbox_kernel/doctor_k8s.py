@@ -1,0 +1,347 @@
+"""``sandbox-kernel doctor --backend kubernetes``: is this cluster ready for sandboxes?
+
+Prints a table (check, status, detail) and returns 0 when the cluster is ready, 1 when
+not; every failing row says what to do. Statuses: ``ok``; ``FAIL`` (not ready);
+``warn`` (works, but weaker than it could be, or inferred rather than seen); ``info``.
+
+What it looks at, and the API calls (all read-only except SelfSubjectAccessReviews,
+which only ask the API server a question):
+
+- credentials: in-cluster service account or kubeconfig (no call), then ``GET /version``;
+- every permission the backend uses with the configured enforcers
+  (:func:`~sandbox_kernel.backends.kubernetes.required_permissions`), one
+  SelfSubjectAccessReview each, asked for all namespaces (user namespaces are created on
+  demand, so a grant must hold in every one of them);
+- NetworkPolicy enforcement: ``list daemonsets`` in kube-system, looking for the agents of
+  the dataplanes that enforce NetworkPolicy (GKE Dataplane V2 ``anetd``, Cilium, Calico,
+  …); if none, ``get`` of the Calico / Cilium CRDs (operator installs run outside
+  kube-system);
+- gVisor: ``get runtimeclasses/<runtime_class or gvisor>``;
+- FQDN policy CRDs: ``get customresourcedefinitions/<name>`` for GKE FQDN, Cilium and Istio;
+- the configured image (syntax only: a pull can only be tried by a pod).
+
+The doctor's own reads beyond :data:`REQUIRED_PERMISSIONS` are :data:`DOCTOR_PERMISSIONS`;
+without them the rows that need them fail with "could not check" and say what to grant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .backends import kubernetes as kb
+from .errors import SandboxError
+
+#: what ``doctor`` reads beyond REQUIRED_PERMISSIONS (apiGroup, resource, verb, where)
+DOCTOR_PERMISSIONS: tuple[tuple[str, str, str], ...] = (
+    ("apps", "daemonsets", "list"),  # in kube-system only: which dataplane runs
+    ("apiextensions.k8s.io", "customresourcedefinitions", "get"),  # FQDN / Calico / Cilium CRDs
+    ("node.k8s.io", "runtimeclasses", "get"),  # gVisor
+)
+
+OK, FAIL, WARN, INFO = "ok", "FAIL", "warn", "info"
+
+_CLUSTER_SCOPED = {"namespaces", "selfsubjectaccessreviews"}
+
+#: DaemonSets in kube-system whose presence means NetworkPolicy is enforced
+ENFORCING_DAEMONSETS: dict[str, str] = {
+    "anetd": "GKE Dataplane V2",
+    "cilium": "Cilium",
+    "calico-node": "Calico",
+    "kube-router": "kube-router",
+    "antrea-agent": "Antrea",
+    "weave-net": "Weave Net",
+    "kindnet": "kindnet (enforces NetworkPolicy from kind v0.24)",
+    "kube-network-policies": "kube-network-policies",
+}
+
+#: CRDs that show an enforcing dataplane installed outside kube-system (operator installs)
+ENFORCER_CRDS: dict[str, str] = {
+    "felixconfigurations.crd.projectcalico.org": "Calico (operator install)",
+    "ciliumnetworkpolicies.cilium.io": "Cilium",
+}
+
+#: FQDN / L7 policy CRDs: (crd name, served version the backend uses, enforcer, what to do)
+FQDN_CRDS: tuple[tuple[str, str, str, str], ...] = (
+    ("fqdnnetworkpolicies.networking.gke.io", "v1alpha1", "gke-fqdn",
+     "enable FQDN network policies on the GKE cluster (Dataplane V2 required): "
+     "gcloud container clusters update CLUSTER --enable-fqdn-network-policy"),
+    ("ciliumnetworkpolicies.cilium.io", "v2", "cilium", "install Cilium as the cluster's CNI"),
+    ("serviceentries.networking.istio.io", "v1", "istio", "install Istio (1.22 or later) in the cluster"),
+    ("sidecars.networking.istio.io", "v1", "istio", "install Istio (1.22 or later) in the cluster"),
+    ("authorizationpolicies.security.istio.io", "v1", "istio", "install Istio (1.22 or later) in the cluster"),
+)
+
+_IMAGE_RE = re.compile(
+    r"^(?:[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?/)?"      # registry host (optional)
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"                 # first path component
+    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"           # more path components
+    r"(?::[\w][\w.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+
+
+@dataclass
+class Check:
+    """One row of the table."""
+
+    name: str
+    status: str
+    detail: str = ""
+
+
+class _Doctor:
+    def __init__(self, backend: kb.KubernetesBackend):
+        self.backend = backend
+        self.rows: list[Check] = []
+
+    def add(self, name: str, status: str, detail: str = "") -> Check:
+        row = Check(name, status, detail)
+        self.rows.append(row)
+        return row
+
+    # --- the checks ---------------------------------------------------------------
+
+    def run(self) -> list[Check]:
+        if not self.credentials() or not self.server():
+            return self.rows
+        self.permissions()
+        self.network_policy()
+        self.runtime_class()
+        self.fqdn_crds()
+        self.image()
+        self.namespace()
+        return self.rows
+
+    def credentials(self) -> bool:
+        b = self.backend
+        try:
+            cfg = b.configuration()
+        except SandboxError as err:
+            self.add("credentials", FAIL, str(err))
+            return False
+        if b.client_configuration is not None:
+            source = "given client configuration"
+        elif os.environ.get("KUBERNETES_SERVICE_HOST") and not b.context:
+            source = "in-cluster service account"
+        else:
+            path = os.environ.get("KUBECONFIG") or "~/.kube/config"
+            source = f"kubeconfig {path}" + (f', context "{b.context}"' if b.context else ", current context")
+        self.add("credentials", OK, f"{source} → {cfg.host}")
+        return True
+
+    def server(self) -> bool:
+        from kubernetes import client
+
+        try:
+            # raw JSON: the client's strict VersionInfo model rejects servers that omit a field
+            response = self.backend._call("get", "version", None,
+                                          client.VersionApi(self.backend.api_client()).get_code,
+                                          _preload_content=False)
+            version = json.loads(response.data)
+        except SandboxError as err:
+            self.add("API server", FAIL, f"{err} — check the address, the network path to it "
+                                         "(GKE: authorized networks / private endpoint) and the credentials")
+            return False
+        except ValueError as err:
+            self.add("API server", FAIL, f"{self.backend.configuration().host}/version is not a Kubernetes "
+                                         f"API server's answer ({err}): check the server address")
+            return False
+        git_version = version.get("gitVersion", "?")
+        minor = int(re.sub(r"\D.*", "", str(version.get("minor", "0"))) or 0)
+        if str(version.get("major")) == "1" and minor < 25:
+            self.add("API server", FAIL, f"reachable, {git_version}: Kubernetes 1.25 or later is needed "
+                                         "(Pod Security admission); upgrade the cluster")
+        else:
+            self.add("API server", OK, f"reachable, {git_version}")
+        return True
+
+    def permissions(self) -> None:
+        from kubernetes import client
+
+        api = client.AuthorizationV1Api(self.backend.api_client())
+        for group, resource, verb in kb.required_permissions(self.backend.enforcers):
+            name = f"RBAC {verb} {resource}{'.' + group if group else ''}"
+            allowed, reason = self._can(api, verb, group, resource, None)
+            if allowed is None:
+                self.add(name, FAIL, f"could not ask the API server: {reason}")
+                if "selfsubjectaccessreviews" in reason:
+                    return  # every further question would fail the same way
+            elif allowed:
+                self.add(name, OK, "allowed" if resource in _CLUSTER_SCOPED else "allowed in all namespaces")
+            else:
+                self.add(name, FAIL, f"not allowed{': ' + reason if reason else ''} — grant the kernel's "
+                                     f"service account '{verb}' on '{resource}' (apiGroup \"{group}\") "
+                                     "cluster-wide, e.g. with the Helm chart's ClusterRole "
+                                     "(REQUIRED_PERMISSIONS in sandbox_kernel/backends/kubernetes.py)")
+
+    def _can(self, api, verb: str, group: str, resource: str, namespace: str | None) -> tuple[bool | None, str]:
+        from kubernetes import client
+
+        plural, _, sub = resource.partition("/")
+        attrs = client.V1ResourceAttributes(verb=verb, group=group, resource=plural,
+                                            subresource=sub or None, namespace=namespace)
+        body = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attrs))
+        try:
+            review = self.backend._call("create", "selfsubjectaccessreviews", None,
+                                        api.create_self_subject_access_review, body, group="authorization.k8s.io")
+        except SandboxError as err:
+            return None, str(err)
+        status = review.status
+        return bool(status and status.allowed), (status.reason or "") if status else ""
+
+    def network_policy(self) -> None:
+        from kubernetes import client
+
+        name = "NetworkPolicy enforcement"
+        api = self.backend.api_client()
+        why = ("without it the default-deny and egress NetworkPolicies are stored but NOT enforced, "
+               "so sandboxes can reach anything")
+        try:
+            daemonsets = self.backend._call("list", "daemonsets", "kube-system",
+                                            client.AppsV1Api(api).list_namespaced_daemon_set, "kube-system",
+                                            group="apps").items
+        except SandboxError as err:
+            self.add(name, FAIL, f"could not check: {_short(err)} — grant list on daemonsets.apps in "
+                                 f"kube-system (DOCTOR_PERMISSIONS), or run the doctor as a cluster admin")
+            return
+        found = [f"{ENFORCING_DAEMONSETS[d.metadata.name]} (DaemonSet kube-system/{d.metadata.name})"
+                 for d in daemonsets if d.metadata.name in ENFORCING_DAEMONSETS]
+        if found:
+            self.add(name, OK, ", ".join(found))
+            return
+        crds = [label for crd, label in ENFORCER_CRDS.items() if self._crd(crd)[0]]
+        if crds:
+            self.add(name, WARN, f"no enforcing DaemonSet in kube-system, but the CRDs of {', '.join(crds)} exist; "
+                                 "check that its agent runs on every node")
+            return
+        self.add(name, FAIL, f"no NetworkPolicy enforcer found (looked for DaemonSets "
+                             f"{', '.join(ENFORCING_DAEMONSETS)} in kube-system and the Calico/Cilium CRDs): {why}. "
+                             "On GKE create the cluster with Dataplane V2 (--enable-dataplane-v2) or enable "
+                             "network policy enforcement (--enable-network-policy); elsewhere install a CNI "
+                             "that enforces NetworkPolicy (Cilium, Calico)")
+
+    def _crd(self, crd: str) -> tuple[Any, str]:
+        """(the CRD or None, error text when it could not be read)."""
+        from kubernetes import client
+
+        try:
+            return self.backend._call("get", "customresourcedefinitions", None,
+                                      client.ApiextensionsV1Api(self.backend.api_client()).read_custom_resource_definition,
+                                      crd, group="apiextensions.k8s.io"), ""
+        except kb._NotFound:
+            return None, ""
+        except SandboxError as err:
+            return None, _short(err)
+
+    def runtime_class(self) -> None:
+        from kubernetes import client
+
+        wanted = self.backend.runtime_class
+        rc_name = wanted or "gvisor"
+        name = f"RuntimeClass {rc_name}"
+        try:
+            rc = self.backend._call("get", "runtimeclasses", None,
+                                    client.NodeV1Api(self.backend.api_client()).read_runtime_class, rc_name,
+                                    group="node.k8s.io")
+        except kb._NotFound:
+            rc = None
+        except SandboxError as err:
+            self.add(name, FAIL if wanted else WARN,
+                     f"could not check: {_short(err)} — grant get on runtimeclasses.node.k8s.io (DOCTOR_PERMISSIONS)")
+            return
+        if wanted and rc is None:
+            self.add(name, FAIL, f"c.KubernetesBackend.runtime_class is {wanted!r} but no such RuntimeClass exists, "
+                                 "so every sandbox pod would be rejected — on GKE add a node pool with GKE Sandbox "
+                                 "(--sandbox type=gvisor), or unset runtime_class")
+        elif wanted:
+            self.add(name, OK, f"present (handler {rc.handler}); sandbox pods use it")
+        elif rc is not None:
+            self.add(name, WARN, f"present (handler {rc.handler}) but not used: set "
+                                 "c.KubernetesBackend.runtime_class = 'gvisor' (SANDBOX_KERNEL_K8S_RUNTIME_CLASS) "
+                                 "so sandboxes do not share the node's kernel")
+        else:
+            self.add(name, WARN, "not configured and not present: sandboxes share the node's kernel (runc). "
+                                 "For a kernel boundary, add a GKE Sandbox node pool and set runtime_class")
+
+    def fqdn_crds(self) -> None:
+        enforcers = set(self.backend.enforcers)
+        for crd, version, enforcer, todo in FQDN_CRDS:
+            name = f"CRD {crd}"
+            obj, error = self._crd(crd)
+            used = enforcer in enforcers
+            if error:
+                self.add(name, FAIL if used else WARN,
+                         f"could not check: {error} — grant get on customresourcedefinitions (DOCTOR_PERMISSIONS)")
+            elif obj is None:
+                self.add(name, FAIL if used else INFO,
+                         f"missing, and the '{enforcer}' enforcer needs it: {todo}" if used
+                         else f"not installed (only needed for the '{enforcer}' enforcer)")
+            else:
+                served = [v.name for v in obj.spec.versions or [] if v.served]
+                if used and version not in served:
+                    self.add(name, FAIL, f"installed, but serves {', '.join(served) or 'no version'}, not "
+                                         f"{version} which the backend writes: upgrade it")
+                elif used:
+                    self.add(name, OK, f"installed ({version}); used by the '{enforcer}' enforcer")
+                else:
+                    self.add(name, INFO, f"installed; add '{enforcer}' to c.KubernetesBackend.enforcers "
+                                         "(SANDBOX_KERNEL_K8S_ENFORCERS) to use it")
+
+    def image(self) -> None:
+        image = self.backend.image
+        if not _IMAGE_RE.match(image):
+            self.add("image", FAIL, f"{image!r} is not a valid image reference: fix c.KubernetesBackend.image "
+                                    "(SANDBOX_KERNEL_K8S_IMAGE)")
+            return
+        stock = re.match(r"^(docker\.io/(library/)?)?python:", image) is not None
+        note = ("stock Python image: works, but IPython features degrade (build images/sandbox for them)"
+                if stock else "any image with python3 works")
+        self.add("image", OK, f"{image} (pull policy {self.backend.image_pull_policy}); {note}. "
+                              "Whether nodes can pull it shows only when a pod starts")
+
+    def namespace(self) -> None:
+        from .backends.slug import user_namespace
+
+        try:
+            ns = user_namespace(self.backend.user, self.backend.namespace_template)
+        except SandboxError as err:
+            self.add("namespace template", FAIL, str(err))
+            return
+        self.add("namespace template", OK, f"{self.backend.namespace_template} (user {self.backend.user!r} → {ns})")
+
+
+def _short(err: BaseException) -> str:
+    return str(err).split("\n")[0]
+
+
+def run_checks(backend: kb.KubernetesBackend | None = None) -> list[Check]:
+    """All checks against the configured cluster (the backend's traits and credentials)."""
+    return _Doctor(backend or kb.KubernetesBackend()).run()
+
+
+def ready(rows: list[Check]) -> bool:
+    return bool(rows) and not any(r.status == FAIL for r in rows)
+
+
+def format_table(rows: list[Check], width: int | None = None) -> str:
+    name_w = max([len("CHECK")] + [len(r.name) for r in rows])
+    lines = [f"{'CHECK':<{name_w}}  STATUS  DETAIL"]
+    for r in rows:
+        lines.append(f"{r.name:<{name_w}}  {r.status:<6}  {r.detail}".rstrip())
+    return "\n".join(lines)
+
+
+def main(backend: kb.KubernetesBackend | None = None, out: Callable[[str], None] = print) -> int:
+    """Print the table; 0 when ready, 1 when not."""
+    backend = backend or kb.KubernetesBackend()
+    rows = run_checks(backend)
+    out(f"Kubernetes backend: is this cluster ready for sandboxes? (enforcers: {', '.join(backend.enforcers)})")
+    out(format_table(rows))
+    failed = [r for r in rows if r.status == FAIL]
+    if failed:
+        out(f"not ready: {len(failed)} check{'s' if len(failed) != 1 else ''} failed (see FAIL rows)")
+        return 1
+    out("ready")
+    return 0
