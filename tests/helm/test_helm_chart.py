@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from conftest import CHART, GC_IMAGE, MATRIX, NAMESPACE, helm  # noqa: F401 - tests/helm/conftest.py
+from helm_testlib import CHART, GC_IMAGE, MATRIX, NAMESPACE, helm, requires_helm
+
+pytestmark = requires_helm
 
 
 def test_lint_strict_for_every_case():

@@ -9,7 +9,9 @@ import os
 import pytest
 from traitlets.config import Application
 
-from conftest import MATRIX  # noqa: F401 - tests/helm/conftest.py
+from helm_testlib import MATRIX, requires_helm
+
+pytestmark = requires_helm
 
 CONFIG_FILE = "sandbox_kernel_config.json"
 

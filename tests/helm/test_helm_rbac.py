@@ -3,13 +3,14 @@ and nothing it does not make (so a new verb in the backend fails here, not in a 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from sandbox_kernel.backends.kubernetes import ENFORCER_KINDS, REQUIRED_PERMISSIONS
 
-from conftest import CHART, GC_IMAGE, NAMESPACE  # noqa: F401 - tests/helm/conftest.py
+from helm_testlib import GC_IMAGE, NAMESPACE, requires_helm
+
+pytestmark = requires_helm
 
 Perm = tuple[str, str, str]
 ENFORCER_RESOURCES = {(g, p) for kinds in ENFORCER_KINDS.values() for g, _, p in kinds}
