@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p_gc.add_argument("--backend", choices=("local", "kubernetes"), help=backend_help)
     p_gc.add_argument("--max-age", help="kubernetes: also remove sandbox pods older than this "
                                         "(seconds, or 30m, 1h, 2d; default 24h)")
+    p_gc.add_argument("--enforcers", help="kubernetes: policy kinds to clean, comma-separated "
+                                          "(default: SANDBOX_KERNEL_K8S_ENFORCERS, else networkpolicy)")
     sub.add_parser("demo-host", help="start, stop or check the demo destination the notebooks use").add_argument(
         "action", choices=("start", "stop", "status"))
 
@@ -114,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                 return doctor_k8s()
             from .backends.kubernetes import gc_command
 
-            return gc_command(args.max_age or "24h")
+            enforcers = [e.strip() for e in (args.enforcers or "").split(",") if e.strip()] or None
+            return gc_command(args.max_age or "24h", enforcers=enforcers)
         if args.command == "doctor":
             return doctor()
-        if args.max_age:
-            parser.error("--max-age applies to the kubernetes backend only")
+        if args.max_age or args.enforcers:
+            parser.error("--max-age and --enforcers apply to the kubernetes backend only")
         return run_gc()
     if args.command == "demo-host":
         from .demohost import main as demo_host

@@ -206,6 +206,8 @@ def test_cli_gc(fakekube, tmp_path, monkeypatch, capsys):
     assert cli.main(["gc", "--backend", "kubernetes", "--max-age", "0"]) == 0  # the CronJob's maxAge: seconds
     assert f"removed pods {live.namespace}/{live.pod}" in capsys.readouterr().out
     assert cli.main(["gc", "--backend", "kubernetes", "--max-age", "soon"]) == 2
+    assert cli.main(["gc", "--backend", "kubernetes", "--enforcers", "networkpolicy,cilium"]) == 0
+    assert ("cilium.io", "ciliumnetworkpolicies", "list") in fakekube.permissions_used()  # swept too
     fakekube.forbid("list", "pods")
     assert cli.main(["gc", "--backend", "kubernetes"]) == 1
     assert "list pods" in capsys.readouterr().out
