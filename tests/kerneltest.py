@@ -20,6 +20,20 @@ def sandbox_namespaces() -> set[str]:
     return {p.name for p in netns.iterdir() if p.name.startswith("sbx-")} if netns.exists() else set()
 
 
+def namespaces_of(kernel_pid: int, state_dir: str = "/run/sandbox-kernel") -> set[str]:
+    """The sandbox namespaces owned by one kernel process (other kernels may be running)."""
+    import json
+
+    owned = set()
+    for owner in Path(state_dir).glob("*/owner.json"):
+        try:
+            if json.loads(owner.read_text()).get("kernel_pid") == kernel_pid:
+                owned.add(f"sbx-{owner.parent.name}")
+        except (OSError, ValueError):
+            continue
+    return owned & sandbox_namespaces()
+
+
 @dataclass
 class Cell:
     """Everything one execute_request produced."""
@@ -94,6 +108,14 @@ class KernelDriver:
             if reply["parent_header"].get("msg_id") == msg_id:
                 break
         return Cell(reply=reply, outputs=outputs, times=times)
+
+    @property
+    def pid(self) -> int:
+        return self.km.provisioner.process.pid
+
+    def namespaces(self) -> set[str]:
+        """This kernel's sandbox namespaces."""
+        return namespaces_of(self.pid)
 
     def shutdown(self) -> None:
         try:

@@ -168,7 +168,9 @@ def test_interrupt_reaches_cell_and_subprocesses(pyz):
         frames = []
         while not frames or frames[-1]["type"] != "done":
             frames.append(a.recv())
-        assert time.monotonic() - started < 1.5
+        # generous: the 1-second contract is asserted through the kernel in test_execute.py;
+        # here a loaded machine must not make the agent-level test flaky
+        assert time.monotonic() - started < 3.0
         assert frames[-1]["exit_status"] != 0
     finally:
         a.close()

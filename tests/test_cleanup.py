@@ -9,9 +9,26 @@ from pathlib import Path
 from kerneltest import KernelDriver, sandbox_namespaces
 
 
-def _sandbox_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "agent.pyz" in line or "slirp4netns" in line]
+def _processes_of(namespaces: set[str]) -> set[int]:
+    """Every process of these sandboxes: those inside the namespaces, and their slirp4netns."""
+    pids = set()
+    for ns in namespaces:
+        pids |= {int(p) for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                                text=True).stdout.split()}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "slirp4netns" in cmdline and any(f"/run/netns/{ns}" in cmdline for ns in namespaces):
+                pids.add(int(proc.name))
+    return pids
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {p for p in pids if Path(f"/proc/{p}").exists()
+            and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[-1].split()[:1]}
 
 
 def _wait_for(predicate, timeout=10.0):
@@ -24,31 +41,30 @@ def _wait_for(predicate, timeout=10.0):
 
 
 def test_shutdown_removes_namespace_processes_and_state():
-    before_ns = sandbox_namespaces()
-    before_procs = set(_sandbox_processes())
     driver = KernelDriver()
     driver.execute("!sleep 1000 &\nx = 1")
-    created = sandbox_namespaces() - before_ns
+    created = driver.namespaces()
     assert len(created) == 1
+    procs = _processes_of(created)
+    assert len(procs) >= 3  # bubblewrap, the agent, the background sleep (and slirp4netns)
     state = Path("/run/sandbox-kernel") / next(iter(created))[len("sbx-"):]
     assert state.exists()
     driver.shutdown()
     assert _wait_for(lambda: not (sandbox_namespaces() & created))
     assert not state.exists()
-    assert _wait_for(lambda: set(_sandbox_processes()) <= before_procs), _sandbox_processes()
+    assert _wait_for(lambda: not _alive(procs)), _alive(procs)
 
 
 def test_sigkilled_kernel_leaves_nothing_after_gc():
-    before_ns = sandbox_namespaces()
-    before_procs = set(_sandbox_processes())
     driver = KernelDriver()
     driver.execute("!sleep 1000 &\nx = 1")
-    created = sandbox_namespaces() - before_ns
+    created = driver.namespaces()
     assert len(created) == 1
-    os.kill(driver.km.provisioner.process.pid, signal.SIGKILL)
+    procs = _processes_of(created)
+    os.kill(driver.pid, signal.SIGKILL)
     driver.km.provisioner.process.wait()
     # bubblewrap and slirp4netns die with the kernel; the namespace needs gc
-    assert _wait_for(lambda: set(_sandbox_processes()) <= before_procs), _sandbox_processes()
+    assert _wait_for(lambda: not _alive(procs)), _alive(procs)
     result = subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, check=True)
     assert "removed network namespace" in result.stdout
     assert not (sandbox_namespaces() & created)

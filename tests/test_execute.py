@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from kerneltest import sandbox_namespaces
 
 
 def test_stream_arrives_while_the_cell_runs(kernel):
@@ -164,7 +163,7 @@ def test_interrupt_stops_the_cell_within_a_second(kernel, code):
 def test_crash_is_reported_and_the_next_cell_gets_a_fresh_sandbox(fresh_kernel, code, words):
     kernel = fresh_kernel()
     kernel.execute("marker = 'old sandbox'")
-    before = sandbox_namespaces()
+    before = kernel.namespaces()
     cell = kernel.execute(code, timeout=30)
     assert cell.status == "error"
     error = cell.of_type("error")
@@ -176,15 +175,14 @@ def test_crash_is_reported_and_the_next_cell_gets_a_fresh_sandbox(fresh_kernel, 
     assert after.status == "ok"
     assert after.of_type("execute_result")[0]["content"]["data"]["text/plain"] == "False"
     # the crashed sandbox's namespace was replaced, not leaked
-    assert len(sandbox_namespaces() - before) <= 1
+    assert len(kernel.namespaces()) == 1 and kernel.namespaces() != before
 
 
 def test_sandbox_killed_from_outside_between_cells(fresh_kernel):
-    before = sandbox_namespaces()
     kernel = fresh_kernel()
     pid_cell = kernel.execute("import os; print(os.getpid())")
     assert pid_cell.status == "ok"
-    netns = sandbox_namespaces() - before  # only this kernel's sandbox: others may be running
+    netns = kernel.namespaces()  # only this kernel's sandbox: others may be running
     assert len(netns) == 1
     pids = []
     for ns in netns:
