@@ -131,7 +131,10 @@ def test_getting_started():
 def test_egress_policies(test_host):
     host = test_host(8080)
     run = execute("02-egress-policies.ipynb", host=host.ip,
-                  env={"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "public 10.231.0.0/16"})
+                  # presets name real hosts: resolve them against nothing (the discard port on
+                  # loopback), so no lookup leaves the machine; their addresses stay unopened
+                  env={"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "public 10.231.0.0/16",
+                       "SANDBOX_KERNEL_UPSTREAM_DNS": "127.0.0.1:9"})
     entry = f"{host.ip}:8080/tcp"
 
     i, status = run.cell("%sandbox status")
