@@ -345,7 +345,13 @@ class KubernetesBackend(Backend):
         if not self.pod:
             raise SandboxStartError("the Kubernetes sandbox is not running")
         ws = await asyncio.to_thread(self._open_exec, list(objects.ATTACH_COMMAND))
-        self._transport = ExecTransport(ws, asyncio.get_running_loop(), self.log)
+        pod = self.pod
+
+        def alive() -> bool:  # called in the transport's reader thread after a drop
+            return self.pod == pod and pod_alive(self._read_pod())
+
+        self._transport = ExecTransport(ws, asyncio.get_running_loop(), self.log,
+                                        reopen=lambda: self._open_exec(list(objects.ATTACH_COMMAND)), alive=alive)
         if self.idle_timeout > 0 and (self._idle_task is None or self._idle_task.done()):
             self._idle_task = asyncio.ensure_future(self._idle_watch())
         return self._transport
@@ -832,6 +838,16 @@ def _hint(exit_code) -> str:
     return ""
 
 
+def pod_alive(pod: dict | None) -> bool:
+    """True when the pod's agent still runs: Running, not being deleted, container not ended (pure)."""
+    if pod is None or pod["metadata"].get("deletionTimestamp"):
+        return False
+    status = pod.get("status") or {}
+    if status.get("phase") != "Running":
+        return False
+    return not any("terminated" in (cs.get("state") or {}) for cs in status.get("containerStatuses") or [])
+
+
 def describe_pod_end(pod: dict | None) -> tuple[str, int | None]:
     """Why a pod's agent is gone, in plain words, and its exit status when known (pure)."""
     if pod is None:
@@ -894,12 +910,19 @@ class _Watch:
 # --- the exec stream as a transport ----------------------------------------------------------
 
 class _ExecWriter:
-    """The writer half LineTransport expects, sending to the exec stdin channel in a thread."""
+    """The writer half LineTransport expects, sending to the exec stdin channel in a thread.
+
+    While the transport re-attaches after a dropped stream, a send waits for the new
+    stream (up to ``REATTACH_WAIT`` s) instead of failing."""
+
+    REATTACH_WAIT = 15.0
 
     def __init__(self, ws):
         self.ws = ws
         self._buffer = bytearray()
         self.closed = False
+        self.finished = False  # set by the reader thread when the stream ended for good
+        self.reattaching = threading.Event()
 
     def write(self, data: bytes) -> None:
         self._buffer += data
@@ -908,13 +931,30 @@ class _ExecWriter:
         data, self._buffer = bytes(self._buffer), bytearray()
         if data:
             try:
-                await asyncio.to_thread(self.ws.write_stdin, data)
+                await asyncio.to_thread(self._send, data)
             except Exception as err:  # noqa: BLE001 - websocket-client raises several types
                 self.closed = True
                 raise ConnectionError(f"the exec stream to the sandbox is closed: {err}") from None
 
+    def _send(self, data: bytes) -> None:
+        deadline = time.monotonic() + self.REATTACH_WAIT
+        while True:
+            while self.reattaching.is_set() and not self.closed and time.monotonic() < deadline:
+                time.sleep(0.02)
+            ws = self.ws
+            try:
+                ws.write_stdin(data)
+                return
+            except Exception:  # noqa: BLE001 - websocket-client raises several types
+                # the reader thread may not have seen the drop yet: give it a second to re-attach
+                noticed = time.monotonic() + 1.0
+                while self.ws is ws and not self.reattaching.is_set() and time.monotonic() < noticed:
+                    time.sleep(0.02)
+                if self.closed or time.monotonic() > deadline or (self.ws is ws and not self.reattaching.is_set()):
+                    raise
+
     def is_closing(self) -> bool:
-        return self.closed or not self.ws.is_open()
+        return self.closed or self.finished
 
     def close(self) -> None:
         self.closed = True
@@ -924,46 +964,104 @@ class ExecTransport(LineTransport):
     """Frames over a pod exec: stdin channel out, stdout channel in (stderr goes to the log).
 
     A reader thread pulls channel data from the WebSocket and feeds an asyncio
-    StreamReader; the channel-3 status is kept as :attr:`status` when the exec ends.
+    StreamReader with whole lines only; the channel-3 status is kept as :attr:`status`
+    when the exec ends. When the stream is cut without a status (a load balancer, an API
+    server restart, a network blip) and ``alive()`` says the pod still runs, the thread
+    re-attaches with ``reopen()`` (up to :attr:`MAX_REATTACH` tries): the agent is the
+    pod's main process and keeps the interpreter, and it replays what it wrote while no
+    client was attached; its greeting on the new stream is dropped, so the Session sees
+    one uninterrupted stream. :attr:`reattached` counts the re-attaches.
     Also tracks whether a cell is running, for the idle timeout.
     """
 
-    def __init__(self, ws, loop: asyncio.AbstractEventLoop, log):
+    MAX_REATTACH = 5
+
+    def __init__(self, ws, loop: asyncio.AbstractEventLoop, log,
+                 reopen: Callable[[], Any] | None = None, alive: Callable[[], bool] | None = None):
         self.ws = ws
         self.loop = loop
         self.log = log
         self.status: dict | None = None
+        self.reattached = 0
+        self._reopen, self._alive = reopen, alive
         self._busy: set = set()
         self._last = time.monotonic()
+        self._hello_seen = False
         reader = asyncio.StreamReader(limit=protocol.MAX_FRAME + 1)
         super().__init__(reader, _ExecWriter(ws))
         self._thread = threading.Thread(target=self._pump, daemon=True, name="sandbox-exec-reader")
         self._thread.start()
 
+    def _feed(self, data: bytes) -> None:
+        self.loop.call_soon_threadsafe(self._reader.feed_data, data)
+
     def _pump(self) -> None:
-        ws, reader = self.ws, self._reader
+        partial = b""
         try:
-            while ws.is_open() and not self._writer.closed:
-                ws.update(timeout=0.5)
-                out = ws.read_channel(1)
-                if out:
-                    self.loop.call_soon_threadsafe(reader.feed_data, out)
-                err = ws.read_channel(2)
-                if err:
-                    self.log.info("sandbox agent stderr: %s", err.decode("utf-8", "replace").rstrip())
-            status = ws.read_channel(3)
-            if status:
+            while True:
+                ws = self.ws
                 try:
-                    self.status = json.loads(status)
-                except ValueError:
-                    self.status = {"message": status.decode("utf-8", "replace")}
+                    while ws.is_open() and not self._writer.closed:
+                        ws.update(timeout=0.5)
+                        out = ws.read_channel(1)
+                        if out:
+                            data = partial + out
+                            cut = data.rfind(b"\n") + 1
+                            if cut:
+                                self._feed(data[:cut])
+                            partial = data[cut:]
+                        err = ws.read_channel(2)
+                        if err:
+                            self.log.info("sandbox agent stderr: %s", err.decode("utf-8", "replace").rstrip())
+                except Exception as err:  # noqa: BLE001 - "Connection to remote host was lost." and others
+                    self.log.info("exec stream cut: %s", err)
+                status = ws.read_channel(3)
+                if status:
+                    try:
+                        self.status = json.loads(status)
+                    except ValueError:
+                        self.status = {"message": status.decode("utf-8", "replace")}
+                if self.status is not None or self._writer.closed or not self._reattach():
+                    break
+                if partial:
+                    self.log.warning("dropped %d bytes of a frame cut by the stream drop", len(partial))
+                partial = b""
         except Exception as err:  # noqa: BLE001 - a dropped socket may surface as many types
             self.log.info("exec stream ended: %s", err)
         finally:
+            self._writer.finished = True
+            if partial:
+                self._feed(partial)  # recv() reports the frame cut short
             try:
-                self.loop.call_soon_threadsafe(reader.feed_eof)
+                self.loop.call_soon_threadsafe(self._reader.feed_eof)
             except RuntimeError:
                 pass
+
+    def _reattach(self) -> bool:
+        """After a drop without exit status: open a new exec if the pod still runs (reader thread)."""
+        if self._reopen is None or self._alive is None:
+            return False
+        writer = self._writer
+        writer.reattaching.set()
+        try:
+            for attempt in range(self.MAX_REATTACH):
+                if writer.closed:
+                    return False
+                try:
+                    if not self._alive():
+                        return False
+                    ws = self._reopen()
+                except SandboxError as err:
+                    self.log.warning("re-attaching to the sandbox failed (try %d): %s", attempt + 1, err)
+                    time.sleep(min(0.2 * 2 ** attempt, 2.0))
+                    continue
+                self.ws = writer.ws = ws
+                self.reattached += 1
+                self.log.warning("the exec stream to the sandbox dropped; re-attached (%d)", self.reattached)
+                return True
+            return False
+        finally:
+            writer.reattaching.clear()
 
     async def send(self, frame: dict) -> None:
         if frame.get("type") == "execute":
@@ -972,11 +1070,16 @@ class ExecTransport(LineTransport):
         await super().send(frame)
 
     async def recv(self) -> dict | None:
-        frame = await super().recv()
-        self._last = time.monotonic()
-        if frame is not None and frame.get("type") == "done":
-            self._busy.discard(frame.get("id"))
-        return frame
+        while True:
+            frame = await super().recv()
+            self._last = time.monotonic()
+            if frame is not None and frame.get("type") == "hello":
+                if self._hello_seen:
+                    continue  # the agent greets every attach; the Session was greeted once
+                self._hello_seen = True
+            if frame is not None and frame.get("type") == "done":
+                self._busy.discard(frame.get("id"))
+            return frame
 
     def idle_for(self) -> float | None:
         """Seconds since the last frame, or None while a cell runs."""

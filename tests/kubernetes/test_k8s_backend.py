@@ -361,3 +361,75 @@ def test_describe_pod_end():
     oom = {"metadata": {}, "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}}
     assert kb.describe_pod_end(oom) == ("the agent in the sandbox pod was killed (out of memory)", 137)
     assert "still running" in kb.describe_pod_end(base)[0]
+
+
+def test_dropped_stream_reattaches_by_itself_mid_cell(fakekube):
+    """The API server side cuts the exec WebSocket (no close frame, no status) while a cell
+    runs: the transport re-attaches, the interpreter keeps its state, and the output the
+    agent buffered while detached arrives, followed by the cell's done."""
+    async def main():
+        backend = make_backend(fakekube)
+        await backend.start("k1", EgressPolicy(), lambda line: None)
+        transport = await backend.attach()
+        await hello(transport)
+        await execute(transport, "secret = 'kept'")
+        await transport.send({"type": "execute", "id": 2, "code": "import time\nprint('before', flush=True)\n"
+                              "time.sleep(0.6)\nprint('after')", "silent": False, "store_history": True,
+                              "user_expressions": {}, "allow_stdin": False})
+        frames = [await asyncio.wait_for(transport.recv(), 10)]
+        assert fakekube.drop_exec_streams() == 1
+        while frames[-1]["type"] != "done":
+            frame = await asyncio.wait_for(transport.recv(), 15)
+            assert frame is not None, "the transport ended instead of re-attaching"
+            frames.append(frame)
+        out, done = await execute(transport, "print(secret)", 3)
+        assert fakekube.drop_exec_streams() == 1  # between cells too
+        out2, _ = await execute(transport, "print(secret * 2)", 4)
+        reattached = transport.reattached
+        await backend.stop()
+        return frames, out, done, out2, reattached
+
+    frames, out, done, out2, reattached = run(main())
+    text = "".join(f.get("text", "") for f in frames if f["type"] == "stream")
+    assert text == "before\nafter\n" and frames[-1]["exit_status"] == 0
+    assert not [f for f in frames if f["type"] == "hello"]  # the second greeting is not passed on
+    assert (out, done["exit_status"], out2) == ("kept\n", 0, "keptkept\n")
+    assert reattached == 2
+    assert fakekube.count("create", "pods/exec") == 3
+
+
+def test_interrupt_frame_reaches_the_running_cell(fakekube):
+    async def main():
+        backend = make_backend(fakekube)
+        await backend.start("k1", EgressPolicy(), lambda line: None)
+        transport = await backend.attach()
+        await hello(transport)
+        took = []
+        for n, code in enumerate(("while True: pass", "import time; time.sleep(100)"), 1):
+            await transport.send({"type": "execute", "id": n, "code": code, "silent": False, "store_history": True,
+                                  "user_expressions": {}, "allow_stdin": False})
+            await asyncio.sleep(0.3)
+            sent = time.monotonic()
+            await transport.send({"type": "interrupt"})
+            frames = []
+            while not frames or frames[-1]["type"] != "done":
+                frames.append(await asyncio.wait_for(transport.recv(), 5))
+            took.append((time.monotonic() - sent, [f.get("ename") for f in frames if f["type"] == "error"]))
+        out, _ = await execute(transport, "print('still here')", 3)
+        await backend.stop()
+        return took, out
+
+    took, out = run(main())
+    for seconds, enames in took:
+        assert enames == ["KeyboardInterrupt"] and seconds < 1.0, took
+    assert out == "still here\n"
+
+
+def test_pod_alive_decides_reattach():
+    running = {"metadata": {}, "status": {"phase": "Running", "containerStatuses": [{"state": {"running": {}}}]}}
+    assert kb.pod_alive(running)
+    assert not kb.pod_alive(None)
+    assert not kb.pod_alive({**running, "metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}})
+    assert not kb.pod_alive({"metadata": {}, "status": {"phase": "Failed", "reason": "Evicted"}})
+    assert not kb.pod_alive({"metadata": {}, "status": {"phase": "Running", "containerStatuses": [
+        {"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}})
