@@ -314,6 +314,10 @@ class KubernetesBackend(Backend):
         Called by Session.start(). On failure deletes what it created for this kernel and
         raises a SandboxStartError subclass naming the cause.
         """
+        if self.pod:
+            # started again without stop() (the Session restarts after a stream ended between
+            # cells): remove the previous pod, or it would run on as an orphan until gc
+            await self.stop()
         self.kernel_id = kernel_id
         self._idle_stopped = False
         await asyncio.to_thread(self.check)

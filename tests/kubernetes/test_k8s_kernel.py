@@ -6,12 +6,15 @@ A real kernel process (jupyter_client) reads a kubeconfig that points at the fak
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import yaml
 
 from kerneltest import KernelDriver  # tests/ is on sys.path (tests/kubernetes/conftest.py)
+
+from sandbox_kernel import cli
 
 
 @pytest.fixture
@@ -26,13 +29,14 @@ def kube_kernel(fakekube, tmp_path):
     driver = KernelDriver({"SANDBOX_KERNEL_BACKEND": "kubernetes", "KUBECONFIG": str(kubeconfig),
                            "SANDBOX_KERNEL_USER": "Alice Smith", "SANDBOX_KERNEL_K8S_START_TIMEOUT": "60",
                            "KUBERNETES_SERVICE_HOST": ""})
+    driver.kubeconfig = str(kubeconfig)
     try:
         yield driver
     finally:
         driver.shutdown()
 
 
-def test_kernel_end_to_end(fakekube, kube_kernel):
+def test_kernel_end_to_end(fakekube, kube_kernel, monkeypatch, capsys):
     first = kube_kernel.execute("x = 20\nprint(x + 1)")
     assert first.status == "ok", first.reply
     assert "21\n" in first.stream()
@@ -44,12 +48,49 @@ def test_kernel_end_to_end(fakekube, kube_kernel):
     assert failed.sandbox["exit_status"] == 3
     assert "20\n" in kube_kernel.execute("print(x)").stream()  # same interpreter
 
-    # the pod disappears behind the kernel's back: reported, then replaced on the next cell
+    # interrupt: the in-band frame reaches the agent over the exec stream and the cell stops
+    for code in ("while True: pass", "import time; time.sleep(100)"):
+        sent = []
+        timer = threading.Timer(0.6, lambda: (sent.append(time.monotonic()), kube_kernel.km.interrupt_kernel()))
+        timer.start()
+        cell = kube_kernel.execute(code, timeout=20)
+        took = time.monotonic() - sent[0]
+        assert cell.reply["content"]["status"] == "error" and cell.reply["content"]["ename"] == "KeyboardInterrupt", cell.reply
+        assert took < 1.5, f"{code!r} took {took:.2f} s to stop after the interrupt"
+    assert "20\n" in kube_kernel.execute("print(x)").stream()  # interrupts keep the interpreter
+
+    # the exec WebSocket is cut by the server side, between cells and during one: same pod, same state
+    fakekube.drop_exec_streams()
+    assert "20\n" in kube_kernel.execute("print(x)").stream()
+    threading.Timer(0.4, fakekube.drop_exec_streams).start()
+    cut = kube_kernel.execute("import time\nprint('a', flush=True)\ntime.sleep(1.2)\nprint(x * 2)")
+    assert cut.status == "ok" and cut.stream().startswith("a\n40\n"), (cut.reply, cut.outputs)  # then the footer
+    assert [p["metadata"]["name"] for p in fakekube.objects("pods")] == [pods[0]["metadata"]["name"]]
+    assert fakekube.count("create", "pods/exec") == 3
+
+    # the pod disappears behind the kernel's back and RBAC refuses the replacement: the cell says so
+    fakekube.forbid("create", "pods")
     fakekube.delete_pod_now(pods[0]["metadata"]["namespace"], pods[0]["metadata"]["name"])
     time.sleep(0.5)
-    lost = kube_kernel.execute("print('after')", timeout=90)
-    text = str(lost.outputs) + str(lost.reply)
-    assert "deleted" in text or "after\n" in lost.stream(), text
+    denied = kube_kernel.execute("print('after')", timeout=90)
+    if denied.reply["content"].get("ename") == "SandboxCrashed":  # the loss was seen during the cell
+        assert "deleted" in denied.reply["content"]["evalue"]
+        denied = kube_kernel.execute("print('after')", timeout=90)
+    content = denied.reply["content"]
+    assert content["ename"] == "KubernetesForbidden", content
+    assert "create pods" in content["evalue"] and 'namespace "user-sandbox-alice-smith--' in content["evalue"]
+    assert "Kubernetes refused" in str(denied.outputs)  # shown in the notebook, not only in the reply
+
+    # then the user's quota is full
+    fakekube.rules.clear()
+    fakekube.exceed_quota()
+    full = kube_kernel.execute("print('after')", timeout=90)
+    assert full.reply["content"]["ename"] == "QuotaExceeded", full.reply["content"]
+    assert "quota in namespace user-sandbox-alice-smith--" in full.reply["content"]["evalue"]
+    assert "exceeded quota: sandbox-quota" in str(full.outputs)
+
+    # and once allowed, the next cell gets a fresh sandbox
+    fakekube.rules.clear()
     again = kube_kernel.execute("print('fresh')", timeout=90)
     assert "fresh\n" in again.stream()
     live = fakekube.objects("pods")
@@ -61,3 +102,10 @@ def test_kernel_end_to_end(fakekube, kube_kernel):
     while fakekube.objects("pods") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert fakekube.objects("pods") == []  # shutdown deleted the pod
+    assert [o["metadata"]["name"] for o in fakekube.objects("networkpolicies")] == ["sandbox-default-deny"]
+
+    # gc after a clean shutdown finds nothing, even with max age 0 (it removes by label and age)
+    monkeypatch.setenv("KUBECONFIG", kube_kernel.kubeconfig)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert cli.main(["gc", "--backend", "kubernetes", "--max-age", "0"]) == 0
+    assert "nothing to clean up" in capsys.readouterr().out
