@@ -151,6 +151,8 @@ class Session:
         while True:
             try:
                 frame = await transport.recv()
+                if frame is not None:
+                    protocol.check_agent_frame(frame)
             except protocol.FrameError as err:
                 self.log.warning("protocol error from the sandbox: %s", err)
                 self._to_cell({"type": "protocol_error", "id": None, "message": str(err)})
@@ -244,6 +246,9 @@ class Session:
         fid = f"c{next(self._ids)}"
         cell: asyncio.Queue = asyncio.Queue()
         self._cell = cell
+        if len(code.encode("utf-8", "surrogatepass")) > protocol.MAX_FRAME - 4096:
+            raise ProtocolError(f"this cell is {len(code) / 2**20:.1f} MB of code; the most a cell may "
+                                f"send to the sandbox is {protocol.MAX_FRAME // 2**20} MB: load big data from a file")
         try:
             await self._transport.send({
                 "type": "execute", "id": fid, "code": code, "silent": silent,

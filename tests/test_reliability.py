@@ -240,3 +240,64 @@ def test_twenty_kernels_at_once_are_isolated_and_cleaned_up(test_host):
     while time.monotonic() < deadline and sandbox_namespaces() - before:
         time.sleep(0.2)
     assert not (sandbox_namespaces() - before)
+
+
+FORGE = """import gc, os, sys
+channel = next(o for o in gc.get_objects() if type(o).__name__ == 'StdioChannel')
+fd = channel._out
+for frame in {frames!r}:
+    os.write(fd, frame)
+print('sent')
+"""
+
+
+def test_garbage_from_the_sandbox_is_a_protocol_error_and_the_kernel_recovers(kernel):
+    frames = [
+        b"not json at all\n",
+        b'["a", "list"]\n',
+        b'{"type": "execute", "code": "import os"}\n',      # a kernel-to-agent type, from the agent
+        b'{"type": "stream", "name": "stdout", "text": 42}\n',  # wrong field type: ignored
+        b'{"type": "display", "data": "not a dict"}\n',
+        b'{"type": "blocked", "source": "enforcer", "record": {"ip": "8.8.8.8", "port": 53}}\n',
+        b'{"type": "reply", "id": "nobody-asked", "content": {}}\n',
+        b"\xff\xfe\xfd\n",
+    ]
+    cell = kernel.execute(FORGE.format(frames=frames), timeout=30)
+    notes = cell.stream("stderr")
+    assert notes.count("protocol error from the sandbox") >= 4, notes
+    assert "sent" in cell.stream()
+    # a record that claims to come from the enforcer is taken as the watcher's, never the enforcer's
+    assert all(r["verdict"] != "rejected" or r["ip"] != "8.8.8.8" for r in cell.sandbox["blocked"])
+    # nothing the forged frames asked for happened, and the kernel goes on
+    after = kernel.execute("'still here'")
+    assert after.of_type("execute_result")[0]["content"]["data"]["text/plain"] == "'still here'"
+
+
+def test_oversized_and_truncated_frames_from_the_sandbox(kernel):
+    code = FORGE.format(frames=[b"BIG", b'{"type": "stream", "name": "stdout", "text": "half'])
+    # the oversized frame is built in the sandbox: a cell that big is refused before it is sent
+    code = code.replace("b'BIG'", "b'{\"type\": \"stream\", \"name\": \"stdout\", \"text\": \"' + b'x' * (17 * 2**20) + b'\"}\\n'")
+    cell = kernel.execute(code, timeout=60)
+    assert cell.status in ("ok", "error")
+    after = kernel.execute("1 + 1", timeout=60)
+    # either the stream was resynchronised, or the sandbox was replaced after reporting it
+    if after.status == "error":
+        after = kernel.execute("1 + 1", timeout=60)
+    assert after.of_type("execute_result")[0]["content"]["data"]["text/plain"] == "2"
+
+
+def test_the_hosts_own_addresses_are_refused(kernel, test_host):
+    host = test_host(8080)
+    gateway = host.ip.rsplit(".", 1)[0] + ".1"  # the host's end of the test host's link
+    cell = kernel.execute(f"import socket\nsocket.create_connection(({gateway!r}, 22), timeout=3)")
+    assert cell.status == "error"
+    assert cell.reply["content"]["ename"] == "ConnectionRefusedError"
+    assert cell.sandbox["blocked"][0]["ip"] == gateway
+
+
+def test_a_cell_too_large_for_the_protocol_is_refused_clearly(kernel):
+    cell = kernel.execute("x = '" + "y" * (17 * 2**20) + "'", timeout=60)
+    assert cell.status == "error"
+    assert cell.reply["content"]["ename"] == "ProtocolError"
+    assert "load big data from a file" in cell.reply["content"]["evalue"]
+    assert kernel.execute("1 + 1").status == "ok"

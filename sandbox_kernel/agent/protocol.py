@@ -111,3 +111,41 @@ def decode(line: bytes, allowed: frozenset[str]) -> dict:
     if not isinstance(kind, str) or kind not in allowed:
         raise FrameError(f"unknown frame type {kind!r}")
     return frame
+
+
+_NUMBER = (int, float)
+#: field -> accepted types, per agent frame type (fields not listed are ignored)
+_AGENT_FIELDS: dict[str, dict[str, tuple]] = {
+    "hello": {"version": (int,)},
+    "stream": {"name": (str,), "text": (str,)},
+    "display": {"data": (dict,), "metadata": (dict, type(None)), "transient": (dict, type(None)),
+                "update": (bool, type(None))},
+    "execute_result": {"data": (dict,), "metadata": (dict, type(None))},
+    "clear_output": {"wait": (bool, type(None))},
+    "error": {"ename": (str,), "evalue": (str,), "traceback": (list,)},
+    "input_request": {"prompt": (str,), "password": (bool, type(None))},
+    "blocked": {"record": (dict,)},
+    "done": {"status": (str,), "exit_status": (int,), "duration_ms": _NUMBER,
+             "payload": (list, type(None)), "user_expressions": (dict, type(None))},
+    "reply": {"content": (dict,)},
+    "pong": {},
+}
+_OPTIONAL = {"metadata", "transient", "update", "wait", "password", "payload", "user_expressions"}
+
+
+def check_agent_frame(frame: dict) -> dict:
+    """Check the fields of a frame from the agent (the sandbox is not trusted); the kernel
+    calls this on every frame. Raises FrameError naming the bad field."""
+    for field, types in _AGENT_FIELDS.get(frame["type"], {}).items():
+        if field not in frame:
+            if field in _OPTIONAL:
+                continue
+            raise FrameError(f"{frame['type']} frame without {field!r}")
+        value = frame[field]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise FrameError(f"{frame['type']} frame: {field!r} is a {type(value).__name__}")
+    if frame["type"] == "stream" and frame["name"] not in ("stdout", "stderr"):
+        raise FrameError(f"stream frame: unknown stream {frame['name']!r}")
+    if frame["type"] == "error" and not all(isinstance(line, str) for line in frame["traceback"]):
+        raise FrameError("error frame: traceback lines must be strings")
+    return frame

@@ -77,11 +77,24 @@ class LineTransport(Transport):
                     f"stream ended inside a frame ({len(err.partial)} bytes)"
                 ) from None
             return None
-        except asyncio.LimitOverrunError:
+        except asyncio.LimitOverrunError as err:
+            await self._skip_line(err.consumed)
             raise protocol.FrameError(
-                f"frame longer than {protocol.MAX_FRAME} bytes"
+                f"frame longer than {protocol.MAX_FRAME} bytes, skipped"
             ) from None
         return protocol.decode(line, protocol.AGENT_TYPES)
+
+    async def _skip_line(self, consumed: int) -> None:
+        """Drop the rest of an oversized line so the next frame can be read."""
+        await self._reader.readexactly(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as err:
+                await self._reader.readexactly(err.consumed)
+            except asyncio.IncompleteReadError:
+                return
 
     async def close(self) -> None:
         if not self._writer.is_closing():
