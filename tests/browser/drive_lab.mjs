@@ -12,7 +12,9 @@ import { chromium } from 'playwright-core';
 import path from 'node:path';
 
 const cfg = JSON.parse(process.argv[2]);
-const timeout = cfg.timeoutMs ?? 30000;
+const timeout = cfg.timeoutMs ?? 45000;
+// loading JupyterLab and starting the kernel take longest on a busy machine
+const slow = Math.max(timeout, 90000);
 const allowCommand = `%sandbox allow ${cfg.host}:${cfg.port}/tcp`;
 const report = { ok: false, steps: [], screenshots: {}, offLoopback: [], consoleErrors: [], timings: {} };
 const started = Date.now();
@@ -57,9 +59,9 @@ try {
   };
 
   // -- open the notebook; the Sandbox kernel starts from its metadata --------------------
-  await page.goto(`${cfg.url}lab/tree/${encodeURIComponent(cfg.notebook)}?reset&token=${cfg.token}`);
+  await page.goto(`${cfg.url}lab/tree/${encodeURIComponent(cfg.notebook)}?reset&token=${cfg.token}`, { timeout: slow });
   const panel = page.locator('.jp-NotebookPanel').filter({ has: page.locator('.jp-Cell') }).first();
-  await panel.waitFor();
+  await panel.waitFor({ timeout: slow });
   step('notebook open');
   const cells = panel.locator('.jp-Notebook .jp-Cell');
   await cells.nth(1).waitFor();
@@ -81,7 +83,7 @@ try {
   report.kernelName = (await kernelName.innerText()).trim();
   // idle: the kernel started and its sandbox is up
   const idle = panel.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]');
-  await idle.waitFor({ timeout: 60000 });
+  await idle.waitFor({ timeout: slow });
   step('kernel idle');
 
   // A narrower window for the screenshots: collapse the left sidebar.
@@ -149,6 +151,8 @@ try {
   try {
     const page = context?.pages()[0];
     if (page) {
+      report.pageUrl = page.url().replace(/token=[^&]*/, 'token=…');
+      report.pageText = (await page.locator('body').innerText({ timeout: 5000 })).slice(0, 1500);
       const file = path.join(cfg.failureDir ?? cfg.shots, 'failure.png');
       await page.screenshot({ path: file, timeout: 5000 });
       report.screenshots.failure = file;

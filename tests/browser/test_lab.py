@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("drive_lab.mjs")
 CHROMIUM = "/usr/bin/chromium"
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(420)]
 
 
 def _missing() -> list[str]:
@@ -182,12 +182,12 @@ def test_blocked_cell_notice_allow_in_panel_then_cell_succeeds(lab, test_host, t
         "url": lab["url"], "token": lab["token"], "notebook": "egress.ipynb",
         "host": host.ip, "port": host.port, "shots": str(shots), "failureDir": str(tmp_path),
         "userDataDir": str(profile), "executablePath": CHROMIUM,
-        "timeoutMs": int(os.environ.get("SANDBOX_KERNEL_BROWSER_TIMEOUT_MS", "30000")),
+        "timeoutMs": int(os.environ.get("SANDBOX_KERNEL_BROWSER_TIMEOUT_MS", "45000")),
     }
     node = subprocess.Popen(["node", str(SCRIPT), json.dumps(config)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        out, err = node.communicate(timeout=180)
+        out, err = node.communicate(timeout=300)
     finally:
         _kill_tree(node, marker=str(profile))
         shutil.rmtree(profile, ignore_errors=True)
