@@ -62,6 +62,7 @@ class PolicyPanel:
         self.kernel = kernel
         self._previous: EgressPolicy | None = None
         self._blocked_keys: set = set()
+        self._allow_buttons: list[tuple[w.Button, str]] = []  # (button, the entry it would add)
         locked = kernel.admin.locked
 
         self.title = w.HTML()
@@ -118,9 +119,18 @@ class PolicyPanel:
             self._quiet = False
         lock = " · <b>locked by your administrator (exam mode)</b>: you can look, not change" if self.kernel.admin.locked else ""
         self.title.value = (f"<b>Sandbox egress policy</b> — in force: {html.escape(policy.describe())}{lock}")
+        self._mark_allowed()
         self.validation.value = ""
         if not self.status.value.startswith("<span class='sk-error'"):
             self.status.value = self._enforced_text()
+
+    def _mark_allowed(self) -> None:
+        """Blocked rows whose destination the policy in force now allows say so."""
+        policy = self.kernel.policy
+        in_force = {str(e) for e in policy.entries} if policy.mode == "allowlist" else set()
+        for button, entry in self._allow_buttons:
+            if entry in in_force:
+                button.disabled, button.description, button.icon = True, "Allowed", "check"
 
     def _enforced_text(self) -> str:
         applied = getattr(self.kernel.sandbox_backend, "applied", None) or {}
@@ -209,6 +219,8 @@ class PolicyPanel:
             button = w.Button(description="Allow", icon="unlock", tooltip=conn.remedy["command"],
                               disabled=self.kernel.admin.locked)
             button.on_click(lambda _, command=conn.remedy["command"]: self._spawn(self._allow(command)))
+            self._allow_buttons.append((button, conn.remedy.get("entry", "")))
+            self._mark_allowed()
         else:
             reason = conn.remedy.get("reason", "not permitted by your administrator")
             button = w.Button(description="Allow", icon="ban", disabled=True, tooltip=reason)

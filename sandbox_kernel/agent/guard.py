@@ -133,6 +133,7 @@ class Guard:
 
     # -- the audit hook ----------------------------------------------------------------
     def audit(self, event: str, args: tuple) -> None:
+        __tracebackhide__ = True  # noqa: F841 - IPython leaves the guard's frames out of tracebacks
         if event not in ("socket.connect", "socket.sendto", "socket.getaddrinfo") or not enabled:
             return
         if event == "socket.getaddrinfo":
@@ -161,6 +162,7 @@ class Guard:
         self._refuse(self._resolved.get(ip), ip, port, proto)
 
     def _refuse(self, host, ip, port, proto, lookup: bool = False) -> None:
+        __tracebackhide__ = True  # noqa: F841
         now = time.time()
         record = {
             "host": host, "ip": ip, "port": port, "protocol": proto, "verdict": "guarded",
