@@ -333,9 +333,21 @@ def format_table(rows: list[Check], width: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def configured_backend() -> kb.KubernetesBackend:
+    """A backend configured as the kernel's is: ``sandbox_kernel_config.py`` from the Jupyter
+    config path (``c.KubernetesBackend.…``), then the environment variables."""
+    from jupyter_core.paths import jupyter_config_path
+    from traitlets.config.application import Application
+
+    app = Application()
+    for directory in reversed(jupyter_config_path()):  # the most specific one wins, as in the kernel
+        app.load_config_file("sandbox_kernel_config", path=[directory])
+    return kb.KubernetesBackend(config=app.config)
+
+
 def main(backend: kb.KubernetesBackend | None = None, out: Callable[[str], None] = print) -> int:
     """Print the table; 0 when ready, 1 when not."""
-    backend = backend or kb.KubernetesBackend()
+    backend = backend or configured_backend()
     rows = run_checks(backend)
     out(f"Kubernetes backend: is this cluster ready for sandboxes? (enforcers: {', '.join(backend.enforcers)})")
     out(format_table(rows))

@@ -166,6 +166,13 @@ def test_cli_doctor_backend_flag_and_env(fakekube, tmp_path, monkeypatch, capsys
     monkeypatch.setenv("SANDBOX_KERNEL_K8S_RUNTIME_CLASS", "kata")
     assert cli.main(["doctor"]) == 1  # configured by the environment, as the kernel is
     assert "RuntimeClass kata" in capsys.readouterr().out
+    monkeypatch.delenv("SANDBOX_KERNEL_K8S_RUNTIME_CLASS")
+    config_dir = tmp_path / "jupyter-config"
+    config_dir.mkdir()
+    (config_dir / "sandbox_kernel_config.py").write_text('c.KubernetesBackend.image = "registry.example/sbx:7"\n')
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(config_dir))
+    assert cli.main(["doctor"]) == 0
+    assert "registry.example/sbx:7" in capsys.readouterr().out  # the kernel's config file is read too
 
 
 class _Sandbox:
