@@ -447,6 +447,10 @@ class SandboxKernel(Kernel):
         started = loop.time()
         try:
             await self._wait_for_sandbox()
+            if self.sandbox.lost and not silent:
+                self._stream("stderr", f"[sandbox] the previous sandbox ended ({self.sandbox.lost}): this cell "
+                                       "runs in a fresh one, so variables and imports were reset\n")
+            self.sandbox.lost = None
             return await self.sandbox.execute(
                 code, self, silent=silent, store_history=store_history,
                 user_expressions=user_expressions or {}, allow_stdin=allow_stdin,

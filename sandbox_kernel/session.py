@@ -71,6 +71,8 @@ class Session:
         self.info: SandboxInfo | None = None
         self.start_error: BaseException | None = None
         self.restarts = 0
+        #: why the previous sandbox ended between cells (the kernel tells the next cell once)
+        self.lost: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------
     def start_soon(self) -> asyncio.Task:
@@ -83,6 +85,12 @@ class Session:
         """Wait until the sandbox runs; raise the start error (typed) if it cannot."""
         if self._transport is not None and self._reader is not None and not self._reader.done():
             return
+        if self._reader is not None and self._reader.done() and self._transport is not None:
+            # the sandbox ended between cells: clean it up, say why, then start a fresh one
+            self.lost = await self.backend.exit_reason()
+            self.log.warning("sandbox ended between cells: %s", self.lost)
+            await self._teardown()
+            self.restarts += 1
         task = self.start_soon()
         await asyncio.shield(task)
 
