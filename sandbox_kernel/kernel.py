@@ -132,10 +132,14 @@ class SandboxKernel(Kernel):
         return int(_env("SANDBOX_KERNEL_OUTPUT_LIMIT", 10 * 1024 * 1024))
 
     progress_delay = Float(
-        1.5,
-        help="Seconds a cell waits for its sandbox before the start-up progress lines are shown.",
+        help="Seconds a cell waits for its sandbox before the start-up progress lines are shown "
+        "(0: always show them). Env: SANDBOX_KERNEL_PROGRESS_DELAY.",
         config=True,
     )
+
+    @default("progress_delay")
+    def _progress_delay_default(self):
+        return float(_env("SANDBOX_KERNEL_PROGRESS_DELAY", 1.5))
 
     sandbox = Instance(Session, allow_none=True)
     sandbox_backend = Instance(Backend, allow_none=True)
@@ -466,7 +470,8 @@ class SandboxKernel(Kernel):
 
     async def _wait_for_sandbox(self):
         task = asyncio.ensure_future(self.sandbox.ready())
-        done, _ = await asyncio.wait({task}, timeout=self.progress_delay)
+        # a running sandbox answers at once; only a real wait shows progress
+        done, _ = await asyncio.wait({task}, timeout=max(self.progress_delay, 0.01))
         if not done:
             self._progress_parent = self.get_parent("shell")
             self._progress_live = True

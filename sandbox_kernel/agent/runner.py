@@ -322,6 +322,7 @@ class Agent:
         exit_status = 0
         count = _int(frame.get("execution_count"), 0)
         user_expressions: dict = {}
+        reap_forgotten_children()  # zombies of earlier cells would count against the process limit
         self.executing = True
         try:
             error = self.runner.run(code, count, silent=bool(frame.get("silent")),

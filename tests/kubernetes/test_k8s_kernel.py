@@ -28,6 +28,7 @@ def kube_kernel(fakekube, tmp_path):
     }))
     driver = KernelDriver({"SANDBOX_KERNEL_BACKEND": "kubernetes", "KUBECONFIG": str(kubeconfig),
                            "SANDBOX_KERNEL_USER": "Alice Smith", "SANDBOX_KERNEL_K8S_START_TIMEOUT": "60",
+                           "SANDBOX_KERNEL_PROGRESS_DELAY": "0",
                            "KUBERNETES_SERVICE_HOST": ""})
     driver.kubeconfig = str(kubeconfig)
     try:
