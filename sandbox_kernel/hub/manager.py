@@ -1,0 +1,587 @@
+"""What the sandbox service does, without HTTP: sandboxes per user, ceilings, state, audit.
+
+The :class:`Manager` is the only owner of backends in hub mode. It is called by the service's
+handlers (service.py) after they have identified the caller with the hub; it never decides
+who the caller is, only what the caller (a user name, maybe an admin) may do:
+
+* a sandbox belongs to the user who created it; handlers look sandboxes up with
+  :meth:`Manager.get` (owner checked) and never hand out another user's;
+* every policy change goes through :meth:`Manager.apply_policy`, which checks the change
+  against the owner's effective ceiling (the service's ``AdminPolicy`` with the admins'
+  per-group and per-user overrides) before the backend enforces it: a refused change
+  changes nothing and is audited;
+* :meth:`Manager.set_ceiling` (admins only, checked by the handler) changes a user's or a
+  group's ceiling and brings running sandboxes under it at once (exam mode resets them to
+  the ceiling's default policy);
+* everything durable (ceilings, users' groups, sandboxes and their policies) is in
+  ``state.json`` and every change and refusal in ``audit.jsonl`` (store.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from traitlets import TraitError
+
+from ..agent import protocol
+from ..backends.base import Backend, Transport
+from ..errors import PolicyError, SandboxError, SandboxStartError
+from ..policy.admin import AdminPolicy, CeilingRefused
+from ..policy.model import EgressPolicy
+from .store import AuditLog, StateFile
+
+#: AdminPolicy settings an admin may override per user or per group
+CEILING_KEYS = ("mode", "entries", "presets", "locked", "user_may_allow", "max_entries")
+#: AdminPolicy settings that only the service's configuration sets
+BASE_ONLY_KEYS = ("always_blocked", "cluster_ranges")
+#: frames a sandbox that nobody is attached to keeps for the next attach
+BACKLOG = 2000
+#: frames only the service creates (an agent frame with these types fails to decode)
+ENFORCER_FRAME = "hub_enforcer_blocked"
+POLICY_FRAME = "hub_policy"
+
+RUNNING = ("starting", "running")
+
+
+class NotFound(SandboxError):
+    """No such sandbox for this user (also what another user's sandbox looks like)."""
+
+    ename = "NotFound"
+
+
+class Forbidden(SandboxError):
+    ename = "Forbidden"
+
+
+class NotRunning(SandboxError):
+    ename = "NotRunning"
+
+
+@dataclass
+class Sandbox:
+    """One kernel's sandbox, owned by one hub user."""
+
+    id: str
+    user: str
+    kernel_id: str
+    backend_name: str
+    policy: EgressPolicy
+    state: str = "starting"  # starting | running | exited | stopped | failed
+    created: float = field(default_factory=time.time)
+    exit_reason: str | None = None
+    exit_status: int | None = None
+    details: dict = field(default_factory=dict)
+    restarts: int = 0
+    #: when the running agent was started: a kernel re-attaching after a dropped stream
+    #: compares it to know whether its interpreter survived
+    started: float | None = None
+    # -- runtime only
+    backend: Backend | None = None
+    transport: Transport | None = None
+    hello: dict | None = None
+    reader: asyncio.Task | None = None
+    subscriber: Any = None
+    backlog: collections.deque = field(default_factory=lambda: collections.deque(maxlen=BACKLOG))
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def to_state(self) -> dict:
+        return {"id": self.id, "user": self.user, "kernel_id": self.kernel_id, "backend": self.backend_name,
+                "policy": self.policy.to_dict(), "state": self.state, "created": self.created,
+                "exit_reason": self.exit_reason, "exit_status": self.exit_status,
+                "details": jsonable(self.details), "restarts": self.restarts, "started": self.started}
+
+    @classmethod
+    def from_state(cls, data: dict) -> Sandbox:
+        return cls(id=data["id"], user=data["user"], kernel_id=data["kernel_id"], backend_name=data["backend"],
+                   policy=EgressPolicy.parse(data["policy"]), state=data.get("state", "stopped"),
+                   created=data.get("created", time.time()), exit_reason=data.get("exit_reason"),
+                   exit_status=data.get("exit_status"), details=data.get("details") or {},
+                   restarts=data.get("restarts", 0), started=data.get("started"))
+
+    def public(self) -> dict:
+        """What the owner sees (``GET api/sandboxes[/id]``)."""
+        applied = getattr(self.backend, "applied", None) if self.backend is not None else None
+        return {**self.to_state(), "policy_label": self.policy.describe(),
+                "applied": jsonable(applied or {}), "attached": self.subscriber is not None}
+
+
+class Manager:
+    """Sandboxes, ceilings, durable state and the audit log of one sandbox service."""
+
+    def __init__(self, state_dir: str, base: AdminPolicy, make_backend: Callable[[str, str], Backend],
+                 backend_name: str, log, start_timeout: float = 120.0):
+        self.base = base
+        self.make_backend = make_backend
+        self.backend_name = backend_name
+        self.log = log
+        self.start_timeout = start_timeout
+        self.store = StateFile(state_dir)
+        self.audit = AuditLog(self.store.dir / "audit.jsonl", log)
+        state = self.store.load()
+        self.ceilings: dict[str, dict[str, dict]] = state["ceilings"]
+        self.user_groups: dict[str, list[str]] = state["groups"]
+        self.sandboxes: dict[str, Sandbox] = {}
+        for sid, data in state["sandboxes"].items():
+            try:
+                self.sandboxes[sid] = Sandbox.from_state(data)
+            except (KeyError, PolicyError) as err:
+                log.error("state.json: sandbox %s is unreadable and dropped: %s", sid, err)
+        self.closing = False
+
+    def save(self) -> None:
+        self.store.save({"ceilings": self.ceilings, "groups": self.user_groups,
+                         "sandboxes": {sid: sb.to_state() for sid, sb in self.sandboxes.items()}})
+
+    # -- ceilings -------------------------------------------------------------------
+    def note_groups(self, user: str, groups: list[str]) -> None:
+        """Remember the user's hub groups (as the hub said on their last request)."""
+        groups = sorted(set(groups))
+        if self.user_groups.get(user) != groups:
+            self.user_groups[user] = groups
+            self.save()
+
+    def ceiling_for(self, user: str) -> AdminPolicy:
+        """The user's effective ceiling: the service's AdminPolicy, then each of the user's
+        groups' overrides (group names in sorted order), then the user's own; ``locked`` by
+        any of them locks."""
+        values = {key: getattr(self.base, key) for key in (*CEILING_KEYS, *BASE_ONLY_KEYS)}
+        locked = values["locked"]
+        layers = [self.ceilings["groups"].get(g) for g in self.user_groups.get(user, [])]
+        layers.append(self.ceilings["users"].get(user))
+        for layer in layers:
+            if layer:
+                values.update(layer)
+                locked = locked or bool(layer.get("locked"))
+        values["locked"] = locked
+        return AdminPolicy(parent=None, **values)
+
+    def ceiling_view(self, user: str) -> dict:
+        ceiling = self.ceiling_for(user)
+        return {key: getattr(ceiling, key) for key in (*CEILING_KEYS, *BASE_ONLY_KEYS)}
+
+    async def set_ceiling(self, by: str, kind: str, name: str, overrides: dict | None) -> dict:
+        """Set (or with ``None`` remove) the overrides of a user's or a group's ceiling.
+
+        The caller must be an admin (checked by the handler). Raises PolicyError for an
+        invalid ceiling (nothing changed). Running sandboxes of the users concerned are
+        brought under the new ceiling at once."""
+        if kind not in ("users", "groups"):
+            raise NotFound(f"no such ceiling kind {kind!r}")
+        if overrides is not None:
+            if not isinstance(overrides, dict):
+                raise PolicyError("a ceiling is a JSON object of AdminPolicy settings")
+            unknown = sorted(set(overrides) - set(CEILING_KEYS))
+            if unknown:
+                raise PolicyError(f"unknown or not overridable setting(s) {', '.join(unknown)}; "
+                                  f"a ceiling may set {', '.join(CEILING_KEYS)}")
+            try:
+                AdminPolicy(parent=None, **overrides).default_policy()
+            except (TraitError, PolicyError, ValueError) as err:
+                self.audit.write("ceiling", by=by, target={kind[:-1]: name}, to=overrides,
+                                 result="refused", reason=str(err))
+                raise PolicyError(f"invalid ceiling: {err}") from None
+        old = self.ceilings[kind].get(name)
+        if overrides is None:
+            self.ceilings[kind].pop(name, None)
+        else:
+            self.ceilings[kind][name] = dict(overrides)
+        self.save()
+        self.audit.write("ceiling", by=by, target={kind[:-1]: name}, **{"from": old}, to=overrides,
+                         result="accepted")
+        users = {name} if kind == "users" else {u for u, gs in self.user_groups.items() if name in gs}
+        changed = []
+        for sb in list(self.sandboxes.values()):
+            if sb.user in users and await self._conform(sb, by):
+                changed.append(sb.id)
+        return {"ceiling": overrides, "conformed": changed}
+
+    async def _conform(self, sb: Sandbox, by: str) -> bool:
+        """Bring ``sb``'s policy under its owner's ceiling: the ceiling's default policy
+        replaces one the ceiling no longer permits. Returns whether it changed."""
+        async with sb.lock:
+            ceiling = self.ceiling_for(sb.user)
+            target = ceiling.default_policy()
+            try:
+                ceiling.check_change(target, sb.policy)
+                return False
+            except CeilingRefused as err:
+                reason = err.reason
+            old = sb.policy
+            if sb.state == "running" and sb.backend is not None:
+                try:
+                    await sb.backend.apply_policy(target)
+                except SandboxError as err:
+                    # cannot enforce the narrower policy: stop the sandbox rather than leave it wider
+                    self.log.error("could not bring sandbox %s under the new ceiling (%s): stopping it", sb.id, err)
+                    await self._halt(sb, "stopped")
+                    reason += f"; enforcing it failed ({err}), so the sandbox was stopped"
+            sb.policy = target
+            self.save()
+            self.audit.write("policy", user=sb.user, by=by, sandbox=sb.id, kernel_id=sb.kernel_id,
+                             **{"from": old.to_dict()}, to=target.to_dict(), result="accepted",
+                             forced=True, reason=f"ceiling changed: {reason}")
+            self._tell_agent(sb)
+            self._deliver(sb, {"type": POLICY_FRAME, "policy": target.to_dict(),
+                               "reason": f"your administrator changed your ceiling: {reason}"})
+            return True
+
+    # -- sandboxes --------------------------------------------------------------------
+    def get(self, user: str, sid: str) -> Sandbox:
+        """The user's sandbox ``sid``; another user's sandbox is NotFound, like a missing one."""
+        sb = self.sandboxes.get(sid)
+        if sb is None or sb.user != user:
+            raise NotFound(f"no sandbox {sid!r}")
+        return sb
+
+    def list(self, user: str) -> list[Sandbox]:
+        return [sb for sb in self.sandboxes.values() if sb.user == user]
+
+    async def create(self, user: str, kernel_id: str, requested: Any = None) -> Sandbox:
+        """Start (or return the running) sandbox of the user's kernel ``kernel_id``.
+
+        A kernel that starts its sandbox again (after a crash, a dropped stream or a service
+        restart) gets its previous policy back. A new kernel gets the requested policy when
+        the ceiling permits it (from the ceiling's default policy), else the default policy;
+        either way it is audited."""
+        if not isinstance(kernel_id, str) or not kernel_id or len(kernel_id) > 128:
+            raise PolicyError("kernel_id must be a non-empty string of at most 128 characters")
+        existing = next((sb for sb in self.list(user) if sb.kernel_id == kernel_id), None)
+        if existing is None:
+            ceiling = self.ceiling_for(user)
+            policy = ceiling.default_policy()
+            if requested is not None:
+                wanted = EgressPolicy.parse(requested)
+                try:
+                    ceiling.check_change(policy, wanted)
+                    if wanted != policy:
+                        self.audit.write("policy", user=user, by=user, sandbox=None, kernel_id=kernel_id,
+                                         **{"from": policy.to_dict()}, to=wanted.to_dict(),
+                                         result="accepted", at="start")
+                    policy = wanted
+                except CeilingRefused as err:
+                    self.audit.write("policy", user=user, by=user, sandbox=None, kernel_id=kernel_id,
+                                     **{"from": policy.to_dict()}, to=wanted.to_dict(), result="refused",
+                                     reason=err.reason, at="start")
+            existing = Sandbox(id=secrets.token_hex(6), user=user, kernel_id=kernel_id,
+                               backend_name=self.backend_name, policy=policy)
+            self.sandboxes[existing.id] = existing
+        async with existing.lock:
+            if existing.state == "running" and existing.reader is not None and not existing.reader.done():
+                return existing
+            await self._start(existing)
+        return existing
+
+    async def _start(self, sb: Sandbox, adopt: bool = False) -> None:
+        """Start the backend and the reader (caller holds sb.lock)."""
+        if sb.backend is not None:
+            await self._halt(sb, sb.state)
+        ceiling = self.ceiling_for(sb.user)
+        try:
+            ceiling.check_change(ceiling.default_policy(), sb.policy)
+        except CeilingRefused:
+            sb.policy = ceiling.default_policy()  # a ceiling changed while it was stopped
+        backend = self.make_backend(sb.user, sb.backend_name)
+        backend.always_blocked = [str(n) for n in ceiling.blocked_networks()]
+        backend.blocked_sink = lambda record: self._blocked(sb, record, "enforcer")
+        sb.backend, sb.state, sb.exit_reason, sb.exit_status = backend, "starting", None, None
+        sb.backlog.clear()
+        self.save()
+        try:
+            info = await adopt_kubernetes(backend, sb) if adopt else None
+            if info is None:
+                info = await backend.start(sb.kernel_id, sb.policy, lambda line: self.log.info("sandbox %s: %s", sb.id, line))
+            transport = await backend.attach()
+            hello = await asyncio.wait_for(transport.recv(), self.start_timeout)
+            if not hello or hello.get("type") != "hello":
+                raise SandboxStartError(f"the agent did not start: {await backend.exit_reason()}")
+            if hello.get("version") != protocol.VERSION:
+                raise SandboxStartError(f"the agent speaks protocol {hello.get('version')!r}, "
+                                        f"the service {protocol.VERSION}")
+        except BaseException as err:
+            try:
+                await backend.stop()
+            finally:
+                sb.backend = None
+                sb.state, sb.exit_reason = "failed", str(err) or type(err).__name__
+                self.save()
+                self.audit.write("sandbox", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id,
+                                 action="start", result="failed", reason=sb.exit_reason)
+            if isinstance(err, asyncio.TimeoutError):
+                raise SandboxStartError(f"the sandbox did not start within {self.start_timeout:.0f} s") from None
+            raise
+        sb.transport, sb.hello, sb.state = transport, hello, "running"
+        if not adopt:
+            sb.started = time.time()
+        sb.details = jsonable(info.details)
+        sb.reader = asyncio.ensure_future(self._pump(sb, backend, transport))
+        self._tell_agent(sb)
+        self.save()
+        self.audit.write("sandbox", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id,
+                         action="adopt" if adopt else "start", result="accepted",
+                         policy=sb.policy.to_dict(), backend=sb.backend_name)
+
+    async def _pump(self, sb: Sandbox, backend: Backend, transport: Transport) -> None:
+        """The one reader of a sandbox's agent: audit what is blocked, pass frames on."""
+        while True:
+            try:
+                frame = await transport.recv()
+                if frame is not None:
+                    protocol.check_agent_frame(frame)
+            except protocol.FrameError as err:
+                self.log.warning("sandbox %s: protocol error from the agent, dropped: %s", sb.id, err)
+                continue
+            except (ConnectionError, OSError) as err:
+                self.log.warning("sandbox %s: stream to the agent failed: %s", sb.id, err)
+                frame = None
+            if frame is None:
+                break
+            kind = frame["type"]
+            if kind == "hello":
+                continue  # a re-attach's greeting: the kernel already has the first one
+            if kind == "blocked":
+                record = frame.get("record") or {}
+                source = "guard" if record.get("verdict") == "guarded" else "watcher"
+                self._audit_blocked(sb, record, source)
+            if kind == "done":
+                backend.drain_blocked()  # enforcer records logged before the cell ended go first
+            self._deliver(sb, frame)
+        if self.closing or sb.backend is not backend or sb.state != "running":
+            return
+        sb.exit_reason = await backend.exit_reason()
+        sb.exit_status = backend.last_exit_status
+        sb.state = "exited"
+        self.save()
+        self.audit.write("sandbox", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id, action="exited",
+                         reason=sb.exit_reason)
+        self._close_subscriber(sb, "the sandbox ended")
+
+    def _blocked(self, sb: Sandbox, record: dict, source: str) -> None:
+        self._audit_blocked(sb, record, source)
+        self._deliver(sb, {"type": ENFORCER_FRAME, "record": record})
+
+    def _audit_blocked(self, sb: Sandbox, record: dict, source: str) -> None:
+        fields = {k: record.get(k) for k in ("host", "ip", "port", "protocol", "verdict", "process")}
+        self.audit.write("blocked", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id, source=source,
+                         policy=sb.policy.describe(), **fields)
+
+    def _deliver(self, sb: Sandbox, frame: dict) -> None:
+        if sb.subscriber is not None:
+            try:
+                sb.subscriber.send(frame)
+                return
+            except Exception as err:  # noqa: BLE001 - a closed websocket: keep the frame
+                self.log.info("sandbox %s: subscriber gone (%s)", sb.id, err)
+                sb.subscriber = None
+        sb.backlog.append(frame)
+
+    def _close_subscriber(self, sb: Sandbox, reason: str) -> None:
+        sub, sb.subscriber = sb.subscriber, None
+        if sub is not None:
+            sub.close(reason)
+
+    def _tell_agent(self, sb: Sandbox) -> None:
+        """The agent's guard learns the policy from the service, never from the kernel."""
+        if sb.transport is None or sb.state != "running":
+            return
+        view = agent_view(sb.policy, self.ceiling_for(sb.user), getattr(sb.backend, "applied", None) or {})
+        asyncio.ensure_future(self._send_quietly(sb.transport, {"type": "policy", "policy": view}))
+
+    @staticmethod
+    async def _send_quietly(transport: Transport, frame: dict) -> None:
+        try:
+            await transport.send(frame)
+        except (ConnectionError, OSError):
+            pass
+
+    # -- the stream ---------------------------------------------------------------------
+    def subscribe(self, sb: Sandbox, subscriber: Any) -> None:
+        """Attach an execution stream (the service's websocket): it gets the agent's hello,
+        then what the sandbox said while nobody was attached, then everything live. A new
+        stream replaces the previous one."""
+        if sb.state != "running" or sb.hello is None:
+            raise NotRunning(f"sandbox {sb.id} is {sb.state}" + (f": {sb.exit_reason}" if sb.exit_reason else ""))
+        self._close_subscriber(sb, "replaced by a newer connection")
+        subscriber.send(sb.hello)
+        while sb.backlog:
+            subscriber.send(sb.backlog.popleft())
+        sb.subscriber = subscriber
+
+    def unsubscribe(self, sb: Sandbox, subscriber: Any) -> None:
+        if sb.subscriber is subscriber:
+            sb.subscriber = None
+
+    async def to_agent(self, sb: Sandbox, frame: dict) -> None:
+        """A frame from the kernel. ``policy`` frames are dropped: the service tells the
+        agent the policy itself."""
+        if frame["type"] == "policy":
+            return
+        if sb.transport is None or sb.state != "running":
+            raise NotRunning(f"sandbox {sb.id} is {sb.state}")
+        await sb.transport.send(frame)
+
+    # -- policy ---------------------------------------------------------------------------
+    async def apply_policy(self, sb: Sandbox, by: str, requested: Any) -> dict:
+        """Check against the owner's ceiling, enforce, record, audit. Raises CeilingRefused
+        (nothing changed) or PolicyError (invalid, or the enforcer failed: nothing changed)."""
+        try:
+            new = EgressPolicy.parse(requested)
+        except PolicyError as err:
+            self.audit.write("policy", user=sb.user, by=by, sandbox=sb.id, kernel_id=sb.kernel_id,
+                             **{"from": sb.policy.to_dict()}, to=jsonable(requested), result="refused",
+                             reason=f"invalid policy: {err}")
+            raise
+        async with sb.lock:
+            old = sb.policy
+            common = {"user": sb.user, "by": by, "sandbox": sb.id, "kernel_id": sb.kernel_id,
+                      "from": old.to_dict(), "to": new.to_dict()}
+            try:
+                self.ceiling_for(sb.user).check_change(old, new, who="user")
+            except CeilingRefused as err:
+                self.audit.write("policy", **common, result="refused", reason=err.reason)
+                raise
+            details: dict = {}
+            if sb.state == "running" and sb.backend is not None:
+                try:
+                    details = await sb.backend.apply_policy(new)
+                except SandboxError as err:
+                    self.audit.write("policy", **common, result="failed", reason=str(err))
+                    raise
+            sb.policy = new
+            self.save()
+            self.audit.write("policy", **common, result="accepted")
+            self._tell_agent(sb)
+            return jsonable(details)
+
+    async def interrupt(self, sb: Sandbox) -> None:
+        if sb.transport is not None and sb.state == "running":
+            await self._send_quietly(sb.transport, {"type": "interrupt"})
+            await sb.backend.interrupt()
+
+    async def stop(self, sb: Sandbox, by: str) -> None:
+        """Remove the sandbox (its record stays, stopped, with its policy)."""
+        async with sb.lock:
+            await self._halt(sb, "stopped")
+            self.save()
+            self.audit.write("sandbox", user=sb.user, by=by, sandbox=sb.id, kernel_id=sb.kernel_id, action="stop")
+
+    async def forget(self, sb: Sandbox, by: str) -> None:
+        """Stop and drop the record (the kernel shut down for good)."""
+        await self.stop(sb, by)
+        self.sandboxes.pop(sb.id, None)
+        self.save()
+
+    async def _halt(self, sb: Sandbox, state: str) -> None:
+        backend, sb.backend = sb.backend, None
+        sb.state = state
+        self._close_subscriber(sb, f"the sandbox was {state}")
+        reader, sb.reader = sb.reader, None
+        transport, sb.transport = sb.transport, None
+        if backend is not None:
+            await backend.stop()
+        if transport is not None:
+            try:
+                await transport.close()
+            except Exception:  # noqa: BLE001 - closing a dead stream
+                pass
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+
+    # -- service lifecycle ------------------------------------------------------------------
+    async def restore(self) -> None:
+        """After a service (re)start: bring back every sandbox that was running.
+
+        Kubernetes pods outlive the service: they are adopted (re-attached). Local sandboxes
+        are children of the service and died with it: each is started again, with the same
+        id and policy (the interpreter's variables and its /tmp are lost)."""
+        todo = [sb for sb in self.sandboxes.values() if sb.state in RUNNING]
+        if not todo:
+            return
+
+        async def one(sb: Sandbox) -> None:
+            async with sb.lock:
+                if sb.state not in RUNNING:
+                    return
+                adopt = sb.backend_name == "kubernetes" and bool(sb.details.get("pod"))
+                sb.restarts += 0 if adopt else 1
+                try:
+                    await self._start(sb, adopt=adopt)
+                except Exception as err:  # noqa: BLE001 - one sandbox must not stop the others
+                    self.log.error("sandbox %s could not be restored: %s", sb.id, err)
+
+        await asyncio.gather(*(one(sb) for sb in todo))
+
+    async def shutdown(self) -> None:
+        """Service shutdown: local sandboxes are removed (they cannot outlive the service),
+        Kubernetes pods keep running; the state file still says "running" for both, so the
+        next service process restores them."""
+        self.closing = True
+        for sb in list(self.sandboxes.values()):
+            if sb.backend is None:
+                continue
+            state = sb.state
+            if sb.backend_name == "kubernetes":
+                sb.backend = None  # leave the pod alone; just close our stream
+                if sb.transport is not None:
+                    await self._send_quietly(sb.transport, {"type": "ping", "id": "bye"})
+                    await sb.transport.close()
+                self._close_subscriber(sb, "the sandbox service is restarting")
+            else:
+                await self._halt(sb, state)
+            sb.state = state
+        self.save()
+
+
+async def adopt_kubernetes(backend: Backend, sb: Sandbox):
+    """Re-attach a KubernetesBackend to the pod a previous service process started, if it
+    still runs (returns its SandboxInfo), else None (the caller starts a fresh one).
+
+    Uses KubernetesBackend internals until it has a public ``adopt`` (see docs/hub.md)."""
+    from ..backends.base import SandboxInfo
+    from ..backends.kubernetes import pod_alive
+
+    namespace, pod = sb.details.get("namespace"), sb.details.get("pod")
+    if not namespace or not pod:
+        return None
+    backend.kernel_id, backend.namespace, backend.pod = sb.kernel_id, namespace, pod
+    try:
+        alive = pod_alive(await asyncio.to_thread(backend._read_pod))
+    except SandboxError:
+        alive = False
+    if not alive:
+        await backend.stop()  # whatever is left of it
+        return None
+    await backend._apply_policy_objects(sb.policy)
+    backend._info = SandboxInfo(backend.name, pod, dict(sb.details))
+    return backend._info
+
+
+def agent_view(policy: EgressPolicy, admin: AdminPolicy, applied: dict) -> dict:
+    """What the agent's guard needs to know about ``policy`` (as SandboxKernel.agent_policy_view)."""
+    allow = []
+    if policy.mode == "allowlist":
+        for entry in policy.expanded_entries():
+            value = entry.value[2:] if entry.kind == "wildcard" else entry.value
+            allow.append({"kind": entry.kind, "value": value,
+                          "ports": [list(r) for r in entry.ports], "protocol": entry.protocol})
+    return {"mode": policy.mode, "name": policy.name, "label": policy.describe(), "allow": allow,
+            "blocked": [str(net) for net in admin.blocked_networks()],
+            "resolved": applied.get("resolved", {}), "resolver": applied.get("resolver")}
+
+
+def jsonable(value: Any) -> Any:
+    """Plain strict JSON: tuples to lists, non-finite floats to None, anything else to str."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)

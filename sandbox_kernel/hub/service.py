@@ -1,0 +1,430 @@
+"""The sandbox service: a JupyterHub service that runs users' sandboxes for their kernels.
+
+Run by the hub (``c.JupyterHub.services``, managed) or next to it (external, with ``url`` and
+``api_token``)::
+
+    python -m sandbox_kernel.hub --config /etc/sandbox-kernel/hub_config.py
+
+Every request carries the caller's JupyterHub API token (``Authorization: token …``; a
+kernel uses its user server's ``JUPYTERHUB_API_TOKEN``). The service asks the hub who the
+token belongs to (``HubAuth``) and requires the token to hold
+``access:services!service=<this service>``; it then acts only on that user's sandboxes.
+The backend's credentials (root on this machine for the local backend, the Kubernetes
+service account) are held here and nowhere else; the execution stream is proxied over a
+websocket, so no credential ever reaches the user's server. See docs/hub.md.
+
+API (under the service prefix, e.g. ``/services/sandbox/``), all JSON:
+
+=======  ===================================  ==============================================
+GET      api/health                           no token needed: ``{"ok": true}``
+GET      api/sandboxes                        the caller's sandboxes
+POST     api/sandboxes                        ``{kernel_id, policy?}``: start (or return) a sandbox
+GET      api/sandboxes/ID                     one of the caller's sandboxes
+DELETE   api/sandboxes/ID[?forget=1]          stop it (``forget``: and drop its record)
+GET/PUT  api/sandboxes/ID/policy              the policy; PUT ``{policy}`` checks the ceiling
+POST     api/sandboxes/ID/interrupt           interrupt the running cell
+WS       api/sandboxes/ID/stream              the agent protocol, one frame per message
+GET      api/ceiling                          the caller's effective ceiling
+GET      api/ceilings                         admins: every per-user and per-group override
+PUT      api/ceilings/users|groups/NAME       admins: set overrides (``{"locked": true}`` …)
+DELETE   api/ceilings/users|groups/NAME       admins: remove them
+GET      api/audit[?user=NAME]                admins: the audit log
+=======  ===================================  ==============================================
+
+Another user's sandbox answers 404, exactly like a missing one (and the attempt is audited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+from urllib.parse import urlparse
+
+from tornado import web, websocket
+from traitlets import Enum, Float, Instance, Integer, List, Unicode, default
+from traitlets.config import Application
+
+from ..agent import protocol
+from ..errors import PolicyError, SandboxError, SandboxStartError
+from ..policy.admin import AdminPolicy, CeilingRefused
+from .manager import Forbidden, Manager, NotFound, NotRunning, jsonable
+
+_TOKEN = re.compile(r"(?:token|bearer)\s+(\S+)\s*$", re.IGNORECASE)
+WS_MAX_MESSAGE = protocol.MAX_FRAME + 1024
+
+
+class Caller:
+    def __init__(self, name: str, admin: bool, groups: list[str]):
+        self.name, self.admin, self.groups = name, admin, groups
+
+
+async def identify(handler: web.RequestHandler) -> Caller:
+    """Who sent this request, according to the hub. 401 without a token, 403 for a token the
+    hub does not know or one without access to this service."""
+    service: SandboxService = handler.settings["sandbox_service"]
+    match = _TOKEN.match(handler.request.headers.get("Authorization", ""))
+    if not match:
+        raise web.HTTPError(401, "a JupyterHub API token is required (Authorization: token …)")
+    model = await service.hub_auth.user_for_token(match.group(1), sync=False)
+    if not model:
+        raise web.HTTPError(403, "the hub does not recognise this token")
+    if model.get("kind", "user") != "user":
+        raise web.HTTPError(403, "only users have sandboxes (this token belongs to a service)")
+    if service.hub_auth.access_scopes and not service.hub_auth.check_scopes(service.hub_auth.access_scopes, model):
+        raise web.HTTPError(403, f"this token lacks {' or '.join(sorted(service.hub_auth.access_scopes))}")
+    groups = [g for g in model.get("groups") or [] if isinstance(g, str)]
+    name = model["name"]
+    service.manager.note_groups(name, groups)
+    admin = bool(model.get("admin")) or bool(set(groups) & set(service.admin_groups))
+    return Caller(name, admin, groups)
+
+
+class _Handler(web.RequestHandler):
+    caller: Caller
+
+    @property
+    def service(self) -> SandboxService:
+        return self.settings["sandbox_service"]
+
+    @property
+    def manager(self) -> Manager:
+        return self.service.manager
+
+    async def prepare(self):
+        self.caller = await identify(self)
+
+    def check_xsrf_cookie(self):
+        """Token authentication only: no cookies, so no cross-site request forgery."""
+
+    def body(self) -> dict:
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "the body is not JSON") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "the body must be a JSON object")
+        return data
+
+    def sandbox(self, sid: str):
+        try:
+            return self.manager.get(self.caller.name, sid)
+        except NotFound:
+            other = self.manager.sandboxes.get(sid)
+            if other is not None:
+                self.manager.audit.write("denied", by=self.caller.name, user=other.user, sandbox=sid,
+                                         request=f"{self.request.method} {self.request.path}")
+            raise
+
+    def reply(self, data, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(jsonable(data)))
+
+    def write_error(self, status_code, **kwargs):
+        message = self._reason
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        extra = getattr(self, "_error_extra", {})
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status_code, "message": message, **extra}))
+
+    def _handle_request_exception(self, e):
+        status, extra = error_status(e)
+        if status is None:
+            return super()._handle_request_exception(e)
+        self._error_extra = extra
+        self.log_exception_quietly(status, e)
+        self.send_error(status, exc_info=(type(e), web.HTTPError(status, str(e)), None))
+
+    def log_exception_quietly(self, status, e):
+        self.service.log.info("%s %s → %s: %s", self.request.method, self.request.path, status, e)
+
+    def require_admin(self, what: str) -> None:
+        if not self.caller.admin:
+            self.manager.audit.write("ceiling" if "ceiling" in what else "denied", by=self.caller.name,
+                                     request=f"{self.request.method} {self.request.path}",
+                                     result="refused", reason="not an admin")
+            raise Forbidden(f"only hub admins (or members of {', '.join(self.service.admin_groups) or 'no group'}) may {what}")
+
+
+def error_status(e: BaseException) -> tuple[int | None, dict]:
+    if isinstance(e, NotFound):
+        return 404, {"error": "not-found"}
+    if isinstance(e, CeilingRefused):
+        return 403, {"error": "ceiling", "reason": e.reason, "entry": str(e.entry) if e.entry else None}
+    if isinstance(e, Forbidden):
+        return 403, {"error": "forbidden"}
+    if isinstance(e, NotRunning):
+        return 409, {"error": "not-running"}
+    if isinstance(e, PolicyError):
+        return 400, {"error": "policy", "ename": e.ename}
+    if isinstance(e, SandboxStartError):
+        return 503, {"error": "start", "ename": e.ename}
+    if isinstance(e, SandboxError):
+        return 500, {"error": "sandbox", "ename": e.ename}
+    return None, {}
+
+
+class HealthHandler(web.RequestHandler):
+    def get(self):
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"ok": True}))
+
+
+class SandboxesHandler(_Handler):
+    def get(self):
+        self.reply({"sandboxes": [sb.public() for sb in self.manager.list(self.caller.name)]})
+
+    async def post(self):
+        body = self.body()
+        sb = await self.manager.create(self.caller.name, body.get("kernel_id"), body.get("policy"))
+        self.reply(sb.public(), 201)
+
+
+class SandboxHandler(_Handler):
+    def get(self, sid):
+        self.reply(self.sandbox(sid).public())
+
+    async def delete(self, sid):
+        sb = self.sandbox(sid)
+        if self.get_query_argument("forget", "") in ("1", "true"):
+            await self.manager.forget(sb, self.caller.name)
+        else:
+            await self.manager.stop(sb, self.caller.name)
+        self.reply({"stopped": sid})
+
+
+class PolicyHandler(_Handler):
+    def get(self, sid):
+        sb = self.sandbox(sid)
+        self.reply({"policy": sb.policy.to_dict(), "label": sb.policy.describe()})
+
+    async def put(self, sid):
+        sb = self.sandbox(sid)
+        body = self.body()
+        if "policy" not in body:
+            raise web.HTTPError(400, "the body must have a 'policy'")
+        details = await self.manager.apply_policy(sb, self.caller.name, body["policy"])
+        self.reply({"policy": sb.policy.to_dict(), "label": sb.policy.describe(), "applied": details})
+
+
+class InterruptHandler(_Handler):
+    async def post(self, sid):
+        await self.manager.interrupt(self.sandbox(sid))
+        self.reply({"interrupted": sid})
+
+
+class CeilingHandler(_Handler):
+    def get(self):
+        self.reply({"user": self.caller.name, "admin": self.caller.admin,
+                    "ceiling": self.manager.ceiling_view(self.caller.name)})
+
+
+class CeilingsHandler(_Handler):
+    def get(self):
+        self.require_admin("read the ceilings")
+        self.reply(self.manager.ceilings)
+
+
+class CeilingOverrideHandler(_Handler):
+    async def put(self, kind, name):
+        self.require_admin(f"change the ceiling of {kind[:-1]} {name}")
+        body = self.body()
+        result = await self.manager.set_ceiling(self.caller.name, kind, name, body.get("ceiling", body))
+        self.reply(result)
+
+    async def delete(self, kind, name):
+        self.require_admin(f"change the ceiling of {kind[:-1]} {name}")
+        self.reply(await self.manager.set_ceiling(self.caller.name, kind, name, None))
+
+
+class AuditHandler(_Handler):
+    def get(self):
+        self.require_admin("read the audit log")
+        user = self.get_query_argument("user", None)
+        events = self.manager.audit.read()
+        if user:
+            events = [e for e in events if user in (e.get("user"), e.get("by"))]
+        self.reply({"events": events})
+
+
+class StreamHandler(_Handler, websocket.WebSocketHandler):
+    """The execution stream: agent frames out (one per text message), kernel frames in."""
+
+    async def get(self, sid):
+        self.sb = self.sandbox(sid)
+        if self.sb.state != "running":
+            raise NotRunning(f"sandbox {sid} is {self.sb.state}")
+        await websocket.WebSocketHandler.get(self, sid)
+
+    def open(self, sid):
+        try:
+            self.manager.subscribe(self.sb, self)
+        except NotRunning as err:
+            self.close(4409, str(err)[:120])
+
+    # subscriber interface (called by the Manager)
+    def send(self, frame: dict) -> None:
+        self.write_message(json.dumps(frame, separators=(",", ":"), default=str))
+
+    def close(self, code=None, reason=None):  # also the subscriber's close(reason)
+        if isinstance(code, str):
+            code, reason = 4000, code[:120]
+        websocket.WebSocketHandler.close(self, code, reason)
+
+    async def on_message(self, message):
+        data = message.encode() if isinstance(message, str) else message
+        try:
+            frame = protocol.decode(data, protocol.KERNEL_TYPES)
+        except protocol.FrameError as err:
+            self.service.log.warning("sandbox %s: bad frame from %s: %s", self.sb.id, self.caller.name, err)
+            return
+        try:
+            await self.manager.to_agent(self.sb, frame)
+        except (NotRunning, ConnectionError, OSError) as err:
+            self.close(4000, f"the sandbox is gone: {err}"[:120])
+
+    def on_close(self):
+        sb = getattr(self, "sb", None)
+        if sb is not None:
+            self.manager.unsubscribe(sb, self)
+
+    def check_origin(self, origin):
+        return True  # token-authenticated, no cookies: a browser page cannot borrow a session
+
+
+def _env(name: str, fallback):
+    value = os.environ.get(name)
+    return fallback if value in (None, "") else value
+
+
+class SandboxService(Application):
+    """The sandbox service (a JupyterHub service)."""
+
+    name = "sandbox-kernel-hub"
+    description = __doc__
+
+    ip = Unicode(help="Address to listen on. Default: the host of $JUPYTERHUB_SERVICE_URL, else 127.0.0.1.").tag(config=True)
+    port = Integer(help="Port to listen on. Default: the port of $JUPYTERHUB_SERVICE_URL, else 10101.").tag(config=True)
+    prefix = Unicode(help="URL prefix. Default: $JUPYTERHUB_SERVICE_PREFIX, else /services/sandbox/.").tag(config=True)
+    state_dir = Unicode(help="Where state.json and audit.jsonl live (readable by the service only). "
+                        "Env: SANDBOX_HUB_STATE_DIR.").tag(config=True)
+    backend_name = Enum(["local", "kubernetes"], help="Which backend runs the sandboxes. "
+                        "Env: SANDBOX_KERNEL_BACKEND.").tag(config=True)
+    admin_groups = List(Unicode(), help="Hub groups whose members may set ceilings, besides hub admins. "
+                        "Env: SANDBOX_HUB_ADMIN_GROUPS (comma separated).").tag(config=True)
+    start_timeout = Float(300.0, help="Seconds a sandbox may take to start.").tag(config=True)
+    auth_cache_max_age = Integer(30, help="Seconds the hub's answer about a token is cached.").tag(config=True)
+    config_file = Unicode("", help="A Python config file (c.SandboxService…, c.AdminPolicy…, "
+                          "c.LocalBackend…, c.KubernetesBackend…).").tag(config=True)
+
+    aliases = {"config": "SandboxService.config_file", "port": "SandboxService.port", "ip": "SandboxService.ip",
+               "state-dir": "SandboxService.state_dir", "backend": "SandboxService.backend_name",
+               "log-level": "Application.log_level"}
+
+    manager = Instance(Manager, allow_none=True)
+    hub_auth = Instance("jupyterhub.services.auth.HubAuth", allow_none=True)
+
+    @default("ip")
+    def _ip_default(self):
+        url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+        return urlparse(url).hostname if url else "127.0.0.1"
+
+    @default("port")
+    def _port_default(self):
+        url = os.environ.get("JUPYTERHUB_SERVICE_URL")
+        return (urlparse(url).port or 80) if url else 10101
+
+    @default("prefix")
+    def _prefix_default(self):
+        return _env("JUPYTERHUB_SERVICE_PREFIX", "/services/sandbox/")
+
+    @default("state_dir")
+    def _state_dir_default(self):
+        return _env("SANDBOX_HUB_STATE_DIR", "/var/lib/sandbox-kernel-hub")
+
+    @default("backend_name")
+    def _backend_default(self):
+        return _env("SANDBOX_KERNEL_BACKEND", "local")
+
+    @default("admin_groups")
+    def _admin_groups_default(self):
+        return [g.strip() for g in os.environ.get("SANDBOX_HUB_ADMIN_GROUPS", "").split(",") if g.strip()]
+
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if self.config_file:
+            self.load_config_file(self.config_file)
+        self.log.setLevel(self.log_level)
+
+    def make_backend(self, user: str, backend_name: str):
+        if backend_name == "kubernetes":
+            from ..backends.kubernetes import KubernetesBackend
+
+            return KubernetesBackend(parent=self, user=user)
+        from ..backends.local import LocalBackend
+
+        return LocalBackend(parent=self)
+
+    def make_app(self) -> web.Application:
+        p = "/" + self.prefix.strip("/") + "/" if self.prefix.strip("/") else "/"
+        sid = r"([0-9a-f]{1,32})"
+        routes = [
+            (p + "api/health", HealthHandler),
+            (p + "api/sandboxes", SandboxesHandler),
+            (p + f"api/sandboxes/{sid}", SandboxHandler),
+            (p + f"api/sandboxes/{sid}/policy", PolicyHandler),
+            (p + f"api/sandboxes/{sid}/interrupt", InterruptHandler),
+            (p + f"api/sandboxes/{sid}/stream", StreamHandler),
+            (p + "api/ceiling", CeilingHandler),
+            (p + "api/ceilings", CeilingsHandler),
+            (p + r"api/ceilings/(users|groups)/([^/]+)", CeilingOverrideHandler),
+            (p + "api/audit", AuditHandler),
+        ]
+        return web.Application(routes, sandbox_service=self, websocket_max_message_size=WS_MAX_MESSAGE,
+                               websocket_ping_interval=30)
+
+    async def run(self) -> None:
+        from jupyterhub.services.auth import HubAuth
+
+        self.hub_auth = HubAuth(parent=self, cache_max_age=self.auth_cache_max_age)
+        base = AdminPolicy(parent=self)
+        base.blocked_networks()  # a bad base ceiling stops the service here, naming the setting
+        self.manager = Manager(self.state_dir, base, self.make_backend, self.backend_name, self.log,
+                               start_timeout=self.start_timeout)
+        if self.backend_name == "local":
+            from ..backends.local import LocalBackend, gc
+
+            # sandboxes of a previous service process (it was their owner) are removed here
+            removed = await asyncio.to_thread(gc, LocalBackend(parent=self).state_dir)
+            if removed:
+                self.log.info("removed leftovers of a previous run: %s", "; ".join(removed))
+        server = self.make_app().listen(self.port, self.ip, xheaders=True)
+        self.log.info("sandbox service on http://%s:%s%s (backend %s, state in %s)", self.ip, self.port,
+                      self.prefix, self.backend_name, self.state_dir)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        restoring = asyncio.ensure_future(self.manager.restore())
+        await stop.wait()
+        self.log.info("shutting down")
+        server.stop()
+        restoring.cancel()
+        await self.manager.shutdown()
+
+    def start(self):
+        asyncio.run(self.run())
+
+
+def main(argv=None) -> None:
+    app = SandboxService.instance()
+    app.initialize(argv)
+    app.start()
+
+
+__all__ = ["SandboxService", "main", "identify"]

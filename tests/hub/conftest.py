@@ -1,0 +1,317 @@
+"""Fixtures for hub mode: a real JupyterHub (with configurable-http-proxy) on loopback, the
+sandbox service registered with it as an external service, three users, and kernels' sessions
+talking to the service with their users' tokens.
+
+Everything listens on 127.0.0.1 on free ports; every process started here is stopped, and
+every sandbox namespace the service created is gone afterwards (checked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from kerneltest import namespaces_of
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICE = "sandbox"
+USERS = ("alice", "bob", "teacher")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 40) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: float = 15) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _chp(tmp: Path) -> str:
+    """configurable-http-proxy: on PATH, in the repository's node_modules, or installed with npm
+    into the test run's own directory."""
+    for candidate in (shutil.which("configurable-http-proxy"),
+                      ROOT / "node_modules" / ".bin" / "configurable-http-proxy"):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    if shutil.which("npm") is None:
+        pytest.skip("configurable-http-proxy is not installed and npm is missing")
+    prefix = tmp / "chp"
+    result = subprocess.run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--silent",
+                             "configurable-http-proxy@4"], capture_output=True, text=True, timeout=180)
+    binary = prefix / "node_modules" / ".bin" / "configurable-http-proxy"
+    if result.returncode != 0 or not binary.exists():
+        pytest.skip(f"could not install configurable-http-proxy with npm: {result.stderr[-500:]}")
+    return str(binary)
+
+
+class Hub:
+    """A running JupyterHub: its URLs, the admin service's token, users' tokens."""
+
+    def __init__(self, tmp: Path):
+        pytest.importorskip("jupyterhub")
+        self.dir = tmp
+        self.public_port, self.hub_port, self.proxy_api_port = _free_port(), _free_port(), _free_port()
+        self.service_port = _free_port()
+        self.public_url = f"http://127.0.0.1:{self.public_port}"
+        self.api_url = f"http://127.0.0.1:{self.hub_port}/hub/api"
+        self.service_token = uuid.uuid4().hex
+        self.admin_token = uuid.uuid4().hex
+        self.tokens: dict[str, str] = {}
+        self.proc: subprocess.Popen | None = None
+        self.log = tmp / "hub.log"
+
+    def config(self, chp: str) -> str:
+        return f"""
+c = get_config()  # noqa
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = {self.public_port}
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = {self.hub_port}
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.proxy_api_port}"
+c.ConfigurableHTTPProxy.command = [{chp!r}]
+c.ConfigurableHTTPProxy.auth_token = {uuid.uuid4().hex!r}
+c.JupyterHub.db_url = "sqlite:///{self.dir / 'hub.sqlite'}"
+c.JupyterHub.cookie_secret = bytes.fromhex({os.urandom(32).hex()!r})
+c.JupyterHub.pid_file = {str(self.dir / 'hub.pid')!r}
+c.JupyterHub.authenticator_class = "dummy"
+c.DummyAuthenticator.password = {uuid.uuid4().hex!r}
+c.Authenticator.allowed_users = {{"alice", "bob"}}
+c.Authenticator.admin_users = {{"teacher"}}
+c.JupyterHub.load_groups = {{"class-b": {{"users": ["bob"]}}}}
+c.JupyterHub.services = [
+    {{"name": {SERVICE!r}, "url": "http://127.0.0.1:{self.service_port}", "api_token": {self.service_token!r}}},
+    {{"name": "test-admin", "api_token": {self.admin_token!r}}},
+]
+c.JupyterHub.load_roles = [
+    # users may use the sandbox service; a user server's token gets that scope too
+    {{"name": "user", "scopes": ["self", "access:services!service={SERVICE}"]}},
+    {{"name": "test-admin", "scopes": ["admin:users", "tokens", "admin:groups"], "services": ["test-admin"]}},
+]
+c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server", "access:services!service={SERVICE}"]
+"""
+
+    def start(self, chp: str) -> None:
+        cfg = self.dir / "jupyterhub_config.py"
+        cfg.write_text(self.config(chp))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(cfg)], cwd=self.dir,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_http(self.api_url + "/", self.proc, self.log)
+        _wait_http(self.public_url + "/hub/api/", self.proc, self.log)  # through the proxy
+        deadline = time.monotonic() + 30
+        while requests.get(f"{self.public_url}/services/{SERVICE}/api/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "the hub did not route to the sandbox service"
+            time.sleep(0.2)
+        for user in USERS:
+            self.tokens[user] = self.new_token(user, [f"access:services!service={SERVICE}"])
+        # a valid token of alice's that has no access to the service
+        self.tokens["alice-no-access"] = self.new_token("alice", ["read:users:name!user"])
+
+    def admin(self, method: str, path: str, **kwargs) -> requests.Response:
+        return requests.request(method, self.api_url + path, timeout=10,
+                                headers={"Authorization": f"token {self.admin_token}"}, **kwargs)
+
+    def new_token(self, user: str, scopes: list[str]) -> str:
+        r = self.admin("POST", f"/users/{user}/tokens", json={"scopes": scopes, "note": "sandbox tests"})
+        assert r.status_code == 201, r.text
+        return r.json()["token"]
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        if self.proc is not None:
+            # the proxy is the hub's child, in the hub's process group: make sure it is gone
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        pid_file = self.dir / "jupyterhub-proxy.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+class Service:
+    """The sandbox service, run by the tests (registered with the hub as external)."""
+
+    def __init__(self, hub: Hub, tmp: Path):
+        self.hub = hub
+        self.state_dir = tmp / "service-state"
+        self.log = tmp / "service.log"
+        self.url = f"http://127.0.0.1:{hub.service_port}/services/{SERVICE}/"
+        self.proxied_url = f"{hub.public_url}/services/{SERVICE}/"
+        self.proc: subprocess.Popen | None = None
+        self.pids: list[int] = []
+
+    def start(self) -> None:
+        env = {**os.environ,
+               "JUPYTERHUB_API_TOKEN": self.hub.service_token, "JUPYTERHUB_API_URL": self.hub.api_url,
+               "JUPYTERHUB_SERVICE_NAME": SERVICE, "JUPYTERHUB_SERVICE_PREFIX": f"/services/{SERVICE}/",
+               "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{self.hub.service_port}",
+               "SANDBOX_HUB_STATE_DIR": str(self.state_dir), "SANDBOX_KERNEL_BACKEND": "local",
+               # users may open the tests' hosts (10.231.0.0/16) and public addresses, nothing else
+               "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16 public",
+               "SANDBOX_HUB_ADMIN_GROUPS": "staff"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "sandbox_kernel.hub", "--log-level=DEBUG"],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pids.append(self.proc.pid)
+        _wait_http(self.url + "api/health", self.proc, self.log)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        _stop(self.proc, sig)
+
+    def restart(self, sig=signal.SIGTERM) -> None:
+        self.stop(sig)
+        self.start()
+
+    def audit(self) -> list[dict]:
+        path = self.state_dir / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def api(self, method: str, path: str, token: str | None, proxied: bool = True, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"token {token}"} if token else {}
+        base = self.proxied_url if proxied else self.url
+        return requests.request(method, base + path, headers=headers, timeout=120, **kwargs)
+
+    def leftovers(self) -> set[str]:
+        return set().union(*(namespaces_of(pid) for pid in self.pids)) if self.pids else set()
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """The hub, with the sandbox service started first: the hub adds an external service's
+    proxy route once the service answers."""
+    if os.geteuid() != 0:
+        pytest.skip("the local backend needs root")
+    tmp = tmp_path_factory.mktemp("hub")
+    os.chmod(tmp, 0o700)
+    chp = _chp(tmp)
+    h = Hub(tmp)
+    h.service = Service(h, tmp)
+    try:
+        h.service.start()
+        h.start(chp)
+        yield h
+    finally:
+        h.stop()
+        svc = h.service
+        svc.stop()
+        left = svc.leftovers()
+        if left:  # a killed service leaves its sandboxes to gc; remove them here regardless
+            from sandbox_kernel.backends.local import NETNS_PREFIX, remove_sandbox
+
+            for ns in left:
+                remove_sandbox(ns[len(NETNS_PREFIX):], "/run/sandbox-kernel")
+        assert not left, f"the sandbox service left namespaces behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def service(hub):
+    return hub.service
+
+
+class Sink:
+    """Collects a cell's events (what SandboxKernel.on_event would publish)."""
+
+    def __init__(self):
+        self.frames: list[dict] = []
+
+    def on_event(self, frame: dict) -> None:
+        self.frames.append(frame)
+
+    async def on_input_request(self, prompt, password):
+        return None
+
+    def stdout(self) -> str:
+        return "".join(f.get("text", "") for f in self.frames if f.get("type") == "stream" and f.get("name") == "stdout")
+
+    def blocked(self) -> list[dict]:
+        return [f for f in self.frames if f.get("type") == "blocked"]
+
+
+class Kernels:
+    """Acts as Sandbox kernels in hub mode: a Session over a HubBackend per kernel, each with
+    its user's token, all on one event loop; everything is stopped at the end."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.loop = asyncio.new_event_loop()
+        self.sessions = []
+        self.log = logging.getLogger("hubtest")
+
+    def run(self, coro, timeout: float = 60):
+        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    def open(self, user: str, token: str | None = None, proxied: bool = True):
+        from sandbox_kernel.hub.backend import HubBackend
+        from sandbox_kernel.policy.model import EgressPolicy
+        from sandbox_kernel.session import Session
+
+        async def make():
+            backend = HubBackend(service_url=self.service.proxied_url if proxied else self.service.url,
+                                 api_token=token or self.service.hub.tokens[user])
+            session = Session(backend, f"k-{user}-{uuid.uuid4().hex[:8]}", EgressPolicy(), self.log)
+            self.sessions.append(session)
+            await session.ready()
+            return session
+
+        return self.run(make())
+
+    def execute(self, session, code: str, timeout: float = 60):
+        sink = Sink()
+        result = self.run(session.execute(code, sink), timeout)
+        return result, sink
+
+    def close(self):
+        for session in self.sessions:
+            try:
+                self.run(session.stop(), 30)
+            except Exception as err:  # noqa: BLE001 - keep stopping the others
+                self.log.warning("stopping a session: %s", err)
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+
+@pytest.fixture
+def kernels(service):
+    k = Kernels(service)
+    yield k
+    k.close()

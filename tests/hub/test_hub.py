@@ -1,0 +1,202 @@
+"""Hub mode against a real JupyterHub + configurable-http-proxy: the sandbox service runs each
+user's sandboxes, keeps users apart, enforces the ceiling server-side, audits, and survives a
+restart. The tests act as kernels: ``Session`` over ``HubBackend`` with each user's token,
+through the hub's proxy."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from kerneltest import namespaces_of
+from sandbox_kernel.policy.admin import CeilingRefused
+from sandbox_kernel.policy.model import EgressPolicy
+
+CONNECT = ("import socket\n"
+           "try:\n"
+           "    socket.create_connection(({ip!r}, {port}), timeout=3).close(); print('connected')\n"
+           "except OSError as e:\n"
+           "    print('refused', type(e).__name__)\n")
+
+
+def _events(service, since: float, **match) -> list[dict]:
+    return [e for e in service.audit() if e["time"] >= since and all(e.get(k) == v for k, v in match.items())]
+
+
+def test_each_user_runs_cells_in_their_own_sandbox(kernels, service):
+    alice, bob = kernels.open("alice"), kernels.open("bob")
+    assert alice.backend.sandbox_id != bob.backend.sandbox_id
+    result, out = kernels.execute(alice, "secret = 'alice-only'\nprint('hi from', __import__('os').getcwd())")
+    assert result.exit_status == 0 and "hi from /home/sandbox" in out.stdout()
+    result, out = kernels.execute(bob, "print(globals().get('secret'))")
+    assert result.exit_status == 0 and out.stdout().strip() == "None"
+    result, out = kernels.execute(alice, "print(secret)")
+    assert out.stdout().strip() == "alice-only"
+    # each user lists only their own sandboxes
+    for user, session in (("alice", alice), ("bob", bob)):
+        listed = service.api("GET", "api/sandboxes", service.hub.tokens[user]).json()["sandboxes"]
+        assert {s["id"] for s in listed if s["state"] == "running"} == {session.backend.sandbox_id}
+        assert {s["user"] for s in listed} == {user}
+    # two network namespaces, both owned by the service process
+    assert len(namespaces_of(service.proc.pid)) >= 2
+
+
+def test_a_user_cannot_touch_another_users_sandbox(kernels, service, hub):
+    alice = kernels.open("alice")
+    sid = alice.backend.sandbox_id
+    before = service.api("GET", f"api/sandboxes/{sid}", hub.tokens["alice"]).json()
+    since = time.time()
+    wide = {"policy": {"mode": "allowlist", "entries": ["10.231.0.0/16"]}}
+    for token, expected in ((hub.tokens["bob"], 404), (None, 401), (hub.tokens["alice-no-access"], 403),
+                            ("not-a-token", 403)):
+        assert service.api("GET", f"api/sandboxes/{sid}", token).status_code == expected
+        assert service.api("PUT", f"api/sandboxes/{sid}/policy", token, json=wide).status_code == expected
+        assert service.api("POST", f"api/sandboxes/{sid}/interrupt", token).status_code == expected
+        assert service.api("DELETE", f"api/sandboxes/{sid}", token).status_code == expected
+        listed = service.api("GET", "api/sandboxes", token)
+        assert listed.status_code == (200 if expected == 404 else expected)
+        if listed.status_code == 200:
+            assert sid not in {s["id"] for s in listed.json()["sandboxes"]}
+    # bob cannot open alice's execution stream either (as a kernel would, with his token)
+    from sandbox_kernel.errors import SandboxStartError
+    from sandbox_kernel.hub.backend import HubBackend
+
+    intruder = HubBackend(service_url=service.proxied_url, api_token=hub.tokens["bob"])
+    intruder.sandbox_id = sid
+    with pytest.raises(SandboxStartError, match="not-found|no sandbox|404"):
+        kernels.run(intruder.attach())
+    # nothing changed: alice's sandbox runs, same policy, her state intact
+    after = service.api("GET", f"api/sandboxes/{sid}", hub.tokens["alice"]).json()
+    assert (after["state"], after["policy"], after["started"]) == ("running", before["policy"], before["started"])
+    result, out = kernels.execute(alice, "print(6 * 7)")
+    assert out.stdout().strip() == "42"
+    denied = _events(service, since, event="denied", by="bob", user="alice", sandbox=sid)
+    assert len(denied) >= 5
+    assert not _events(service, since, event="policy", sandbox=sid)
+
+
+def test_beyond_the_ceiling_is_refused_and_audited(kernels, service, hub, test_host):
+    host = test_host()
+    alice = kernels.open("alice")
+    sid = alice.backend.sandbox_id
+    since = time.time()
+    # default-deny: the connection is refused, reported to the kernel and audited
+    result, out = kernels.execute(alice, CONNECT.format(ip=host.ip, port=host.port))
+    assert "refused" in out.stdout()
+    assert any(f.get("source") == "guard" for f in out.blocked()), out.frames
+    # a subprocess is not guarded: the enforcer's own record comes back through the service
+    result, out = kernels.execute(alice, "import subprocess, sys\n"
+                                  f"subprocess.run([sys.executable, '-I', '-c', {CONNECT.format(ip=host.ip, port=host.port)!r}])")
+    assert any(f.get("source") == "enforcer" for f in out.blocked()), out.frames
+    assert _events(service, since, event="blocked", user="alice", sandbox=sid, source="enforcer")
+    assert _events(service, since, event="blocked", user="alice", sandbox=sid, ip=host.ip)
+    # within the ceiling (10.231.0.0/16): accepted, enforced
+    allowed = EgressPolicy(mode="allowlist", entries=(f"{host.ip}:{host.port}/tcp",))
+    kernels.run(alice.apply_policy(allowed))
+    result, out = kernels.execute(alice, CONNECT.format(ip=host.ip, port=host.port))
+    assert "connected" in out.stdout()
+    # beyond it, through the kernel's path: refused with the administrator's reason
+    with pytest.raises(CeilingRefused, match="outside what your administrator lets users allow"):
+        kernels.run(alice.backend.apply_policy(allowed.with_entries_added("10.9.0.0/16")))
+    # beyond it, by a hand-made request with alice's own token: refused, nothing changed
+    r = service.api("PUT", f"api/sandboxes/{sid}/policy", hub.tokens["alice"],
+                    json={"policy": {"mode": "allowlist", "entries": ["169.254.169.254:80/tcp"]}})
+    assert r.status_code == 403 and r.json()["error"] == "ceiling", r.text
+    assert service.api("GET", f"api/sandboxes/{sid}/policy", hub.tokens["alice"]).json()["policy"] == allowed.to_dict()
+    result, out = kernels.execute(alice, CONNECT.format(ip=host.ip, port=host.port))
+    assert "connected" in out.stdout()
+    policy_events = _events(service, since, event="policy", sandbox=sid)
+    assert [e["result"] for e in policy_events] == ["accepted", "refused", "refused"]
+    assert all(e["by"] == "alice" and e["user"] == "alice" and "from" in e and "to" in e for e in policy_events)
+    assert policy_events[2]["to"]["entries"] == ["169.254.169.254:80/tcp"]
+    assert "169.254" in policy_events[2]["reason"]
+
+
+def test_an_admin_sets_exam_mode_for_a_user(kernels, service, hub, test_host):
+    host = test_host()
+    alice, bob = kernels.open("alice"), kernels.open("bob")
+    allowed = EgressPolicy(mode="allowlist", entries=(f"{host.ip}:{host.port}/tcp",))
+    for session in (alice, bob):
+        kernels.run(session.apply_policy(allowed))
+    forced = []
+    bob.backend.on_policy_forced = lambda policy, reason: forced.append((policy, reason))
+    since = time.time()
+    try:
+        # a user is not an admin: refused and audited
+        r = service.api("PUT", "api/ceilings/users/bob", hub.tokens["alice"], json={"locked": False, "user_may_allow": ["any"]})
+        assert r.status_code == 403
+        assert _events(service, since, event="ceiling", by="alice", result="refused")
+        # the hub admin locks bob (exam mode): his sandbox is reset to the default (deny) at once
+        r = service.api("PUT", "api/ceilings/users/bob", hub.tokens["teacher"], json={"locked": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["conformed"] == [bob.backend.sandbox_id]
+        result, out = kernels.execute(bob, CONNECT.format(ip=host.ip, port=host.port))
+        assert "refused" in out.stdout()
+        assert forced and forced[0][0].mode == "deny" and "ceiling" in forced[0][1]
+        # bob may change nothing now, not even through a hand-made request
+        r = service.api("PUT", f"api/sandboxes/{bob.backend.sandbox_id}/policy", hub.tokens["bob"],
+                        json={"policy": allowed.to_dict()})
+        assert r.status_code == 403 and "exam mode" in r.json()["reason"]
+        assert service.api("GET", "api/ceiling", hub.tokens["bob"]).json()["ceiling"]["locked"] is True
+        # alice is not concerned
+        result, out = kernels.execute(alice, CONNECT.format(ip=host.ip, port=host.port))
+        assert "connected" in out.stdout()
+        assert service.api("GET", "api/ceiling", hub.tokens["alice"]).json()["ceiling"]["locked"] is False
+        # the audit log has the ceiling change and the forced policy change, by the teacher
+        assert _events(service, since, event="ceiling", by="teacher", result="accepted", target={"user": "bob"})
+        forced_events = _events(service, since, event="policy", user="bob", by="teacher", forced=True)
+        assert forced_events and forced_events[0]["to"]["mode"] == "deny"
+        assert _events(service, since, event="policy", user="bob", by="bob", result="refused")
+    finally:
+        service.api("DELETE", "api/ceilings/users/bob", hub.tokens["teacher"])
+
+
+def test_a_group_ceiling_applies_to_its_members(kernels, service, hub):
+    kernels.open("bob")  # the service learns bob's groups from the hub on his requests
+    try:
+        r = service.api("PUT", "api/ceilings/groups/class-b", hub.tokens["teacher"],
+                        json={"user_may_allow": ["pypi.org:443"], "max_entries": 3})
+        assert r.status_code == 200, r.text
+        assert service.api("GET", "api/ceiling", hub.tokens["bob"]).json()["ceiling"]["user_may_allow"] == ["pypi.org:443"]
+        assert service.api("GET", "api/ceiling", hub.tokens["alice"]).json()["ceiling"]["user_may_allow"] != ["pypi.org:443"]
+        sid = service.api("GET", "api/sandboxes", hub.tokens["bob"]).json()["sandboxes"][-1]["id"]
+        r = service.api("PUT", f"api/sandboxes/{sid}/policy", hub.tokens["bob"],
+                        json={"policy": {"mode": "allowlist", "entries": ["10.231.1.2:8080/tcp"]}})
+        assert r.status_code == 403
+    finally:
+        service.api("DELETE", "api/ceilings/groups/class-b", hub.tokens["teacher"])
+
+
+def test_the_service_restarting_keeps_sandboxes_and_policies(kernels, service, hub, test_host):
+    host = test_host()
+    alice = kernels.open("alice")
+    sid = alice.backend.sandbox_id
+    allowed = EgressPolicy(mode="allowlist", entries=(f"{host.ip}:{host.port}/tcp",))
+    kernels.run(alice.apply_policy(allowed))
+    r = service.api("PUT", "api/ceilings/users/bob", hub.tokens["teacher"], json={"max_entries": 7})
+    assert r.status_code == 200
+    try:
+        old_pid = service.proc.pid
+        service.restart(signal.SIGKILL)  # the hardest case: no chance to clean up
+        # the new service process removed what the killed one left, and restored the sandbox
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = service.api("GET", f"api/sandboxes/{sid}", hub.tokens["alice"]).json()
+            if state.get("state") == "running":
+                break
+            time.sleep(0.3)
+        assert state["state"] == "running" and state["policy"] == allowed.to_dict(), state
+        assert not namespaces_of(old_pid)
+        assert service.api("GET", "api/ceilings", hub.tokens["teacher"]).json()["users"]["bob"] == {"max_entries": 7}
+        # the kernel's next cell runs in the restored sandbox, under the same policy
+        result, out = kernels.execute(alice, CONNECT.format(ip=host.ip, port=host.port))
+        if result.crashed:  # the stream ended while this cell was sent: the kernel says why
+            assert "restarted" in result.crashed
+            result, out = kernels.execute(alice, CONNECT.format(ip=host.ip, port=host.port))
+        assert "connected" in out.stdout(), out.frames
+        assert service.api("GET", f"api/sandboxes/{alice.backend.sandbox_id}/policy",
+                           hub.tokens["alice"]).json()["policy"] == allowed.to_dict()
+    finally:
+        service.api("DELETE", "api/ceilings/users/bob", hub.tokens["teacher"])
