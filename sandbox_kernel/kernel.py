@@ -95,7 +95,8 @@ class SandboxKernel(Kernel):
 
     backend_name = Unicode(
         help="Which backend runs the sandboxes: 'local' (this machine: netns + nftables + "
-        "bubblewrap) or 'kubernetes' (a pod per kernel). Env: SANDBOX_KERNEL_BACKEND.",
+        "bubblewrap), 'kubernetes' (a pod per kernel), or 'hub' (ask the JupyterHub sandbox "
+        "service, which holds the credentials and the ceiling). Env: SANDBOX_KERNEL_BACKEND.",
         config=True,
     )
 
@@ -168,12 +169,33 @@ class SandboxKernel(Kernel):
         self.sandbox = Session(self.sandbox_backend, self.kernel_id, self.policy, self.log,
                                progress=self._on_progress, start_timeout=self.start_timeout,
                                agent_view=self.agent_policy_view, on_blocked=self._blocked_between_cells)
+        if self.backend_name == "hub" and self.config_error is None:
+            self._adopt_service_ceiling()
         self._cell_state: dict | None = None
         self._last_sandbox_meta: dict = {}
         self.recent_blocked: collections.deque = collections.deque(maxlen=200)
         self.magics = SandboxMagics(self)
         self._init_comms()
         self._cells = itertools.count(1)
+
+    def _adopt_service_ceiling(self) -> None:
+        """Hub mode: the service's ceiling for this user is the one that counts (it enforces it
+        server side); the kernel shows it and follows policies the service forces."""
+        try:
+            self.admin = AdminPolicy(parent=None, **self.sandbox_backend.fetch_ceiling())
+            self.policy = self.admin.default_policy()
+            self.sandbox.policy = self.policy
+        except SandboxError as err:
+            self.log.warning("could not read the ceiling from the sandbox service: %s", err)
+
+        def forced(policy, reason) -> None:
+            self.policy = policy
+            self.sandbox.policy = policy
+            panels = sys.modules.get("sandbox_kernel.widgets")
+            if panels is not None:
+                panels.refresh_all(self)
+
+        self.sandbox_backend.on_policy_forced = forced
 
     # -- the policy: one source of truth, changed only here ----------------------------
     async def set_policy(self, new, who: str = "user") -> dict:
@@ -235,8 +257,12 @@ class SandboxKernel(Kernel):
             from .backends.kubernetes import KubernetesBackend
 
             return KubernetesBackend(parent=self)
+        if self.backend_name == "hub":
+            from .hub.backend import HubBackend
+
+            return HubBackend(parent=self)
         raise SandboxError(
-            f"unknown backend {self.backend_name!r}: use 'local' or 'kubernetes' "
+            f"unknown backend {self.backend_name!r}: use 'local', 'kubernetes' or 'hub' "
             "(c.SandboxKernel.backend_name or SANDBOX_KERNEL_BACKEND)"
         )
 

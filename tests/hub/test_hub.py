@@ -200,3 +200,23 @@ def test_the_service_restarting_keeps_sandboxes_and_policies(kernels, service, h
                            hub.tokens["alice"]).json()["policy"] == allowed.to_dict()
     finally:
         service.api("DELETE", "api/ceilings/users/bob", hub.tokens["teacher"])
+
+
+def test_a_real_sandbox_kernel_in_hub_mode(service):
+    """The kernel as a user server runs it: backend 'hub', the user's token, nothing else."""
+    from kerneltest import KernelDriver
+
+    kernel = KernelDriver({"SANDBOX_KERNEL_BACKEND": "hub", "SANDBOX_KERNEL_HUB_URL": service.proxied_url,
+                           "JUPYTERHUB_API_TOKEN": service.hub.tokens["alice"]})
+    try:
+        cell = kernel.execute("import os\nvalue = 6 * 7\nprint(value, os.getuid())", timeout=120)
+        assert cell.status == "ok", cell.outputs
+        assert cell.stream().startswith("42 65534")
+        status = kernel.execute("%sandbox status").of_type("display_data")[0]["content"]["data"]["text/plain"]
+        assert "hub" in status
+        # the service's ceiling counts: the metadata server stays closed, refused with the admin's reason
+        refused = kernel.execute("%sandbox allow 169.254.169.254:80")
+        assert refused.status == "error" and "administrator" in refused.reply["content"]["evalue"]
+        assert kernel.execute("value").of_type("execute_result")[0]["content"]["data"]["text/plain"] == "42"
+    finally:
+        kernel.shutdown()
