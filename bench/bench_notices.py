@@ -93,14 +93,14 @@ def measure(repeat: int) -> dict:
             out["guarded"] = statistics.median(k.notice_latency_ms(GUARDED.format(ip=HOST_IP)) for _ in range(repeat))
             out["rejected"] = statistics.median(
                 k.notice_latency_ms(UNGUARDED.format(ip=HOST_IP, timeout=3)) for _ in range(repeat))
-            timings: dict[bool, list[float]] = {}
-            for on in (True, False):  # the cell measures itself: kernel overhead is not counted
-                samples = []
-                for _ in range(repeat):
-                    seen, reply = k.run(ADDITIONS.format(on=on))
-                    result = next(m for _, m in seen if m["msg_type"] == "execute_result")
-                    samples.append(float(result["content"]["data"]["text/plain"]))
-                timings[on] = samples
+            timings: dict[bool, list[float]] = {True: [], False: []}
+            # the cell measures itself (kernel overhead is not counted); on and paused alternate
+            # so that drifting machine load hits both alike
+            for i in range(repeat * 4):
+                on = i % 2 == 0
+                seen, reply = k.run(ADDITIONS.format(on=on))
+                result = next(m for _, m in seen if m["msg_type"] == "execute_result")
+                timings[on].append(float(result["content"]["data"]["text/plain"]))
             out["additions_on_ms"] = statistics.median(timings[True]) * 1000
             out["additions_off_ms"] = statistics.median(timings[False]) * 1000
         finally:
