@@ -44,6 +44,8 @@ CUSTOM_KINDS = {
 
 #: the values matrix: each optional piece on, exam mode, gVisor, each enforcer
 GC_IMAGE = {"name": "europe-west1-docker.pkg.dev/p/r/singleuser", "tag": "2024-06"}
+#: hub mode with its two required values
+HUB = {"enabled": True, "image": GC_IMAGE, "apiTokenSecret": "sandbox-hub-token"}
 MATRIX: dict[str, dict] = {
     "default": {},
     "gc": {"gc": {"enabled": True, "image": GC_IMAGE}},
@@ -62,6 +64,10 @@ MATRIX: dict[str, dict] = {
     "enforcer-gke-fqdn": {"sandbox": {"enforcers": ["gke-fqdn"]}, "gc": {"enabled": True, "image": GC_IMAGE}},
     "enforcer-cilium": {"sandbox": {"enforcers": ["cilium"]}, "gc": {"enabled": True, "image": GC_IMAGE}},
     "enforcer-istio": {"sandbox": {"enforcers": ["istio"]}, "gc": {"enabled": True, "image": GC_IMAGE}},
+    "hub": {"hub": HUB},
+    "hub-exam": {"hub": {**HUB, "adminGroups": ["teachers", "class-b"], "serviceName": "sbx", "port": 8080,
+                         "stateVolume": {"size": "5Gi", "storageClass": "standard-rwo"}},
+                 "policy": {"locked": True, "userMayAllow": []}},
     "everything": {
         "sandbox": {"enforcers": ["networkpolicy", "gke-fqdn", "cilium", "istio"], "nodeLocalDNS": True,
                     "idleTimeout": 900, "image": {"name": "python@sha256:" + "a" * 64, "tag": "", "pullPolicy": "Always"},
@@ -71,6 +77,8 @@ MATRIX: dict[str, dict] = {
         "prePuller": {"enabled": True}, "networkLogging": {"enabled": True}, "metadataDeny": {"enabled": True},
         "gvisor": {"enabled": True, "runtimeClass": {"create": True, "handler": "runsc"}},
         "serviceAccount": {"annotations": {"example.org/owner": "platform"}},
+        "hub": {**HUB, "adminGroups": ["teachers"], "nodeSelector": {"pool": "system"},
+                "tolerations": [{"key": "pool", "operator": "Exists", "effect": "NoSchedule"}]},
     },
 }
 

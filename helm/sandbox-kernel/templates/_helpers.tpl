@@ -106,3 +106,21 @@ The kernel's configuration, as traitlets reads a JSON config file:
       "cluster_ranges" $p.clusterRanges -}}
 {{- dict "SandboxKernel" (dict "backend_name" "kubernetes") "KubernetesBackend" $backend "AdminPolicy" $admin | toPrettyJson -}}
 {{- end -}}
+
+{{/* Hub mode: the sandbox service's objects (Deployment, Service, PVC, ServiceAccount). */}}
+{{- define "sandbox-kernel.hubName" -}}
+{{- printf "%s-hub" (include "sandbox-kernel.fullname" .) -}}
+{{- end -}}
+
+{{/* The account the kernels' ClusterRole is bound to: the service's in hub mode, else the kernels'. */}}
+{{- define "sandbox-kernel.kernelRoleSubject" -}}
+{{- if .Values.hub.enabled -}}
+{{- include "sandbox-kernel.hubName" . -}}
+{{- else -}}
+{{- include "sandbox-kernel.serviceAccountName" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the service keeps state.json and audit.jsonl (the PVC), and reads its configuration. */}}
+{{- define "sandbox-kernel.hubStateDir" -}}/var/lib/sandbox-kernel-hub{{- end -}}
+{{- define "sandbox-kernel.hubConfigDir" -}}/etc/sandbox-kernel{{- end -}}
