@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         except ImportError:
             continue
         rows += module.rows()
-    lines = [f"| metric | ours | baseline (stock ipykernel) | ratio | target |", "|---|---:|---:|---:|---|"]
+    lines = ["| metric | ours | baseline (stock ipykernel) | ratio | target |", "|---|---:|---:|---:|---|"]
     for row in rows:
         base = row.get("baseline")
         ratio = f"{row['ours'] / base:.2f}×" if base else "—"

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from .agent import protocol
 from .backends.base import Backend, SandboxInfo, Transport
