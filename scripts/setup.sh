@@ -34,9 +34,10 @@ fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e "$repo[$extras]"
 
-# The browser test (tests/browser) when the extras include "test": Chromium from Debian
-# (/usr/bin/chromium; playwright never downloads a browser), an emoji font for the notices,
-# JupyterLab, and playwright-core from npm at the version package-lock.json pins.
+# The browser test (tests/browser) and the hub tests (tests/hub) when the extras include "test":
+# Chromium from Debian (/usr/bin/chromium; playwright never downloads a browser), an emoji font
+# for the notices, JupyterLab, and from npm at the versions package-lock.json pins:
+# playwright-core and configurable-http-proxy.
 case ",$extras," in
   *,test,*)
     need_apt=()
@@ -50,9 +51,14 @@ case ",$extras," in
       apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
     fi
     "$venv/bin/python" -c 'import jupyterlab' 2>/dev/null || "$venv/bin/python" -m pip install -q -e "$repo[lab]"
+    # npm ci unless every package of the lockfile is installed at its locked version
     if ! (cd "$repo" && node -e '
-        const want = require("./package-lock.json").packages["node_modules/playwright-core"].version;
-        process.exit(require("./node_modules/playwright-core/package.json").version === want ? 0 : 1);
+        const fs = require("fs");
+        for (const [path, pkg] of Object.entries(require("./package-lock.json").packages)) {
+          if (!path || !pkg.version) continue;
+          const file = path + "/package.json";
+          if (!fs.existsSync(file) || JSON.parse(fs.readFileSync(file)).version !== pkg.version) process.exit(1);
+        }
       ') >/dev/null 2>&1; then
       (cd "$repo" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
     fi
