@@ -342,6 +342,41 @@ class KubernetesBackend(Backend):
             "enforcers": list(self.enforcers), "runtime_class": self.runtime_class})
         return self._info
 
+    async def adopt(self, kernel_id: str, namespace: str, pod: str, *, policy: Any = None) -> SandboxInfo | None:
+        """Take over the pod ``namespace/pod`` that another process (a previous sandbox
+        service) started for ``kernel_id``: afterwards this backend is as after start().
+
+        Reads the pod; when it is this kernel's (its kernel label matches), alive and not
+        being deleted, sets the fields start() sets, re-applies ``policy``'s objects (the
+        previous owner's may be stale or gone) and returns the SandboxInfo; then call
+        attach(). A dead or deleting pod of this kernel is removed with its policy objects
+        and None returned (start() a new one); a pod of another kernel, or none, is left
+        alone and None returned."""
+        if self.pod:
+            await self.stop()
+        await asyncio.to_thread(self.check)
+        self.kernel_id, self.namespace, self.pod = kernel_id, namespace, pod
+        self._idle_stopped = False
+        try:
+            found = await asyncio.to_thread(self._read_pod)
+        except SandboxError:
+            found = None
+        labels = (found or {}).get("metadata", {}).get("labels") or {}
+        if found is None or labels.get(objects.KERNEL_LABEL) != objects.label_value(kernel_id):
+            self.kernel_id = self.namespace = self.pod = None
+            return None
+        if not pod_alive(found):
+            await self.stop()  # whatever is left of it
+            return None
+        spec = (found.get("spec") or {})
+        containers = spec.get("containers") or [{}]
+        await self._apply_policy_objects(policy)
+        self._info = SandboxInfo(self.name, pod, {
+            "namespace": namespace, "pod": pod, "image": containers[0].get("image") or self.image,
+            "enforcers": list(self.enforcers), "runtime_class": spec.get("runtimeClassName") or self.runtime_class,
+            "adopted": True})
+        return self._info
+
     async def attach(self) -> Transport:
         """Exec ``agent.pyz attach`` in the pod; its stdin/stdout carry the frames.
 

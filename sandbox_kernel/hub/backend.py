@@ -104,7 +104,10 @@ class HubBackend(Backend):
             self._url(path), method=method, headers=self._headers(),
             body=json.dumps(body) if body is not None else (b"{}" if method in ("POST", "PUT") else None),
             request_timeout=self.request_timeout, connect_timeout=15)
-        response = await httpclient.AsyncHTTPClient().fetch(request, raise_error=False)
+        try:
+            response = await httpclient.AsyncHTTPClient().fetch(request, raise_error=False)
+        except OSError as err:  # refused, reset, unreachable: raise_error=False passes these on
+            raise ServiceError(f"the sandbox service at {self.service_url} cannot be reached: {err}") from None
         if response.code == 599:
             raise ServiceError(f"the sandbox service at {self.service_url} cannot be reached: {response.error}")
         try:

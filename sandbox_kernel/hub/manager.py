@@ -539,26 +539,13 @@ class Manager:
 
 async def adopt_kubernetes(backend: Backend, sb: Sandbox):
     """Re-attach a KubernetesBackend to the pod a previous service process started, if it
-    still runs (returns its SandboxInfo), else None (the caller starts a fresh one).
-
-    Uses KubernetesBackend internals until it has a public ``adopt`` (see docs/hub.md)."""
-    from ..backends.base import SandboxInfo
-    from ..backends.kubernetes import pod_alive
-
+    still runs (returns its SandboxInfo), else None (the caller starts a fresh one): see
+    :meth:`KubernetesBackend.adopt`, which also re-applies the sandbox's policy objects."""
     namespace, pod = sb.details.get("namespace"), sb.details.get("pod")
-    if not namespace or not pod:
+    adopt = getattr(backend, "adopt", None)
+    if not namespace or not pod or adopt is None:
         return None
-    backend.kernel_id, backend.namespace, backend.pod = sb.kernel_id, namespace, pod
-    try:
-        alive = pod_alive(await asyncio.to_thread(backend._read_pod))
-    except SandboxError:
-        alive = False
-    if not alive:
-        await backend.stop()  # whatever is left of it
-        return None
-    await backend._apply_policy_objects(sb.policy)
-    backend._info = SandboxInfo(backend.name, pod, dict(sb.details))
-    return backend._info
+    return await adopt(sb.kernel_id, namespace, pod, policy=sb.policy)
 
 
 def agent_view(policy: EgressPolicy, admin: AdminPolicy, applied: dict) -> dict:

@@ -24,10 +24,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from fakekube.fixtures import fakekube  # noqa: F401 - the fake API server for the Kubernetes service
 from kerneltest import namespaces_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "sandbox"
+#: a second sandbox service, backend kubernetes (against the fake API server), started per test
+K8S_SERVICE = "sandbox-k8s"
 USERS = ("alice", "bob", "teacher")
 
 
@@ -88,6 +91,8 @@ class Hub:
         self.dir = tmp
         self.public_port, self.hub_port, self.proxy_api_port = _free_port(), _free_port(), _free_port()
         self.service_port = _free_port()
+        self.k8s_service_port = _free_port()
+        self.k8s_service_token = uuid.uuid4().hex
         self.public_url = f"http://127.0.0.1:{self.public_port}"
         self.api_url = f"http://127.0.0.1:{self.hub_port}/hub/api"
         self.service_token = uuid.uuid4().hex
@@ -116,14 +121,19 @@ c.Authenticator.admin_users = {{"teacher"}}
 c.JupyterHub.load_groups = {{"class-b": {{"users": ["bob"]}}}}
 c.JupyterHub.services = [
     {{"name": {SERVICE!r}, "url": "http://127.0.0.1:{self.service_port}", "api_token": {self.service_token!r}}},
+    {{"name": {K8S_SERVICE!r}, "url": "http://127.0.0.1:{self.k8s_service_port}",
+      # started per test (k8s_service): the hub must not wait for it at start-up
+      "api_token": {self.k8s_service_token!r}, "timeout": 1}},
     {{"name": "test-admin", "api_token": {self.admin_token!r}}},
 ]
 c.JupyterHub.load_roles = [
     # users may use the sandbox service; a user server's token gets that scope too
-    {{"name": "user", "scopes": ["self", "access:services!service={SERVICE}"]}},
+    {{"name": "user", "scopes": ["self", "access:services!service={SERVICE}",
+                                 "access:services!service={K8S_SERVICE}"]}},
     {{"name": "test-admin", "scopes": ["admin:users", "tokens", "admin:groups"], "services": ["test-admin"]}},
 ]
-c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server", "access:services!service={SERVICE}"]
+c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server", "access:services!service={SERVICE}",
+                                "access:services!service={K8S_SERVICE}"]
 """
 
     def start(self, chp: str) -> None:
@@ -139,7 +149,8 @@ c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
             assert time.monotonic() < deadline, "the hub did not route to the sandbox service"
             time.sleep(0.2)
         for user in USERS:
-            self.tokens[user] = self.new_token(user, [f"access:services!service={SERVICE}"])
+            self.tokens[user] = self.new_token(user, [f"access:services!service={SERVICE}",
+                                                      f"access:services!service={K8S_SERVICE}"])
         # a valid token of alice's that has no access to the service
         self.tokens["alice-no-access"] = self.new_token("alice", ["read:users:name!user"])
 
@@ -171,26 +182,32 @@ c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
 class Service:
     """The sandbox service, run by the tests (registered with the hub as external)."""
 
-    def __init__(self, hub: Hub, tmp: Path):
+    def __init__(self, hub: Hub, tmp: Path, name: str = SERVICE, port: int | None = None,
+                 token: str | None = None, env: dict | None = None, args: tuple[str, ...] = ()):
         self.hub = hub
-        self.state_dir = tmp / "service-state"
-        self.log = tmp / "service.log"
-        self.url = f"http://127.0.0.1:{hub.service_port}/services/{SERVICE}/"
-        self.proxied_url = f"{hub.public_url}/services/{SERVICE}/"
+        self.name = name
+        self.port = port or hub.service_port
+        self.token = token or hub.service_token
+        self.env = {"SANDBOX_KERNEL_BACKEND": "local", **(env or {})}
+        self.args = list(args)
+        self.state_dir = tmp / f"{name}-state" if name != SERVICE else tmp / "service-state"
+        self.log = tmp / f"{name}.log" if name != SERVICE else tmp / "service.log"
+        self.url = f"http://127.0.0.1:{self.port}/services/{name}/"
+        self.proxied_url = f"{hub.public_url}/services/{name}/"
         self.proc: subprocess.Popen | None = None
         self.pids: list[int] = []
 
     def start(self) -> None:
         env = {**os.environ,
-               "JUPYTERHUB_API_TOKEN": self.hub.service_token, "JUPYTERHUB_API_URL": self.hub.api_url,
-               "JUPYTERHUB_SERVICE_NAME": SERVICE, "JUPYTERHUB_SERVICE_PREFIX": f"/services/{SERVICE}/",
-               "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{self.hub.service_port}",
-               "SANDBOX_HUB_STATE_DIR": str(self.state_dir), "SANDBOX_KERNEL_BACKEND": "local",
+               "JUPYTERHUB_API_TOKEN": self.token, "JUPYTERHUB_API_URL": self.hub.api_url,
+               "JUPYTERHUB_SERVICE_NAME": self.name, "JUPYTERHUB_SERVICE_PREFIX": f"/services/{self.name}/",
+               "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{self.port}",
+               "SANDBOX_HUB_STATE_DIR": str(self.state_dir),
                # users may open the tests' hosts (10.231.0.0/16) and public addresses, nothing else
                "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16 public",
-               "SANDBOX_HUB_ADMIN_GROUPS": "staff"}
+               "SANDBOX_HUB_ADMIN_GROUPS": "staff", **self.env}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "sandbox_kernel.hub", "--log-level=DEBUG"],
+            self.proc = subprocess.Popen([sys.executable, "-m", "sandbox_kernel.hub", "--log-level=DEBUG", *self.args],
                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pids.append(self.proc.pid)
         _wait_http(self.url + "api/health", self.proc, self.log)
@@ -313,5 +330,39 @@ class Kernels:
 @pytest.fixture
 def kernels(service):
     k = Kernels(service)
+    yield k
+    k.close()
+
+
+@pytest.fixture
+def k8s_service(hub, fakekube, tmp_path):
+    """A second sandbox service, ``--backend=kubernetes``, whose kubeconfig points at the fake
+    API server (loopback, bearer token); its pods run the real agent as local processes of the
+    fake's kubelet (in the test process, so they outlive a service restart). Stopped after the
+    test; the fake then kills whatever pods are left."""
+    import yaml
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": fakekube.url}}],
+        "users": [{"name": "sandbox-service", "user": {"token": fakekube.token}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "sandbox-service"}}],
+    }))
+    svc = Service(hub, tmp_path, name=K8S_SERVICE, port=hub.k8s_service_port, token=hub.k8s_service_token,
+                  env={"SANDBOX_KERNEL_BACKEND": "", "KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "",
+                       "SANDBOX_KERNEL_K8S_START_TIMEOUT": "60"},
+                  args=("--backend=kubernetes",))
+    svc.fakekube = fakekube
+    try:
+        svc.start()
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture
+def k8s_kernels(k8s_service):
+    k = Kernels(k8s_service)
     yield k
     k.close()

@@ -1,0 +1,95 @@
+"""Hub mode on the Kubernetes backend: the sandbox service runs ``--backend=kubernetes`` with
+a kubeconfig pointing at the fake API server (tests/fakekube), behind the real JupyterHub.
+Each user's cells run in a pod in the user's namespace, users are kept apart, a policy change
+becomes NetworkPolicy objects, and after a service restart the pod is adopted (same
+interpreter)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sandbox_kernel.backends.objects import KERNEL_LABEL
+
+
+def _egress(fake, namespace: str, pod: str) -> dict | None:
+    return fake.get_object("networkpolicies", namespace, f"{pod}-egress", group="networking.k8s.io")
+
+
+def _cidrs(netpol: dict) -> set[str]:
+    return {peer["ipBlock"]["cidr"] for rule in netpol["spec"].get("egress") or []
+            for peer in rule.get("to") or [] if "ipBlock" in peer}
+
+
+def test_kubernetes_backend_per_user_pods_policy_and_adoption(k8s_kernels, k8s_service, hub):
+    svc, fake, kernels = k8s_service, k8s_service.fakekube, k8s_kernels
+    alice, bob = kernels.open("alice", proxied=False), kernels.open("bob", proxied=False)
+    a_id, b_id = alice.backend.sandbox_id, bob.backend.sandbox_id
+    assert a_id != b_id
+
+    # a cell runs in each user's pod, in each user's namespace
+    result, out = kernels.execute(alice, "secret = 'alice-only'\nimport socket; print(socket.gethostname())")
+    assert result.exit_status == 0, out.frames
+    result, out = kernels.execute(bob, "print(globals().get('secret'))")
+    assert result.exit_status == 0 and out.stdout().strip() == "None"
+    pods = {p["metadata"]["namespace"]: p for p in fake.objects("pods")}
+    assert set(pods) == {"user-sandbox-alice", "user-sandbox-bob"}, sorted(pods)
+    a = svc.api("GET", f"api/sandboxes/{a_id}", hub.tokens["alice"], proxied=False).json()
+    assert (a["state"], a["backend"], a["details"]["namespace"]) == ("running", "kubernetes", "user-sandbox-alice")
+    a_pod = a["details"]["pod"]
+    assert pods["user-sandbox-alice"]["metadata"]["name"] == a_pod
+    assert pods["user-sandbox-alice"]["metadata"]["labels"][KERNEL_LABEL]
+
+    # bob cannot see, change, interrupt or stop alice's sandbox
+    wide = {"policy": {"mode": "allowlist", "entries": ["10.231.0.0/16"]}}
+    bob_token = hub.tokens["bob"]
+    assert svc.api("GET", f"api/sandboxes/{a_id}", bob_token, proxied=False).status_code == 404
+    assert svc.api("PUT", f"api/sandboxes/{a_id}/policy", bob_token, proxied=False, json=wide).status_code == 404
+    assert svc.api("POST", f"api/sandboxes/{a_id}/interrupt", bob_token, proxied=False).status_code == 404
+    assert svc.api("DELETE", f"api/sandboxes/{a_id}", bob_token, proxied=False).status_code == 404
+    assert a_id not in {s["id"] for s in svc.api("GET", "api/sandboxes", bob_token, proxied=False).json()["sandboxes"]}
+    assert _cidrs(_egress(fake, "user-sandbox-alice", a_pod)) == set() or "10.231.0.0/16" not in _cidrs(
+        _egress(fake, "user-sandbox-alice", a_pod))
+    assert [p["metadata"]["name"] for p in fake.objects("pods", "user-sandbox-alice")] == [a_pod]
+
+    # alice's policy change becomes her pod's NetworkPolicy in the (fake) cluster
+    applied = kernels.run(alice.backend.apply_policy(
+        __import__("sandbox_kernel.policy.model", fromlist=["EgressPolicy"]).EgressPolicy.parse(wide["policy"])))
+    assert f"NetworkPolicy/{a_pod}-egress" in applied["objects"], applied
+    assert "10.231.0.0/16" in _cidrs(_egress(fake, "user-sandbox-alice", a_pod))
+    b_pod = pods["user-sandbox-bob"]["metadata"]["name"]
+    assert "10.231.0.0/16" not in _cidrs(_egress(fake, "user-sandbox-bob", b_pod))  # bob's stays closed
+
+    # the service restarts: the pods keep running and are adopted, with the same interpreter
+    created = fake.count("create", "pods")
+    stream = alice.backend._transport._ws
+
+    async def restart_while_the_kernel_runs():
+        # the kernels' event loop runs meanwhile (as a real kernel's does): its reader sees the
+        # stream end and re-opens it once the new service process has adopted the pod
+        started = time.monotonic()
+        await asyncio.to_thread(svc.restart)
+        while alice.backend._transport._ws is stream:
+            assert time.monotonic() - started < 30, "the kernel did not re-open its stream"
+            await asyncio.sleep(0.1)
+        return time.monotonic() - started
+
+    took = kernels.run(restart_while_the_kernel_runs())
+    print(f"restart + adoption + re-attach: {took:.1f} s")
+    result, out = kernels.execute(alice, "print(secret)")
+    assert result.exit_status == 0 and out.stdout().strip() == "alice-only", out.frames
+    assert fake.count("create", "pods") == created  # adopted, not started again
+    assert [p["metadata"]["name"] for p in fake.objects("pods", "user-sandbox-alice")] == [a_pod]
+    assert "10.231.0.0/16" in _cidrs(_egress(fake, "user-sandbox-alice", a_pod))  # re-applied, still in force
+    assert any(e.get("action") == "adopt" and e.get("sandbox") == a_id for e in svc.audit())
+
+    # stopping removes the pods and their policy objects
+    for session in list(kernels.sessions):
+        kernels.run(session.stop(), 30)
+    kernels.sessions.clear()
+    deadline = time.monotonic() + 10
+    while fake.objects("pods") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fake.objects("pods") == []
+    assert not [o for o in fake.objects("networkpolicies", group="networking.k8s.io")
+                if o["metadata"]["name"].endswith("-egress")]
