@@ -64,32 +64,87 @@ class StdioChannel(Channel):
 class SocketChannel(Channel):
     """A unix socket that one client at a time attaches to (the Kubernetes exec path).
 
-    While no client is attached, frames are kept in a bounded buffer and replayed on
-    the next attach, so a dropped exec stream loses no output of a running cell.
+    Frames are numbered both ways so that a dropped exec stream loses nothing, not even
+    what was in flight in the old stream's buffers (the attach process, the kubelet):
+
+    - every frame the agent writes gets ``seq`` (1, 2, …) and is kept in a bounded ring
+      (:data:`BUFFER_LIMIT` bytes), delivered or not; ``done``, ``reply`` and ``pong``
+      carry ``ack``, the highest kernel ``seq`` processed, so the kernel can forget what
+      it no longer needs to resend;
+    - after the greeting, a client sends ``resume {client, since}`` first: ``client``
+      names the client's numbering (a new transport, e.g. after a sandbox service restart,
+      starts its own at 1); ``since`` is the last agent ``seq`` it received, and it gets
+      every kept frame after that again (it drops what it already has by ``seq``);
+      ``since: null`` (a new client), silence for :data:`RESUME_WAIT` seconds or another
+      first frame get what was never written to any client;
+    - a kernel frame with a ``seq`` at or below the highest seen from the same client is
+      a resent duplicate and is ignored, so resending never runs a cell twice.
     """
 
     BUFFER_LIMIT = 8 * 1024 * 1024
+    RESUME_WAIT = 2.0
+    _ACKED = frozenset({"done", "reply", "pong"})
 
     def __init__(self, path: str):
         super().__init__()
         self._path = path
         self._conn: socket.socket | None = None
-        self._pending: collections.deque[bytes] = collections.deque()
-        self._pending_bytes = 0
-        self._dropped = 0
+        self._ring: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._ring_bytes = 0
+        self._seq = 0  # of the last frame written
+        self._written = 0  # seq of the last frame written to some client
+        self._forgotten = 0  # seq of the newest frame pushed out of the ring
+        self._holding = False  # a client attached and may still ask to resume
+        self.in_seq = 0  # highest seq of a kernel frame processed
+        self._client: object = None  # whose numbering in_seq counts
 
-    def _write(self, data: bytes) -> None:
+    def send(self, frame: dict) -> None:
+        with self._lock:
+            self._seq += 1
+            frame = {**frame, "seq": self._seq}
+            if frame.get("type") in self._ACKED:
+                frame["ack"] = self.in_seq
+            try:
+                data = protocol.encode(frame)
+            except protocol.FrameError as err:
+                data = protocol.encode({"type": "stream", "id": frame.get("id"), "name": "stderr", "seq": self._seq,
+                                        "text": f"[sandbox] output dropped: {err}\n"})
+            self._ring.append((self._seq, data))
+            self._ring_bytes += len(data)
+            while self._ring_bytes > self.BUFFER_LIMIT and len(self._ring) > 1:
+                self._forgotten, old = self._ring.popleft()
+                self._ring_bytes -= len(old)
+            if self._conn is not None and not self._holding:
+                self._deliver(self._seq, data)
+
+    def _write(self, data: bytes) -> None:  # frames without a seq (the greeting, notes)
         if self._conn is not None:
             try:
                 self._conn.sendall(data)
-                return
             except OSError:
                 self._conn = None
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        while self._pending_bytes > self.BUFFER_LIMIT and len(self._pending) > 1:
-            self._pending_bytes -= len(self._pending.popleft())
-            self._dropped += 1
+
+    def _deliver(self, seq: int, data: bytes) -> None:
+        try:
+            self._conn.sendall(data)
+            self._written = max(self._written, seq)
+        except OSError:
+            self._conn = None
+
+    def resume(self, conn: socket.socket, since: int | None) -> None:
+        """Replay kept frames after ``since`` (None: after the last one ever written)."""
+        with self._lock:
+            if self._conn is not conn or not self._holding:
+                return
+            self._holding = False
+            after = self._written if since is None else since
+            if self._forgotten > after:
+                lost = self._forgotten - after
+                self._write(protocol.encode({"type": "stream", "id": None, "name": "stderr",
+                                             "text": f"[sandbox] {lost} output frames were dropped while detached\n"}))
+            for seq, data in list(self._ring):
+                if seq > after and self._conn is conn:
+                    self._deliver(seq, data)
 
     def serve(self, on_frame, on_hello) -> None:
         try:
@@ -108,26 +163,41 @@ class SocketChannel(Channel):
                         self._conn.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
-                self._conn = conn
-                conn.sendall(protocol.encode(on_hello()))
-                if self._dropped:
-                    note = {"type": "stream", "id": None, "name": "stderr",
-                            "text": f"[sandbox] {self._dropped} output frames were dropped while detached\n"}
-                    conn.sendall(protocol.encode(note))
-                    self._dropped = 0
-                while self._pending:
-                    conn.sendall(self._pending.popleft())
-                self._pending_bytes = 0
-            _read_frames(conn.makefile("rb", buffering=1 << 16), on_frame, self)
+                self._conn, self._holding = conn, True
+                self._write(protocol.encode(on_hello()))
+            timer = threading.Timer(self.RESUME_WAIT, self.resume, (conn, None))
+            timer.daemon = True
+            timer.start()
+
+            def first(frame: dict, conn=conn, timer=timer) -> None:
+                timer.cancel()
+                if frame.get("type") == "resume":
+                    client, since = frame.get("client"), frame.get("since")
+                    if client is None or client != self._client:
+                        self._client, self.in_seq = client, 0
+                    ok = isinstance(since, int) and not isinstance(since, bool) and client is not None
+                    self.resume(conn, since if ok else None)
+                    return
+                self.resume(conn, None)
+                on_frame(frame)
+
+            _read_frames(conn.makefile("rb", buffering=1 << 16), on_frame, self, first)
+            timer.cancel()
             with self._lock:
                 if self._conn is conn:
                     self._conn = None
             conn.close()
 
 
-def _read_frames(stream, on_frame, channel: Channel) -> None:
+def _read_frames(stream, on_frame, channel: Channel, first: Callable[[dict], None] | None = None) -> None:
+    """Pass each valid frame to ``on_frame`` (the first to ``first`` when given); resent
+    duplicates (a ``seq`` not above the channel's ``in_seq``) and ``resume`` frames after the
+    first are dropped."""
     while True:
-        line = stream.readline(protocol.MAX_FRAME + 1)
+        try:
+            line = stream.readline(protocol.MAX_FRAME + 1)
+        except OSError:  # the client reset the connection (a cut exec stream): wait for the next
+            return
         if not line:
             return
         if not line.endswith(b"\n"):
@@ -143,7 +213,16 @@ def _read_frames(stream, on_frame, channel: Channel) -> None:
             channel.send({"type": "stream", "id": None, "name": "stderr",
                           "text": f"[sandbox] protocol error, frame ignored: {err}\n"})
             continue
-        on_frame(frame)
+        seq = frame.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool) and hasattr(channel, "in_seq"):
+            if seq <= channel.in_seq:
+                continue
+            channel.in_seq = seq
+        if first is not None:
+            first, handler = None, first
+            handler(frame)
+        elif frame["type"] != "resume":
+            on_frame(frame)
 
 
 def _skip_line(stream) -> None:

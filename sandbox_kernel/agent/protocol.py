@@ -39,6 +39,14 @@ Kernel → agent
 ``policy``         {policy} — the policy in force, for the guard and the notices
 ``ping``           {id}
 ``shutdown``       {}
+``resume``         {client, since} — a client's first frame (socket channel only)
+
+Sequence numbers (socket channel only, i.e. Kubernetes exec): agent frames carry ``seq``,
+and ``done``/``reply``/``pong`` also ``ack`` (the highest kernel ``seq`` processed); kernel
+frames carry ``seq`` too, numbered per client (``client`` in ``resume``: one per transport).
+After a dropped stream the kernel re-attaches, sends ``resume {client, since: <last agent
+seq it received>}`` and resends its frames the agent has not
+acknowledged; each side drops what it already has by ``seq``. Nothing in flight is lost.
 
 Exit status (the contract the kernel relies on): 0 when a cell completed, 1 when it
 raised, ``n`` for ``SystemExit(n)``, and for a cell whose last action was a shell
@@ -79,6 +87,7 @@ KERNEL_TYPES = frozenset(
         "policy",
         "ping",
         "shutdown",
+        "resume",
     }
 )
 

@@ -26,6 +26,7 @@ chart's RBAC and the tests check against it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import getpass
 import hashlib
@@ -67,7 +68,7 @@ def _perms(group: str, resource: str, *verbs: str) -> list[tuple[str, str, str]]
 #: every (apiGroup, resource, verb) this backend may use; server-side apply needs
 #: ``patch`` and, when it creates the object, ``create``
 REQUIRED_PERMISSIONS: tuple[tuple[str, str, str], ...] = tuple(
-    _perms("", "namespaces", "get", "create", "patch", "list")
+    _perms("", "namespaces", "get", "create", "patch")
     + _perms("", "serviceaccounts", "create", "patch")
     + _perms("", "resourcequotas", "create", "patch")
     + _perms("", "limitranges", "create", "patch")
@@ -78,7 +79,6 @@ REQUIRED_PERMISSIONS: tuple[tuple[str, str, str], ...] = tuple(
     + [(group, plural, verb)
        for group, plural in sorted({(g, p) for kinds in ENFORCER_KINDS.values() for g, _, p in kinds})
        for verb in ("create", "patch", "list", "delete", "deletecollection")]
-    + _perms("authorization.k8s.io", "selfsubjectaccessreviews", "create")
 )
 
 
@@ -1007,13 +1007,19 @@ class ExecTransport(LineTransport):
     when the exec ends. When the stream is cut without a status (a load balancer, an API
     server restart, a network blip) and ``alive()`` says the pod still runs, the thread
     re-attaches with ``reopen()`` (up to :attr:`MAX_REATTACH` tries): the agent is the
-    pod's main process and keeps the interpreter, and it replays what it wrote while no
-    client was attached; its greeting on the new stream is dropped, so the Session sees
-    one uninterrupted stream. :attr:`reattached` counts the re-attaches.
+    pod's main process and keeps the interpreter. Frames are numbered both ways (see
+    agent/protocol.py): the new stream opens with ``resume {since}`` and the frames the
+    agent has not acknowledged are sent again, the agent replays what it wrote after
+    ``since``, and each side drops duplicates by ``seq`` — so nothing that was in flight
+    in the old stream is lost and no cell runs twice. The agent's greeting on the new
+    stream is dropped, so the Session sees one uninterrupted stream.
+    :attr:`reattached` counts the re-attaches.
     Also tracks whether a cell is running, for the idle timeout.
     """
 
     MAX_REATTACH = 5
+    #: kernel frames kept for resending until the agent acknowledges them
+    MAX_UNACKED = 4096
 
     def __init__(self, ws, loop: asyncio.AbstractEventLoop, log,
                  reopen: Callable[[], Any] | None = None, alive: Callable[[], bool] | None = None):
@@ -1026,8 +1032,14 @@ class ExecTransport(LineTransport):
         self._busy: set = set()
         self._last = time.monotonic()
         self._hello_seen = False
+        self._out_seq = 0  # seq of the last frame sent
+        self._unacked: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._in_seq = 0  # highest seq of an agent frame received
         reader = asyncio.StreamReader(limit=protocol.MAX_FRAME + 1)
         super().__init__(reader, _ExecWriter(ws))
+        self._client = secrets.token_hex(8)  # names this transport's numbering to the agent
+        # before any other frame: a new client, which gets what no client was sent yet
+        ws.write_stdin(protocol.encode({"type": "resume", "client": self._client, "since": None}))
         self._thread = threading.Thread(target=self._pump, daemon=True, name="sandbox-exec-reader")
         self._thread.start()
 
@@ -1090,6 +1102,12 @@ class ExecTransport(LineTransport):
                     if not self._alive():
                         return False
                     ws = self._reopen()
+                    # first on the new stream: where to resume, then what the agent may not have got
+                    try:
+                        ws.write_stdin(protocol.encode({"type": "resume", "client": self._client, "since": self._in_seq})
+                                       + b"".join(data for _, data in list(self._unacked)))
+                    except Exception as err:  # noqa: BLE001 - websocket-client raises several types
+                        raise SandboxError(f"the new exec stream failed at once: {err}") from None
                 except SandboxError as err:
                     self.log.warning("re-attaching to the sandbox failed (try %d): %s", attempt + 1, err)
                     time.sleep(min(0.2 * 2 ** attempt, 2.0))
@@ -1106,12 +1124,26 @@ class ExecTransport(LineTransport):
         if frame.get("type") == "execute":
             self._busy.add(frame.get("id"))
         self._last = time.monotonic()
+        self._out_seq += 1
+        frame = {**frame, "seq": self._out_seq}
+        self._unacked.append((self._out_seq, protocol.encode(frame)))
+        if len(self._unacked) > self.MAX_UNACKED:
+            self._unacked.popleft()
         await super().send(frame)
 
     async def recv(self) -> dict | None:
         while True:
             frame = await super().recv()
             self._last = time.monotonic()
+            if frame is not None:
+                seq, ack = frame.get("seq"), frame.get("ack")
+                if isinstance(seq, int):
+                    if seq <= self._in_seq:
+                        continue  # replayed after a re-attach: already passed on
+                    self._in_seq = seq
+                if isinstance(ack, int):
+                    while self._unacked and self._unacked[0][0] <= ack:
+                        self._unacked.popleft()
             if frame is not None and frame.get("type") == "hello":
                 if self._hello_seen:
                     continue  # the agent greets every attach; the Session was greeted once
