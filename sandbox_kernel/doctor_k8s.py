@@ -37,6 +37,7 @@ from .errors import SandboxError
 
 #: what ``doctor`` reads beyond REQUIRED_PERMISSIONS (apiGroup, resource, verb, where)
 DOCTOR_PERMISSIONS: tuple[tuple[str, str, str], ...] = (
+    ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),  # "may I?" for each of the above
     ("apps", "daemonsets", "list"),  # in kube-system only: which dataplane runs
     ("apiextensions.k8s.io", "customresourcedefinitions", "get"),  # FQDN / Calico / Cilium CRDs
     ("node.k8s.io", "runtimeclasses", "get"),  # gVisor

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from sandbox_kernel.backends.kubernetes import ENFORCER_KINDS, REQUIRED_PERMISSIONS
+from sandbox_kernel.doctor_k8s import DOCTOR_PERMISSIONS
 
 from helm_testlib import GC_IMAGE, NAMESPACE, requires_helm
 
@@ -15,6 +16,8 @@ pytestmark = requires_helm
 Perm = tuple[str, str, str]
 ENFORCER_RESOURCES = {(g, p) for kinds in ENFORCER_KINDS.values() for g, _, p in kinds}
 DEFAULT_DENY = ("networking.k8s.io", "networkpolicies")  # every user namespace gets one
+#: the one doctor permission the kernels' role has, so `sandbox-kernel doctor` works in a user server
+REVIEWS: Perm = ("authorization.k8s.io", "selfsubjectaccessreviews", "create")
 
 #: calls only ``gc()`` makes: cluster-wide LISTs to find orphans by label. The chart gives
 #: them to the gc CronJob's account, not to the kernels' (which would otherwise read every
@@ -54,7 +57,8 @@ def test_kernel_role_grants_exactly_what_the_backend_calls(enforcers, render):
     role = roles(render({"sandbox": {"enforcers": enforcers}}))["kernel"]
     granted, needed = grants(role), kernel_needs(enforcers)
     assert needed - granted == set(), "the backend calls these but the chart does not grant them"
-    assert granted - set(REQUIRED_PERMISSIONS) == set(), "the chart grants these but the backend never calls them"
+    assert REVIEWS in DOCTOR_PERMISSIONS and REVIEWS in granted
+    assert granted - set(REQUIRED_PERMISSIONS) - {REVIEWS} == set(), "the chart grants these but nothing calls them"
     assert granted & GC_ONLY == set(), "cluster-wide lists belong to the gc account only"
     # kinds of enforcers that are not configured are not granted (beyond the default deny)
     granted_kinds = {(g, r) for g, r, _ in granted} & ENFORCER_RESOURCES
