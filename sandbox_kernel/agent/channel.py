@@ -5,13 +5,39 @@ Standard library only (runs inside the sandbox).
 
 from __future__ import annotations
 
+import _signal  # the C functions: signal.pthread_sigmask's Python wrapper can itself be interrupted
 import collections
 import os
+import signal
 import socket
 import threading
 from typing import Callable
 
 from . import protocol
+
+
+class whole_frames:  # noqa: N801 - used like a function: ``with whole_frames():``
+    """Hold SIGINT back while a frame is written: an interrupt raised inside a write would
+    leave half a frame on the stream and corrupt the next (the interrupt is delivered as
+    soon as the frame is out; the running cell still gets its KeyboardInterrupt). A SIGINT
+    that arrived just before is handled where Python next checks for signals: the writers
+    finish the frame before passing that KeyboardInterrupt on."""
+
+    __slots__ = ("unblock",)
+
+    def __enter__(self) -> None:
+        __tracebackhide__ = True  # noqa: F841 - a KeyboardInterrupt may surface here: not the user's code
+        self.unblock = False
+        self.unblock = _SIGINT not in _signal.pthread_sigmask(signal.SIG_BLOCK, _SIGINT_SET)
+
+    def __exit__(self, *exc) -> None:
+        __tracebackhide__ = True  # noqa: F841
+        if self.unblock:
+            _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT_SET)
+
+
+_SIGINT = int(signal.SIGINT)
+_SIGINT_SET = {_SIGINT}
 
 
 class Channel:
@@ -21,6 +47,7 @@ class Channel:
         self._lock = threading.Lock()
 
     def send(self, frame: dict) -> None:
+        __tracebackhide__ = True  # noqa: F841 - a KeyboardInterrupt may surface here: not the user's code
         try:
             data = protocol.encode(frame)
         except protocol.FrameError as err:
@@ -28,7 +55,7 @@ class Channel:
                 {"type": "stream", "id": frame.get("id"), "name": "stderr",
                  "text": f"[sandbox] output dropped: {err}\n"}
             )
-        with self._lock:
+        with whole_frames(), self._lock:
             self._write(data)
 
     def _write(self, data: bytes) -> None:
@@ -48,13 +75,20 @@ class StdioChannel(Channel):
         self._out = fd_out
 
     def _write(self, data: bytes) -> None:
+        __tracebackhide__ = True  # noqa: F841 - a KeyboardInterrupt may surface here: not the user's code
         view = memoryview(data)
+        interrupted: BaseException | None = None
         while view:
             try:
-                n = os.write(self._out, view)
+                while view:
+                    n = os.write(self._out, view)
+                    view = view[n:]
+            except KeyboardInterrupt as err:  # raised at the loop's check: view is consistent
+                interrupted = err  # finish the frame, then let the cell have it
             except BrokenPipeError:
                 os._exit(0)  # the kernel is gone: nothing left to serve
-            view = view[n:]
+        if interrupted is not None:
+            raise interrupted
 
     def serve(self, on_frame, on_hello) -> None:
         self.send(on_hello())
@@ -99,7 +133,8 @@ class SocketChannel(Channel):
         self._client: object = None  # whose numbering in_seq counts
 
     def send(self, frame: dict) -> None:
-        with self._lock:
+        __tracebackhide__ = True  # noqa: F841 - a KeyboardInterrupt may surface here: not the user's code
+        with whole_frames(), self._lock:
             self._seq += 1
             frame = {**frame, "seq": self._seq}
             if frame.get("type") in self._ACKED:
@@ -125,6 +160,7 @@ class SocketChannel(Channel):
                 self._conn = None
 
     def _deliver(self, seq: int, data: bytes) -> None:
+        __tracebackhide__ = True  # noqa: F841 - a KeyboardInterrupt may surface here: not the user's code
         try:
             self._conn.sendall(data)
             self._written = max(self._written, seq)

@@ -68,6 +68,7 @@ class OutStream(io.TextIOBase):
         return self._fd
 
     def write(self, text) -> int:
+        __tracebackhide__ = True  # noqa: F841 - a KeyboardInterrupt may surface here: not the user's code
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         if not text:
@@ -82,10 +83,12 @@ class OutStream(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
+        __tracebackhide__ = True  # noqa: F841 - a KeyboardInterrupt may surface here: not the user's code
         with self._lock:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
+        __tracebackhide__ = True  # noqa: F841 - a KeyboardInterrupt may surface here: not the user's code
         if not self._buf:
             return
         text = "".join(self._buf)
@@ -189,9 +192,11 @@ class Agent:
 
     # -- output -----------------------------------------------------------------
     def send(self, frame: dict) -> None:
+        __tracebackhide__ = True  # noqa: F841 - a KeyboardInterrupt may surface here: not the user's code
         self.channel.send(frame)
 
     def send_stream(self, name: str, text: str) -> None:
+        __tracebackhide__ = True  # noqa: F841 - a KeyboardInterrupt may surface here: not the user's code
         self.send({"type": "stream", "id": self.cell_id, "name": name, "text": text})
 
     def flush_output(self) -> None:
@@ -582,10 +587,28 @@ def _transform_bang_lines(code: str) -> str:
 
 
 def _user_tb(tb):
-    """Drop the agent's own frames from the top of a traceback."""
+    """Drop the agent's own frames from the top and the bottom of a traceback."""
     while tb is not None and tb.tb_frame.f_code.co_filename != "<cell>":
         tb = tb.tb_next
+    _trim_agent_tail(tb)
     return tb
+
+
+def _is_agent_frame(frame) -> bool:
+    return frame.f_globals.get("__name__", "").startswith(("sandbox_agent", "sandbox_kernel.agent"))
+
+
+def _trim_agent_tail(tb) -> None:
+    """Cut the agent's own frames off the bottom of a traceback (an interrupt that lands
+    while a print() is being sent, the guard refusing a connection): the user sees where
+    their code was, not the agent's plumbing. A traceback with no user frame is kept."""
+    last_user = None
+    while tb is not None:
+        if not _is_agent_frame(tb.tb_frame):
+            last_user = tb
+        tb = tb.tb_next
+    if last_user is not None:
+        last_user.tb_next = None
 
 
 def _plain_mimebundle(value) -> dict:
@@ -641,6 +664,13 @@ class IPythonRunner:
                 self._data, self._md = None, None
 
         class AgentShell(InteractiveShell):
+            def showtraceback(self, exc_tuple=None, *args, **kwargs):
+                try:
+                    _trim_agent_tail(self._get_exc_info(exc_tuple)[2])
+                except ValueError:  # no exception to show
+                    pass
+                return super().showtraceback(exc_tuple, *args, **kwargs)
+
             def _showtraceback(self, etype, evalue, stb):
                 if etype is SystemExit and _system_exit_status(evalue) == 0:
                     return
