@@ -27,6 +27,8 @@ KERNEL_LABEL = "sandbox-kernel.io/kernel-id"
 USER_LABEL = "sandbox-kernel.io/user"
 #: the unmodified user name (annotations take any text, labels do not)
 USER_ANNOTATION = "sandbox-kernel.io/user"
+#: GKE Dataplane V2: log this namespace's denied connections when NetworkLogging delegates
+DENY_LOGGING_ANNOTATION = "policy.network.gke.io/enable-deny-logging"
 AGENT_DIGEST_LABEL = "sandbox-kernel.io/agent-digest"
 SAFE_TO_EVICT = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 
@@ -62,14 +64,17 @@ def _meta(name: str, namespace: str | None, labels: Mapping[str, str], annotatio
 
 
 def make_namespace(name: str, user: str, labels: Mapping[str, str] | None = None) -> client.V1Namespace:
-    """The user's namespace, with Pod Security Admission enforcing ``restricted``."""
+    """The user's namespace, with Pod Security Admission enforcing ``restricted``, and
+    annotated for GKE's delegated deny logging (a ``NetworkLogging`` with ``delegate: true``
+    logs denied connections only in namespaces that ask; elsewhere the annotation is inert)."""
     all_labels = base_labels(user, labels)
     all_labels.update({
         "pod-security.kubernetes.io/enforce": "restricted",
         "pod-security.kubernetes.io/enforce-version": "latest",
     })
     return client.V1Namespace(api_version="v1", kind="Namespace",
-                              metadata=_meta(name, None, all_labels, {USER_ANNOTATION: user}))
+                              metadata=_meta(name, None, all_labels, {USER_ANNOTATION: user,
+                                                                      DENY_LOGGING_ANNOTATION: "true"}))
 
 
 def make_service_account(namespace: str, labels: Mapping[str, str] | None = None,

@@ -86,6 +86,16 @@ def test_network_logging_is_the_policy_modules_object(render, find):
     assert obj == make_network_logging(log_denied=True, log_allowed=True)
     (obj,) = find(render({"networkLogging": {"enabled": True, "logDenied": False}}), "NetworkLogging")
     assert obj == make_network_logging(log_denied=False)
+    (obj,) = find(render({"networkLogging": {"enabled": True, "delegate": True}}), "NetworkLogging")
+    assert obj == make_network_logging(delegate=True)
+    assert obj["spec"]["cluster"]["deny"] == {"log": True, "delegate": True}
+
+
+def test_delegated_logging_matches_the_sandbox_namespaces_annotation():
+    from sandbox_kernel.backends import objects as k8s_objects
+
+    ns = k8s_objects.to_dict(k8s_objects.make_namespace("user-sandbox-alice", "alice"))
+    assert ns["metadata"]["annotations"]["policy.network.gke.io/enable-deny-logging"] == "true"
 
 
 def test_metadata_deny_selects_sandbox_pods_and_denies_the_metadata_server(render, find):

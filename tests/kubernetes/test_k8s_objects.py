@@ -31,7 +31,8 @@ def test_namespace():
             "labels": {**MANAGED, "sandbox-kernel.io/user": o.label_value("Alice"), "team": "a",
                        "pod-security.kubernetes.io/enforce": "restricted",
                        "pod-security.kubernetes.io/enforce-version": "latest"},
-            "annotations": {"sandbox-kernel.io/user": "Alice"},
+            "annotations": {"sandbox-kernel.io/user": "Alice",
+                            "policy.network.gke.io/enable-deny-logging": "true"},
         },
     }
     check_schema(ns)
