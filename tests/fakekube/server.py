@@ -277,6 +277,18 @@ class FakeKube:
         rtype = next(r for r in R.RESOURCE_TYPES if r.kind == obj["kind"] and r.api_version == obj["apiVersion"])
         return self._call(lambda: self._create(rtype, obj.get("metadata", {}).get("namespace"), obj))
 
+    def write_kubeconfig(self, path) -> str:
+        """A kubeconfig for this server (bearer token) at ``path``, for code that loads its
+        own configuration (the CLI, a sandbox service process); returns the path."""
+        with open(path, "w") as f:
+            yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                "users": [{"name": "tester", "user": {"token": self.token}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester"}}],
+            }, f)
+        return str(path)
+
     # --- cluster furniture (what `sandbox-kernel doctor` looks at) -----------------
 
     def ensure_namespace(self, name: str) -> None:

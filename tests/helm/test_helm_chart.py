@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import time
 
 import pytest
 
+from fakekube.fixtures import fakekube  # noqa: F401 - the gc job's argv runs against the fake API server
 from helm_testlib import CHART, GC_IMAGE, MATRIX, NAMESPACE, helm, requires_helm
 
 pytestmark = requires_helm
@@ -49,18 +50,39 @@ def test_each_optional_piece_is_off_by_default_and_one_value_turns_it_on(piece, 
     assert added == kinds
 
 
-def test_gc_job_calls_the_backend_gc_with_argv_not_code(render, find):
+def test_gc_job_runs_the_cli_verb_and_it_cleans_the_fake_cluster(render, find, fakekube, tmp_path, monkeypatch,
+                                                                  capsys):
+    """The CronJob's argv, run by the real CLI against the fake API server: it parses, sees
+    the chart's max age and enforcers, and removes an ended sandbox pod."""
+    from sandbox_kernel import cli
+    from sandbox_kernel.backends import objects as k8s_objects
+
     (job,) = find(render(MATRIX["everything"]), "CronJob")
     assert job["spec"]["schedule"] == "0 * * * *"
     pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == f"{GC_IMAGE['name']}:{GC_IMAGE['tag']}"
-    python, flag, code, max_age, enforcers = container["command"]
-    assert (python, flag) == ("python3", "-c")
-    assert "from sandbox_kernel.backends.kubernetes import gc" in code and "7200" not in code
-    assert json.loads(max_age) == 7200 and json.loads(enforcers) == ["networkpolicy", "gke-fqdn", "cilium", "istio"]
+    command = container["command"]
+    assert command == ["sandbox-kernel", "gc", "--backend=kubernetes", "--max-age=7200",
+                       "--enforcers=networkpolicy,gke-fqdn,cilium,istio"]
     assert pod["serviceAccountName"].endswith("-gc") and pod["securityContext"]["runAsNonRoot"] is True
-    compile(code, "gc", "exec")
+
+    monkeypatch.setenv("KUBECONFIG", fakekube.write_kubeconfig(tmp_path / "kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    ns, name = "user-sandbox-alice", "sandbox-k-old-abc123"
+    fakekube.ensure_namespace(ns)
+    fakekube.put_object({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {
+        k8s_objects.MANAGED_BY_LABEL: k8s_objects.MANAGED_BY, k8s_objects.KERNEL_LABEL: "k-old"}},
+        "spec": {"containers": [{"name": "sandbox", "image": "python:3.12-slim"}]}})
+    deadline = time.monotonic() + 10
+    while (fakekube.get_object("pods", ns, name) or {}).get("status", {}).get("phase") != "Running":
+        assert time.monotonic() < deadline, "the fake kubelet did not run the pod"
+        time.sleep(0.01)
+    fakekube.evict(ns, name)  # ended: gc removes it whatever its age
+    assert cli.main(command[1:]) == 0
+    out = capsys.readouterr().out
+    assert f"removed pods {ns}/{name}" in out, out
+    assert fakekube.objects("pods", ns) == []
 
 
 def test_gc_without_an_image_fails_with_a_clear_message(helm_chart):

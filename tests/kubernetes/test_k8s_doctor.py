@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import yaml
 
 from sandbox_kernel import cli, doctor_k8s
 from sandbox_kernel.backends import kubernetes as kb
@@ -145,14 +144,7 @@ def test_unreachable_and_bad_image(fakekube, monkeypatch, tmp_path):
 
 
 def _kubeconfig(fakekube, tmp_path, monkeypatch):
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": fakekube.url}}],
-        "users": [{"name": "hub", "user": {"token": fakekube.token}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "hub"}}],
-    }))
-    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.setenv("KUBECONFIG", fakekube.write_kubeconfig(tmp_path / "kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
 
 
