@@ -31,6 +31,7 @@ HELP = """%sandbox — the sandbox and its egress policy (handled by the kernel,
   %sandbox allow ENTRY…        allow destinations, e.g. api.github.com:443  *.pythonhosted.org
                                10.1.2.0/24:5432/tcp  (switches a default-deny policy to allowlist)
   %sandbox revoke ENTRY…       remove allowed destinations
+  %sandbox revoke preset NAME… remove presets
   %sandbox mode deny|allowlist default-deny, or only what is allowed
   %sandbox preset NAME         add a named set of destinations ({presets})
   %sandbox blocked             recent blocked connections
@@ -161,6 +162,11 @@ class SandboxMagics:
     async def do_revoke(self, args) -> MagicOutput:
         if not args:
             raise UsageError("%sandbox revoke: name at least one allowed destination")
+        if args[0] == "preset":  # as %sandbox status lists them: "preset pypi"
+            if len(args) == 1:
+                raise UsageError("%sandbox revoke preset: name at least one preset in force "
+                                 f"({', '.join(self.kernel.policy.presets) or 'none is'})")
+            return await self._apply(self.kernel.policy.with_presets_removed(*args[1:]))
         return await self._apply(self.kernel.policy.with_entries_removed(*args))
 
     async def do_mode(self, args) -> MagicOutput:

@@ -1,5 +1,7 @@
 """Egress policy end to end on the local backend: allowlist exactly, switch back to deny."""
 
+import re
+
 import pytest
 
 
@@ -91,6 +93,26 @@ def test_bad_entries_and_ceiling_change_nothing(kernel, test_host):
     assert connect(kernel, a.ip, 8080)[0]
     kernel.execute("%sandbox revoke " + f"{a.ip}:8080")
     assert not connect(kernel, a.ip, 8080)[0]
+
+
+def test_a_preset_is_revoked_by_name_and_a_missing_one_changes_nothing(kernel):
+    kernel.execute("%sandbox mode deny")
+    added = kernel.execute("%sandbox preset pypi")
+    assert added.status == "ok", added.reply["content"]
+    assert kernel.execute("%sandbox revoke preset github").reply["content"]["ename"] == "EntryNotFound"
+    assert kernel.execute("%sandbox revoke preset").reply["content"]["ename"] == "UsageError"
+    assert re.search(r"^presets +pypi$", _status(kernel), re.M)  # the refusals changed nothing
+    removed = kernel.execute("%sandbox revoke preset pypi")
+    assert removed.status == "ok", removed.reply["content"]
+    # revoking keeps the mode, as for entries
+    line = removed.stream().splitlines()[0]
+    assert re.match(r"egress now: allowlist \(\d+ entr(y|ies)\)", line) and "preset" not in line, line
+    assert re.search(r"^presets +none$", _status(kernel), re.M)
+    kernel.execute("%sandbox mode deny")
+
+
+def _status(kernel) -> str:
+    return kernel.execute("%sandbox status").of_type("display_data")[0]["content"]["data"]["text/plain"]
 
 
 def test_exam_mode_refuses_every_change(fresh_kernel):
