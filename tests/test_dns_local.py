@@ -12,17 +12,23 @@ from kerneltest import KernelDriver
 
 
 class FakeUpstream:
-    """Answers A queries for names in ``records``, NXDOMAIN otherwise; counts queries."""
+    """Answers A queries for names in ``records``, NXDOMAIN otherwise, over UDP and TCP on
+    the same port; records each query's name (and its transport in ``transports``)."""
 
     def __init__(self):
         self.records: dict[str, str] = {}
         self.queries: list[str] = []
+        self.transports: list[tuple[str, str]] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.bind(("127.0.0.1", self.port))
+        self.tcp.listen(4)
         self._stop = False
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
+        threading.Thread(target=self.serve_tcp, daemon=True).start()
 
     def serve(self):
         while not self._stop:
@@ -30,27 +36,41 @@ class FakeUpstream:
                 data, peer = self.sock.recvfrom(2048)
             except OSError:
                 return
-            qid = data[:2]
-            offset, labels = 12, []
-            while data[offset]:
-                labels.append(data[offset + 1: offset + 1 + data[offset]].decode())
-                offset += 1 + data[offset]
-            name = ".".join(labels).lower()
-            qtype = struct.unpack("!H", data[offset + 1: offset + 3])[0]
-            question = data[12: offset + 5]
-            self.queries.append(name)
-            ip = self.records.get(name)
-            if ip and qtype == 1:
-                answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
-                reply = qid + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + question + answer
-            else:
-                rcode = 0 if ip else 3
-                reply = qid + struct.pack("!HHHHH", 0x8180 | rcode, 1, 0, 0, 0) + question
-            self.sock.sendto(reply, peer)
+            self.sock.sendto(self.reply(data, "udp"), peer)
+
+    def serve_tcp(self):
+        while not self._stop:
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                return
+            with conn:
+                size = struct.unpack("!H", conn.recv(2, socket.MSG_WAITALL))[0]
+                reply = self.reply(conn.recv(size, socket.MSG_WAITALL), "tcp")
+                conn.sendall(struct.pack("!H", len(reply)) + reply)
+
+    def reply(self, data: bytes, transport: str) -> bytes:
+        qid = data[:2]
+        offset, labels = 12, []
+        while data[offset]:
+            labels.append(data[offset + 1: offset + 1 + data[offset]].decode())
+            offset += 1 + data[offset]
+        name = ".".join(labels).lower()
+        qtype = struct.unpack("!H", data[offset + 1: offset + 3])[0]
+        question = data[12: offset + 5]
+        self.queries.append(name)
+        self.transports.append((name, transport))
+        ip = self.records.get(name)
+        if ip and qtype == 1:
+            answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
+            return qid + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + question + answer
+        rcode = 0 if ip else 3
+        return qid + struct.pack("!HHHHH", 0x8180 | rcode, 1, 0, 0, 0) + question
 
     def close(self):
         self._stop = True
         self.sock.close()
+        self.tcp.close()
 
 
 @pytest.fixture
@@ -106,3 +126,36 @@ def test_exact_domain_resolved_at_apply_time(kernel, upstream, test_host):
     assert kernel.execute("%sandbox allow exact.test:8080/tcp").status == "ok"
     assert "exact.test" in upstream.queries  # resolved by the kernel when the policy was applied
     assert "REPLY" in kernel.execute(SUBPROCESS.format(name="exact.test")).stream()
+
+
+TCP_QUERY = """
+import socket, struct
+def ask(name):
+    q = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\\0" + struct.pack("!HH", 1, 1)
+    with socket.create_connection(("127.0.0.53", 53), timeout=5) as s:
+        s.sendall(struct.pack("!H", len(q)) + q)
+        size = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+        r = s.recv(size, socket.MSG_WAITALL)
+    rcode, answers = r[3] & 0xF, struct.unpack("!H", r[6:8])[0]
+    return rcode, socket.inet_ntoa(r[-4:]) if answers else None
+"""
+
+
+def test_dns_over_tcp_is_answered_by_the_same_rules(kernel, upstream, test_host):
+    """A client retries over TCP when a UDP answer is truncated: the proxy answers TCP
+    too, with the same decisions, and opens the addresses it relays."""
+    host = test_host(8080)
+    upstream.records.update({"tcp.wild.test": host.ip, "outside.test": host.ip})
+    assert kernel.execute("%sandbox allow *.wild.test:8080/tcp").status == "ok"
+    assert kernel.execute(TCP_QUERY).status == "ok"
+    assert "REPLY" not in kernel.execute(SUBPROCESS.format(name=host.ip) + " 2>&1").stream()  # not yet resolved
+    cell = kernel.execute("print('ANSWER', ask('tcp.wild.test'))")
+    assert f"ANSWER (0, '{host.ip}')" in cell.stream(), cell.outputs
+    assert ("tcp.wild.test", "tcp") in upstream.transports  # forwarded over TCP as it came
+    # the relayed address is open, for a process the guard never sees
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name=host.ip)).stream()
+    cell = kernel.execute("print('ANSWER', ask('outside.test'))")
+    assert "ANSWER (5, None)" in cell.stream()  # REFUSED, never forwarded
+    assert "outside.test" not in upstream.queries
+    assert [(n["host"], n["protocol"]) for n in cell.sandbox["blocked"]] == [("outside.test", "dns")]

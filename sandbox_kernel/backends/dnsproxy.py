@@ -12,8 +12,8 @@ outside the sandbox. For each query it decides with the policy in force:
 - any other name gets REFUSED at once, and is reported as a blocked lookup (a notice).
 
 This also closes the simplest DNS exfiltration path: names outside the policy never reach
-an outside resolver. UDP only; a truncated answer is relayed as is (its client may retry
-over TCP, which is refused).
+an outside resolver. Queries come over UDP and TCP (a client retries over TCP when a UDP
+answer was truncated); each is forwarded upstream over the transport it came on.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from ..policy.resolve import DNSFormatError, decode_name, parse_resolver, parse_
 from .netns import in_netns
 
 LISTEN = ("127.0.0.53", 53)
+TCP_IDLE = 10.0  # seconds a TCP client may keep a connection without a query
+TCP_MAX_CLIENTS = 64
 RCODE_REFUSED = 5
 TYPE_A, TYPE_AAAA = 1, 28
 
@@ -94,18 +96,37 @@ class DnsProxy(asyncio.DatagramProtocol):
         self._report = report
         self._log = log
         self._transport: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.AbstractServer | None = None
+        self._tcp_clients: set[asyncio.Task] = set()
 
     @classmethod
     async def start(cls, netns_path: str, **kwargs) -> DnsProxy:
-        def bind() -> socket.socket:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(LISTEN)
-            sock.setblocking(False)
-            return sock
+        def bind() -> tuple[socket.socket, socket.socket]:
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                udp.bind(LISTEN)
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind(LISTEN)
+                tcp.listen(16)
+            except BaseException:
+                udp.close()
+                tcp.close()
+                raise
+            udp.setblocking(False)
+            tcp.setblocking(False)
+            return udp, tcp
 
-        sock = await asyncio.to_thread(in_netns, netns_path, bind)
+        udp, tcp = await asyncio.to_thread(in_netns, netns_path, bind)
         proxy = cls(**kwargs)
-        await asyncio.get_running_loop().create_datagram_endpoint(lambda: proxy, sock=sock)
+        try:
+            await asyncio.get_running_loop().create_datagram_endpoint(lambda: proxy, sock=udp)
+            proxy._tcp = await asyncio.start_server(proxy._serve_tcp, sock=tcp)
+        except BaseException:
+            proxy.close()
+            udp.close()
+            tcp.close()
+            raise
         return proxy
 
     def connection_made(self, transport) -> None:
@@ -115,9 +136,42 @@ class DnsProxy(asyncio.DatagramProtocol):
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        if self._tcp is not None:
+            self._tcp.close()
+            self._tcp = None
+        for task in list(self._tcp_clients):
+            task.cancel()
 
     def datagram_received(self, data: bytes, addr) -> None:
-        asyncio.ensure_future(self._answer(data, addr))
+        asyncio.ensure_future(self._answer_udp(data, addr))
+
+    async def _answer_udp(self, query: bytes, addr) -> None:
+        response = await self._answer(query, self._forward)
+        if response is not None and self._transport is not None:
+            self._transport.sendto(response, addr)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """DNS over TCP (RFC 7766): two-byte length, message; several queries per connection,
+        answered in order; closed after :data:`TCP_IDLE` s without a query."""
+        task = asyncio.current_task()
+        if len(self._tcp_clients) >= TCP_MAX_CLIENTS:
+            writer.close()
+            return
+        self._tcp_clients.add(task)
+        try:
+            while True:
+                size = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), TCP_IDLE))[0]
+                query = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE)
+                response = await self._answer(query, self._forward_tcp)
+                if response is None:
+                    break
+                writer.write(struct.pack("!H", len(response)) + response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tcp_clients.discard(task)
+            writer.close()
 
     # -- deciding -----------------------------------------------------------------------
     def decide(self, name: str) -> tuple[bool, list]:
@@ -132,24 +186,24 @@ class DnsProxy(asyncio.DatagramProtocol):
         # a CIDR entry may cover whatever this name resolves to: connect() decides
         return any(e.kind == "cidr" for e in entries), []
 
-    async def _answer(self, query: bytes, addr) -> None:
+    async def _answer(self, query: bytes, forward: Callable[[bytes], Any]) -> bytes | None:
+        """The response to relay (None: none, e.g. a malformed query or upstream down)."""
         try:
             qid, name, qtype = parse_question(query)
         except DNSFormatError:
-            return
+            return None
         allowed, entries = self.decide(name)
         if not allowed:
-            self._send(refused(query), addr)
             now = time.time()
             self._report({"host": name, "ip": None, "port": None, "protocol": "dns", "verdict": "rejected",
                           "process": None, "first_seen": now, "last_seen": now, "count": 1,
                           "attempt": f"dns:{qid}:{qtype}"})
-            return
+            return refused(query)
         try:
-            response = await self._forward(query)
-        except (OSError, asyncio.TimeoutError) as err:
+            response = await forward(query)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as err:
             self._log.warning("DNS upstream %s failed for %s: %s", self._upstream, name, err)
-            return
+            return None
         if entries and qtype in (TYPE_A, TYPE_AAAA):
             try:
                 answer = parse_response(response)
@@ -162,7 +216,7 @@ class DnsProxy(asyncio.DatagramProtocol):
                     await asyncio.to_thread(self._add, elements)
                 except Exception as err:  # noqa: BLE001 - the answer still goes out; connect is refused
                     self._log.warning("could not open %s for %s: %s", addresses, name, err)
-        self._send(response, addr)
+        return response
 
     async def _forward(self, query: bytes) -> bytes:
         loop = asyncio.get_running_loop()
@@ -173,9 +227,15 @@ class DnsProxy(asyncio.DatagramProtocol):
             await loop.sock_sendall(sock, query)
             return await asyncio.wait_for(loop.sock_recv(sock, 65535), 3.0)
 
-    def _send(self, data: bytes, addr) -> None:
-        if self._transport is not None:
-            self._transport.sendto(data, addr)
+    async def _forward_tcp(self, query: bytes) -> bytes:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*self._upstream), 3.0)
+        try:
+            writer.write(struct.pack("!H", len(query)) + query)
+            await writer.drain()
+            size = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 3.0))[0]
+            return await asyncio.wait_for(reader.readexactly(size), 3.0)
+        finally:
+            writer.close()
 
 
 __all__ = ["DnsProxy", "upstream_from_resolv_conf", "LISTEN"]
