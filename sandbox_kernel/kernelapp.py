@@ -6,7 +6,11 @@ e.g. ``c.SandboxKernel.footer = "on-failure"`` or ``c.LocalBackend.uid = 65534``
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
+import threading
+import time
 
 from ipykernel.kernelapp import IPKernelApp
 from traitlets import Type
@@ -14,6 +18,35 @@ from traitlets import Type
 from .backends.local import LocalBackend
 from .kernel import SandboxKernel
 from .policy.admin import AdminPolicy
+
+
+class ParentWatch(threading.Thread):
+    """Ends the kernel when the process that started it (Jupyter Server, a notebook runner)
+    is gone — as ipykernel's parent poller does — but stops the sandbox first.
+
+    ipykernel's poller calls ``os._exit`` at once, which left the sandbox behind: its netns
+    until ``sandbox-kernel gc``, or, in hub mode, a sandbox the service kept running. That
+    happened whenever a server died without shutting its kernels down, e.g. a JupyterHub
+    user server stopped with SIGINT."""
+
+    def __init__(self, app: IPKernelApp, parent_pid: int, interval: float = 1.0, stop_timeout: float = 20.0):
+        super().__init__(name="sandbox-parent-watch", daemon=True)
+        self.app, self.parent_pid = app, parent_pid
+        self.interval, self.stop_timeout = interval, stop_timeout
+
+    def run(self) -> None:
+        if os.getppid() != self.parent_pid:
+            return  # already reparented before we looked: nothing reliable to watch
+        while os.getppid() == self.parent_pid:
+            time.sleep(self.interval)
+        self.app.log.warning("the process that started this kernel exited: stopping the sandbox, then the kernel")
+        kernel = getattr(self.app, "kernel", None)
+        try:
+            future = asyncio.run_coroutine_threadsafe(kernel.sandbox.stop(), kernel.io_loop.asyncio_loop)
+            future.result(self.stop_timeout)
+        except Exception as err:  # noqa: BLE001 - exiting regardless; gc removes leftovers
+            self.app.log.warning("stopping the sandbox failed: %s", err)
+        os._exit(1)
 
 
 class SandboxKernelApp(IPKernelApp):
@@ -33,6 +66,13 @@ class SandboxKernelApp(IPKernelApp):
             # traitlets' own loader: IPython's override takes no path
             Application.load_config_file(self, "sandbox_kernel_config", path=[directory])
         super().initialize(argv)
+
+    def init_poller(self):
+        """Watch the parent (see :class:`ParentWatch`) instead of ipykernel's poller."""
+        if sys.platform != "win32" and self.parent_handle and self.parent_handle != 1:
+            self.poller = ParentWatch(self, self.parent_handle)
+        else:
+            super().init_poller()
 
 
 def main() -> None:

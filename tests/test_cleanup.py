@@ -79,3 +79,39 @@ def test_gc_keeps_sandboxes_of_live_kernels(kernel):
     subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, check=True)
     assert mine <= sandbox_namespaces()
     assert kernel.execute("1 + 1").status == "ok"
+
+
+PARENT = r"""
+import sys, time
+from jupyter_client.manager import start_new_kernel
+km, kc = start_new_kernel(kernel_name="sandbox", startup_timeout=120)
+reply = kc.execute_interactive("x = 1", timeout=120)
+assert reply["content"]["status"] == "ok", reply
+print("KERNEL", km.provisioner.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_kernel_whose_parent_died_stops_its_sandbox_first():
+    """The process that started the kernel dies without shutting it down (a Jupyter server
+    killed, a notebook runner crashed): the kernel notices, stops its sandbox, and exits —
+    nothing is left for gc."""
+    import sys
+
+    before = sandbox_namespaces()
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("KERNEL "):  # the cell's own output comes first
+            line = parent.stdout.readline()
+            assert line, "the parent process ended before its kernel ran a cell"
+        kernel_pid = int(line.split()[1])
+        created = sandbox_namespaces() - before
+        assert len(created) == 1, created
+        procs = _processes_of(created)
+    finally:
+        parent.kill()
+        parent.wait()
+    assert _wait_for(lambda: not _alive({kernel_pid}), 30), "the orphaned kernel kept running"
+    assert not (sandbox_namespaces() & created), "the orphaned kernel left its sandbox behind"
+    assert not _alive(procs)
