@@ -77,6 +77,11 @@ class HubBackend(Backend):
         15.0, help="Seconds to keep trying to re-open a dropped stream to a sandbox that still runs."
     ).tag(config=True)
 
+    #: the service checks every policy change against the ceiling (and audits refusals): the
+    #: kernel does not refuse on its own, so that a refusal through the magic or the panel is
+    #: in the audit log like one by hand-made HTTP
+    enforces_ceiling = True
+
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self.always_blocked: list[str] = []  # set by the kernel; the service enforces its own
