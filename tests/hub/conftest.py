@@ -130,8 +130,25 @@ c.JupyterHub.load_roles = [
     # users may use the sandbox service; a user server's token gets that scope too
     {{"name": "user", "scopes": ["self", "access:services!service={SERVICE}",
                                  "access:services!service={K8S_SERVICE}"]}},
-    {{"name": "test-admin", "scopes": ["admin:users", "tokens", "admin:groups"], "services": ["test-admin"]}},
+    {{"name": "test-admin", "scopes": ["admin:users", "admin:servers", "tokens", "admin:groups"],
+      "services": ["test-admin"]}},
 ]
+# user servers, as a small class on one machine would run them: local processes of the hub's
+# user, each with its own home; their Sandbox kernels use the service (backend "hub") and hold
+# nothing but the server's own hub token
+c.JupyterHub.spawner_class = "simple"
+c.SimpleLocalProcessSpawner.home_dir_template = {str(self.dir / 'home' / '{username}')!r}
+c.Spawner.cmd = [{sys.executable!r}, "-m", "jupyterhub.singleuser"]
+c.Spawner.args = ["--allow-root", "--ServerApp.shutdown_no_activity_timeout=0"]
+c.Spawner.default_url = "/lab"
+c.Spawner.start_timeout = 60
+c.Spawner.http_timeout = 60
+c.Spawner.env_keep = ["PATH", "LANG", "LC_ALL", "VIRTUAL_ENV"]
+c.Spawner.environment = {{
+    "SANDBOX_KERNEL_BACKEND": "hub",
+    "SANDBOX_KERNEL_HUB_URL": "{self.public_url}/services/{SERVICE}/",
+    "JUPYTER_PATH": {os.environ.get("JUPYTER_PATH", "")!r},
+}}
 c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server", "access:services!service={SERVICE}",
                                 "access:services!service={K8S_SERVICE}"]
 """
