@@ -81,7 +81,11 @@ class Sandbox:
     #: when the running agent was started: a kernel re-attaching after a dropped stream
     #: compares it to know whether its interpreter survived
     started: float | None = None
+    #: when it stopped, failed or exited (records are dropped ``keep_stopped`` seconds later)
+    ended: float | None = None
     # -- runtime only
+    #: since when no kernel is attached (monotonic; None while one is)
+    detached_since: float | None = None
     backend: Backend | None = None
     transport: Transport | None = None
     hello: dict | None = None
@@ -94,7 +98,8 @@ class Sandbox:
         return {"id": self.id, "user": self.user, "kernel_id": self.kernel_id, "backend": self.backend_name,
                 "policy": self.policy.to_dict(), "state": self.state, "created": self.created,
                 "exit_reason": self.exit_reason, "exit_status": self.exit_status,
-                "details": jsonable(self.details), "restarts": self.restarts, "started": self.started}
+                "details": jsonable(self.details), "restarts": self.restarts, "started": self.started,
+                "ended": self.ended}
 
     @classmethod
     def from_state(cls, data: dict) -> Sandbox:
@@ -102,7 +107,7 @@ class Sandbox:
                    policy=EgressPolicy.parse(data["policy"]), state=data.get("state", "stopped"),
                    created=data.get("created", time.time()), exit_reason=data.get("exit_reason"),
                    exit_status=data.get("exit_status"), details=data.get("details") or {},
-                   restarts=data.get("restarts", 0), started=data.get("started"))
+                   restarts=data.get("restarts", 0), started=data.get("started"), ended=data.get("ended"))
 
     def public(self) -> dict:
         """What the owner sees (``GET api/sandboxes[/id]``)."""
@@ -316,6 +321,9 @@ class Manager:
                 raise SandboxStartError(f"the sandbox did not start within {self.start_timeout:.0f} s") from None
             raise
         sb.transport, sb.hello, sb.state = transport, hello, "running"
+        sb.ended = None
+        if sb.subscriber is None:  # the kernel attaches next; one that never does is abandoned
+            sb.detached_since = time.monotonic()
         if not adopt:
             sb.started = time.time()
         sb.details = jsonable(info.details)
@@ -383,6 +391,7 @@ class Manager:
     def _close_subscriber(self, sb: Sandbox, reason: str) -> None:
         sub, sb.subscriber = sb.subscriber, None
         if sub is not None:
+            sb.detached_since = time.monotonic()
             sub.close(reason)
 
     def _tell_agent(self, sb: Sandbox) -> None:
@@ -410,11 +419,11 @@ class Manager:
         subscriber.send(sb.hello)
         while sb.backlog:
             subscriber.send(sb.backlog.popleft())
-        sb.subscriber = subscriber
+        sb.subscriber, sb.detached_since = subscriber, None
 
     def unsubscribe(self, sb: Sandbox, subscriber: Any) -> None:
         if sb.subscriber is subscriber:
-            sb.subscriber = None
+            sb.subscriber, sb.detached_since = None, time.monotonic()
 
     async def to_agent(self, sb: Sandbox, frame: dict) -> None:
         """A frame from the kernel. ``policy`` frames are dropped: the service tells the
@@ -479,6 +488,8 @@ class Manager:
     async def _halt(self, sb: Sandbox, state: str) -> None:
         backend, sb.backend = sb.backend, None
         sb.state = state
+        if state not in RUNNING:
+            sb.ended = time.time()
         self._close_subscriber(sb, f"the sandbox was {state}")
         reader, sb.reader = sb.reader, None
         transport, sb.transport = sb.transport, None
@@ -491,6 +502,45 @@ class Manager:
                 pass
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
+
+    # -- collection -------------------------------------------------------------------------
+    async def collect(self, abandoned_after: float, keep_stopped: float) -> list[str]:
+        """Stop running sandboxes no kernel has been attached to for ``abandoned_after``
+        seconds (the kernel was killed, or its server died with it), and drop records of
+        sandboxes that ended more than ``keep_stopped`` seconds ago. 0 disables either.
+        A kernel that is connected, even idle for hours, is never collected; one that
+        re-attaches (a dropped stream, a service restart) restarts the clock."""
+        done: list[str] = []
+        if abandoned_after > 0:
+            for sb in list(self.sandboxes.values()):
+                if not self._abandoned(sb, abandoned_after):
+                    continue
+                async with sb.lock:
+                    if not self._abandoned(sb, abandoned_after):
+                        continue
+                    idle = time.monotonic() - sb.detached_since
+                    await self._halt(sb, "stopped")
+                    self.save()
+                reason = f"abandoned: no kernel connected for {idle:.0f} s"
+                self.log.warning("sandbox %s of %s stopped: %s", sb.id, sb.user, reason)
+                self.audit.write("sandbox", user=sb.user, by="service", sandbox=sb.id, kernel_id=sb.kernel_id,
+                                 action="stop", reason=reason)
+                done.append(f"stopped {sb.id} ({sb.user}): {reason}")
+        if keep_stopped > 0:
+            cutoff = time.time() - keep_stopped
+            old = [sb for sb in self.sandboxes.values()
+                   if sb.state not in RUNNING and (sb.ended or sb.created) < cutoff]
+            for sb in old:
+                self.sandboxes.pop(sb.id, None)
+                done.append(f"forgot {sb.id} ({sb.user}), {sb.state} since {sb.ended or sb.created:.0f}")
+            if old:
+                self.save()
+        return done
+
+    @staticmethod
+    def _abandoned(sb: Sandbox, after: float) -> bool:
+        return (sb.state == "running" and sb.subscriber is None and sb.detached_since is not None
+                and time.monotonic() - sb.detached_since >= after)
 
     # -- service lifecycle ------------------------------------------------------------------
     async def restore(self) -> None:

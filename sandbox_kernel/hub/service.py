@@ -318,6 +318,11 @@ class SandboxService(Application):
     admin_groups = List(Unicode(), help="Hub groups whose members may set ceilings, besides hub admins. "
                         "Env: SANDBOX_HUB_ADMIN_GROUPS (comma separated).").tag(config=True)
     start_timeout = Float(300.0, help="Seconds a sandbox may take to start.").tag(config=True)
+    abandoned_after = Float(help="Stop a sandbox no kernel has been connected to for this many seconds "
+                            "(its kernel was killed, or its server died with it); 0: never. "
+                            "Env: SANDBOX_HUB_ABANDONED_AFTER. Default 600.").tag(config=True)
+    keep_stopped = Float(help="Forget stopped, failed and exited sandboxes this many seconds after they "
+                         "ended; 0: keep them. Env: SANDBOX_HUB_KEEP_STOPPED. Default 86400 (a day).").tag(config=True)
     auth_cache_max_age = Integer(30, help="Seconds the hub's answer about a token is cached.").tag(config=True)
     config_file = Unicode("", help="A Python config file (c.SandboxService…, c.AdminPolicy…, "
                           "c.LocalBackend…, c.KubernetesBackend…).").tag(config=True)
@@ -350,6 +355,14 @@ class SandboxService(Application):
     @default("backend_name")
     def _backend_default(self):
         return _env("SANDBOX_KERNEL_BACKEND", "local")
+
+    @default("abandoned_after")
+    def _abandoned_after_default(self):
+        return float(_env("SANDBOX_HUB_ABANDONED_AFTER", 600))
+
+    @default("keep_stopped")
+    def _keep_stopped_default(self):
+        return float(_env("SANDBOX_HUB_KEEP_STOPPED", 86400))
 
     @default("admin_groups")
     def _admin_groups_default(self):
@@ -411,11 +424,26 @@ class SandboxService(Application):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         restoring = asyncio.ensure_future(self.manager.restore())
+        collecting = asyncio.ensure_future(self._collect_forever())
         await stop.wait()
         self.log.info("shutting down")
         server.stop()
         restoring.cancel()
+        collecting.cancel()
         await self.manager.shutdown()
+
+    async def _collect_forever(self) -> None:
+        """Manager.collect() every quarter of ``abandoned_after`` (1 s to 60 s)."""
+        if self.abandoned_after <= 0 and self.keep_stopped <= 0:
+            return
+        interval = min(max(self.abandoned_after / 4, 1.0), 60.0) if self.abandoned_after > 0 else 60.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                for line in await self.manager.collect(self.abandoned_after, self.keep_stopped):
+                    self.log.info("collect: %s", line)
+            except Exception:  # noqa: BLE001 - try again next time
+                self.log.exception("collecting abandoned sandboxes failed")
 
     def start(self):
         asyncio.run(self.run())

@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "sandbox"
 #: a second sandbox service, backend kubernetes (against the fake API server), started per test
 K8S_SERVICE = "sandbox-k8s"
+#: a third, started per test with settings of its own (e.g. a short abandoned_after)
+SPARE_SERVICE = "sandbox-spare"
+SERVICES = (SERVICE, K8S_SERVICE, SPARE_SERVICE)
 USERS = ("alice", "bob", "teacher")
 
 
@@ -93,6 +96,8 @@ class Hub:
         self.service_port = _free_port()
         self.k8s_service_port = _free_port()
         self.k8s_service_token = uuid.uuid4().hex
+        self.spare_service_port = _free_port()
+        self.spare_service_token = uuid.uuid4().hex
         self.public_url = f"http://127.0.0.1:{self.public_port}"
         self.api_url = f"http://127.0.0.1:{self.hub_port}/hub/api"
         self.service_token = uuid.uuid4().hex
@@ -124,12 +129,13 @@ c.JupyterHub.services = [
     {{"name": {K8S_SERVICE!r}, "url": "http://127.0.0.1:{self.k8s_service_port}",
       # started per test (k8s_service): the hub must not wait for it at start-up
       "api_token": {self.k8s_service_token!r}, "timeout": 1}},
+    {{"name": {SPARE_SERVICE!r}, "url": "http://127.0.0.1:{self.spare_service_port}",
+      "api_token": {self.spare_service_token!r}, "timeout": 1}},
     {{"name": "test-admin", "api_token": {self.admin_token!r}}},
 ]
 c.JupyterHub.load_roles = [
     # users may use the sandbox service; a user server's token gets that scope too
-    {{"name": "user", "scopes": ["self", "access:services!service={SERVICE}",
-                                 "access:services!service={K8S_SERVICE}"]}},
+    {{"name": "user", "scopes": ["self", *{[f"access:services!service={n}" for n in SERVICES]!r}]}},
     {{"name": "test-admin", "scopes": ["admin:users", "admin:servers", "tokens", "admin:groups"],
       "services": ["test-admin"]}},
 ]
@@ -149,8 +155,8 @@ c.Spawner.environment = {{
     "SANDBOX_KERNEL_HUB_URL": "{self.public_url}/services/{SERVICE}/",
     "JUPYTER_PATH": {os.environ.get("JUPYTER_PATH", "")!r},
 }}
-c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server", "access:services!service={SERVICE}",
-                                "access:services!service={K8S_SERVICE}"]
+c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
+                                *{[f"access:services!service={n}" for n in SERVICES]!r}]
 """
 
     def start(self, chp: str) -> None:
@@ -166,8 +172,7 @@ c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
             assert time.monotonic() < deadline, "the hub did not route to the sandbox service"
             time.sleep(0.2)
         for user in USERS:
-            self.tokens[user] = self.new_token(user, [f"access:services!service={SERVICE}",
-                                                      f"access:services!service={K8S_SERVICE}"])
+            self.tokens[user] = self.new_token(user, [f"access:services!service={n}" for n in SERVICES])
         # a valid token of alice's that has no access to the service
         self.tokens["alice-no-access"] = self.new_token("alice", ["read:users:name!user"])
 
@@ -383,3 +388,29 @@ def k8s_kernels(k8s_service):
     k = Kernels(k8s_service)
     yield k
     k.close()
+
+
+@pytest.fixture
+def spare_service(hub, tmp_path):
+    """A third sandbox service behind the same hub, local backend, started per test with the
+    settings a test passes: ``spare_service(env={...})``; stopped (and checked to leave no
+    namespace behind) after the test."""
+    started: list[Service] = []
+
+    def start(env: dict | None = None, args: tuple[str, ...] = ()) -> Service:
+        svc = Service(hub, tmp_path, name=SPARE_SERVICE, port=hub.spare_service_port,
+                      token=hub.spare_service_token, env=env, args=args)
+        started.append(svc)
+        svc.start()
+        return svc
+
+    yield start
+    for svc in started:
+        svc.stop()
+        left = svc.leftovers()
+        if left:
+            from sandbox_kernel.backends.local import NETNS_PREFIX, remove_sandbox
+
+            for ns in left:
+                remove_sandbox(ns[len(NETNS_PREFIX):], "/run/sandbox-kernel")
+        assert not left, f"the sandbox service left namespaces behind: {left}"
