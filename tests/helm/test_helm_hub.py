@@ -96,6 +96,7 @@ def test_the_service_reads_back_what_the_chart_renders(render, merged_values, tm
     assert app.prefix == f"/services/{hub['serviceName']}/"
     assert app.state_dir in {m["mountPath"] for m in container["volumeMounts"]}
     assert app.admin_groups == hub["adminGroups"] == ["teachers", "class-b"]
+    assert (app.abandoned_after, app.keep_stopped) == (hub["abandonedAfter"], hub["keepStopped"]) == (1800, 0)
     sandbox = values["sandbox"]
     backend = KubernetesBackend(parent=app, user="alice")
     assert backend.image == f"{sandbox['image']['name']}:{sandbox['image']['tag']}"
