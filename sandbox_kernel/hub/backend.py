@@ -150,7 +150,9 @@ class HubBackend(Backend):
         progress("Asking the sandbox service for a sandbox…")
         try:
             data = await self.call("POST", "api/sandboxes", {
-                "kernel_id": kernel_id, "policy": policy.to_dict() if policy is not None else None})
+                "kernel_id": kernel_id, "policy": policy.to_dict() if policy is not None else None,
+                "wait": False})
+            data = await self._follow_start(data, progress)
         except ServiceError as err:
             raise SandboxStartError(str(err)) from None
         self._took(data)
@@ -161,6 +163,30 @@ class HubBackend(Backend):
             "service": self.service_url, "backend": data.get("backend"), "state": data.get("state"),
             **(data.get("details") or {})})
         return self._info
+
+    async def _follow_start(self, data: dict, progress: Progress) -> dict:
+        """Poll a starting sandbox, passing the service's progress lines on, until it runs;
+        a failed start raises SandboxStartError with the service's reason."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        shown = 0
+        while True:
+            lines = data.get("progress") or []
+            if len(lines) < shown:  # a new start began: its lines from the first
+                shown = 0
+            for line in lines[shown:]:
+                progress(str(line))
+            shown = len(lines)
+            if data.get("state") != "starting":
+                break
+            if loop.time() > deadline:
+                raise SandboxStartError(f"the sandbox did not start within {self.request_timeout:.0f} s")
+            await asyncio.sleep(0.25)
+            data = await self.call("GET", f"api/sandboxes/{data['id']}")
+        if data.get("state") != "running":
+            raise SandboxStartError("the sandbox service could not start a sandbox: "
+                                    f"{data.get('exit_reason') or data.get('state')}")
+        return data
 
     def _took(self, data: dict) -> None:
         self._last = data

@@ -42,6 +42,7 @@ CEILING_KEYS = ("mode", "entries", "presets", "locked", "user_may_allow", "max_e
 BASE_ONLY_KEYS = ("always_blocked", "cluster_ranges")
 #: frames a sandbox that nobody is attached to keeps for the next attach
 BACKLOG = 2000
+PROGRESS_LINES = 100
 #: frames only the service creates (an agent frame with these types fails to decode)
 ENFORCER_FRAME = "hub_enforcer_blocked"
 POLICY_FRAME = "hub_policy"
@@ -86,6 +87,8 @@ class Sandbox:
     # -- runtime only
     #: since when no kernel is attached (monotonic; None while one is)
     detached_since: float | None = None
+    #: the backend's progress lines of the current (or last) start, for the kernel to show
+    progress: collections.deque = field(default_factory=lambda: collections.deque(maxlen=PROGRESS_LINES))
     backend: Backend | None = None
     transport: Transport | None = None
     hello: dict | None = None
@@ -113,7 +116,8 @@ class Sandbox:
         """What the owner sees (``GET api/sandboxes[/id]``)."""
         applied = getattr(self.backend, "applied", None) if self.backend is not None else None
         return {**self.to_state(), "policy_label": self.policy.describe(),
-                "applied": jsonable(applied or {}), "attached": self.subscriber is not None}
+                "applied": jsonable(applied or {}), "attached": self.subscriber is not None,
+                "progress": list(self.progress)}
 
 
 class Manager:
@@ -247,8 +251,12 @@ class Manager:
     def list(self, user: str) -> list[Sandbox]:
         return [sb for sb in self.sandboxes.values() if sb.user == user]
 
-    async def create(self, user: str, kernel_id: str, requested: Any = None) -> Sandbox:
+    async def create(self, user: str, kernel_id: str, requested: Any = None, wait: bool = True) -> Sandbox:
         """Start (or return the running) sandbox of the user's kernel ``kernel_id``.
+
+        ``wait=False`` returns at once, the sandbox "starting": the caller follows its
+        ``progress`` lines and ``state`` with GET (a failed start ends "failed" with
+        ``exit_reason``).
 
         A kernel that starts its sandbox again (after a crash, a dropped stream or a service
         restart) gets its previous policy back. A new kernel gets the requested policy when
@@ -276,11 +284,33 @@ class Manager:
             existing = Sandbox(id=secrets.token_hex(6), user=user, kernel_id=kernel_id,
                                backend_name=self.backend_name, policy=policy)
             self.sandboxes[existing.id] = existing
+        if not wait:
+            if not self._live(existing):
+                if existing.state != "starting":  # else a start is under way: keep its lines
+                    existing.state, existing.exit_reason = "starting", None
+                    existing.progress.clear()
+                asyncio.ensure_future(self._start_in_background(existing))
+            return existing
         async with existing.lock:
-            if existing.state == "running" and existing.reader is not None and not existing.reader.done():
+            if self._live(existing):
                 return existing
             await self._start(existing)
         return existing
+
+    @staticmethod
+    def _live(sb: Sandbox) -> bool:
+        return sb.state == "running" and sb.reader is not None and not sb.reader.done()
+
+    async def _start_in_background(self, sb: Sandbox) -> None:
+        async with sb.lock:
+            if self._live(sb):
+                return
+            try:
+                await self._start(sb)
+            except Exception as err:  # noqa: BLE001 - recorded on the sandbox ("failed", exit_reason)
+                self.log.warning("sandbox %s did not start: %s", sb.id, err)
+                if sb.state == "starting":
+                    sb.state, sb.exit_reason = "failed", str(err) or type(err).__name__
 
     async def _start(self, sb: Sandbox, adopt: bool = False) -> None:
         """Start the backend and the reader (caller holds sb.lock)."""
@@ -296,11 +326,17 @@ class Manager:
         backend.blocked_sink = lambda record: self._blocked(sb, record, "enforcer")
         sb.backend, sb.state, sb.exit_reason, sb.exit_status = backend, "starting", None, None
         sb.backlog.clear()
+        sb.progress.clear()
         self.save()
+
+        def progress(line: str) -> None:
+            sb.progress.append(str(line))
+            self.log.info("sandbox %s: %s", sb.id, line)
+
         try:
             info = await adopt_kubernetes(backend, sb) if adopt else None
             if info is None:
-                info = await backend.start(sb.kernel_id, sb.policy, lambda line: self.log.info("sandbox %s: %s", sb.id, line))
+                info = await backend.start(sb.kernel_id, sb.policy, progress)
             transport = await backend.attach()
             hello = await asyncio.wait_for(transport.recv(), self.start_timeout)
             if not hello or hello.get("type") != "hello":

@@ -181,8 +181,9 @@ class SandboxesHandler(_Handler):
 
     async def post(self):
         body = self.body()
-        sb = await self.manager.create(self.caller.name, body.get("kernel_id"), body.get("policy"))
-        self.reply(sb.public(), 201)
+        wait = body.get("wait", True) is not False
+        sb = await self.manager.create(self.caller.name, body.get("kernel_id"), body.get("policy"), wait=wait)
+        self.reply(sb.public(), 201 if sb.state == "running" else 202)
 
 
 class SandboxHandler(_Handler):

@@ -93,3 +93,43 @@ def test_kubernetes_backend_per_user_pods_policy_and_adoption(k8s_kernels, k8s_s
     assert fake.objects("pods") == []
     assert not [o for o in fake.objects("networkpolicies", group="networking.k8s.io")
                 if o["metadata"]["name"].endswith("-egress")]
+
+
+def test_start_up_progress_reaches_the_kernel_and_a_failed_start_says_why(k8s_service, hub):
+    """The service's backend reports "Pulling image…" and the like while a pod starts; the
+    kernel's HubBackend shows them as they come (it follows the start instead of waiting
+    blind), and a start that fails ends with the backend's reason, not a hang."""
+    from sandbox_kernel.errors import SandboxStartError
+    from sandbox_kernel.hub.backend import HubBackend
+    from sandbox_kernel.policy.model import EgressPolicy
+
+    fake = k8s_service.fakekube
+
+    async def start(kernel_id: str) -> tuple[HubBackend, list[tuple[float, str]]]:
+        backend = HubBackend(service_url=k8s_service.url, api_token=hub.tokens["alice"])
+        lines: list[tuple[float, str]] = []
+        try:
+            await backend.start(kernel_id, EgressPolicy(), lambda line: lines.append((time.monotonic(), line)))
+        except SandboxStartError as err:
+            lines.append((time.monotonic(), f"ERROR {err}"))
+        return backend, lines
+
+    fake.behavior.step_delay = 0.3  # slow enough that lines arrive while the start is under way
+    backend, lines = asyncio.run(start("k-progress"))
+    texts = [t for _, t in lines]
+    assert texts[0] == "Asking the sandbox service for a sandbox…"
+    assert any(t.startswith("Pulling image") for t in texts), texts
+    assert any(t.startswith("Scheduled on node") for t in texts), texts
+    assert not any(t.startswith("ERROR") for t in texts), texts
+    # they came as the start went, not all at the end
+    assert lines[-1][0] - next(when for when, t in lines if t.startswith("Scheduled")) > 0.2
+    asyncio.run(backend.stop())
+
+    fake.behavior.image_pull_error = 'rpc error: pull access denied for "python:3.12-slim"'
+    started = time.monotonic()
+    _, lines = asyncio.run(start("k-doomed"))
+    error = lines[-1][1]
+    assert error.startswith("ERROR") and "pull access denied" in error, lines
+    assert time.monotonic() - started < 60
+    failed = [e for e in k8s_service.audit() if e.get("action") == "start" and e.get("result") == "failed"]
+    assert failed and "pull access denied" in failed[-1]["reason"]
