@@ -29,6 +29,7 @@ GET      api/ceilings                         admins: every per-user and per-gro
 PUT      api/ceilings/users|groups/NAME       admins: set overrides (``{"locked": true}`` …)
 DELETE   api/ceilings/users|groups/NAME       admins: remove them
 GET      api/audit[?user=NAME]                admins: the audit log
+GET      admin (and the prefix itself)        admins, in a browser: the admin page (admin.py)
 =======  ===================================  ==============================================
 
 Another user's sandbox answers 404, exactly like a missing one (and the attempt is audited).
@@ -384,8 +385,20 @@ class SandboxService(Application):
 
         return LocalBackend(parent=self)
 
+    @property
+    def service_name(self) -> str:
+        """The service's name at the hub: $JUPYTERHUB_SERVICE_NAME, else the prefix's last part."""
+        return _env("JUPYTERHUB_SERVICE_NAME", self.url_prefix.strip("/").rsplit("/", 1)[-1] or "sandbox")
+
+    @property
+    def url_prefix(self) -> str:
+        """The prefix as routes use it: ``/services/sandbox/``."""
+        return "/" + self.prefix.strip("/") + "/" if self.prefix.strip("/") else "/"
+
     def make_app(self) -> web.Application:
-        p = "/" + self.prefix.strip("/") + "/" if self.prefix.strip("/") else "/"
+        from .admin import admin_routes
+
+        p = self.url_prefix
         sid = r"([0-9a-f]{1,32})"
         routes = [
             (p + "api/health", HealthHandler),
@@ -398,14 +411,21 @@ class SandboxService(Application):
             (p + "api/ceilings", CeilingsHandler),
             (p + r"api/ceilings/(users|groups)/([^/]+)", CeilingOverrideHandler),
             (p + "api/audit", AuditHandler),
+            *admin_routes(p, self.hub_auth),  # the admin page (browser login; see admin.py)
         ]
+        # xsrf_cookies: the admin page's forms; the token API opts out (no cookies, see _Handler)
         return web.Application(routes, sandbox_service=self, websocket_max_message_size=WS_MAX_MESSAGE,
-                               websocket_ping_interval=30)
+                               websocket_ping_interval=30, xsrf_cookies=True,
+                               cookie_secret=os.urandom(32))
 
     async def run(self) -> None:
-        from jupyterhub.services.auth import HubAuth
+        from jupyterhub.services.auth import HubOAuth
 
-        self.hub_auth = HubAuth(parent=self, cache_max_age=self.auth_cache_max_age)
+        # HubOAuth: tokens for the API (as HubAuth), and the hub's login for the admin page
+        self.hub_auth = HubOAuth(parent=self, cache_max_age=self.auth_cache_max_age,
+                                 oauth_client_id=_env("JUPYTERHUB_CLIENT_ID", f"service-{self.service_name}"),
+                                 oauth_redirect_uri=_env("JUPYTERHUB_OAUTH_CALLBACK_URL",
+                                                         self.url_prefix + "oauth_callback"))
         base = AdminPolicy(parent=self)
         base.blocked_networks()  # a bad base ceiling stops the service here, naming the setting
         self.manager = Manager(self.state_dir, base, self.make_backend, self.backend_name, self.log,

@@ -102,6 +102,7 @@ class Hub:
         self.api_url = f"http://127.0.0.1:{self.hub_port}/hub/api"
         self.service_token = uuid.uuid4().hex
         self.admin_token = uuid.uuid4().hex
+        self.password = uuid.uuid4().hex  # the dummy authenticator's, for browser logins
         self.tokens: dict[str, str] = {}
         self.proc: subprocess.Popen | None = None
         self.log = tmp / "hub.log"
@@ -120,7 +121,7 @@ c.JupyterHub.db_url = "sqlite:///{self.dir / 'hub.sqlite'}"
 c.JupyterHub.cookie_secret = bytes.fromhex({os.urandom(32).hex()!r})
 c.JupyterHub.pid_file = {str(self.dir / 'hub.pid')!r}
 c.JupyterHub.authenticator_class = "dummy"
-c.DummyAuthenticator.password = {uuid.uuid4().hex!r}
+c.DummyAuthenticator.password = {self.password!r}
 c.Authenticator.allowed_users = {{"alice", "bob"}}
 c.Authenticator.admin_users = {{"teacher"}}
 c.JupyterHub.load_groups = {{"class-b": {{"users": ["bob"]}}}}

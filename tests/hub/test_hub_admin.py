@@ -1,0 +1,126 @@
+"""The service's admin page: a hub admin logs in through the hub (real JupyterHub, headless
+Chromium) and sets exam mode for a class with a form; a student gets 403; nobody gets the
+hub's login. The form is XSRF-protected, and user-controlled text on the page is escaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).with_name("drive_admin.mjs")
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _browser_missing() -> list[str]:
+    missing = []
+    if not Path(CHROMIUM).exists():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    if not shutil.which("node"):
+        missing.append("node")
+    if not (ROOT / "node_modules" / "playwright-core" / "package.json").exists():
+        missing.append("playwright-core (npm ci)")
+    return missing
+
+
+@pytest.fixture
+def overrides_removed(service, hub):
+    """Whatever ceiling overrides a test sets are removed afterwards, pass or fail; and no
+    user server was started by logging in (the logins go straight to the admin page)."""
+    yield
+    for user in ("teacher", "alice"):
+        servers = hub.admin("GET", f"/users/{user}").json().get("servers") or {}
+        assert not servers, f"logging in started {user}'s server"
+    token = hub.tokens["teacher"]
+    for kind, names in service.api("GET", "api/ceilings", token).json().items():
+        for name in list(names):
+            service.api("DELETE", f"api/ceilings/{kind}/{requests.utils.quote(name, safe='')}", token)
+    assert service.api("GET", "api/ceilings", token).json() == {"users": {}, "groups": {}}
+
+
+def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, hub, tmp_path, overrides_removed):
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail("the admin page test needs " + ", ".join(missing))
+        pytest.skip("the admin page test needs " + ", ".join(missing))
+    bob = kernels.open("bob")
+    # a hostile-looking entry: the page must show it as text
+    hostile = "<script>alert(1)</script>.example"
+    assert service.api("PUT", f"api/sandboxes/{bob.backend.sandbox_id}/policy", hub.tokens["bob"],
+                       json={"policy": {"mode": "allowlist", "entries": [hostile]}}).status_code in (400, 403)
+
+    shots = os.environ.get("SANDBOX_KERNEL_SCREENSHOTS")
+    shot = str(Path(shots) / "hub-admin.png") if shots else str(tmp_path / "hub-admin.png")
+    cfg = {"hub": hub.public_url, "service": f"/services/{service.name}/", "admin": "teacher",
+           "student": "alice", "password": hub.password, "group": "class-b", "shot": shot,
+           "executablePath": CHROMIUM}
+    run = subprocess.run(["node", str(SCRIPT), json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=180)
+    report = json.loads(run.stdout.strip().splitlines()[-1]) if run.stdout.strip() else {}
+    assert report.get("ok"), f"{report}\n{run.stderr[-2000:]}"
+    assert report["offLoopback"] == []
+
+    # the teacher saw the page (through the hub's OAuth) with bob's sandbox and the audit log
+    assert report["adminStatus"] == 200 and report["adminUrl"].startswith(f"{hub.public_url}/services/")
+    assert "bob" in report["sandboxesText"] and bob.backend.sandbox_id in report["sandboxesText"]
+    assert "refused" in report["auditText"]
+    assert hostile in report["auditText"]  # shown as text (as markup it would not read like this)
+    assert "group class-b: exam mode now" in report["message"]
+    assert "class-b" in report["overridesText"] and "exam mode" in report["overridesText"]
+    assert Path(shot).stat().st_size > 10_000
+
+    # ... and it took effect: bob is in exam mode (locked, no egress), audited as the teacher's
+    ceiling = service.api("GET", "api/ceiling", hub.tokens["bob"]).json()["ceiling"]
+    assert ceiling["locked"] is True and ceiling["mode"] == "deny"
+    changes = [e for e in service.audit() if e.get("event") == "ceiling" and e.get("target") == {"group": "class-b"}]
+    assert changes[-1]["by"] == "teacher" and changes[-1]["result"] == "accepted"
+    refused = service.api("PUT", f"api/sandboxes/{bob.backend.sandbox_id}/policy", hub.tokens["bob"],
+                          json={"policy": {"mode": "allowlist", "entries": ["pypi.org:443"]}})
+    assert refused.status_code == 403 and refused.json()["error"] == "ceiling"
+
+    # a student: 403 (and audited); nobody: the hub's login page
+    assert report["studentStatus"] == 403 and "admin" in report["studentText"]
+    assert any(e.get("event") == "denied" and e.get("by") == "alice" and "/admin" in e.get("request", "")
+               for e in service.audit())
+    assert "/hub/login" in report["anonymousUrl"]
+
+
+def test_the_admin_form_needs_its_xsrf_token_and_escapes_what_users_control(service, hub, overrides_removed):
+    """A logged-in admin's cookie alone changes nothing (cross-site request forgery), and names
+    that look like markup are shown as text."""
+    session = requests.Session()
+    login_url = f"{hub.public_url}/hub/login?next=" + requests.utils.quote(f"/services/{service.name}/admin", safe="")
+    form = session.get(login_url, timeout=30)
+    login_xsrf = re.search(r'name="_xsrf" value="([^"]+)"', form.text).group(1)
+    login = session.post(login_url, timeout=30, allow_redirects=True,
+                         data={"username": "teacher", "password": hub.password, "_xsrf": login_xsrf})
+    assert login.status_code == 200
+    page = session.get(f"{service.proxied_url}admin", timeout=30)  # the OAuth round trip, up to consent
+    if "/hub/api/oauth2/authorize" in page.url:  # the hub's consent form: what "Authorize" posts
+        form = dict(re.findall(r'<input type="hidden" name="(_xsrf)" value="([^"]*)"', page.text))
+        scopes = re.findall(r'<input type="hidden" name="scopes" value="([^"]*)"', page.text)
+        page = session.post(page.url, data={**form, "scopes": scopes}, timeout=30)
+    assert page.status_code == 200 and "Sandbox service" in page.text, page.text[:500]
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
+
+    before = service.api("GET", "api/ceilings", hub.tokens["teacher"]).json()
+    forged = session.post(f"{service.proxied_url}admin/ceilings", timeout=30, allow_redirects=False,
+                          data={"kind": "groups", "name": "class-b", "action": "exam"})
+    assert forged.status_code == 403
+    assert service.api("GET", "api/ceilings", hub.tokens["teacher"]).json() == before
+
+    # with the form's token it works; a name that looks like markup comes back escaped
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
+    name = "<b>x</b>"
+    done = session.post(f"{service.proxied_url}admin/ceilings", timeout=30, allow_redirects=True,
+                        data={"kind": "users", "name": name, "action": "exam", "_xsrf": xsrf})
+    assert done.status_code == 200
+    assert "&lt;b&gt;x&lt;/b&gt;" in done.text and "<b>x</b>" not in done.text
