@@ -183,3 +183,60 @@ def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, check=check)
 
 
+class Panel:
+    """Finds the panel's widgets from their comm_open messages and drives them."""
+
+    def __init__(self, kernel, cell):
+        self.kernel = kernel
+        self.models = {}
+        for out in cell.outputs:
+            if out["msg_type"] == "comm_open":
+                state = out["content"]["data"]["state"]
+                self.models[out["content"]["comm_id"]] = dict(state)
+            elif out["msg_type"] == "comm_msg" and out["content"]["data"].get("method") == "update":
+                self.models.setdefault(out["content"]["comm_id"], {}).update(out["content"]["data"]["state"])
+        assert any(o["msg_type"] == "display_data" and "application/vnd.jupyter.widget-view+json" in o["content"]["data"]
+                   for o in cell.outputs)
+
+    def find(self, model, **match):
+        for comm_id, state in self.models.items():
+            if state.get("_model_name") == model and all(state.get(k) == v for k, v in match.items()):
+                return comm_id
+        raise KeyError((model, match))
+
+    def send(self, comm_id, data):
+        kc = self.kernel.kc
+        msg = kc.session.msg("comm_msg", {"comm_id": comm_id, "data": data})
+        kc.shell_channel.send(msg)
+        # wait until the kernel has handled it, keeping the widgets' state up to date
+        while True:
+            reply = kc.get_iopub_msg(timeout=30)
+            if reply["msg_type"] == "comm_msg" and reply["content"]["data"].get("method") == "update":
+                self.models.setdefault(reply["content"]["comm_id"], {}).update(reply["content"]["data"]["state"])
+            if (reply["parent_header"].get("msg_id") == msg["header"]["msg_id"] and reply["msg_type"] == "status"
+                    and reply["content"]["execution_state"] == "idle"):
+                return
+
+    def wait_for_html(self, *needles: str, timeout: float = 30.0) -> str:
+        """Read widget updates until an HTML widget's value contains every needle (Apply
+        reports when the change is enforced or refused, after the click's reply)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for state in self.models.values():
+                value = state.get("value")
+                if state.get("_model_name") == "HTMLModel" and isinstance(value, str) and all(n in value for n in needles):
+                    return value
+            left = deadline - time.monotonic()
+            assert left > 0, f"no widget says {needles}: {[m.get('value') for m in self.models.values()]}"
+            try:
+                reply = self.kernel.kc.get_iopub_msg(timeout=min(left, 1.0))
+            except Exception:  # noqa: BLE001 - queue.Empty: look again
+                continue
+            if reply["msg_type"] == "comm_msg" and reply["content"]["data"].get("method") == "update":
+                self.models.setdefault(reply["content"]["comm_id"], {}).update(reply["content"]["data"]["state"])
+
+    def set(self, comm_id, **state):
+        self.send(comm_id, {"method": "update", "state": state, "buffer_paths": []})
+
+    def click(self, comm_id):
+        self.send(comm_id, {"method": "custom", "content": {"event": "click"}})

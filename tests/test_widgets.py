@@ -4,44 +4,7 @@ import time
 
 import pytest
 
-
-class Panel:
-    """Finds the panel's widgets from their comm_open messages and drives them."""
-
-    def __init__(self, kernel, cell):
-        self.kernel = kernel
-        self.models = {}
-        for out in cell.outputs:
-            if out["msg_type"] == "comm_open":
-                state = out["content"]["data"]["state"]
-                self.models[out["content"]["comm_id"]] = dict(state)
-            elif out["msg_type"] == "comm_msg" and out["content"]["data"].get("method") == "update":
-                self.models.setdefault(out["content"]["comm_id"], {}).update(out["content"]["data"]["state"])
-        assert any(o["msg_type"] == "display_data" and "application/vnd.jupyter.widget-view+json" in o["content"]["data"]
-                   for o in cell.outputs)
-
-    def find(self, model, **match):
-        for comm_id, state in self.models.items():
-            if state.get("_model_name") == model and all(state.get(k) == v for k, v in match.items()):
-                return comm_id
-        raise KeyError((model, match))
-
-    def send(self, comm_id, data):
-        kc = self.kernel.kc
-        msg = kc.session.msg("comm_msg", {"comm_id": comm_id, "data": data})
-        kc.shell_channel.send(msg)
-        # wait until the kernel has handled it
-        while True:
-            reply = kc.get_iopub_msg(timeout=10)
-            if (reply["parent_header"].get("msg_id") == msg["header"]["msg_id"] and reply["msg_type"] == "status"
-                    and reply["content"]["execution_state"] == "idle"):
-                return
-
-    def set(self, comm_id, **state):
-        self.send(comm_id, {"method": "update", "state": state, "buffer_paths": []})
-
-    def click(self, comm_id):
-        self.send(comm_id, {"method": "custom", "content": {"event": "click"}})
+from kerneltest import Panel
 
 
 def wait_for_policy(kernel, text, timeout=10.0):

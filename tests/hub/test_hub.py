@@ -217,6 +217,19 @@ def test_a_real_sandbox_kernel_in_hub_mode(service):
         # the service's ceiling counts: the metadata server stays closed, refused with the admin's reason
         refused = kernel.execute("%sandbox allow 169.254.169.254:80")
         assert refused.status == "error" and "administrator" in refused.reply["content"]["evalue"]
+        # ... and through the policy panel's Apply: refused by the service, shown, audited
+        from kerneltest import Panel
+
+        panel = Panel(kernel, kernel.execute("%sandbox policy"))
+        panel.set(panel.find("ToggleButtonsModel", description="Egress"), index=1)  # Allowlist
+        panel.set(panel.find("TextareaModel", description="Allow"), value="169.254.169.254:443/tcp")
+        panel.click(panel.find("ButtonModel", description="Apply"))
+        panel.wait_for_html("not applied, nothing changed", "administrator")
+        audited = [e for e in service.audit() if e.get("event") == "policy" and e.get("user") == "alice"
+                   and e.get("result") == "refused" and "169.254.169.254:443/tcp" in e["to"].get("entries", [])]
+        assert audited, "the panel's refused change is not in the audit log"
+        assert "default-deny" in [l for l in kernel.execute("%sandbox status").of_type("display_data")[0]["content"][
+            "data"]["text/plain"].splitlines() if l.startswith("policy")][0]
         assert kernel.execute("value").of_type("execute_result")[0]["content"]["data"]["text/plain"] == "42"
     finally:
         kernel.shutdown()
