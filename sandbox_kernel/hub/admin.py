@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections import Counter
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
@@ -149,8 +150,10 @@ class AdminPageHandler(_AdminHandler):
             "<button name=action value=clear>Clear override</button></form>")
 
         # sandboxes
+        records = m.audit.read()
+        blocked = Counter(e.get("sandbox") for e in records if e.get("event") == "blocked")
         out.append("<h2>Sandboxes</h2><table id=sandboxes><tr><th>user</th><th>sandbox</th><th>state</th>"
-                   "<th>policy</th><th>started</th><th>kernel attached</th></tr>")
+                   "<th>backend</th><th>policy</th><th>started</th><th>blocked</th><th>kernel attached</th></tr>")
         boxes = sorted(m.sandboxes.values(), key=lambda sb: (sb.user, sb.created))
         for sb in boxes:
             entries = ", ".join(str(e) for e in sb.policy.entries) + \
@@ -158,15 +161,16 @@ class AdminPageHandler(_AdminHandler):
             state_class = "ok" if sb.state == "running" else "muted"
             out.append(
                 f"<tr><td>{escape(sb.user)}</td><td><code>{escape(sb.id)}</code></td>"
-                f"<td class={state_class}>{escape(sb.state)}</td>"
+                f"<td class={state_class}>{escape(sb.state)}</td><td>{escape(sb.backend_name)}</td>"
                 f"<td>{escape(sb.policy.describe())}<br><span class=muted>{escape(entries)}</span></td>"
-                f"<td>{_when(sb.started)}</td><td>{'yes' if sb.subscriber is not None else 'no'}</td></tr>")
+                f"<td>{_when(sb.started)}</td><td class=blocked>{blocked[sb.id]}</td>"
+                f"<td>{'yes' if sb.subscriber is not None else 'no'}</td></tr>")
         if not boxes:
-            out.append("<tr><td colspan=6 class=muted>no sandboxes</td></tr>")
+            out.append("<tr><td colspan=8 class=muted>no sandboxes</td></tr>")
         out.append("</table>")
 
         # audit log
-        events = m.audit.read()
+        events = records
         if user_filter:
             events = [e for e in events if user_filter in (e.get("user"), e.get("by"))]
         events = events[-AUDIT_ROWS:][::-1]

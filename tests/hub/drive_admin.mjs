@@ -73,6 +73,8 @@ try {
   report.adminUrl = page.url();
   await page.waitForSelector('#sandboxes', { timeout });
   report.sandboxesText = await page.textContent('#sandboxes');
+  report.sandboxRows = await page.$$eval('#sandboxes tr', (rows) =>
+    rows.map((row) => [...row.cells].map((cell) => cell.textContent.trim())));
   report.auditText = await page.textContent('#audit');
   report.steps.push('admin page shown');
   await page.selectOption('#set-ceiling select[name=kind]', 'groups');

@@ -45,13 +45,19 @@ def overrides_removed(service, hub):
     assert service.api("GET", "api/ceilings", token).json() == {"users": {}, "groups": {}}
 
 
-def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, hub, tmp_path, overrides_removed):
+def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, hub, tmp_path, test_host,
+                                                              overrides_removed):
     missing = _browser_missing()
     if missing:
         if os.environ.get("CI"):
             pytest.fail("the admin page test needs " + ", ".join(missing))
         pytest.skip("the admin page test needs " + ", ".join(missing))
-    bob = kernels.open("bob")
+    alice, bob = kernels.open("alice"), kernels.open("bob")
+    # alice's sandbox blocks a connection (default deny): the page counts it
+    host = test_host()
+    result, out = kernels.execute(alice, f"import socket\ntry:\n    socket.create_connection(({host.ip!r}, "
+                                  f"{host.port}), timeout=3)\nexcept OSError as e:\n    print('refused')")
+    assert "refused" in out.stdout() and out.blocked(), out.frames
     # a hostile-looking entry: the page must show it as text
     hostile = "<script>alert(1)</script>.example"
     assert service.api("PUT", f"api/sandboxes/{bob.backend.sandbox_id}/policy", hub.tokens["bob"],
@@ -70,7 +76,14 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
 
     # the teacher saw the page (through the hub's OAuth) with bob's sandbox and the audit log
     assert report["adminStatus"] == 200 and report["adminUrl"].startswith(f"{hub.public_url}/services/")
-    assert "bob" in report["sandboxesText"] and bob.backend.sandbox_id in report["sandboxesText"]
+    header, *rows = report["sandboxRows"]
+    assert header == ["user", "sandbox", "state", "backend", "policy", "started", "blocked", "kernel attached"]
+    shown = {row[1]: dict(zip(header, row)) for row in rows}
+    for user, session in (("alice", alice), ("bob", bob)):
+        row = shown[session.backend.sandbox_id]
+        assert (row["user"], row["state"], row["backend"], row["kernel attached"]) == (user, "running", "local", "yes")
+    assert int(shown[alice.backend.sandbox_id]["blocked"]) >= 1
+    assert shown[bob.backend.sandbox_id]["blocked"] == "0"
     assert "refused" in report["auditText"]
     assert hostile in report["auditText"]  # shown as text (as markup it would not read like this)
     assert "group class-b: exam mode now" in report["message"]
@@ -112,10 +125,14 @@ def test_the_admin_form_needs_its_xsrf_token_and_escapes_what_users_control(serv
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
 
     before = service.api("GET", "api/ceilings", hub.tokens["teacher"]).json()
-    forged = session.post(f"{service.proxied_url}admin/ceilings", timeout=30, allow_redirects=False,
-                          data={"kind": "groups", "name": "class-b", "action": "exam"})
-    assert forged.status_code == 403
+    audited = len(service.audit())
+    for token in (None, "forged"):  # no token, or one the service never issued
+        forged = session.post(f"{service.proxied_url}admin/ceilings", timeout=30, allow_redirects=False,
+                              data={"kind": "groups", "name": "class-b", "action": "exam",
+                                    **({"_xsrf": token} if token else {})})
+        assert forged.status_code == 403, forged.text[:300]
     assert service.api("GET", "api/ceilings", hub.tokens["teacher"]).json() == before
+    assert not [e for e in service.audit()[audited:] if e.get("event") == "ceiling"]
 
     # with the form's token it works; a name that looks like markup comes back escaped
     xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
@@ -124,3 +141,15 @@ def test_the_admin_form_needs_its_xsrf_token_and_escapes_what_users_control(serv
                         data={"kind": "users", "name": name, "action": "exam", "_xsrf": xsrf})
     assert done.status_code == 200
     assert "&lt;b&gt;x&lt;/b&gt;" in done.text and "<b>x</b>" not in done.text
+    assert service.api("GET", "api/ceilings", hub.tokens["teacher"]).json()["users"] == {
+        name: {"locked": True, "mode": "deny", "entries": [], "presets": []}}
+
+    # the override's Clear button: back to the base ceiling, audited as the teacher's
+    cleared = session.post(f"{service.proxied_url}admin/ceilings", timeout=30, allow_redirects=True,
+                           data={"kind": "users", "name": name, "action": "clear", "_xsrf": xsrf})
+    assert cleared.status_code == 200 and "the base ceiling now" in cleared.text
+    assert service.api("GET", "api/ceilings", hub.tokens["teacher"]).json() == before
+    changes = [e for e in service.audit()[audited:] if e.get("event") == "ceiling"]
+    assert [(e["by"], e["target"], e["result"], e["to"]) for e in changes] == [
+        ("teacher", {"user": name}, "accepted", {"locked": True, "mode": "deny", "entries": [], "presets": []}),
+        ("teacher", {"user": name}, "accepted", None)]
