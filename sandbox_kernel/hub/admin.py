@@ -17,7 +17,6 @@ import json
 from collections import Counter
 from html import escape
 from typing import Any
-from urllib.parse import urlencode
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import web
@@ -28,6 +27,9 @@ from .manager import CEILING_KEYS, NotFound
 #: the overrides "exam mode" sets: no egress at all, and no changes by users
 EXAM_MODE = {"locked": True, "mode": "deny", "entries": [], "presets": []}
 AUDIT_ROWS = 100
+#: the form's result, shown once by the page it redirects to
+FLASH_COOKIE = "sandbox-admin-flash"
+FLASH_MAX_AGE_DAYS = 1 / 1440  # a minute
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.5rem 2rem;color:#1f2328;max-width:80rem}
@@ -83,6 +85,14 @@ class _AdminHandler(HubOAuthenticated, web.RequestHandler):
     def manager(self):
         return self.service.manager
 
+    def set_default_headers(self):
+        # also on error pages: nothing loads, nothing runs, no framing, nothing cached
+        self.set_header("Content-Security-Policy",
+                        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'")
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("Cache-Control", "no-store")
+
     def admin_caller(self) -> str:
         user = self.current_user
         groups = [g for g in user.get("groups") or [] if isinstance(g, str)]
@@ -105,18 +115,27 @@ class AdminPageHandler(_AdminHandler):
     def get(self):
         me = self.admin_caller()
         user_filter = self.get_query_argument("user", "") or ""
-        message = self.get_query_argument("message", "") or ""
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.set_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'")
-        self.set_header("X-Frame-Options", "DENY")
-        self.finish(self.render_page(me, user_filter, message))
+        self.finish(self.render_page(me, user_filter, self.change_message()))
+
+    def change_message(self) -> str:
+        """What the last form did (its flash cookie, signed with the service's secret: a link or
+        a page elsewhere cannot put words here), shown once."""
+        raw = self.get_signed_cookie(FLASH_COOKIE, max_age_days=FLASH_MAX_AGE_DAYS)
+        if raw is None:
+            return ""
+        self.clear_cookie(FLASH_COOKIE, path=self.service.url_prefix + "admin")
+        return raw.decode("utf-8", "replace")
 
     def render_page(self, me: str, user_filter: str, message: str) -> str:
         m, prefix = self.manager, self.service.url_prefix
         xsrf = self.xsrf_form_html()
+        user = self.current_user
+        why = "hub admin" if user.get("admin") else "member of " + ", ".join(
+            sorted(set(user.get("groups") or []) & set(self.service.admin_groups)))
         out = [f"<!doctype html><html lang=en><meta charset=utf-8><title>Sandbox service — admin</title>"
                f"<style>{STYLE}</style><h1>Sandbox service</h1>"
-               f"<p class=muted>Signed in as <b>{escape(me)}</b> (hub admin). Backend "
+               f"<p class=muted>Signed in as <b>{escape(me)}</b> ({escape(why)}). Backend "
                f"<code>{escape(m.backend_name)}</code>.</p>"]
         if message:
             out.append(f"<p class=box id=message>{escape(message)}</p>")
@@ -204,7 +223,10 @@ class AdminCeilingHandler(_AdminHandler):
             raise web.HTTPError(400, str(err)) from None
         what = "exam mode" if action == "exam" else "the base ceiling"
         message = f"{kind[:-1]} {name}: {what} now; {len(result['conformed'])} running sandbox(es) brought under it"
-        self.redirect(f"{self.service.url_prefix}admin?" + urlencode({"message": message}))
+        self.set_signed_cookie(FLASH_COOKIE, message, expires_days=None, path=self.service.url_prefix + "admin",
+                               httponly=True, samesite="Strict",
+                               secure=self.request.protocol == "https")
+        self.redirect(f"{self.service.url_prefix}admin")
 
 
 class OAuthCallbackHandler(HubOAuthCallbackHandler):

@@ -79,7 +79,7 @@ try {
   report.steps.push('admin page shown');
   await page.selectOption('#set-ceiling select[name=kind]', 'groups');
   await page.fill('#set-ceiling input[name=name]', cfg.group);
-  await Promise.all([page.waitForURL(/message=/, { timeout }), page.click('#set-ceiling button[value=exam]')]);
+  await Promise.all([page.waitForNavigation({ timeout }), page.click('#set-ceiling button[value=exam]')]);
   report.message = await page.textContent('#message');
   report.overridesText = await page.textContent('#overrides');
   report.steps.push('exam mode set');

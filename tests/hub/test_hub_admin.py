@@ -106,21 +106,28 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
     assert "/hub/login" in report["anonymousUrl"]
 
 
-def test_the_admin_form_needs_its_xsrf_token_and_escapes_what_users_control(service, hub, overrides_removed):
-    """A logged-in admin's cookie alone changes nothing (cross-site request forgery), and names
-    that look like markup are shown as text."""
+def _open_admin_page(hub, service, user: str) -> tuple[requests.Session, requests.Response]:
+    """Log in to the hub as ``user`` (a cookie session, as a browser) and open the admin page
+    through the hub's OAuth, answering its consent form as "Authorize" does."""
     session = requests.Session()
     login_url = f"{hub.public_url}/hub/login?next=" + requests.utils.quote(f"/services/{service.name}/admin", safe="")
     form = session.get(login_url, timeout=30)
     login_xsrf = re.search(r'name="_xsrf" value="([^"]+)"', form.text).group(1)
     login = session.post(login_url, timeout=30, allow_redirects=True,
-                         data={"username": "teacher", "password": hub.password, "_xsrf": login_xsrf})
+                         data={"username": user, "password": hub.password, "_xsrf": login_xsrf})
     assert login.status_code == 200
     page = session.get(f"{service.proxied_url}admin", timeout=30)  # the OAuth round trip, up to consent
-    if "/hub/api/oauth2/authorize" in page.url:  # the hub's consent form: what "Authorize" posts
+    if "/hub/api/oauth2/authorize" in page.url:
         form = dict(re.findall(r'<input type="hidden" name="(_xsrf)" value="([^"]*)"', page.text))
         scopes = re.findall(r'<input type="hidden" name="scopes" value="([^"]*)"', page.text)
         page = session.post(page.url, data={**form, "scopes": scopes}, timeout=30)
+    return session, page
+
+
+def test_the_admin_form_needs_its_xsrf_token_and_escapes_what_users_control(service, hub, overrides_removed):
+    """A logged-in admin's cookie alone changes nothing (cross-site request forgery), and names
+    that look like markup are shown as text."""
+    session, page = _open_admin_page(hub, service, "teacher")
     assert page.status_code == 200 and "Sandbox service" in page.text, page.text[:500]
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
 
@@ -148,8 +155,24 @@ def test_the_admin_form_needs_its_xsrf_token_and_escapes_what_users_control(serv
     cleared = session.post(f"{service.proxied_url}admin/ceilings", timeout=30, allow_redirects=True,
                            data={"kind": "users", "name": name, "action": "clear", "_xsrf": xsrf})
     assert cleared.status_code == 200 and "the base ceiling now" in cleared.text
+    # that message was the form's own (a signed cookie, shown once); a link cannot write one
+    again = session.get(f"{service.proxied_url}admin?message=Session+expired&changed=groups/x", timeout=30)
+    assert again.status_code == 200 and 'id=message' not in again.text and "expired" not in again.text
     assert service.api("GET", "api/ceilings", hub.tokens["teacher"]).json() == before
     changes = [e for e in service.audit()[audited:] if e.get("event") == "ceiling"]
     assert [(e["by"], e["target"], e["result"], e["to"]) for e in changes] == [
         ("teacher", {"user": name}, "accepted", {"locked": True, "mode": "deny", "entries": [], "presets": []}),
         ("teacher", {"user": name}, "accepted", None)]
+
+
+def test_members_of_an_admin_group_get_the_page_too(service, hub):
+    """c.SandboxService.admin_groups (the tests' service: "staff"): a member who is not a hub
+    admin gets the page; the group's membership comes from the hub's OAuth identity."""
+    assert hub.admin("POST", "/users/ta").status_code == 201
+    try:
+        assert hub.admin("POST", "/groups/staff", json={"users": ["ta"]}).status_code == 201
+        session, page = _open_admin_page(hub, service, "ta")
+        assert page.status_code == 200 and "Signed in as <b>ta</b> (member of staff)" in page.text, page.text[:500]
+    finally:
+        hub.admin("DELETE", "/groups/staff")
+        hub.admin("DELETE", "/users/ta")
