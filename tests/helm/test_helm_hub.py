@@ -165,6 +165,7 @@ def test_notes_say_users_need_no_account(render_files):
     assert f"hub.services.sandbox.url:      http://{RELEASE}-sandbox-kernel-hub:10101" in notes
     assert "kubectl create secret generic sandbox-hub-token" in notes
     assert f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-sandbox-kernel-hub" in notes
+    assert "https://<your hub>/services/sandbox/admin" in notes
 
 
 # --- helm/examples/z2jh-hub-values.yaml -------------------------------------------------

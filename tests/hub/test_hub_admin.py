@@ -130,6 +130,9 @@ def test_the_admin_form_needs_its_xsrf_token_and_escapes_what_users_control(serv
     session, page = _open_admin_page(hub, service, "teacher")
     assert page.status_code == 200 and "Sandbox service" in page.text, page.text[:500]
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    # the service's XSRF cookie lives under its own prefix, next to the hub's, not over it
+    xsrf_paths = sorted(c.path for c in session.cookies if c.name == "_xsrf")
+    assert xsrf_paths == ["/hub/", f"/services/{service.name}/"], xsrf_paths
 
     before = service.api("GET", "api/ceilings", hub.tokens["teacher"]).json()
     audited = len(service.audit())
