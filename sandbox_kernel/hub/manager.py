@@ -399,11 +399,16 @@ class Manager:
             return
         sb.exit_reason = await backend.exit_reason()
         sb.exit_status = backend.last_exit_status
-        sb.state = "exited"
+        sb.state, sb.ended = "exited", time.time()
         self.save()
         self.audit.write("sandbox", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id, action="exited",
                          reason=sb.exit_reason)
         self._close_subscriber(sb, "the sandbox ended")
+        # nothing runs in it any more: release its namespace and uplink (or pod) now, not when
+        # its kernel starts it again, which a killed kernel never does (the record says why it ended)
+        async with sb.lock:
+            if sb.backend is backend and sb.state == "exited":
+                await self._halt(sb, "exited")
 
     def _blocked(self, sb: Sandbox, record: dict, source: str) -> None:
         self._audit_blocked(sb, record, source)
@@ -421,7 +426,8 @@ class Manager:
                 return
             except Exception as err:  # noqa: BLE001 - a closed websocket: keep the frame
                 self.log.info("sandbox %s: subscriber gone (%s)", sb.id, err)
-                sb.subscriber = None
+                # its on_close finds another subscriber (None) and does nothing: start the clock here
+                sb.subscriber, sb.detached_since = None, time.monotonic()
         sb.backlog.append(frame)
 
     def _close_subscriber(self, sb: Sandbox, reason: str) -> None:
@@ -565,7 +571,7 @@ class Manager:
         if keep_stopped > 0:
             cutoff = time.time() - keep_stopped
             old = [sb for sb in self.sandboxes.values()
-                   if sb.state not in RUNNING and (sb.ended or sb.created) < cutoff]
+                   if sb.state not in RUNNING and sb.backend is None and (sb.ended or sb.created) < cutoff]
             for sb in old:
                 self.sandboxes.pop(sb.id, None)
                 done.append(f"forgot {sb.id} ({sb.user}), {sb.state} since {sb.ended or sb.created:.0f}")

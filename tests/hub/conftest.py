@@ -415,3 +415,17 @@ def spare_service(hub, tmp_path):
             for ns in left:
                 remove_sandbox(ns[len(NETNS_PREFIX):], "/run/sandbox-kernel")
         assert not left, f"the sandbox service left namespaces behind: {left}"
+
+
+@pytest.fixture
+def kernels_for():
+    """Kernels acting against a service the test started itself: ``kernels_for(svc)``."""
+    made: list[Kernels] = []
+
+    def make(svc: Service) -> Kernels:
+        made.append(Kernels(svc))
+        return made[-1]
+
+    yield make
+    for k in made:
+        k.close()

@@ -106,7 +106,7 @@ def test_start_up_progress_reaches_the_kernel_and_a_failed_start_says_why(k8s_se
     fake = k8s_service.fakekube
 
     async def start(kernel_id: str) -> tuple[HubBackend, list[tuple[float, str]]]:
-        backend = HubBackend(service_url=k8s_service.url, api_token=hub.tokens["alice"])
+        backend = HubBackend(service_url=k8s_service.proxied_url, api_token=hub.tokens["alice"])  # through the hub
         lines: list[tuple[float, str]] = []
         try:
             await backend.start(kernel_id, EgressPolicy(), lambda line: lines.append((time.monotonic(), line)))
