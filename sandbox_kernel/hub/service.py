@@ -18,8 +18,9 @@ API (under the service prefix, e.g. ``/services/sandbox/``), all JSON:
 =======  ===================================  ==============================================
 GET      api/health                           no token needed: ``{"ok": true}``
 GET      api/sandboxes                        the caller's sandboxes
-POST     api/sandboxes                        ``{kernel_id, policy?}``: start (or return) a sandbox
-GET      api/sandboxes/ID                     one of the caller's sandboxes
+POST     api/sandboxes                        ``{kernel_id, policy?, wait?}``: start (or return) a sandbox;
+                                              ``"wait": false``: 202 at once, state "starting"
+GET      api/sandboxes/ID                     one of the caller's sandboxes (``state``, ``progress`` lines)
 DELETE   api/sandboxes/ID[?forget=1]          stop it (``forget``: and drop its record)
 GET/PUT  api/sandboxes/ID/policy              the policy; PUT ``{policy}`` checks the ceiling
 POST     api/sandboxes/ID/interrupt           interrupt the running cell
