@@ -169,14 +169,11 @@ class HubBackend(Backend):
         a failed start raises SandboxStartError with the service's reason."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout
-        shown = 0
+        shown = 0  # lines of this start shown so far
         while True:
-            lines = data.get("progress") or []
-            if len(lines) < shown:  # a new start began: its lines from the first
-                shown = 0
-            for line in lines[shown:]:
-                progress(str(line))
-            shown = len(lines)
+            lines, shown = unseen_progress(data.get("progress") or [], data.get("progress_count"), shown)
+            for line in lines:
+                progress(line)
             if data.get("state") != "starting":
                 break
             if loop.time() > deadline:
@@ -357,6 +354,20 @@ class HubTransport(Transport):
         self._closed = True
         if self._ws is not None:
             self._ws.close()
+
+
+def unseen_progress(lines: list, count: Any, shown: int) -> tuple[list[str], int]:
+    """The start-up lines a kernel has not shown yet, and how many it will have shown.
+
+    ``lines`` are the newest the service keeps of the ``count`` lines of the current start so
+    far (a service without ``progress_count`` sends None: all of them are kept); ``shown`` is how
+    many the kernel showed. A count below ``shown`` means a new start began: all its lines are new.
+    Called by HubBackend._follow_start for each answer while a sandbox starts."""
+    if not isinstance(count, int) or count < len(lines):
+        count = len(lines)
+    if count < shown:
+        shown = 0
+    return [str(line) for line in lines[max(0, len(lines) - (count - shown)):]], count
 
 
 def _json(body) -> dict:

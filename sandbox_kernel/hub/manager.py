@@ -89,6 +89,9 @@ class Sandbox:
     detached_since: float | None = None
     #: the backend's progress lines of the current (or last) start, for the kernel to show
     progress: collections.deque = field(default_factory=lambda: collections.deque(maxlen=PROGRESS_LINES))
+    #: lines of this start so far, including those the deque no longer holds (the kernel
+    #: follows by this count, so a long start's newest lines still reach it)
+    progress_count: int = 0
     backend: Backend | None = None
     transport: Transport | None = None
     hello: dict | None = None
@@ -117,7 +120,7 @@ class Sandbox:
         applied = getattr(self.backend, "applied", None) if self.backend is not None else None
         return {**self.to_state(), "policy_label": self.policy.describe(),
                 "applied": jsonable(applied or {}), "attached": self.subscriber is not None,
-                "progress": list(self.progress)}
+                "progress": list(self.progress), "progress_count": self.progress_count}
 
 
 class Manager:
@@ -289,6 +292,7 @@ class Manager:
                 if existing.state != "starting":  # else a start is under way: keep its lines
                     existing.state, existing.exit_reason = "starting", None
                     existing.progress.clear()
+                    existing.progress_count = 0
                 asyncio.ensure_future(self._start_in_background(existing))
             return existing
         async with existing.lock:
@@ -310,7 +314,7 @@ class Manager:
             except Exception as err:  # noqa: BLE001 - recorded on the sandbox ("failed", exit_reason)
                 self.log.warning("sandbox %s did not start: %s", sb.id, err)
                 if sb.state == "starting":
-                    sb.state, sb.exit_reason = "failed", str(err) or type(err).__name__
+                    sb.state, sb.exit_reason, sb.ended = "failed", str(err) or type(err).__name__, time.time()
 
     async def _start(self, sb: Sandbox, adopt: bool = False) -> None:
         """Start the backend and the reader (caller holds sb.lock)."""
@@ -327,10 +331,12 @@ class Manager:
         sb.backend, sb.state, sb.exit_reason, sb.exit_status = backend, "starting", None, None
         sb.backlog.clear()
         sb.progress.clear()
+        sb.progress_count = 0
         self.save()
 
         def progress(line: str) -> None:
             sb.progress.append(str(line))
+            sb.progress_count += 1
             self.log.info("sandbox %s: %s", sb.id, line)
 
         try:
@@ -349,7 +355,7 @@ class Manager:
                 await backend.stop()
             finally:
                 sb.backend = None
-                sb.state, sb.exit_reason = "failed", str(err) or type(err).__name__
+                sb.state, sb.exit_reason, sb.ended = "failed", str(err) or type(err).__name__, time.time()
                 self.save()
                 self.audit.write("sandbox", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id,
                                  action="start", result="failed", reason=sb.exit_reason)

@@ -133,3 +133,18 @@ def test_start_up_progress_reaches_the_kernel_and_a_failed_start_says_why(k8s_se
     assert time.monotonic() - started < 60
     failed = [e for e in k8s_service.audit() if e.get("action") == "start" and e.get("result") == "failed"]
     assert failed and "pull access denied" in failed[-1]["reason"]
+
+
+def test_the_kernel_follows_progress_lines_by_their_count():
+    """The service keeps a start's newest 100 lines and counts them all: the kernel shows each
+    line once, the newest even after older ones were dropped, and a new start's from its first."""
+    from sandbox_kernel.hub.backend import unseen_progress
+    from sandbox_kernel.hub.manager import PROGRESS_LINES
+
+    kept = [f"line {n}" for n in range(30, 30 + PROGRESS_LINES)]  # lines 0..129 so far, 30..129 kept
+    assert unseen_progress(kept, 130, 125) == (kept[-5:], 130)
+    assert unseen_progress(kept, 130, 130) == ([], 130)
+    assert unseen_progress(kept, 130, 10) == (kept, 130)  # more came than are kept: all that are
+    assert unseen_progress(["Scheduling…"], 1, 130) == (["Scheduling…"], 1)  # a new start
+    # a service that sends no count keeps every line
+    assert unseen_progress(["a", "b", "c"], None, 1) == (["b", "c"], 3)
