@@ -115,3 +115,29 @@ def test_a_kernel_whose_parent_died_stops_its_sandbox_first():
     assert _wait_for(lambda: not _alive({kernel_pid}), 30), "the orphaned kernel kept running"
     assert not (sandbox_namespaces() & created), "the orphaned kernel left its sandbox behind"
     assert not _alive(procs)
+
+
+def test_gc_takes_a_zombie_kernel_for_dead(tmp_path):
+    """A kernel that died but was never reaped (its parent died too; PID 1 in a container may
+    not reap) is a zombie: its pid and start time are still in /proc, yet it owns nothing.
+    (gc itself is not called here: it looks at every sandbox on the machine.)"""
+    import json
+    import sys
+
+    from sandbox_kernel.backends.local import _owner_alive, _proc_start_time
+
+    def owner_file(name: str, pid: int, start: str) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"kernel_pid": pid, "kernel_pid_start": start}))
+        return path
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    try:
+        assert _wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+        assert _proc_start_time(child.pid) is None
+        assert not _owner_alive(owner_file("zombie.json", child.pid, start))
+        mine = _proc_start_time(os.getpid())
+        assert mine is not None and _owner_alive(owner_file("alive.json", os.getpid(), mine))
+    finally:
+        child.wait()

@@ -658,11 +658,17 @@ def enforcer_record(packet: nflog.LoggedPacket, verdict: str = "rejected") -> di
 # -- cleanup, shared by stop() and gc ------------------------------------------------
 
 def _proc_start_time(pid: int) -> str | None:
+    """The process's start time (a pid's identity), or None if it is gone — or a zombie: a
+    kernel that died but was not reaped (its parent died too, and PID 1 of a container
+    may not reap) owns nothing."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
 
 
 def _python_prefixes(python: str) -> list[str]:
