@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime
 import json
 import threading
 import time

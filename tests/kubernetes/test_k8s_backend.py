@@ -13,7 +13,7 @@ import time
 import pytest
 
 from sandbox_kernel.backends import kubernetes as kb
-from sandbox_kernel.backends.objects import KERNEL_LABEL, MANAGED_BY_LABEL
+from sandbox_kernel.backends.objects import KERNEL_LABEL
 from sandbox_kernel.errors import SandboxStartError
 from sandbox_kernel.policy.model import EgressPolicy
 
