@@ -254,6 +254,18 @@ class Service:
     def leftovers(self) -> set[str]:
         return set().union(*(namespaces_of(pid) for pid in self.pids)) if self.pids else set()
 
+    def stop_and_check_leftovers(self) -> None:
+        """Stop the service; fail if it left sandbox namespaces behind (removing them anyway:
+        a killed service leaves its sandboxes to gc)."""
+        self.stop()
+        left = self.leftovers()
+        if left:
+            from sandbox_kernel.backends.local import NETNS_PREFIX, remove_sandbox
+
+            for ns in left:
+                remove_sandbox(ns[len(NETNS_PREFIX):], "/run/sandbox-kernel")
+        assert not left, f"the sandbox service left namespaces behind: {left}"
+
 
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory):
@@ -272,15 +284,7 @@ def hub(tmp_path_factory):
         yield h
     finally:
         h.stop()
-        svc = h.service
-        svc.stop()
-        left = svc.leftovers()
-        if left:  # a killed service leaves its sandboxes to gc; remove them here regardless
-            from sandbox_kernel.backends.local import NETNS_PREFIX, remove_sandbox
-
-            for ns in left:
-                remove_sandbox(ns[len(NETNS_PREFIX):], "/run/sandbox-kernel")
-        assert not left, f"the sandbox service left namespaces behind: {left}"
+        h.service.stop_and_check_leftovers()
 
 
 @pytest.fixture(scope="session")
@@ -363,17 +367,9 @@ def k8s_service(hub, fakekube, tmp_path):
     API server (loopback, bearer token); its pods run the real agent as local processes of the
     fake's kubelet (in the test process, so they outlive a service restart). Stopped after the
     test; the fake then kills whatever pods are left."""
-    import yaml
-
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": fakekube.url}}],
-        "users": [{"name": "sandbox-service", "user": {"token": fakekube.token}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "sandbox-service"}}],
-    }))
+    kubeconfig = fakekube.write_kubeconfig(tmp_path / "kubeconfig")
     svc = Service(hub, tmp_path, name=K8S_SERVICE, port=hub.k8s_service_port, token=hub.k8s_service_token,
-                  env={"SANDBOX_KERNEL_BACKEND": "", "KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": "",
+                  env={"SANDBOX_KERNEL_BACKEND": "", "KUBECONFIG": kubeconfig, "KUBERNETES_SERVICE_HOST": "",
                        "SANDBOX_KERNEL_K8S_START_TIMEOUT": "60"},
                   args=("--backend=kubernetes",))
     svc.fakekube = fakekube
@@ -407,14 +403,7 @@ def spare_service(hub, tmp_path):
 
     yield start
     for svc in started:
-        svc.stop()
-        left = svc.leftovers()
-        if left:
-            from sandbox_kernel.backends.local import NETNS_PREFIX, remove_sandbox
-
-            for ns in left:
-                remove_sandbox(ns[len(NETNS_PREFIX):], "/run/sandbox-kernel")
-        assert not left, f"the sandbox service left namespaces behind: {left}"
+        svc.stop_and_check_leftovers()
 
 
 @pytest.fixture

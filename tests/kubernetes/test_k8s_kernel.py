@@ -10,7 +10,6 @@ import threading
 import time
 
 import pytest
-import yaml
 
 from kerneltest import KernelDriver  # tests/ is on sys.path (tests/kubernetes/conftest.py)
 
@@ -19,18 +18,12 @@ from sandbox_kernel import cli
 
 @pytest.fixture
 def kube_kernel(fakekube, tmp_path):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": fakekube.url}}],
-        "users": [{"name": "hub", "user": {"token": fakekube.token}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "hub"}}],
-    }))
-    driver = KernelDriver({"SANDBOX_KERNEL_BACKEND": "kubernetes", "KUBECONFIG": str(kubeconfig),
+    kubeconfig = fakekube.write_kubeconfig(tmp_path / "kubeconfig")
+    driver = KernelDriver({"SANDBOX_KERNEL_BACKEND": "kubernetes", "KUBECONFIG": kubeconfig,
                            "SANDBOX_KERNEL_USER": "Alice Smith", "SANDBOX_KERNEL_K8S_START_TIMEOUT": "60",
                            "SANDBOX_KERNEL_PROGRESS_DELAY": "0",
                            "KUBERNETES_SERVICE_HOST": ""})
-    driver.kubeconfig = str(kubeconfig)
+    driver.kubeconfig = kubeconfig
     try:
         yield driver
     finally:
