@@ -3,8 +3,8 @@ never ``from conftest import``, which resolves to whichever conftest pytest load
 
 ``helm-python-sdk`` (PyPI) binds Helm's Go SDK (lint, values schema, template engine), so
 no ``helm`` binary and no cluster are needed. Rendered objects are validated with
-``kubernetes-validate`` (core kinds, strict) and the CRD schemas in the sibling
-``../shared/crd-schemas`` (custom kinds; not vendored).
+``kubernetes-validate`` (core kinds, strict) and the CRD schemas kept in
+``tests/data/crd-schemas`` (custom kinds; source and licence in its README).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ requires_helm = pytest.mark.skipif(
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "sandbox-kernel"
 EXAMPLES = REPO / "helm" / "examples"
-CRD_SCHEMAS = REPO / ".." / "shared" / "crd-schemas"
+CRD_SCHEMAS = REPO / "tests" / "data" / "crd-schemas"
 KUBERNETES_VERSION = "1.30.0"
 RELEASE, NAMESPACE = "sk", "jhub"
 
@@ -123,7 +123,7 @@ def _find(objects: list[dict], kind: str, name_suffix: str = "") -> list[dict]:
 def _crd_validator(path: str):
     import jsonschema
 
-    # No check_schema(): the catalog's files are kept unchanged (see ../shared/crd-schemas/README.md)
+    # No check_schema(): the catalog's files are kept unchanged (see tests/data/crd-schemas/README.md)
     return jsonschema.Draft7Validator(json.loads((CRD_SCHEMAS / path).read_text()))
 
 

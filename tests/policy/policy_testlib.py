@@ -1,9 +1,8 @@
 """Shared by the policy tests: schema validation of emitted objects, golden files.
 
-Custom resources are validated against the CRD schemas in the sibling checkout
-``../shared/crd-schemas`` (see its README for their source); core kinds with the
-``kubernetes-validate`` package. Not vendored: the shared directory is present for every
-developer and in CI.
+Custom resources are validated against the CRD schemas kept as test data in
+``tests/data/crd-schemas`` (its README gives their source and licence); core kinds with the
+``kubernetes-validate`` package.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import kubernetes_validate
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_SCHEMAS = REPO / ".." / "shared" / "crd-schemas"
+CRD_SCHEMAS = REPO / "tests" / "data" / "crd-schemas"
 GOLDEN = Path(__file__).parent / "golden"
 KUBERNETES_VERSION = "1.30.0"
 
