@@ -1,16 +1,20 @@
 """The agent by itself, over its stdio protocol (no sandbox): both runners, hostile frames."""
 
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import zipfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sandbox_kernel.agent import protocol
+from sandbox_kernel.agent import bundle, protocol
 from sandbox_kernel.agent.bundle import build_pyz
 
 
@@ -181,3 +185,17 @@ def test_decode_rejects_non_objects_and_unknown_types():
         with pytest.raises(protocol.FrameError):
             protocol.decode(bad, protocol.AGENT_TYPES)
     assert protocol.decode(json.dumps({"type": "pong", "id": 1}).encode() + b"\n", protocol.AGENT_TYPES)["id"] == 1
+
+
+def test_bundle_takes_every_sandbox_side_module(tmp_path):
+    # a module added to (or renamed in) the agent package must reach the sandbox: the bundle
+    # lists the package, not a hand-kept tuple that silently skipped names it did not know
+    package = tmp_path / "agent"
+    shutil.copytree(Path(bundle.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "streams_renamed.py").write_text("VALUE = 1\n")
+    names = set(zipfile.ZipFile(io.BytesIO(bundle.pack(package))).namelist())
+    expected = {f"sandbox_agent/{p.name}" for p in package.glob("*.py") if p.name != "bundle.py"}
+    assert "sandbox_agent/streams_renamed.py" in names
+    assert names == expected | {"__main__.py"}
+    # the kernel-side packer itself stays out of the sandbox
+    assert "sandbox_agent/bundle.py" not in names
