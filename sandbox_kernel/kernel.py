@@ -249,12 +249,14 @@ class SandboxKernel(Kernel):
         if self.backend_name == "local":
             from .backends.local import LocalBackend, gc
 
+            backend = LocalBackend(parent=self)
             try:
-                for line in gc():
+                # the configured state directory: the owner records of live kernels are there
+                for line in gc(backend.state_dir):
                     self.log.info("removed leftover %s", line)
             except OSError as err:  # cleaning others' leftovers must not stop this kernel
                 self.log.warning("could not clean leftover sandboxes: %s", err)
-            return LocalBackend(parent=self)
+            return backend
         if self.backend_name == "kubernetes":
             from .backends.kubernetes import KubernetesBackend
 

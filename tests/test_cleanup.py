@@ -141,3 +141,31 @@ def test_gc_takes_a_zombie_kernel_for_dead(tmp_path):
         assert mine is not None and _owner_alive(owner_file("alive.json", os.getpid(), mine))
     finally:
         child.wait()
+
+
+def test_start_up_gc_reads_the_configured_state_dir(tmp_path):
+    # With the state directory set in a config file (not the environment), a starting
+    # kernel's gc looked for owner records in the default directory, found none for the
+    # first kernel's namespace and deleted it under the running sandbox.
+    config = tmp_path / "config"
+    config.mkdir()
+    state = tmp_path / "state"
+    (config / "sandbox_kernel_config.py").write_text(f"c.LocalBackend.state_dir = {str(state)!r}\n")
+    env = {"JUPYTER_CONFIG_DIR": str(config)}
+    assert "SANDBOX_KERNEL_STATE_DIR" not in os.environ  # the config file alone sets it
+    first = KernelDriver(env)
+    second = None
+    try:
+        assert first.execute("kept = 41").reply["content"]["status"] == "ok"
+        mine = {p.parent.name for p in state.glob("*/owner.json")}
+        assert len(mine) == 1
+        netns = {f"sbx-{sandbox_id}" for sandbox_id in mine}
+        assert netns <= sandbox_namespaces()
+        second = KernelDriver(env)
+        assert second.execute("print('second')").stream().startswith("second\n")
+        assert netns <= sandbox_namespaces()
+        assert first.execute("print(kept + 1)").stream().startswith("42\n")
+    finally:
+        for driver in (second, first):
+            if driver is not None:
+                driver.shutdown()
