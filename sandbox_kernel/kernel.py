@@ -22,6 +22,7 @@ from traitlets import Enum, Float, Instance, Integer, TraitError, Unicode, defau
 
 from . import __version__
 from .backends.base import Backend
+from .config import env_default
 from .errors import SandboxError
 from .magics import SandboxMagics, split_cell
 from .notices import NOTICE_MIME, NoticeBoard
@@ -30,11 +31,6 @@ from .policy.model import EgressPolicy
 from .session import CellResult, Session
 
 FOOTER_MODES = ("always", "on-failure", "never")
-
-
-def _env(name: str, fallback):
-    value = os.environ.get(name)
-    return fallback if value in (None, "") else value
 
 
 def format_duration(ms: float) -> str:
@@ -102,7 +98,7 @@ class SandboxKernel(Kernel):
 
     @default("backend_name")
     def _backend_default(self):
-        return _env("SANDBOX_KERNEL_BACKEND", "local")
+        return env_default("SANDBOX_KERNEL_BACKEND", "local")
 
     footer = Enum(
         FOOTER_MODES,
@@ -114,7 +110,7 @@ class SandboxKernel(Kernel):
 
     @default("footer")
     def _footer_default(self):
-        value = _env("SANDBOX_KERNEL_FOOTER", "always")
+        value = env_default("SANDBOX_KERNEL_FOOTER", "always")
         return value if value in FOOTER_MODES else "always"
 
     start_timeout = Float(
@@ -130,7 +126,7 @@ class SandboxKernel(Kernel):
 
     @default("output_limit")
     def _output_limit_default(self):
-        return int(_env("SANDBOX_KERNEL_OUTPUT_LIMIT", 10 * 1024 * 1024))
+        return int(env_default("SANDBOX_KERNEL_OUTPUT_LIMIT", 10 * 1024 * 1024))
 
     progress_delay = Float(
         help="Seconds a cell waits for its sandbox before the start-up progress lines are shown "
@@ -140,14 +136,14 @@ class SandboxKernel(Kernel):
 
     @default("progress_delay")
     def _progress_delay_default(self):
-        return float(_env("SANDBOX_KERNEL_PROGRESS_DELAY", 1.5))
+        return float(env_default("SANDBOX_KERNEL_PROGRESS_DELAY", 1.5))
 
     sandbox = Instance(Session, allow_none=True)
     sandbox_backend = Instance(Backend, allow_none=True)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.kernel_id = _env("SANDBOX_KERNEL_ID", "") or uuid.uuid4().hex
+        self.kernel_id = env_default("SANDBOX_KERNEL_ID", "") or uuid.uuid4().hex
         self.admin = AdminPolicy(parent=self)
         #: a bad administrator setting: every cell reports it and nothing runs
         self.config_error: Exception | None = None

@@ -38,9 +38,11 @@ import threading
 import time
 from typing import Any, Callable
 
-from traitlets import Any as AnyTrait, Dict, Float, List, Unicode, default
+from traitlets import Any as AnyTrait
+from traitlets import Dict, Float, List, Unicode, default
 
 from ..agent import protocol
+from ..config import env_default
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from . import objects
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
@@ -158,11 +160,6 @@ def _detail(text: str) -> str:
 
 # --- configuration helpers -----------------------------------------------------------
 
-def _env(name: str, fallback: Any, parse: Callable[[str], Any] = str) -> Any:
-    value = os.environ.get(name)
-    return fallback if value in (None, "") else parse(value)
-
-
 def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -224,38 +221,38 @@ class KubernetesBackend(Backend):
     client_configuration = AnyTrait(None, allow_none=True)
 
     @default("image")
-    def _image_default(self): return _env("SANDBOX_KERNEL_K8S_IMAGE", "python:3.12-slim")
+    def _image_default(self): return env_default("SANDBOX_KERNEL_K8S_IMAGE", "python:3.12-slim")
     @default("image_pull_policy")
-    def _ipp_default(self): return _env("SANDBOX_KERNEL_K8S_IMAGE_PULL_POLICY", "IfNotPresent")
+    def _ipp_default(self): return env_default("SANDBOX_KERNEL_K8S_IMAGE_PULL_POLICY", "IfNotPresent")
     @default("namespace_template")
-    def _nt_default(self): return _env("SANDBOX_KERNEL_K8S_NAMESPACE_TEMPLATE", "user-sandbox-{slug}")
+    def _nt_default(self): return env_default("SANDBOX_KERNEL_K8S_NAMESPACE_TEMPLATE", "user-sandbox-{slug}")
     @default("user")
     def _user_default(self): return _default_user()
     @default("requests")
-    def _requests_default(self): return _env("SANDBOX_KERNEL_K8S_REQUESTS", {"cpu": "250m", "memory": "512Mi"}, json.loads)
+    def _requests_default(self): return env_default("SANDBOX_KERNEL_K8S_REQUESTS", {"cpu": "250m", "memory": "512Mi"}, json.loads)
     @default("limits")
-    def _limits_default(self): return _env("SANDBOX_KERNEL_K8S_LIMITS", {"cpu": "1", "memory": "2Gi"}, json.loads)
+    def _limits_default(self): return env_default("SANDBOX_KERNEL_K8S_LIMITS", {"cpu": "1", "memory": "2Gi"}, json.loads)
     @default("quota")
     def _quota_default(self):
-        return _env("SANDBOX_KERNEL_K8S_QUOTA", {"pods": "4", "limits.cpu": "4", "limits.memory": "8Gi"}, json.loads)
+        return env_default("SANDBOX_KERNEL_K8S_QUOTA", {"pods": "4", "limits.cpu": "4", "limits.memory": "8Gi"}, json.loads)
     @default("runtime_class")
-    def _rc_default(self): return _env("SANDBOX_KERNEL_K8S_RUNTIME_CLASS", None)
+    def _rc_default(self): return env_default("SANDBOX_KERNEL_K8S_RUNTIME_CLASS", None)
     @default("node_selector")
-    def _ns_default(self): return _env("SANDBOX_KERNEL_K8S_NODE_SELECTOR", {}, json.loads)
+    def _ns_default(self): return env_default("SANDBOX_KERNEL_K8S_NODE_SELECTOR", {}, json.loads)
     @default("tolerations")
-    def _tol_default(self): return _env("SANDBOX_KERNEL_K8S_TOLERATIONS", [], json.loads)
+    def _tol_default(self): return env_default("SANDBOX_KERNEL_K8S_TOLERATIONS", [], json.loads)
     @default("enforcers")
-    def _enf_default(self): return _env("SANDBOX_KERNEL_K8S_ENFORCERS", ["networkpolicy"], _csv)
+    def _enf_default(self): return env_default("SANDBOX_KERNEL_K8S_ENFORCERS", ["networkpolicy"], _csv)
     @default("node_local_dns")
-    def _nld_default(self): return _env("SANDBOX_KERNEL_K8S_NODE_LOCAL_DNS", "false")
+    def _nld_default(self): return env_default("SANDBOX_KERNEL_K8S_NODE_LOCAL_DNS", "false")
     @default("start_timeout")
-    def _st_default(self): return _env("SANDBOX_KERNEL_K8S_START_TIMEOUT", 300.0, float)
+    def _st_default(self): return env_default("SANDBOX_KERNEL_K8S_START_TIMEOUT", 300.0, float)
     @default("schedule_timeout")
-    def _sch_default(self): return _env("SANDBOX_KERNEL_K8S_SCHEDULE_TIMEOUT", 120.0, float)
+    def _sch_default(self): return env_default("SANDBOX_KERNEL_K8S_SCHEDULE_TIMEOUT", 120.0, float)
     @default("idle_timeout")
-    def _idle_default(self): return _env("SANDBOX_KERNEL_K8S_IDLE_TIMEOUT", 0.0, float)
+    def _idle_default(self): return env_default("SANDBOX_KERNEL_K8S_IDLE_TIMEOUT", 0.0, float)
     @default("context")
-    def _ctx_default(self): return _env("SANDBOX_KERNEL_K8S_CONTEXT", None)
+    def _ctx_default(self): return env_default("SANDBOX_KERNEL_K8S_CONTEXT", None)
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)

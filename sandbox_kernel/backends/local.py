@@ -37,12 +37,13 @@ from traitlets import Enum, Integer, List, Unicode, default
 
 from ..agent import protocol
 from ..agent.bundle import build_pyz
+from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ..policy.compile_nftables import compile_nftables
 from ..policy.resolve import resolve_policy
 from . import limits, nflog
-from .dnsproxy import DnsProxy, upstream_from_resolv_conf
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
+from .dnsproxy import DnsProxy, upstream_from_resolv_conf
 
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "sbx-"
@@ -51,11 +52,6 @@ NFT_TABLE = "sandbox_kernel"
 SANDBOX_RESOLVER = "127.0.0.53"
 SANDBOX_HOME = "/home/sandbox"
 AGENT_PATH = "/opt/sandbox-agent/agent.pyz"
-
-
-def _env_default(name: str, fallback):
-    value = os.environ.get(name)
-    return fallback if value in (None, "") else value
 
 
 def _signal_name(num: int) -> str:
@@ -106,7 +102,7 @@ class LocalBackend(Backend):
 
     @default("state_dir")
     def _state_dir_default(self):
-        return _env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel")
+        return env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel")
 
     python = Unicode(
         help="The Python interpreter that runs the agent inside the sandbox (its install "
@@ -116,7 +112,7 @@ class LocalBackend(Backend):
 
     @default("python")
     def _python_default(self):
-        return _env_default("SANDBOX_KERNEL_PYTHON", sys.executable)
+        return env_default("SANDBOX_KERNEL_PYTHON", sys.executable)
 
     uid = Integer(
         help="The unprivileged uid (and gid) code runs as in the sandbox. Env: SANDBOX_KERNEL_UID."
@@ -124,7 +120,7 @@ class LocalBackend(Backend):
 
     @default("uid")
     def _uid_default(self):
-        return int(_env_default("SANDBOX_KERNEL_UID", 65534))
+        return int(env_default("SANDBOX_KERNEL_UID", 65534))
 
     extra_ro_binds = List(
         Unicode(),
@@ -147,7 +143,7 @@ class LocalBackend(Backend):
 
     @default("memory_limit")
     def _memory_limit_default(self):
-        return _env_default("SANDBOX_KERNEL_MEMORY_LIMIT", "2G")
+        return env_default("SANDBOX_KERNEL_MEMORY_LIMIT", "2G")
 
     pids_limit = Integer(
         help="Most processes and threads a sandbox may have (stops fork bombs); 0 for none. "
@@ -156,7 +152,7 @@ class LocalBackend(Backend):
 
     @default("pids_limit")
     def _pids_limit_default(self):
-        return int(_env_default("SANDBOX_KERNEL_PIDS_LIMIT", 512))
+        return int(env_default("SANDBOX_KERNEL_PIDS_LIMIT", 512))
 
     tmp_size = Unicode(
         help="Size of the sandbox's private /tmp (memory-backed). Env: SANDBOX_KERNEL_TMP_SIZE."
@@ -164,7 +160,7 @@ class LocalBackend(Backend):
 
     @default("tmp_size")
     def _tmp_size_default(self):
-        return _env_default("SANDBOX_KERNEL_TMP_SIZE", "256M")
+        return env_default("SANDBOX_KERNEL_TMP_SIZE", "256M")
 
     work_size = Unicode(
         help="Size of the sandbox's working directory /home/sandbox (memory-backed, kept across "
@@ -174,7 +170,7 @@ class LocalBackend(Backend):
 
     @default("work_size")
     def _work_size_default(self):
-        return _env_default("SANDBOX_KERNEL_WORK_SIZE", "1G")
+        return env_default("SANDBOX_KERNEL_WORK_SIZE", "1G")
 
     upstream_dns = Unicode(
         help="The resolver the sandbox's DNS proxy forwards allowed names to (ip or ip:port). "
@@ -183,7 +179,7 @@ class LocalBackend(Backend):
 
     @default("upstream_dns")
     def _upstream_dns_default(self):
-        return _env_default("SANDBOX_KERNEL_UPSTREAM_DNS", upstream_from_resolv_conf() or "")
+        return env_default("SANDBOX_KERNEL_UPSTREAM_DNS", upstream_from_resolv_conf() or "")
 
     refuse_with = Enum(
         ["reject", "drop"], default_value="reject",
@@ -194,7 +190,7 @@ class LocalBackend(Backend):
 
     @default("refuse_with")
     def _refuse_with_default(self):
-        value = _env_default("SANDBOX_KERNEL_REFUSE_WITH", "reject")
+        value = env_default("SANDBOX_KERNEL_REFUSE_WITH", "reject")
         return value if value in ("reject", "drop") else "reject"
 
     def __init__(self, **kwargs: Any):
@@ -728,7 +724,7 @@ def _owner_alive(owner_file: Path) -> bool:
 def gc(state_dir: str | None = None) -> list[str]:
     """Remove local sandboxes whose kernel process is gone. Called by ``sandbox-kernel gc``
     and by every local kernel when it starts."""
-    state = Path(state_dir or _env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel"))
+    state = Path(state_dir or env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel"))
     ids: set[str] = set()
     if NETNS_DIR.exists():
         ids |= {p.name[len(NETNS_PREFIX):] for p in NETNS_DIR.iterdir() if p.name.startswith(NETNS_PREFIX)}

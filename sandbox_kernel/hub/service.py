@@ -50,6 +50,7 @@ from traitlets import Enum, Float, Instance, Integer, List, Unicode, default
 from traitlets.config import Application
 
 from ..agent import protocol
+from ..config import env_default
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import AdminPolicy, CeilingRefused
 from .manager import Forbidden, Manager, NotFound, NotRunning, jsonable
@@ -300,11 +301,6 @@ class StreamHandler(_Handler, websocket.WebSocketHandler):
         return True  # token-authenticated, no cookies: a browser page cannot borrow a session
 
 
-def _env(name: str, fallback):
-    value = os.environ.get(name)
-    return fallback if value in (None, "") else value
-
-
 class SandboxService(Application):
     """The sandbox service (a JupyterHub service)."""
 
@@ -349,23 +345,23 @@ class SandboxService(Application):
 
     @default("prefix")
     def _prefix_default(self):
-        return _env("JUPYTERHUB_SERVICE_PREFIX", "/services/sandbox/")
+        return env_default("JUPYTERHUB_SERVICE_PREFIX", "/services/sandbox/")
 
     @default("state_dir")
     def _state_dir_default(self):
-        return _env("SANDBOX_HUB_STATE_DIR", "/var/lib/sandbox-kernel-hub")
+        return env_default("SANDBOX_HUB_STATE_DIR", "/var/lib/sandbox-kernel-hub")
 
     @default("backend_name")
     def _backend_default(self):
-        return _env("SANDBOX_KERNEL_BACKEND", "local")
+        return env_default("SANDBOX_KERNEL_BACKEND", "local")
 
     @default("abandoned_after")
     def _abandoned_after_default(self):
-        return float(_env("SANDBOX_HUB_ABANDONED_AFTER", 600))
+        return float(env_default("SANDBOX_HUB_ABANDONED_AFTER", 600))
 
     @default("keep_stopped")
     def _keep_stopped_default(self):
-        return float(_env("SANDBOX_HUB_KEEP_STOPPED", 86400))
+        return float(env_default("SANDBOX_HUB_KEEP_STOPPED", 86400))
 
     @default("admin_groups")
     def _admin_groups_default(self):
@@ -389,7 +385,7 @@ class SandboxService(Application):
     @property
     def service_name(self) -> str:
         """The service's name at the hub: $JUPYTERHUB_SERVICE_NAME, else the prefix's last part."""
-        return _env("JUPYTERHUB_SERVICE_NAME", self.url_prefix.strip("/").rsplit("/", 1)[-1] or "sandbox")
+        return env_default("JUPYTERHUB_SERVICE_NAME", self.url_prefix.strip("/").rsplit("/", 1)[-1] or "sandbox")
 
     @property
     def url_prefix(self) -> str:
@@ -424,8 +420,8 @@ class SandboxService(Application):
 
         # HubOAuth: tokens for the API (as HubAuth), and the hub's login for the admin page
         self.hub_auth = HubOAuth(parent=self, cache_max_age=self.auth_cache_max_age,
-                                 oauth_client_id=_env("JUPYTERHUB_CLIENT_ID", f"service-{self.service_name}"),
-                                 oauth_redirect_uri=_env("JUPYTERHUB_OAUTH_CALLBACK_URL",
+                                 oauth_client_id=env_default("JUPYTERHUB_CLIENT_ID", f"service-{self.service_name}"),
+                                 oauth_redirect_uri=env_default("JUPYTERHUB_OAUTH_CALLBACK_URL",
                                                          self.url_prefix + "oauth_callback"))
         base = AdminPolicy(parent=self)
         base.blocked_networks()  # a bad base ceiling stops the service here, naming the setting

@@ -29,6 +29,7 @@ from typing import Any
 from traitlets import Bool, Enum, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
+from ..config import env_bool
 from ..errors import PolicyError
 from .destinations import is_blocked, parse_networks
 from .model import MODES, EgressPolicy, Entry, InvalidEntry, IPNetwork, parse_entry
@@ -159,7 +160,7 @@ class AdminPolicy(Configurable):
 
     @default("locked")
     def _default_locked(self) -> bool:
-        return _env_bool("SANDBOX_KERNEL_POLICY_LOCKED", False)
+        return env_bool("SANDBOX_KERNEL_POLICY_LOCKED", False)
 
     @default("user_may_allow")
     def _default_user_may_allow(self) -> list[str]:
@@ -341,16 +342,4 @@ def _trait_guard(name: str, func: Any, value: Any) -> None:
 
 def _split_list(text: str) -> list[str]:
     return text.replace(",", " ").split()
-
-
-def _env_bool(name: str, fallback: bool) -> bool:
-    text = os.environ.get(name)
-    if text is None or not text.strip():
-        return fallback
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise TraitError(f"{name}={text!r} is not a boolean (use true or false)")
 
