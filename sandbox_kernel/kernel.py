@@ -26,7 +26,7 @@ from .config import env_default
 from .errors import SandboxError
 from .magics import SandboxMagics, split_cell
 from .notices import NOTICE_MIME, NoticeBoard
-from .policy.admin import AdminPolicy
+from .policy.admin import AdminPolicy, agent_view
 from .policy.model import EgressPolicy
 from .session import CellResult, Session
 
@@ -203,7 +203,7 @@ class SandboxKernel(Kernel):
         """
         async with self._policy_lock:
             old = self.policy
-            if not getattr(self.sandbox_backend, "enforces_ceiling", False):
+            if not self.sandbox_backend.enforces_ceiling:
                 self.admin.check_change(old, new, who=who)
             # else (hub mode) the sandbox service decides, and audits the refusal with its reason
             await self.sandbox.ready()
@@ -228,18 +228,7 @@ class SandboxKernel(Kernel):
 
     def agent_policy_view(self, policy) -> dict:
         """What the agent's guard needs to know about ``policy`` (plain JSON)."""
-        allow = []
-        if policy.mode == "allowlist":
-            for entry in policy.expanded_entries():
-                value = entry.value[2:] if entry.kind == "wildcard" else entry.value
-                allow.append({"kind": entry.kind, "value": value,
-                              "ports": [list(r) for r in entry.ports], "protocol": entry.protocol})
-        applied = getattr(self.sandbox_backend, "applied", None) or {}
-        return {
-            "mode": policy.mode, "name": policy.name, "label": policy.describe(), "allow": allow,
-            "blocked": [str(net) for net in self.admin.blocked_networks()],
-            "resolved": applied.get("resolved", {}), "resolver": applied.get("resolver"),
-        }
+        return agent_view(policy, self.admin, self.sandbox_backend.applied)
 
     def _make_backend(self) -> Backend:
         if self.backend_name == "local":

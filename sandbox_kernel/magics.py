@@ -108,7 +108,7 @@ class SandboxMagics:
         self._no_args("status", args)
         k = self.kernel
         info = k.sandbox.info
-        applied = getattr(k.sandbox_backend, "applied", None) or {}
+        applied = k.sandbox_backend.applied
         rows = [
             ("backend", k.sandbox_backend.name),
             ("sandbox", _describe_sandbox(info) if info else "not running (starts with the next cell)"),

@@ -133,7 +133,7 @@ class PolicyPanel:
                 button.disabled, button.description, button.icon = True, "Allowed", "check"
 
     def _enforced_text(self) -> str:
-        applied = getattr(self.kernel.sandbox_backend, "applied", None) or {}
+        applied = self.kernel.sandbox_backend.applied
         when = self.kernel.policy_applied_at or applied.get("applied_at")
         stamp = time.strftime("%H:%M:%S", time.localtime(when)) if when else "at start"
         return f"<span class='sk-enforced'>enforced by {html.escape(str(applied.get('enforcer', 'the backend')))} ({stamp})</span>"

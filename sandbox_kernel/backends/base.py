@@ -118,6 +118,25 @@ class Backend(LoggingConfigurable):
     #: itself reports one (local: NFLOG). Records use the notice JSON field names.
     blocked_sink: Callable[[dict], None] | None = None
 
+    #: networks no policy may open (CIDR strings), set by the kernel or the hub service from
+    #: the administrator's ceiling before :meth:`start`; the enforcer blocks them whatever
+    #: the policy says. ``None``: the backend's own default.
+    always_blocked: list[str] | None = None
+
+    #: True when something behind the backend (the hub service) judges every policy change
+    #: against the ceiling itself, so the kernel only advises and never refuses on its own
+    enforces_ceiling: bool = False
+
+    #: what :meth:`apply_policy` last put in force (see :attr:`applied`)
+    _applied: dict[str, Any] = {}
+
+    @property
+    def applied(self) -> dict[str, Any]:
+        """What is in force now (enforcer, when, resolved addresses…); ``{}`` before the
+        first apply. Read by the kernel for the agent's guard, by ``%sandbox status`` and
+        the policy panel, and by the hub service."""
+        return dict(self._applied)
+
     def check(self) -> None:
         """Raise :class:`~sandbox_kernel.errors.IsolationUnavailable` if this machine or
         cluster cannot provide the isolation. Called by the Session before the first start
@@ -166,4 +185,10 @@ class Backend(LoggingConfigurable):
 
     def info(self) -> SandboxInfo | None:
         """The running sandbox, or None."""
+        return None
+
+    async def adopt(self, kernel_id: str, namespace: str, pod: str, *, policy: Any = None) -> SandboxInfo | None:
+        """Take over a sandbox that a previous process started and that still runs (called by
+        the hub service when it restarts), re-applying ``policy``. Returns its info, or None
+        when it is gone or this backend cannot adopt (the caller then starts a fresh one)."""
         return None

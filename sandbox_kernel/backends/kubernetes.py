@@ -437,10 +437,6 @@ class KubernetesBackend(Backend):
     def info(self) -> SandboxInfo | None:
         return self._info
 
-    @property
-    def applied(self) -> dict[str, Any]:
-        """What is in force: enforcers, object names, when, resolved addresses."""
-        return dict(self._applied)
 
     # --- namespace setup -------------------------------------------------------------
 

@@ -433,10 +433,6 @@ class LocalBackend(Backend):
         self._applied = {"enforcer": "nftables", "applied_at": time.time(),
                          "apply_ms": round((time.monotonic() - started) * 1000, 1), **details}
 
-    @property
-    def applied(self) -> dict[str, Any]:
-        """What is in force now: enforcer, when, resolved addresses, the DNS resolver."""
-        return dict(self._applied)
 
     def _schedule_refresh(self, policy: Any) -> None:
         """Re-resolve the policy's domains when their DNS answers expire, and re-apply."""

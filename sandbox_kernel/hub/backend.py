@@ -263,9 +263,6 @@ class HubBackend(Backend):
     def info(self) -> SandboxInfo | None:
         return self._info
 
-    @property
-    def applied(self) -> dict[str, Any]:
-        return dict(self._applied)
 
     def _forced(self, policy: EgressPolicy, reason: str) -> None:
         self.policy = policy

@@ -32,7 +32,7 @@ from traitlets import TraitError
 from ..agent import protocol
 from ..backends.base import Backend, Transport
 from ..errors import PolicyError, SandboxError, SandboxStartError
-from ..policy.admin import AdminPolicy, CeilingRefused
+from ..policy.admin import AdminPolicy, CeilingRefused, agent_view
 from ..policy.model import EgressPolicy
 from .store import AuditLog, StateFile
 
@@ -117,7 +117,7 @@ class Sandbox:
 
     def public(self) -> dict:
         """What the owner sees (``GET api/sandboxes[/id]``)."""
-        applied = getattr(self.backend, "applied", None) if self.backend is not None else None
+        applied = self.backend.applied if self.backend is not None else None
         return {**self.to_state(), "policy_label": self.policy.describe(),
                 "applied": jsonable(applied or {}), "attached": self.subscriber is not None,
                 "progress": list(self.progress), "progress_count": self.progress_count}
@@ -446,7 +446,7 @@ class Manager:
         """The agent's guard learns the policy from the service, never from the kernel."""
         if sb.transport is None or sb.state != "running":
             return
-        view = agent_view(sb.policy, self.ceiling_for(sb.user), getattr(sb.backend, "applied", None) or {})
+        view = agent_view(sb.policy, self.ceiling_for(sb.user), sb.backend.applied)
         asyncio.ensure_future(self._send_quietly(sb.transport, {"type": "policy", "policy": view}))
 
     @staticmethod
@@ -640,23 +640,10 @@ async def adopt_kubernetes(backend: Backend, sb: Sandbox):
     still runs (returns its SandboxInfo), else None (the caller starts a fresh one): see
     :meth:`KubernetesBackend.adopt`, which also re-applies the sandbox's policy objects."""
     namespace, pod = sb.details.get("namespace"), sb.details.get("pod")
-    adopt = getattr(backend, "adopt", None)
-    if not namespace or not pod or adopt is None:
+    if not namespace or not pod:
         return None
-    return await adopt(sb.kernel_id, namespace, pod, policy=sb.policy)
+    return await backend.adopt(sb.kernel_id, namespace, pod, policy=sb.policy)
 
-
-def agent_view(policy: EgressPolicy, admin: AdminPolicy, applied: dict) -> dict:
-    """What the agent's guard needs to know about ``policy`` (as SandboxKernel.agent_policy_view)."""
-    allow = []
-    if policy.mode == "allowlist":
-        for entry in policy.expanded_entries():
-            value = entry.value[2:] if entry.kind == "wildcard" else entry.value
-            allow.append({"kind": entry.kind, "value": value,
-                          "ports": [list(r) for r in entry.ports], "protocol": entry.protocol})
-    return {"mode": policy.mode, "name": policy.name, "label": policy.describe(), "allow": allow,
-            "blocked": [str(net) for net in admin.blocked_networks()],
-            "resolved": applied.get("resolved", {}), "resolver": applied.get("resolver")}
 
 
 def jsonable(value: Any) -> Any:

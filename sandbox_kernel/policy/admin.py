@@ -343,3 +343,18 @@ def _trait_guard(name: str, func: Any, value: Any) -> None:
 def _split_list(text: str) -> list[str]:
     return text.replace(",", " ").split()
 
+
+
+def agent_view(policy: EgressPolicy, admin: AdminPolicy, applied: dict) -> dict:
+    """What the agent's guard needs to know about ``policy`` under the ceiling ``admin``
+    (plain JSON; ``applied`` is the backend's :attr:`~Backend.applied`). Sent to the agent by
+    the kernel, or in hub mode by the service, never by anything in the sandbox."""
+    allow = []
+    if policy.mode == "allowlist":
+        for entry in policy.expanded_entries():
+            value = entry.value[2:] if entry.kind == "wildcard" else entry.value
+            allow.append({"kind": entry.kind, "value": value,
+                          "ports": [list(r) for r in entry.ports], "protocol": entry.protocol})
+    return {"mode": policy.mode, "name": policy.name, "label": policy.describe(), "allow": allow,
+            "blocked": [str(net) for net in admin.blocked_networks()],
+            "resolved": applied.get("resolved", {}), "resolver": applied.get("resolver")}
