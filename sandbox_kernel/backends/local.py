@@ -416,10 +416,8 @@ class LocalBackend(Backend):
         ruleset = compile_nftables(
             policy, table=NFT_TABLE, resolved=resolved, resolver=SANDBOX_RESOLVER,
             always_blocked=self.always_blocked or _default_blocked(), nflog_group=self.nflog_group,
+            refuse_with=self.refuse_with,
         )
-        if self.refuse_with == "drop":
-            ruleset = ruleset.replace("reject with tcp reset", "drop").replace(
-                "reject with icmpx type admin-prohibited", "drop")
         return ruleset, {"resolved": resolved, "expires_at": expires_at, "resolver": SANDBOX_RESOLVER}
 
     def _apply_rules(self, compiled: tuple[str, dict]) -> None:

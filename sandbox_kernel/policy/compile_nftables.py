@@ -43,6 +43,12 @@ from .model import EgressPolicy, Entry, IPNetwork, PortRange
 LOG_PREFIX_ALWAYS_BLOCKED = "sandbox-kernel:always-blocked "
 LOG_PREFIX_DENIED = "sandbox-kernel:denied "
 
+#: how a refused packet ends, for TCP and for everything else
+_REFUSALS = {
+    "reject": ("reject with tcp reset", "reject with icmpx type admin-prohibited"),
+    "drop": ("drop", "drop"),
+}
+
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 _FAMILIES = ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr"))
 
@@ -55,16 +61,22 @@ def compile_nftables(
     resolver: str | None,
     always_blocked: Sequence[str | IPNetwork],
     nflog_group: int = 42,
+    refuse_with: str = "reject",
 ) -> str:
     """Return the ``nft -f`` script that enforces ``policy`` in one network namespace.
 
     ``resolved`` maps each exact domain to its addresses; ``resolver`` is the one DNS
     server the sandbox may query (allowlist mode only; None allows no DNS at all).
+    ``refuse_with`` is ``"reject"`` (TCP reset / ICMP admin-prohibited: code fails at once)
+    or ``"drop"`` (silence, as a Kubernetes NetworkPolicy does).
     """
     if not _TABLE.match(table):
         raise PolicyError(f"nftables table name {table!r} must be a short identifier (letters, digits, _)")
     if not 0 <= nflog_group <= 65535:
         raise PolicyError(f"NFLOG group {nflog_group} is out of range (0-65535)")
+    if refuse_with not in _REFUSALS:
+        raise PolicyError(f"refuse_with must be one of {', '.join(_REFUSALS)}, not {refuse_with!r}")
+    reject_tcp, reject_other = _REFUSALS[refuse_with]
     resolver_ip = _parse_resolver(resolver)
     blocked = parse_networks(always_blocked)
     plan = plan_destinations(policy, resolved, blocked)
@@ -98,16 +110,16 @@ def compile_nftables(
         out.append(f"\t\t{family} daddr {resolver_ip} meta l4proto {{ tcp, udp }} th dport 53 accept")
     for version, family, _ in _FAMILIES:
         blocked_log = log.format(prefix=LOG_PREFIX_ALWAYS_BLOCKED)
-        out.append(f"\t\t{family} daddr @blocked_v{version} meta l4proto tcp {blocked_log} reject with tcp reset")
-        out.append(f"\t\t{family} daddr @blocked_v{version} {blocked_log} reject with icmpx type admin-prohibited")
+        out.append(f"\t\t{family} daddr @blocked_v{version} meta l4proto tcp {blocked_log} {reject_tcp}")
+        out.append(f"\t\t{family} daddr @blocked_v{version} {blocked_log} {reject_other}")
     for protocol, ports in groups:
         for version, family, _ in _FAMILIES:
             match = _l4_match(protocol, ports)
             out.append(f"\t\t{family} daddr @{set_name(version, protocol, ports)}{match} accept")
     denied_log = log.format(prefix=LOG_PREFIX_DENIED)
     out += [
-        f"\t\tmeta l4proto tcp {denied_log} reject with tcp reset",
-        f"\t\t{denied_log} reject with icmpx type admin-prohibited",
+        f"\t\tmeta l4proto tcp {denied_log} {reject_tcp}",
+        f"\t\t{denied_log} {reject_other}",
         "\t}",
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy drop;",

@@ -117,6 +117,20 @@ def test_nftables_sets_and_verdict_prefixes():
     assert "dport 53" not in deny.replace("hoplimit", "")  # no DNS at all in deny mode
 
 
+def test_nftables_refuse_with_drop_is_a_compiler_choice():
+    from sandbox_kernel.policy.compile_nftables import compile_nftables
+
+    options = {"resolved": RESOLVED, "resolver": "10.96.0.10", "always_blocked": BLOCKED}
+    reject = compile_nftables(POLICIES["allowlist"], **options)
+    drop = compile_nftables(POLICIES["allowlist"], refuse_with="drop", **options)
+    assert "reject" not in drop
+    # the same rules; only the refusing ones end differently
+    swapped = reject.replace("reject with tcp reset", "drop").replace("reject with icmpx type admin-prohibited", "drop")
+    assert drop == swapped != reject
+    with pytest.raises(PolicyError, match="refuse_with"):
+        compile_nftables(POLICIES["allowlist"], refuse_with="ignore", **options)
+
+
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nft (nftables) is not installed")
 @pytest.mark.parametrize("policy_name", list(POLICIES))
 def test_nft_accepts_the_script(policy_name, tmp_path):
