@@ -16,6 +16,9 @@ which only ask the API server a question):
   the dataplanes that enforce NetworkPolicy (GKE Dataplane V2 ``anetd``, Cilium, Calico,
   …); if none, ``get`` of the Calico / Cilium CRDs (operator installs run outside
   kube-system);
+- DNS: from the same DaemonSet list, whether NodeLocal DNSCache (``node-local-dns``) or
+  GKE (``anetd``, ``gke-metadata-server``) runs, against the ``node_local_dns`` and
+  ``gke_cloud_dns`` settings (a resolver the policy leaves out means no lookup works);
 - gVisor: ``get runtimeclasses/<runtime_class or gvisor>``;
 - FQDN policy CRDs: ``get customresourcedefinitions/<name>`` for GKE FQDN, Cilium and Istio;
 - the configured image (syntax only: a pull can only be tried by a pod).
@@ -96,6 +99,7 @@ class _Doctor:
     def __init__(self, backend: kb.KubernetesBackend):
         self.backend = backend
         self.rows: list[Check] = []
+        self.daemonsets: list[str] | None = None  # names in kube-system, once listed
 
     def add(self, name: str, status: str, detail: str = "") -> Check:
         row = Check(name, status, detail)
@@ -109,6 +113,7 @@ class _Doctor:
             return self.rows
         self.permissions()
         self.network_policy()
+        self.dns()
         self.runtime_class()
         self.fqdn_crds()
         self.image()
@@ -207,6 +212,7 @@ class _Doctor:
             self.add(name, FAIL, f"could not check: {_short(err)} — grant list on daemonsets.apps in "
                                  f"kube-system (DOCTOR_PERMISSIONS), or run the doctor as a cluster admin")
             return
+        self.daemonsets = [d.metadata.name for d in daemonsets]
         found = [f"{ENFORCING_DAEMONSETS[d.metadata.name]} (DaemonSet kube-system/{d.metadata.name})"
                  for d in daemonsets if d.metadata.name in ENFORCING_DAEMONSETS]
         if found:
@@ -222,6 +228,37 @@ class _Doctor:
                              "On GKE create the cluster with Dataplane V2 (--enable-dataplane-v2) or enable "
                              "network policy enforcement (--enable-network-policy); elsewhere install a CNI "
                              "that enforces NetworkPolicy (Cilium, Calico)")
+
+    def dns(self) -> None:
+        """Which resolvers the sandbox policy allows against what the cluster runs."""
+        b = self.backend
+        try:
+            node_local, cloud_dns = kb._yes(b.node_local_dns, "node_local_dns"), kb._yes(b.gke_cloud_dns, "gke_cloud_dns")
+        except SandboxError as err:
+            self.add("DNS", FAIL, str(err))
+            return
+        allowed = ["kube-dns pods (kube-system, k8s-app=kube-dns)"]
+        if node_local:
+            allowed.append("NodeLocal DNSCache 169.254.20.10 and k8s-app=node-local-dns pods")
+        if cloud_dns:
+            allowed.append("Cloud DNS for GKE 169.254.169.254")
+        said = f"allowed on port 53 (UDP, TCP) only: {', '.join(allowed)}"
+        if self.daemonsets is None:
+            self.add("DNS", WARN, f"{said}; could not see which resolvers run (list daemonsets in kube-system)")
+            return
+        has_node_local = "node-local-dns" in self.daemonsets
+        gke = bool({"anetd", "gke-metadata-server", "fluentbit-gke"} & set(self.daemonsets))
+        if has_node_local and not node_local:
+            self.add("DNS", FAIL, "NodeLocal DNSCache runs here (DaemonSet kube-system/node-local-dns) but "
+                                  "c.KubernetesBackend.node_local_dns is false: every lookup in an allowlist "
+                                  "sandbox fails. Set it to true (Helm: sandbox.nodeLocalDNS)")
+        elif gke and not cloud_dns:
+            self.add("DNS", WARN, f"{said}; this is GKE, where Cloud DNS for GKE answers on 169.254.169.254:53 "
+                                  "(Autopilot may use it): if lookups fail, set c.KubernetesBackend.gke_cloud_dns "
+                                  "to true (Helm: sandbox.gkeCloudDNS)")
+        else:
+            seen = "NodeLocal DNSCache runs" if has_node_local else "no NodeLocal DNSCache DaemonSet"
+            self.add("DNS", OK, f"{said} ({seen}{', GKE' if gke else ''})")
 
     def _crd(self, crd: str) -> tuple[Any, str]:
         """(the CRD or None, error text when it could not be read)."""

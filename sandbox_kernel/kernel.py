@@ -157,6 +157,7 @@ class SandboxKernel(Kernel):
             self.policy = EgressPolicy()
         self.sandbox_backend = self._make_backend()
         self.sandbox_backend.always_blocked = [str(n) for n in self.admin.blocked_networks()]
+        self.sandbox_backend.address_screen = self.admin.address_screen()
         self.policy_applied_at: float | None = None
         self._policy_lock = asyncio.Lock()
         self._progress_lines: list[str] = []

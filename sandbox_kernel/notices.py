@@ -59,7 +59,7 @@ class BlockedConnection:
 
     def headline(self) -> str:
         if self.protocol == "dns":
-            details = "DNS lookup refused"
+            details = "DNS answer not opened" if self.ip else "DNS lookup refused"
         else:
             details = ", ".join(x for x in (self.ip if self.host else None, self.protocol) if x)
         text = f"⛔ egress blocked: {self.destination()}"

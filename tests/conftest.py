@@ -20,6 +20,31 @@ from kerneltest import _HOST_INDEX, _HOST_SERVER, KernelDriver, TestHost, _sh
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: the test hosts' ranges (10.231.0.0/16 and fd00:231::/32 here, 10.213.0.0/16 for the
+#: cluster suite's hosts): private, so inside the default cluster_ranges. The test ceiling's
+#: cluster_ranges are the defaults minus these, so the tests can reach their own hosts and
+#: nothing else private (a kernel's environment inherits this variable).
+TEST_HOST_RANGES = ("10.231.0.0/16", "10.213.0.0/16", "fd00:231::/32")
+
+
+def _test_cluster_ranges() -> str:
+    import ipaddress
+
+    from sandbox_kernel.policy.admin import DEFAULT_CLUSTER_RANGES
+
+    holes = [ipaddress.ip_network(h) for h in TEST_HOST_RANGES]
+    out = []
+    for text in DEFAULT_CLUSTER_RANGES:
+        parts = [ipaddress.ip_network(text)]
+        for hole in holes:
+            parts = [piece for part in parts
+                     for piece in (part.address_exclude(hole) if hole.version == part.version and hole.subnet_of(part) else [part])]
+        out += [str(n) for n in ipaddress.collapse_addresses(parts)]
+    return " ".join(out)
+
+
+os.environ.setdefault("SANDBOX_KERNEL_POLICY_CLUSTER_RANGES", _test_cluster_ranges())
+
 
 def pytest_report_header(config):
     return [f"sandbox-kernel tests as uid {os.geteuid()}; netns/nft/bwrap: "

@@ -2,75 +2,10 @@
 other names are refused at once and reported. The upstream is a fake DNS server on
 127.0.0.1 run by the test; no query leaves the machine."""
 
-import socket
-import struct
-import threading
-
 import pytest
 
+from fakedns import FakeUpstream
 from kerneltest import KernelDriver
-
-
-class FakeUpstream:
-    """Answers A queries for names in ``records``, NXDOMAIN otherwise, over UDP and TCP on
-    the same port; records each query's name (and its transport in ``transports``)."""
-
-    def __init__(self):
-        self.records: dict[str, str] = {}
-        self.queries: list[str] = []
-        self.transports: list[tuple[str, str]] = []
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.bind(("127.0.0.1", self.port))
-        self.tcp.listen(4)
-        self._stop = False
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-        threading.Thread(target=self.serve_tcp, daemon=True).start()
-
-    def serve(self):
-        while not self._stop:
-            try:
-                data, peer = self.sock.recvfrom(2048)
-            except OSError:
-                return
-            self.sock.sendto(self.reply(data, "udp"), peer)
-
-    def serve_tcp(self):
-        while not self._stop:
-            try:
-                conn, _ = self.tcp.accept()
-            except OSError:
-                return
-            with conn:
-                size = struct.unpack("!H", conn.recv(2, socket.MSG_WAITALL))[0]
-                reply = self.reply(conn.recv(size, socket.MSG_WAITALL), "tcp")
-                conn.sendall(struct.pack("!H", len(reply)) + reply)
-
-    def reply(self, data: bytes, transport: str) -> bytes:
-        qid = data[:2]
-        offset, labels = 12, []
-        while data[offset]:
-            labels.append(data[offset + 1: offset + 1 + data[offset]].decode())
-            offset += 1 + data[offset]
-        name = ".".join(labels).lower()
-        qtype = struct.unpack("!H", data[offset + 1: offset + 3])[0]
-        question = data[12: offset + 5]
-        self.queries.append(name)
-        self.transports.append((name, transport))
-        ip = self.records.get(name)
-        if ip and qtype == 1:
-            answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
-            return qid + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + question + answer
-        rcode = 0 if ip else 3
-        return qid + struct.pack("!HHHHH", 0x8180 | rcode, 1, 0, 0, 0) + question
-
-    def close(self):
-        self._stop = True
-        self.sock.close()
-        self.tcp.close()
 
 
 @pytest.fixture

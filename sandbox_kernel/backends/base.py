@@ -123,6 +123,11 @@ class Backend(LoggingConfigurable):
     #: the policy says. ``None``: the backend's own default.
     always_blocked: list[str] | None = None
 
+    #: which resolved addresses a domain entry may open
+    #: (:class:`~sandbox_kernel.policy.destinations.AddressScreen`), set with
+    #: :attr:`always_blocked` from the same ceiling. ``None``: the default ceiling's.
+    address_screen: Any = None
+
     #: True when something behind the backend (the hub service) judges every policy change
     #: against the ceiling itself, so the kernel only advises and never refuses on its own
     enforces_ceiling: bool = False

@@ -9,7 +9,11 @@ outside the sandbox. For each query it decides with the policy in force:
   upstream resolver; the addresses in the answer are added to the nftables set of the
   matching entry *before* the answer is relayed, so a wildcard entry (``*.pythonhosted.org``)
   opens exactly the addresses its names resolve to, for every process in the sandbox;
-- any other name gets REFUSED at once, and is reported as a blocked lookup (a notice).
+- any other name gets REFUSED at once, and is reported as a blocked lookup (a notice);
+- an answer's address that the ceiling's :class:`~sandbox_kernel.policy.destinations.AddressScreen`
+  refuses (always blocked, or not globally routable and not permitted: ``10-0-0-5.nip.io``)
+  joins no set and is reported as a blocked connection to that name: an allowed name can
+  never open a private or in-cluster address.
 
 This also closes the simplest DNS exfiltration path: names outside the policy never reach
 an outside resolver. Queries come over UDP and TCP (a client retries over TCP when a UDP
@@ -89,12 +93,13 @@ class DnsProxy(asyncio.DatagramProtocol):
     """Serves one sandbox. Created and closed by the local backend."""
 
     def __init__(self, *, policy: Callable[[], Any], upstream: str, add_addresses: Callable[[list[tuple[str, str]]], None],
-                 report: Callable[[dict], None], log):
+                 report: Callable[[dict], None], log, screen: Any = None):
         self._policy = policy
         self._upstream = parse_resolver(upstream)
         self._add = add_addresses
         self._report = report
         self._log = log
+        self._screen = screen
         self._transport: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._tcp_clients: set[asyncio.Task] = set()
@@ -210,6 +215,7 @@ class DnsProxy(asyncio.DatagramProtocol):
                 addresses = [a for records in answer.addresses.values() for a, _ in records]
             except DNSFormatError:
                 addresses = []
+            addresses = self._screened(name, qtype, addresses)
             elements = [(set_for_entry(entry, a), a) for entry in entries for a in addresses]
             if elements:
                 try:
@@ -217,6 +223,23 @@ class DnsProxy(asyncio.DatagramProtocol):
                 except Exception as err:  # noqa: BLE001 - the answer still goes out; connect is refused
                     self._log.warning("could not open %s for %s: %s", addresses, name, err)
         return response
+
+    def _screened(self, name: str, qtype: int, addresses: list[str]) -> list[str]:
+        """``addresses`` the screen lets ``name`` open; each refused one is reported."""
+        if self._screen is None:
+            return addresses
+        kept = []
+        for address in addresses:
+            why = self._screen.why_not(address)
+            if why is None:
+                kept.append(address)
+                continue
+            self._log.warning("DNS answer for %s: not opening %s: %s", name, address, why)
+            now = time.time()
+            self._report({"host": name, "ip": address, "port": None, "protocol": "dns", "verdict": "rejected",
+                          "process": None, "first_seen": now, "last_seen": now, "count": 1,
+                          "attempt": f"dns-screen:{name}:{address}"})
+        return kept
 
     async def _forward(self, query: bytes) -> bytes:
         loop = asyncio.get_running_loop()

@@ -30,6 +30,7 @@ import collections
 import datetime
 import getpass
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -44,6 +45,7 @@ from traitlets import Dict, Float, List, Unicode, default
 from ..agent import protocol
 from ..config import env_default
 from ..errors import PolicyError, SandboxError, SandboxStartError
+from ..policy.resolve import DEFAULT_TTL
 from . import objects
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 from .slug import slugify, user_namespace
@@ -164,6 +166,16 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _yes(value: str, name: str) -> bool:
+    """A yes/no setting given as text (the chart writes "true"/"false")."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise SandboxError(f"c.KubernetesBackend.{name} = {value!r} is not true or false")
+
+
 def _default_user() -> str:
     for name in ("SANDBOX_KERNEL_USER", "JUPYTERHUB_USER"):
         if os.environ.get(name):
@@ -203,8 +215,20 @@ class KubernetesBackend(Backend):
     enforcers = List(Unicode(), help="Which objects enforce egress: any of networkpolicy, gke-fqdn, cilium, "
                                      "istio. Env: SANDBOX_KERNEL_K8S_ENFORCERS (comma-separated)."
                      ).tag(config=True)
-    node_local_dns = Unicode(help="'true' to allow DNS to NodeLocal DNSCache (169.254.20.10). "
+    node_local_dns = Unicode(help="'true' (default) allows DNS, on port 53 only, to NodeLocal DNSCache "
+                                  "(169.254.20.10 and its k8s-app=node-local-dns pods): always on in GKE "
+                                  "Autopilot, on by default in GKE Standard from 1.33; without it lookups "
+                                  "fail there. 'false' to leave it out. "
                                   "Env: SANDBOX_KERNEL_K8S_NODE_LOCAL_DNS.").tag(config=True)
+    gke_cloud_dns = Unicode(help="'true' (default) allows DNS to Cloud DNS for GKE on the metadata address, "
+                                 "169.254.169.254, port 53 only (UDP and TCP; every other port of that "
+                                 "address stays blocked). 'false' to leave it out. "
+                                 "Env: SANDBOX_KERNEL_K8S_GKE_CLOUD_DNS.").tag(config=True)
+    resolver = Unicode(help="The DNS server (ip or ip:port) the kernel asks, with TTLs, for the addresses "
+                            "of a policy's domains; NetworkPolicy ipBlocks are re-applied before those "
+                            "answers expire. Default: the first nameserver of /etc/resolv.conf (in a pod, "
+                            "the cluster DNS the sandbox uses too); empty: the system resolver with a "
+                            f"{DEFAULT_TTL:.0f} s TTL. Env: SANDBOX_KERNEL_K8S_RESOLVER.").tag(config=True)
     start_timeout = Float(help="Seconds to wait for a sandbox pod to be ready. "
                                "Env: SANDBOX_KERNEL_K8S_START_TIMEOUT.").tag(config=True)
     schedule_timeout = Float(help="Seconds a pod may stay unschedulable (e.g. waiting for the autoscaler) "
@@ -244,7 +268,14 @@ class KubernetesBackend(Backend):
     @default("enforcers")
     def _enf_default(self): return env_default("SANDBOX_KERNEL_K8S_ENFORCERS", ["networkpolicy"], _csv)
     @default("node_local_dns")
-    def _nld_default(self): return env_default("SANDBOX_KERNEL_K8S_NODE_LOCAL_DNS", "false")
+    def _nld_default(self): return env_default("SANDBOX_KERNEL_K8S_NODE_LOCAL_DNS", "true")
+    @default("gke_cloud_dns")
+    def _gcd_default(self): return env_default("SANDBOX_KERNEL_K8S_GKE_CLOUD_DNS", "true")
+    @default("resolver")
+    def _resolver_default(self):
+        from .dnsproxy import upstream_from_resolv_conf
+
+        return env_default("SANDBOX_KERNEL_K8S_RESOLVER", upstream_from_resolv_conf() or "")
     @default("start_timeout")
     def _st_default(self): return env_default("SANDBOX_KERNEL_K8S_START_TIMEOUT", 300.0, float)
     @default("schedule_timeout")
@@ -269,6 +300,9 @@ class KubernetesBackend(Backend):
         self._transport: ExecTransport | None = None
         self._idle_task: asyncio.Task | None = None
         self._idle_stopped = False
+        self._refresh: asyncio.Task | None = None
+        #: the addresses of the previous answers, kept in force until they expire
+        self._resolved_before: tuple[dict[str, list[str]], float] = ({}, 0.0)
 
     # --- API access (lazy) -------------------------------------------------------
 
@@ -300,6 +334,8 @@ class KubernetesBackend(Backend):
     def check(self) -> None:
         """Load credentials (no API call). Raises KubernetesUnavailable when there are none."""
         self.configuration()
+        _yes(self.node_local_dns, "node_local_dns")
+        _yes(self.gke_cloud_dns, "gke_cloud_dns")
         for enforcer in self.enforcers:
             if enforcer not in ENFORCER_KINDS:
                 raise SandboxError(f"unknown Kubernetes enforcer {enforcer!r}: choose from "
@@ -328,6 +364,7 @@ class KubernetesBackend(Backend):
             # progress() belongs to the event loop; the setup runs in a worker thread
             await asyncio.to_thread(self._ensure_namespace, lambda line: loop.call_soon_threadsafe(progress, line))
             await self._apply_policy_objects(policy)
+            self._schedule_refresh(policy)
             pod = await asyncio.to_thread(self._create_pod)
             progress("Scheduling…")
             await self._wait_ready(pod["metadata"]["resourceVersion"], progress)
@@ -368,6 +405,7 @@ class KubernetesBackend(Backend):
         spec = (found.get("spec") or {})
         containers = spec.get("containers") or [{}]
         await self._apply_policy_objects(policy)
+        self._schedule_refresh(policy)
         self._info = SandboxInfo(self.name, pod, {
             "namespace": namespace, "pod": pod, "image": containers[0].get("image") or self.image,
             "enforcers": list(self.enforcers), "runtime_class": spec.get("runtimeClassName") or self.runtime_class,
@@ -398,7 +436,10 @@ class KubernetesBackend(Backend):
         Called by Session.apply_policy()."""
         if not self.pod:
             raise PolicyError("no sandbox is running")
-        return await self._apply_policy_objects(policy)
+        self._resolved_before = ({}, 0.0)  # a new policy: the old one's addresses go now
+        applied = await self._apply_policy_objects(policy)
+        self._schedule_refresh(policy)
+        return applied
 
     async def interrupt(self) -> None:
         """The in-band interrupt frame reaches the agent over the exec stream: nothing more."""
@@ -424,6 +465,10 @@ class KubernetesBackend(Backend):
         if self._idle_task is not None and self._idle_task is not asyncio.current_task():
             self._idle_task.cancel()
             self._idle_task = None
+        if self._refresh is not None and self._refresh is not asyncio.current_task():
+            self._refresh.cancel()
+        self._refresh = None
+        self._resolved_before = ({}, 0.0)
         if self.pod and self.namespace:
             # the pod first: its agent dies and any open exec stream ends by itself
             await asyncio.to_thread(self._delete_kernel_objects)
@@ -505,6 +550,15 @@ class KubernetesBackend(Backend):
     def pod_selector(self) -> dict[str, str]:
         return {objects.KERNEL_LABEL: objects.label_value(self.kernel_id or "")}
 
+    def screen(self):
+        """The ceiling's :class:`~sandbox_kernel.policy.destinations.AddressScreen` (set by the
+        kernel or the hub service), else the default ceiling's."""
+        if self.address_screen is not None:
+            return self.address_screen
+        from ..policy.admin import AdminPolicy
+
+        return AdminPolicy().address_screen()
+
     def policy_objects(self, policy: Any, resolved: dict | None = None) -> list[dict]:
         """Compile ``policy`` with every configured cluster enforcer (pure; no API calls)."""
         from ..policy.enforcers import render
@@ -514,7 +568,8 @@ class KubernetesBackend(Backend):
         for enforcer in self.enforcers:
             rendered = render(policy, enforcer, namespace=self.namespace, pod_selector=self.pod_selector(),
                               name=f"{self.pod}-egress", resolved=resolved, always_blocked=self.always_blocked,
-                              node_local_dns=self.node_local_dns.lower() == "true")
+                              node_local_dns=_yes(self.node_local_dns, "node_local_dns"),
+                              gke_cloud_dns=_yes(self.gke_cloud_dns, "gke_cloud_dns"), screen=self.screen())
             for obj in rendered:
                 obj.setdefault("metadata", {}).setdefault("labels", {}).update(
                     {objects.MANAGED_BY_LABEL: objects.MANAGED_BY, **self.pod_selector()})
@@ -525,13 +580,31 @@ class KubernetesBackend(Backend):
         return out
 
     async def _apply_policy_objects(self, policy: Any) -> dict[str, Any]:
+        """Resolve (with TTLs), screen, compile and apply; :attr:`applied` says what and until when."""
         resolved = None
+        answered: dict[str, list[str]] = {}
+        screened: list[tuple[str, str, str]] = []
+        expires_at = resolved_at = None
         if policy is not None and getattr(policy, "mode", None) == "allowlist" and policy.domains() \
                 and "networkpolicy" in self.enforcers:
             from ..policy.resolve import resolve_policy
 
-            resolution = await asyncio.to_thread(resolve_policy, policy)
-            resolved = resolution.addresses
+            resolved_at = time.time()
+            resolution = await asyncio.to_thread(resolve_policy, policy, self.resolver or None)
+            resolved, screened = self.screen().split(resolution.addresses)
+            answered = {name: list(addresses) for name, addresses in resolved.items()}
+            expires_at = resolution.expires_at
+            if resolution.errors:
+                self.log.warning("could not resolve %s", ", ".join(sorted(resolution.errors)))
+            for name, address, why in screened:
+                self.log.warning("not opening %s for %s: %s", address, name, why)
+            before, before_expiry = self._resolved_before
+            if before_expiry > resolved_at:
+                # answers given out before this refresh may still be cached in the sandbox
+                # until they expire: keep their addresses in force for one more round
+                for name in resolved:
+                    resolved[name] = sorted(set(resolved[name]) | set(before.get(name, ())),
+                                            key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
         try:
             new = self.policy_objects(policy, resolved)
         except PolicyError:
@@ -555,8 +628,40 @@ class KubernetesBackend(Backend):
         self._applied = {"enforcer": ",".join(self.enforcers), "applied_at": time.time(),
                          "apply_ms": round((time.monotonic() - started) * 1000, 1),
                          "objects": [f"{o['kind']}/{o['metadata']['name']}" for o in new],
-                         "resolved": resolved or {}}
+                         "resolved": resolved or {}, "answered": answered,
+                         "resolved_at": resolved_at, "expires_at": expires_at,
+                         "screened": [{"host": n, "ip": a, "why": w} for n, a, w in screened]}
         return self.applied
+
+    #: re-resolve this long before the answers expire (fraction of the TTL, bounds in s),
+    #: so the new ipBlocks are in force before a sandbox's cached answer runs out
+    REFRESH_EARLY = (0.2, 1.0, 30.0)
+
+    def _schedule_refresh(self, policy: Any) -> None:
+        """Re-resolve the policy's domains before their answers expire and re-apply
+        (as the local backend does). Called after every successful apply."""
+        if self._refresh is not None and self._refresh is not asyncio.current_task():
+            self._refresh.cancel()
+        self._refresh = None
+        expires_at, resolved_at = self._applied.get("expires_at"), self._applied.get("resolved_at")
+        if not expires_at or expires_at == float("inf") or not resolved_at:
+            return
+        share, low, high = self.REFRESH_EARLY
+        early = min(max((expires_at - resolved_at) * share, low), high)
+
+        async def refresh() -> None:
+            await asyncio.sleep(max(0.5, expires_at - early - time.time()))
+            # the last answers (not what is in force: that still holds the round before)
+            self._resolved_before = (self._applied.get("answered") or {}, expires_at)
+            try:
+                await self._apply_policy_objects(policy)
+            except (PolicyError, SandboxError) as err:
+                self.log.warning("refreshing the resolved addresses failed, keeping the old ones: %s", err)
+                self._applied = {**self._applied, "expires_at": time.time() + 30.0, "resolved_at": time.time()}
+            self._refresh = None
+            self._schedule_refresh(policy)
+
+        self._refresh = asyncio.ensure_future(refresh())
 
     # --- the pod ---------------------------------------------------------------------
 

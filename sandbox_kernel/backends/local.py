@@ -39,6 +39,7 @@ from ..agent import protocol
 from ..agent.bundle import build_pyz
 from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
+from ..policy.destinations import AddressScreen
 from ..policy.compile_nftables import compile_nftables
 from ..policy.resolve import resolve_policy
 from . import limits, nflog
@@ -379,6 +380,7 @@ class LocalBackend(Backend):
         self._dns = await DnsProxy.start(
             str(NETNS_DIR / self.netns), policy=lambda: self._policy,
             upstream=self.upstream_dns or "127.0.0.1:9", add_addresses=self._add_addresses,
+            screen=self._screen(),
             report=lambda record: self.blocked_sink and self.blocked_sink(record), log=self.log)
 
     def _add_addresses(self, elements: list[tuple[str, str]]) -> None:
@@ -404,21 +406,35 @@ class LocalBackend(Backend):
                 pass
             sock.close()
 
+    def _screen(self) -> AddressScreen:
+        """The ceiling's address screen (set by the kernel), else the default ceiling's."""
+        if self.address_screen is not None:
+            return self.address_screen
+        from ..policy.admin import AdminPolicy
+
+        return AdminPolicy().address_screen()
+
     def _ruleset(self, policy: Any) -> tuple[str, dict]:
         """Resolve the policy's domains (allowlist mode) and compile the nftables script."""
         resolved: dict[str, list[str]] = {}
+        screened: list[tuple[str, str, str]] = []
         expires_at = None
+        screen = self._screen()
         if policy is not None and policy.mode == "allowlist" and policy.domains():
             resolution = resolve_policy(policy, resolver=self.upstream_dns or None)
-            resolved, expires_at = resolution.addresses, resolution.expires_at
+            resolved, screened = screen.split(resolution.addresses)
+            expires_at = resolution.expires_at
             if resolution.errors:
                 self.log.warning("could not resolve %s", ", ".join(sorted(resolution.errors)))
+            for name, address, why in screened:
+                self.log.warning("not opening %s for %s: %s", address, name, why)
         ruleset = compile_nftables(
             policy, table=NFT_TABLE, resolved=resolved, resolver=SANDBOX_RESOLVER,
             always_blocked=self.always_blocked or _default_blocked(), nflog_group=self.nflog_group,
-            refuse_with=self.refuse_with,
+            refuse_with=self.refuse_with, screen=screen,
         )
-        return ruleset, {"resolved": resolved, "expires_at": expires_at, "resolver": SANDBOX_RESOLVER}
+        return ruleset, {"resolved": resolved, "expires_at": expires_at, "resolver": SANDBOX_RESOLVER,
+                         "screened": [{"host": n, "ip": a, "why": w} for n, a, w in screened]}
 
     def _apply_rules(self, compiled: tuple[str, dict]) -> None:
         """Replace the whole table in one ``nft -f`` transaction: all or nothing."""

@@ -327,6 +327,7 @@ class Manager:
             sb.policy = ceiling.default_policy()  # a ceiling changed while it was stopped
         backend = self.make_backend(sb.user, sb.backend_name)
         backend.always_blocked = [str(n) for n in ceiling.blocked_networks()]
+        backend.address_screen = ceiling.address_screen()
         backend.blocked_sink = lambda record: self._blocked(sb, record, "enforcer")
         sb.backend, sb.state, sb.exit_reason, sb.exit_status = backend, "starting", None, None
         sb.backlog.clear()

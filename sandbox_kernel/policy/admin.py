@@ -31,7 +31,7 @@ from traitlets.config import Configurable
 
 from ..config import env_bool
 from ..errors import PolicyError
-from .destinations import is_blocked, parse_networks
+from .destinations import NOT_GLOBAL, AddressScreen, is_blocked, parse_networks
 from .model import MODES, EgressPolicy, Entry, InvalidEntry, IPNetwork, parse_entry
 from .presets import PRESETS
 
@@ -50,17 +50,19 @@ DEFAULT_ALWAYS_BLOCKED: dict[str, str] = {
 #: cloud metadata server (node credentials) to the code in a sandbox.
 METADATA_FLOOR = ("169.254.0.0/16", "fd00:ec2::254/128")
 
+#: ``cluster_ranges`` by default: the private ranges a cluster's pods, services, nodes and
+#: internal load balancers live in (RFC 1918, CGNAT 100.64.0.0/10 as GKE and EKS use it,
+#: IPv6 ULA). An administrator whose network is elsewhere replaces the list.
+DEFAULT_CLUSTER_RANGES: dict[str, str] = {
+    "10.0.0.0/8": "RFC 1918 private",
+    "172.16.0.0/12": "RFC 1918 private",
+    "192.168.0.0/16": "RFC 1918 private",
+    "100.64.0.0/10": "carrier-grade NAT (RFC 6598), used for pod ranges",
+    "fc00::/7": "IPv6 unique local (ULA)",
+}
+
 # Ranges that are not "public" for the ``public`` pattern of ``user_may_allow``.
-# (ipaddress's is_global looks only at a network's two ends, so 0.0.0.0/0 would pass.)
-_NOT_PUBLIC = parse_networks(
-    [
-        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-        "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15",
-        "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
-        "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "100::/64", "2001:db8::/32",
-        "fc00::/7", "fe80::/10", "ff00::/8",
-    ]
-)
+_NOT_PUBLIC = NOT_GLOBAL
 
 PATTERN_KEYWORDS = ("public", "any")
 
@@ -140,8 +142,10 @@ class AdminPolicy(Configurable):
     cluster_ranges = List(
         Unicode(),
         help="Cluster-internal CIDRs (pod, service and node ranges, internal load balancers) "
-        "that sandboxes must never reach; blocked like always_blocked. Environment variable: "
-        "SANDBOX_KERNEL_POLICY_CLUSTER_RANGES (comma or whitespace separated).",
+        "that sandboxes must never reach; blocked like always_blocked. Default: the private "
+        "ranges " + ", ".join(DEFAULT_CLUSTER_RANGES) + "; set your own list (or an empty "
+        "one) to change it. Environment variable: SANDBOX_KERNEL_POLICY_CLUSTER_RANGES (comma "
+        "or whitespace separated; set but empty means none).",
     ).tag(config=True)
 
     # -- defaults from the environment
@@ -181,7 +185,8 @@ class AdminPolicy(Configurable):
 
     @default("cluster_ranges")
     def _default_cluster_ranges(self) -> list[str]:
-        return _split_list(os.environ.get("SANDBOX_KERNEL_POLICY_CLUSTER_RANGES", ""))
+        text = os.environ.get("SANDBOX_KERNEL_POLICY_CLUSTER_RANGES")
+        return _split_list(text) if text is not None else list(DEFAULT_CLUSTER_RANGES)
 
     # -- validation: a bad config fails when it is loaded, naming the setting
 
@@ -227,6 +232,23 @@ class AdminPolicy(Configurable):
         nets = parse_networks([*METADATA_FLOOR, *self.always_blocked, *self.cluster_ranges])
         return tuple(dict.fromkeys(nets))
 
+    def address_screen(self) -> AddressScreen:
+        """What a domain entry's resolved addresses may be (see :class:`AddressScreen`): never
+        blocked, and globally routable unless the ceiling lets users open the range anyway
+        (a CIDR pattern of ``user_may_allow`` without a port limit, ``any``, or a CIDR entry
+        of the administrator's default policy). Set on every backend by the kernel and the
+        hub service."""
+        permitted: list[IPNetwork] = []
+        for pattern in self.user_may_allow:
+            if pattern == "any":
+                permitted += parse_networks(["0.0.0.0/0", "::/0"])
+            elif pattern != "public":
+                entry = parse_entry(pattern)
+                if entry.kind == "cidr" and not entry.ports and entry.protocol is None:
+                    permitted.append(entry.network)
+        permitted += [e.network for e in self.default_policy().expanded_entries() if e.kind == "cidr"]
+        return AddressScreen(self.blocked_networks(), tuple(dict.fromkeys(permitted)))
+
     def blocked_reason(self, ip: Any) -> str | None:
         """Why ``ip`` is always blocked (for notices), or None if it is not."""
         try:
@@ -238,7 +260,8 @@ class AdminPolicy(Configurable):
             if is_blocked(net, (blocked,)):
                 why = DEFAULT_ALWAYS_BLOCKED.get(str(blocked))
                 if why is None and str(blocked) in self.cluster_ranges:
-                    why = "a cluster-internal range"
+                    why = "a cluster-internal range" + (
+                        f": {DEFAULT_CLUSTER_RANGES[str(blocked)]}" if str(blocked) in DEFAULT_CLUSTER_RANGES else "")
                 return f"{address} is in {blocked}" + (f" ({why})" if why else "")
         return None
 
@@ -266,6 +289,10 @@ class AdminPolicy(Configurable):
         why = self.blocked_reason(ip)
         if why:
             return Decision(False, f"not permitted by your administrator: {why}, which is always blocked")
+        if host and _is_address(ip):
+            screened = self.address_screen().why_not(str(ip))
+            if screened:
+                return Decision(False, f"not permitted by your administrator: {host} resolves to {screened}")
         target = host if host else str(ip)
         if not host and ":" in target:
             target = f"[{target}]"
@@ -338,6 +365,14 @@ def _trait_guard(name: str, func: Any, value: Any) -> None:
         func(value)
     except (PolicyError, ValueError) as err:
         raise TraitError(f"{name}: {err}") from None
+
+
+def _is_address(value: Any) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _split_list(text: str) -> list[str]:

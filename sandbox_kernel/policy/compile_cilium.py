@@ -9,22 +9,27 @@ an L7 DNS rule the proxy sees no answers and ``toFQDNs`` never matches anything.
 Always-blocked ranges go into ``egressDeny``, which Cilium evaluates before any allow,
 so even a name that resolves to 169.254.169.254 cannot reach it. (CIDR rules do not
 apply to traffic between Cilium-managed endpoints, so denying cluster ranges does not
-cut the pod off from kube-dns.) CIDR entries also carry the blocked ranges as ``except``.
+cut the pod off from kube-dns, nor 169.254.0.0/16 from NodeLocal DNSCache, whose
+address Cilium redirects to the node-local-dns pods.) CIDR entries also carry the blocked ranges as ``except``.
 
 ``ingress: [{}]`` and ``enableDefaultDeny`` put the pod in default deny both ways.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 
 from .destinations import parse_networks, plan_destinations
-from .kube import NODE_LOCAL_DNS, group_by_l4, match_labels, metadata
+from .kube import NODE_LOCAL_DNS_PODS, group_by_l4, match_labels, metadata
 from .model import EgressPolicy, IPNetwork, PortRange
 
 API_VERSION = "cilium.io/v2"
 KUBE_DNS_ENDPOINT = {"k8s:io.kubernetes.pod.namespace": "kube-system", "k8s:k8s-app": "kube-dns"}
+#: Cilium serves NodeLocal DNSCache through a Local Redirect Policy: 169.254.20.10 is
+#: translated to the node's node-local-dns pod before policy applies, so the rule selects
+#: those endpoints (a CIDR rule for the address would never match)
+NODE_LOCAL_DNS_ENDPOINT = {"k8s:io.kubernetes.pod.namespace": "kube-system",
+                           **{f"k8s:{k}": v for k, v in NODE_LOCAL_DNS_PODS.items()}}
 _MAX_PORTS_PER_RULE = 40  # the CRD's maxItems for toPorts[].ports
 
 
@@ -68,7 +73,7 @@ def compile_cilium(
         "enableDefaultDeny": {"egress": True, "ingress": True},
         "ingress": [{}],
         "egress": egress or [{}],
-        "egressDeny": [{"toCIDRSet": _deny_set(blocked, node_local_dns and policy.mode == "allowlist")}],
+        "egressDeny": [{"toCIDRSet": [{"cidr": str(net)} for net in blocked]}],
     }
     return [
         {
@@ -86,26 +91,10 @@ def _dns_rules(node_local_dns: bool) -> list[dict]:
     def to_ports() -> list[dict]:
         return [{"ports": [{"port": "53", "protocol": "ANY"}], "rules": {"dns": [{"matchPattern": "*"}]}}]
 
-    rules = [{"toEndpoints": [{"matchLabels": dict(KUBE_DNS_ENDPOINT)}], "toPorts": to_ports()}]
+    endpoints = [{"matchLabels": dict(KUBE_DNS_ENDPOINT)}]
     if node_local_dns:
-        # one L3 selector kind per rule: a separate rule for the cache's address
-        rules.append({"toCIDRSet": [{"cidr": NODE_LOCAL_DNS}], "toPorts": to_ports()})
-    return rules
-
-
-def _deny_set(blocked: Sequence[IPNetwork], node_local_dns: bool) -> list[dict]:
-    out = []
-    dns = ipaddress.ip_network(NODE_LOCAL_DNS)
-    for net in blocked:
-        item: dict = {"cidr": str(net)}
-        if node_local_dns and dns.version == net.version and dns.subnet_of(net):
-            # deny wins over allow in Cilium: keep the NodeLocal DNSCache address out of
-            # the deny (it is still reachable on port 53 only, by the DNS rule)
-            if dns == net:
-                continue
-            item["except"] = [NODE_LOCAL_DNS]
-        out.append(item)
-    return out
+        endpoints.append({"matchLabels": dict(NODE_LOCAL_DNS_ENDPOINT)})
+    return [{"toEndpoints": endpoints, "toPorts": to_ports()}]
 
 
 def _to_ports(protocol: str | None, ports: tuple[PortRange, ...]) -> list[dict]:

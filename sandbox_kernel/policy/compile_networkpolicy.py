@@ -12,8 +12,10 @@ One NetworkPolicy per sandbox pod selects it and:
 * in ``deny`` mode has no egress rule either: nothing leaves the pod, not even DNS;
 * in ``allowlist`` mode allows DNS to the cluster DNS pods (namespace label
   ``kubernetes.io/metadata.name: kube-system`` AND pod label ``k8s-app: kube-dns``) on
-  UDP and TCP 53, optionally NodeLocal DNSCache (169.254.20.10) and GKE Cloud DNS
-  (169.254.169.254, port 53 only), plus one rule per (protocol, ports) group listing the
+  UDP and TCP 53, and (on by default in the backend, for GKE Autopilot and GKE Standard
+  from 1.33) NodeLocal DNSCache (169.254.20.10 and its ``k8s-app: node-local-dns`` pods)
+  and Cloud DNS for GKE (169.254.169.254), all in the one rule whose ports are 53 only,
+  plus one rule per (protocol, ports) group listing the
   ipBlocks of the entries, with the always-blocked ranges inside a CIDR as ``except``.
 
 Never emitted: ``namespaceSelector: {}`` (every namespace), or an egress rule without
@@ -25,12 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from .destinations import IPBlock, parse_networks, plan_destinations
+from .destinations import AddressScreen, IPBlock, parse_networks, plan_destinations
 from .kube import (
     GKE_METADATA_DNS,
     KUBE_DNS_NAMESPACE,
     KUBE_DNS_PODS,
     NODE_LOCAL_DNS,
+    NODE_LOCAL_DNS_PODS,
     group_by_l4,
     metadata,
     match_labels,
@@ -52,11 +55,13 @@ def compile_networkpolicy(
     gke_cloud_dns: bool = False,
     include_domains: bool = True,
     labels: Mapping[str, str] | None = None,
+    screen: AddressScreen | None = None,
 ) -> list[dict]:
     """Return ``[NetworkPolicy]`` enforcing ``policy`` for the pods ``pod_selector`` selects.
 
     ``include_domains=False`` leaves domain entries out (the gke-fqdn enforcer covers
-    them with an FQDNNetworkPolicy next to this one).
+    them with an FQDNNetworkPolicy next to this one). ``screen`` (the ceiling's
+    :class:`~.destinations.AddressScreen`) decides which resolved addresses may be opened.
     """
     spec: dict = {
         "podSelector": match_labels(pod_selector),
@@ -65,7 +70,7 @@ def compile_networkpolicy(
     egress = []
     if policy.mode == "allowlist":
         egress.append(dns_rule(node_local_dns=node_local_dns, gke_cloud_dns=gke_cloud_dns))
-        plan = plan_destinations(policy, resolved, parse_networks(always_blocked))
+        plan = plan_destinations(policy, resolved, parse_networks(always_blocked), screen)
         destinations = [
             d for d in plan.destinations if include_domains or d.entry.kind != "domain"
         ]
@@ -106,7 +111,10 @@ def make_default_deny(namespace: str, *, name: str = "sandbox-default-deny", lab
 
 
 def dns_rule(*, node_local_dns: bool, gke_cloud_dns: bool) -> dict:
-    """Egress to the cluster DNS on UDP and TCP 53 (TCP: answers too big for UDP)."""
+    """Egress to the cluster DNS on UDP and TCP 53 (TCP: answers too big for UDP).
+
+    Every peer is in this one rule, so the link-local resolvers are reachable on port 53
+    and nothing else (the metadata server's port 80 stays closed)."""
     peers: list[dict] = [
         {
             "namespaceSelector": {"matchLabels": dict(KUBE_DNS_NAMESPACE)},
@@ -114,7 +122,10 @@ def dns_rule(*, node_local_dns: bool, gke_cloud_dns: bool) -> dict:
         }
     ]
     if node_local_dns:
+        # the address (kube-proxy/iptables NodeLocal) and its pods (Dataplane V2 redirects there)
         peers.append({"ipBlock": {"cidr": NODE_LOCAL_DNS}})
+        peers.append({"namespaceSelector": {"matchLabels": dict(KUBE_DNS_NAMESPACE)},
+                      "podSelector": {"matchLabels": dict(NODE_LOCAL_DNS_PODS)}})
     if gke_cloud_dns:
         # GKE Cloud DNS answers on the metadata address; port 53 only, via this rule.
         peers.append({"ipBlock": {"cidr": GKE_METADATA_DNS}})

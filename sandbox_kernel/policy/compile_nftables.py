@@ -35,7 +35,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from ..errors import PolicyError
-from .destinations import Plan, parse_networks, plan_destinations
+from .destinations import AddressScreen, Plan, parse_networks, plan_destinations
 from .model import EgressPolicy, Entry, IPNetwork, PortRange
 
 #: NFLOG prefixes: the kernel tells an always-blocked destination from a merely
@@ -62,13 +62,15 @@ def compile_nftables(
     always_blocked: Sequence[str | IPNetwork],
     nflog_group: int = 42,
     refuse_with: str = "reject",
+    screen: AddressScreen | None = None,
 ) -> str:
     """Return the ``nft -f`` script that enforces ``policy`` in one network namespace.
 
     ``resolved`` maps each exact domain to its addresses; ``resolver`` is the one DNS
     server the sandbox may query (allowlist mode only; None allows no DNS at all).
     ``refuse_with`` is ``"reject"`` (TCP reset / ICMP admin-prohibited: code fails at once)
-    or ``"drop"`` (silence, as a Kubernetes NetworkPolicy does).
+    or ``"drop"`` (silence, as a Kubernetes NetworkPolicy does). ``screen`` (the ceiling's
+    :class:`~.destinations.AddressScreen`) decides which resolved addresses may be opened.
     """
     if not _TABLE.match(table):
         raise PolicyError(f"nftables table name {table!r} must be a short identifier (letters, digits, _)")
@@ -79,7 +81,7 @@ def compile_nftables(
     reject_tcp, reject_other = _REFUSALS[refuse_with]
     resolver_ip = _parse_resolver(resolver)
     blocked = parse_networks(always_blocked)
-    plan = plan_destinations(policy, resolved, blocked)
+    plan = plan_destinations(policy, resolved, blocked, screen)
     groups = _group(plan)
 
     out = [

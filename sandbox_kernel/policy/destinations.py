@@ -9,7 +9,9 @@ property-tested once for all enforcers:
   (NetworkPolicy/Cilium ``except``) which :func:`subtract` turns into plain networks for
   enforcers without exceptions (nftables sets, Istio addresses);
 * a resolved address inside an always-blocked range is dropped (DNS rebinding to
-  169.254.169.254 opens nothing);
+  169.254.169.254 opens nothing), and so is one that is not globally routable (a name
+  such as ``10-0-0-5.nip.io`` resolving to a pod, a node or an internal load balancer)
+  unless the administrator's ceiling permits that range: :class:`AddressScreen`;
 * wildcards cannot be resolved ahead of time and are listed apart.
 
 Two CIDRs either do not overlap or one contains the other, which is why an entry is
@@ -69,6 +71,72 @@ class Plan:
     dropped: tuple[tuple[str, str], ...] = ()
 
 
+#: Ranges that are not globally routable (IANA special-purpose registries). ``ipaddress``'s
+#: ``is_global`` looks only at a network's two ends, and misses some of these on older
+#: Pythons, so the list is spelled out.
+NOT_GLOBAL: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(text)
+    for text in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
+        "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+        "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64",
+        "2001::/23", "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "ff00::/8",
+    )
+)
+
+
+@dataclass(frozen=True)
+class AddressScreen:
+    """Which resolved addresses a domain entry may open.
+
+    Built by :meth:`AdminPolicy.address_screen` from the ceiling and handed to every
+    backend: ``blocked`` are the always-blocked ranges (never opened), ``permitted`` the
+    ranges the ceiling lets users open although they are not globally routable (a CIDR
+    pattern of ``user_may_allow``, a CIDR of the administrator's default policy, or
+    everything not blocked when ``user_may_allow`` has ``any``). A resolved address is
+    kept only if it is not blocked and either globally routable or permitted. Used for the
+    addresses compiled into rules (:func:`plan_destinations`) and for the answers the local
+    backend's DNS proxy relays.
+    """
+
+    blocked: tuple[IPNetwork, ...] = ()
+    permitted: tuple[IPNetwork, ...] = ()
+
+    def why_not(self, address: str) -> str | None:
+        """Why a domain may not open ``address`` (a sentence fragment), or None if it may."""
+        try:
+            ip = ipaddress.ip_address(str(address).split("%")[0])
+        except ValueError:
+            return "not an IP address"
+        net = ipaddress.ip_network(ip)
+        for blocked in self.blocked:
+            if net.version == blocked.version and net.subnet_of(blocked):
+                return f"{ip} is in {blocked}, which is always blocked"
+        if is_blocked(net, self.permitted):
+            return None
+        for special in NOT_GLOBAL:
+            if net.version == special.version and net.subnet_of(special):
+                return (f"{ip} is not globally routable ({special}) and your administrator "
+                        "does not permit that range")
+        return None
+
+    def split(self, resolved: Mapping[str, Sequence[str]]) -> tuple[dict[str, list[str]], list[tuple[str, str, str]]]:
+        """``resolved`` without the addresses a domain may not open, and those addresses as
+        ``(name, address, why)``. Called by the backends before compiling, to report them."""
+        kept: dict[str, list[str]] = {}
+        dropped: list[tuple[str, str, str]] = []
+        for name, addresses in resolved.items():
+            kept[name] = []
+            for address in addresses:
+                why = self.why_not(address)
+                if why is None:
+                    kept[name].append(address)
+                else:
+                    dropped.append((name, address, why))
+        return kept, dropped
+
+
 def parse_networks(items: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
     """Parse CIDR strings (admin config) into networks; ValueError names the bad one."""
     out = []
@@ -84,11 +152,19 @@ def plan_destinations(
     policy: EgressPolicy,
     resolved: Mapping[str, Sequence[str]] | None,
     always_blocked: Sequence[IPNetwork],
+    screen: AddressScreen | None = None,
 ) -> Plan:
-    """Turn ``policy`` into destinations. Deny mode opens nothing: an empty plan."""
+    """Turn ``policy`` into destinations. Deny mode opens nothing: an empty plan.
+
+    Resolved addresses go through ``screen``; without one, only globally routable
+    addresses outside ``always_blocked`` are kept (nothing private is permitted)."""
     if policy.mode != "allowlist":
         return Plan()
     resolved = resolved or {}
+    if screen is None:
+        screen = AddressScreen(tuple(always_blocked))
+    else:
+        screen = AddressScreen(tuple(dict.fromkeys((*always_blocked, *screen.blocked))), screen.permitted)
     destinations, wildcards, unresolved, dropped = [], [], [], []
     for entry in policy.expanded_entries():
         if entry.kind == "wildcard":
@@ -105,11 +181,11 @@ def plan_destinations(
         blocks = []
         for text in resolved.get(entry.value, ()):
             address = ipaddress.ip_address(text)
-            net = ipaddress.ip_network(address)
-            if is_blocked(net, always_blocked):
-                dropped.append((f"{entry.value} -> {address}", "resolves into an always-blocked range"))
+            why = screen.why_not(text)
+            if why is not None:
+                dropped.append((f"{entry.value} -> {address}", why))
             else:
-                blocks.append(IPBlock(net))
+                blocks.append(IPBlock(ipaddress.ip_network(address)))
         blocks = sorted(set(blocks), key=lambda b: (b.cidr.version, b.cidr))
         if not blocks:
             unresolved.append(entry.value)

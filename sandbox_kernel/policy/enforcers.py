@@ -16,6 +16,7 @@ from .compile_gke import compile_gke_fqdn
 from .compile_istio import compile_istio
 from .compile_networkpolicy import compile_networkpolicy
 from .compile_nftables import compile_nftables
+from .destinations import AddressScreen
 from .model import EgressPolicy, IPNetwork
 
 ENFORCERS = ("nftables", "networkpolicy", "gke-fqdn", "cilium", "istio")
@@ -52,18 +53,22 @@ def render(
     gke_cloud_dns: bool = False,
     table: str = "sandbox_kernel",
     nflog_group: int = 42,
+    screen: AddressScreen | None = None,
 ) -> str | list[dict]:
     """Compile ``policy`` for ``enforcer``: nft text for ``nftables``, object dicts otherwise.
 
     ``gke-fqdn`` returns the NetworkPolicy (default deny, DNS, CIDR entries) followed by
     the FQDNNetworkPolicy for the names, because GKE's FQDN policy only adds to it.
+    ``screen`` decides which resolved addresses a domain may open; without one, only
+    globally routable addresses outside ``always_blocked``.
     """
     if enforcer not in ENFORCERS:
         raise UnknownEnforcer(enforcer)
     blocked = tuple(always_blocked) if always_blocked is not None else default_always_blocked()
     if enforcer == "nftables":
         return compile_nftables(
-            policy, table=table, resolved=resolved, resolver=resolver, always_blocked=blocked, nflog_group=nflog_group
+            policy, table=table, resolved=resolved, resolver=resolver, always_blocked=blocked, nflog_group=nflog_group,
+            screen=screen,
         )
     if enforcer == "istio":
         return compile_istio(policy, namespace=namespace, name=name, always_blocked=blocked)
@@ -77,7 +82,7 @@ def render(
     objects = compile_networkpolicy(
         policy, namespace=namespace, pod_selector=pod_selector, name=name, resolved=resolved,
         always_blocked=blocked, node_local_dns=node_local_dns, gke_cloud_dns=gke_cloud_dns,
-        include_domains=enforcer == "networkpolicy",
+        include_domains=enforcer == "networkpolicy", screen=screen,
     )
     if enforcer == "gke-fqdn":
         objects += compile_gke_fqdn(policy, namespace=namespace, pod_selector=pod_selector, name=f"{name}-fqdn")

@@ -22,7 +22,13 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "sandbox-kernel"}
 #: ``kubernetes.io/metadata.name`` namespace label is set by the API server itself)
 KUBE_DNS_NAMESPACE = {"kubernetes.io/metadata.name": "kube-system"}
 KUBE_DNS_PODS = {"k8s-app": "kube-dns"}
+#: NodeLocal DNSCache: the link-local address it answers on, and its pods' label (on
+#: GKE Dataplane V2 and Cilium the address is redirected to these pods, which the
+#: policy then sees as the destination)
 NODE_LOCAL_DNS = "169.254.20.10/32"
+NODE_LOCAL_DNS_PODS = {"k8s-app": "node-local-dns"}
+#: Cloud DNS for GKE answers on the metadata server's address, port 53 (never any other
+#: port of that address: 80 is the metadata server with the node's credentials)
 GKE_METADATA_DNS = "169.254.169.254/32"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

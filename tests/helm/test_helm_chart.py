@@ -190,7 +190,7 @@ def test_schema_enums_follow_the_code(helm_chart):
 def test_values_yaml_defaults_match_the_kernels_defaults(merged_values, monkeypatch):
     """Installing with default values changes nothing the kernel would do without the chart."""
     from sandbox_kernel.backends.kubernetes import KubernetesBackend
-    from sandbox_kernel.policy.admin import DEFAULT_ALWAYS_BLOCKED, AdminPolicy
+    from sandbox_kernel.policy.admin import DEFAULT_ALWAYS_BLOCKED, DEFAULT_CLUSTER_RANGES, AdminPolicy
 
     for var in [v for v in __import__("os").environ if v.startswith("SANDBOX_KERNEL_")]:
         monkeypatch.delenv(var)
@@ -202,6 +202,9 @@ def test_values_yaml_defaults_match_the_kernels_defaults(merged_values, monkeypa
     assert (sandbox["startTimeout"], sandbox["scheduleTimeout"], sandbox["idleTimeout"]) == (
         backend.start_timeout, backend.schedule_timeout, backend.idle_timeout)
     assert policy["alwaysBlocked"] == list(DEFAULT_ALWAYS_BLOCKED) == admin.always_blocked
+    assert policy["clusterRanges"] == list(DEFAULT_CLUSTER_RANGES) == admin.cluster_ranges
+    assert (str(sandbox["nodeLocalDNS"]).lower(), str(sandbox["gkeCloudDNS"]).lower()) == (
+        backend.node_local_dns, backend.gke_cloud_dns) == ("true", "true")
     assert (policy["mode"], policy["locked"], policy["userMayAllow"], policy["maxEntries"]) == (
         admin.mode, admin.locked, admin.user_may_allow, admin.max_entries)
 

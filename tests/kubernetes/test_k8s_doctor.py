@@ -218,3 +218,20 @@ def test_parse_duration():
     assert [kb.parse_duration(t) for t in ("86400", "90s", "30m", "1.5h", "2d", 7)] == [86400, 90, 1800, 5400, 172800, 7]
     with pytest.raises(ValueError):
         kb.parse_duration("1w")
+
+
+def test_dns_row_says_which_resolvers_are_allowed(fakekube):
+    """Issue 15 point 5: GKE runs NodeLocal DNSCache (Autopilot always, Standard from 1.33)
+    and may answer through Cloud DNS on 169.254.169.254:53; the doctor says what is allowed
+    and fails when a resolver that runs here is left out of the policy."""
+    gke_cluster(fakekube)
+    fakekube.add_daemonset("node-local-dns")
+    row = rows(fakekube)["DNS"]
+    assert row.status == "ok"
+    assert "port 53 (UDP, TCP) only" in row.detail and "NodeLocal DNSCache 169.254.20.10" in row.detail
+    assert "Cloud DNS for GKE 169.254.169.254" in row.detail and "NodeLocal DNSCache runs" in row.detail
+    off = rows(fakekube, node_local_dns="false")["DNS"]
+    assert off.status == "FAIL" and "every lookup in an allowlist sandbox fails" in off.detail
+    assert "sandbox.nodeLocalDNS" in off.detail
+    assert rows(fakekube, gke_cloud_dns="false")["DNS"].status == "warn"
+    assert rows(fakekube, node_local_dns="maybe")["DNS"].status == "FAIL"

@@ -97,7 +97,7 @@ def test_metadata_floor_cannot_be_configured_away():
     ],
 )
 def test_decide(patterns, entry, allowed):
-    decision = AdminPolicy(user_may_allow=patterns).decide(entry)
+    decision = AdminPolicy(user_may_allow=patterns, cluster_ranges=[]).decide(entry)
     assert decision.allowed is allowed
     if allowed:
         assert decision.reason.startswith("you may allow it: %sandbox allow ")

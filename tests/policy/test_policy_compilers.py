@@ -166,3 +166,52 @@ def test_enforcers_refuse_what_they_cannot_express():
         render(wide, "istio", **OPTIONS)
     for enforcer in ("networkpolicy", "cilium", "nftables"):
         render(wide, enforcer, **OPTIONS)  # these have port ranges
+
+
+def _dns_rule(objects):
+    (obj,) = [o for o in objects if o["kind"] == "NetworkPolicy" and o["spec"].get("egress")]
+    return obj["spec"]["egress"][0]
+
+
+def test_gke_resolvers_are_reachable_on_port_53_only():
+    """Issue 15 point 5: NodeLocal DNSCache (address and pods) and Cloud DNS for GKE on the
+    metadata address are in the DNS rule, whose only ports are UDP and TCP 53."""
+    policy = POLICIES["allowlist"]
+    for enforcer in ("networkpolicy", "gke-fqdn"):
+        rule = _dns_rule(render(policy, enforcer, node_local_dns=True, gke_cloud_dns=True, **OPTIONS))
+        assert rule["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+        assert {"ipBlock": {"cidr": "169.254.20.10/32"}} in rule["to"]
+        assert {"ipBlock": {"cidr": "169.254.169.254/32"}} in rule["to"]
+        assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "node-local-dns"}}} in rule["to"]
+        # no other rule opens any port of the link-local range
+        for obj in render(policy, enforcer, node_local_dns=True, gke_cloud_dns=True, **OPTIONS):
+            for other in obj["spec"].get("egress", [])[1:]:
+                for peer in other.get("to", []):
+                    if "ipBlock" in peer:
+                        assert not peer["ipBlock"]["cidr"].startswith("169.254.")
+    (cnp,) = render(policy, "cilium", node_local_dns=True, **OPTIONS)
+    dns = cnp["spec"]["egress"][0]
+    assert dns["toEndpoints"][1] == {"matchLabels": {"k8s:io.kubernetes.pod.namespace": "kube-system",
+                                                     "k8s:k8s-app": "node-local-dns"}}
+    assert dns["toPorts"][0]["ports"] == [{"port": "53", "protocol": "ANY"}]
+    assert not any("toCIDRSet" in r and any(c["cidr"].startswith("169.254.20.10") for c in r["toCIDRSet"])
+                   for r in cnp["spec"]["egress"])
+    # the deny keeps all of 169.254.0.0/16: the cache is reached through its pods, not its address
+    assert {"cidr": "169.254.0.0/16"} in cnp["spec"]["egressDeny"][0]["toCIDRSet"]
+
+
+def test_kubernetes_backend_allows_gke_resolvers_by_default(monkeypatch):
+    from sandbox_kernel.backends.kubernetes import KubernetesBackend
+
+    monkeypatch.delenv("SANDBOX_KERNEL_K8S_NODE_LOCAL_DNS", raising=False)
+    monkeypatch.delenv("SANDBOX_KERNEL_K8S_GKE_CLOUD_DNS", raising=False)
+    backend = KubernetesBackend(user="alice")
+    backend.namespace, backend.pod, backend.kernel_id = "user-sandbox-alice", "sandbox-k-1", "k-1"
+    backend.always_blocked = [str(n) for n in BLOCKED]
+    rule = _dns_rule(backend.policy_objects(POLICIES["allowlist"], RESOLVED))
+    assert {"ipBlock": {"cidr": "169.254.20.10/32"}} in rule["to"]
+    assert {"ipBlock": {"cidr": "169.254.169.254/32"}} in rule["to"]
+    backend.node_local_dns = backend.gke_cloud_dns = "false"
+    rule = _dns_rule(backend.policy_objects(POLICIES["allowlist"], RESOLVED))
+    assert [p for p in rule["to"] if "ipBlock" in p] == []

@@ -38,7 +38,7 @@ import socket, sys, time
 socks = []
 for port in sys.argv[1:]:
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("10.77.0.2", int(port))); s.listen(); socks.append(s)
+    s.bind(("10.231.252.2", int(port))); s.listen(); socks.append(s)
 print("ready", flush=True); time.sleep(30)
 """
 
@@ -57,11 +57,11 @@ def namespaces():
             _ip("netns", "add", ns)
             created.append(ns)
         _ip("link", "add", "skpt-a", "netns", sandbox, "type", "veth", "peer", "name", "skpt-b", "netns", peer)
-        for ns, dev, addr in ((sandbox, "skpt-a", "10.77.0.1/24"), (peer, "skpt-b", "10.77.0.2/24")):
+        for ns, dev, addr in ((sandbox, "skpt-a", "10.231.252.1/24"), (peer, "skpt-b", "10.231.252.2/24")):
             _ip("-n", ns, "addr", "add", addr, "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", sandbox, "route", "add", "default", "via", "10.77.0.2")
+        _ip("-n", sandbox, "route", "add", "default", "via", "10.231.252.2")
         server = subprocess.Popen(["ip", "netns", "exec", peer, sys.executable, "-c", SERVE, "8080", "8081"], stdout=subprocess.PIPE, text=True)
         assert server.stdout.readline().strip() == "ready"
         yield sandbox
@@ -86,13 +86,13 @@ def _connect(ns, host, port):
 
 
 def test_allowlist_reaches_exactly_the_listed_port_then_deny(namespaces):
-    _apply(namespaces, EgressPolicy.parse(["10.77.0.2:8080/tcp"]))
-    assert _connect(namespaces, "10.77.0.2", 8080) == "open"
-    assert _connect(namespaces, "10.77.0.2", 8081) == "refused"  # tcp reset, not a hang
-    assert _connect(namespaces, "10.77.0.9", 8080) == "refused"  # another host
+    _apply(namespaces, EgressPolicy.parse(["10.231.252.2:8080/tcp"]))
+    assert _connect(namespaces, "10.231.252.2", 8080) == "open"
+    assert _connect(namespaces, "10.231.252.2", 8081) == "refused"  # tcp reset, not a hang
+    assert _connect(namespaces, "10.231.252.9", 8080) == "refused"  # another host
     assert _connect(namespaces, "169.254.169.254", 80) == "refused"  # always blocked
     chain = subprocess.run(["ip", "netns", "exec", namespaces, "nft", "list", "chain", "inet", "sandbox_kernel", "output"], capture_output=True, text=True).stdout
     blocked_rule = next(line for line in chain.splitlines() if "@blocked_v4 meta l4proto tcp" in line)
     assert "packets 0 " not in blocked_rule  # the metadata attempt hit the always-blocked verdict
     _apply(namespaces, EgressPolicy())  # replaced atomically; new connections see it at once
-    assert _connect(namespaces, "10.77.0.2", 8080) == "refused"
+    assert _connect(namespaces, "10.231.252.2", 8080) == "refused"

@@ -89,6 +89,7 @@ The kernel's configuration, as traitlets reads a JSON config file:
       "tolerations" $s.tolerations
       "enforcers" $s.enforcers
       "node_local_dns" (ternary "true" "false" $s.nodeLocalDNS)
+      "gke_cloud_dns" (ternary "true" "false" $s.gkeCloudDNS)
       "start_timeout" $s.startTimeout
       "schedule_timeout" $s.scheduleTimeout
       "idle_timeout" $s.idleTimeout -}}
