@@ -175,6 +175,8 @@ class FakeKube:
         async def main():
             self._loop = asyncio.get_running_loop()
             self._stopped = asyncio.Event()
+            self._watch_gate = asyncio.Event()
+            self._watch_gate.set()
             app = tornado.web.Application([
                 (r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/(exec|attach)", ExecHandler, {"fake": self}),
                 (r"/.*", ApiHandler, {"fake": self}),
@@ -238,6 +240,36 @@ class FakeKube:
         self.rules.append(Rule("create", "pods", "", namespace, 403, "Forbidden",
                                f"exceeded quota: {quota}, requested: limits.memory=2Gi, "
                                "used: limits.memory=4Gi, limited: limits.memory=4Gi"))
+
+    # what real API servers do to watches, on demand (restarts, compaction, LB timeouts)
+
+    def hold_watches(self) -> None:
+        """New watch requests wait (as during an API server restart) until release_watches()."""
+        self._call(lambda: self._watch_gate.clear())
+
+    def release_watches(self) -> None:
+        self._call(lambda: self._watch_gate.set())
+
+    def end_watches(self, error: ApiError | None = None) -> int:
+        """End every open watch: cleanly, or after an ERROR event carrying ``error`` (410
+        Expired as after compaction, 500 …). Returns how many were open."""
+        def do():
+            for watcher in list(self._watchers):
+                if error is not None:
+                    watcher.queue.put_nowait({"type": "ERROR", "object": error.status()})
+                watcher.queue.put_nowait(None)
+            return len(self._watchers)
+        return self._call(do)
+
+    def compact(self) -> None:
+        """Forget the event history, as etcd compaction does: a watch from an older
+        resourceVersion then gets 410 Expired and the client must list again."""
+        with self._lock:
+            self._history.clear()
+
+    def open_watches(self, resource: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for w in self._watchers if resource is None or w.rtype.plural == resource)
 
     def clear_requests(self) -> None:
         self.requests.clear()
@@ -768,6 +800,7 @@ class ApiHandler(_Base, tornado.web.RequestHandler):
         timeout = float(query.get("timeoutSeconds", ["1800"])[-1])
         queue: asyncio.Queue = asyncio.Queue()
         watcher = _Watcher(rtype, ns, labels, fields, queue)
+        await fake._watch_gate.wait()
         with fake._lock:
             if since in ("", "0"):
                 initial = [{"type": "ADDED", "object": o} for o in fake.list_objects(rtype, ns, labels, fields)]
