@@ -123,6 +123,12 @@ class _Doctor:
     def credentials(self) -> bool:
         b = self.backend
         try:
+            version = kb.check_client_version()
+        except SandboxError as err:
+            self.add("kubernetes client", FAIL, str(err))
+            return False
+        self.add("kubernetes client", OK, f"{version} (needs {'.'.join(map(str, kb.MIN_CLIENT_VERSION))} or later)")
+        try:
             cfg = b.configuration()
         except SandboxError as err:
             self.add("credentials", FAIL, str(err))

@@ -51,6 +51,11 @@ from . import objects
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 from .slug import slugify, user_namespace
 
+#: the oldest official client this backend works with (pyproject.toml declares it; CI runs
+#: the fake-API-server suite with exactly this version): server-side apply passes
+#: ``_content_type`` to the typed patch methods, which clients before 37 refuse
+MIN_CLIENT_VERSION = (37, 0, 0)
+
 FIELD_MANAGER = "sandbox-kernel"
 SETUP_ANNOTATION = "sandbox-kernel.io/setup"
 
@@ -165,6 +170,26 @@ def _detail(text: str) -> str:
 
 def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def check_client_version(version: str | None = None) -> str:
+    """The installed ``kubernetes`` client's version; KubernetesUnavailable when it is older
+    than :data:`MIN_CLIENT_VERSION` (called by check() and the doctor, before any call
+    could fail halfway with a TypeError deep in the client)."""
+    if version is None:
+        try:
+            import kubernetes
+        except ImportError:
+            raise KubernetesUnavailable("the kubernetes backend needs the official client: "
+                                        "pip install 'sandbox-kernel[kubernetes]'") from None
+        version = kubernetes.__version__
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+    wanted = ".".join(map(str, MIN_CLIENT_VERSION))
+    if parts < MIN_CLIENT_VERSION:
+        raise KubernetesUnavailable(
+            f"the kubernetes Python client {version} is too old: the kubernetes backend needs {wanted} "
+            f"or later (pip install 'kubernetes>={wanted}', or 'sandbox-kernel[kubernetes]')")
+    return version
 
 
 def _yes(value: str, name: str) -> bool:
@@ -333,7 +358,9 @@ class KubernetesBackend(Backend):
     # --- Backend interface ---------------------------------------------------------
 
     def check(self) -> None:
-        """Load credentials (no API call). Raises KubernetesUnavailable when there are none."""
+        """Check the client library's version, load credentials (no API call). Raises
+        KubernetesUnavailable when the client is too old or there are no credentials."""
+        check_client_version()
         self.configuration()
         _yes(self.node_local_dns, "node_local_dns")
         _yes(self.gke_cloud_dns, "gke_cloud_dns")

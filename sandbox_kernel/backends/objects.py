@@ -109,7 +109,14 @@ def make_default_deny_policy(namespace: str, labels: Mapping[str, str] | None = 
     so there is one definition of it)."""
     from ..policy.compile_networkpolicy import make_default_deny
 
-    return client.V1NetworkPolicy.from_dict(make_default_deny(namespace, labels=base_labels(extra=labels)))
+    body = make_default_deny(namespace, labels=base_labels(extra=labels))
+    meta, spec = body["metadata"], body["spec"]
+    assert spec["podSelector"] == {}, "the default deny selects every pod of the namespace"
+    # built field by field (not Model.from_dict, which clients before 35 lack)
+    return client.V1NetworkPolicy(
+        api_version=body["apiVersion"], kind=body["kind"],
+        metadata=client.V1ObjectMeta(name=meta["name"], namespace=meta["namespace"], labels=meta["labels"]),
+        spec=client.V1NetworkPolicySpec(pod_selector=client.V1LabelSelector(), policy_types=spec["policyTypes"]))
 
 
 def agent_configmap_name(digest: str) -> str:

@@ -215,8 +215,9 @@ class FakeKube:
         from kubernetes import client
 
         config = client.Configuration(host=self.url)
-        config.api_key = {"BearerToken": self.token}
-        config.api_key_prefix = {"BearerToken": "Bearer"}
+        # "BearerToken" is the auth setting's name from client 34, "authorization" before
+        config.api_key = {"BearerToken": self.token, "authorization": self.token}
+        config.api_key_prefix = {"BearerToken": "Bearer", "authorization": "Bearer"}
         return config
 
     def api_client(self):

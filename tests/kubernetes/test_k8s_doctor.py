@@ -130,14 +130,15 @@ def test_unreachable_and_bad_image(fakekube, monkeypatch, tmp_path):
     out = []
     assert doctor_k8s.main(kb.KubernetesBackend(user="alice"), out=out.append) == 1
     lines = "\n".join(out).splitlines()
-    assert lines[2].startswith("credentials") and "FAIL" in lines[2] and "no Kubernetes credentials" in lines[2]
+    assert lines[2].startswith("kubernetes client") and " ok " in lines[2]
+    assert lines[3].startswith("credentials") and "FAIL" in lines[3] and "no Kubernetes credentials" in lines[3]
     from kubernetes import client
 
     closed = client.Configuration(host="http://127.0.0.1:9")  # nothing listens on the discard port
     closed.retries = 0
     table = doctor_k8s.run_checks(kb.KubernetesBackend(client_configuration=closed, user="alice"))
-    assert [r.status for r in table] == ["ok", "FAIL"]
-    assert "cannot reach the Kubernetes API server at http://127.0.0.1:9" in table[1].detail
+    assert [r.status for r in table] == ["ok", "ok", "FAIL"]
+    assert "cannot reach the Kubernetes API server at http://127.0.0.1:9" in table[2].detail
     fakekube.add_daemonset("anetd")
     image = rows(fakekube, image="Not An Image!")["image"]
     assert image.status == "FAIL" and "not a valid image reference" in image.detail
