@@ -124,6 +124,33 @@ class KubernetesForbidden(SandboxStartError):
         )
 
 
+class KubernetesRefused(SandboxStartError):
+    """A 403 that is not RBAC: Pod Security admission, an admission webhook or policy
+    (GKE Autopilot's), a namespace being deleted. Quotes the server's reason."""
+
+    ename = "KubernetesRefused"
+
+    #: what refused, from the server's message: (cause, pattern, what the user should do)
+    CAUSES: tuple[tuple[str, str, str], ...] = (
+        ("namespace-terminating", r"because it is being terminated|NamespaceTerminating",
+         "the namespace is being deleted; start the kernel again once it is gone"),
+        ("pod-security", r"violates PodSecurity",
+         "Pod Security admission refused the sandbox pod; the image or c.KubernetesBackend settings "
+         "(runtime class, security context) must fit the namespace's level, or the namespace's "
+         "pod-security labels were changed"),
+        ("admission-webhook", r'admission webhook "[^"]*" denied',
+         "an admission webhook of the cluster refused it (on GKE Autopilot: Autopilot's own rules); "
+         "ask your administrator"),
+        ("admission-policy", r"ValidatingAdmissionPolicy",
+         "a ValidatingAdmissionPolicy of the cluster refused it; ask your administrator"),
+    )
+
+    def __init__(self, verb: str, resource: str, namespace: str | None, cause: str, advice: str, detail: str):
+        self.verb, self.resource, self.namespace, self.cause = verb, resource, namespace, cause
+        where = f' in namespace "{namespace}"' if namespace else ""
+        super().__init__(f"Kubernetes refused to {verb} {resource}{where}: {advice}.{_detail(detail)}")
+
+
 class QuotaExceeded(SandboxStartError):
     """The user's ResourceQuota has no room for another sandbox."""
 
@@ -877,7 +904,15 @@ def _api_error(err, verb: str, resource: str, namespace: str | None) -> SandboxE
     if err.status == 403 and ("exceeded quota" in message or "failed quota" in message):
         return QuotaExceeded(namespace or "?", message)
     if err.status == 403:
-        return KubernetesForbidden(verb, resource, namespace, message)
+        # the RBAC authorizer's own phrasing; anything else is admission, not permissions
+        if re.search(r'cannot [a-z]+ resource "', message):
+            return KubernetesForbidden(verb, resource, namespace, message)
+        for cause, pattern, advice in KubernetesRefused.CAUSES:
+            if re.search(pattern, message) or re.search(pattern, err.body or ""):
+                return KubernetesRefused(verb, resource, namespace, cause, advice, message)
+        return KubernetesRefused(verb, resource, namespace, "forbidden",
+                                 "the API server answered 403 Forbidden, not for a missing permission of the kernel's "
+                                 "account but for the reason it gives below; show it to your administrator", message)
     if err.status == 401:
         return KubernetesUnavailable(f"the Kubernetes API server rejected the kernel's credentials (401): {message}")
     if err.status == 422:

@@ -115,7 +115,7 @@ def test_a_forbidden_error_event_is_a_typed_error(fakekube):
 
     async def main():
         task = await started_watching(fakekube, backend)
-        await asyncio.to_thread(fakekube.end_watches, ApiError(403, "Forbidden", 'pods is forbidden: User "x" cannot watch'))
+        await asyncio.to_thread(fakekube.end_watches, ApiError(403, "Forbidden", 'pods is forbidden: User "x" cannot watch resource "pods" in API group "" in the namespace "user-sandbox-alice"'))
         with pytest.raises(kb.KubernetesForbidden, match="watch (pods|events)"):
             await asyncio.wait_for(task, 20)
 
