@@ -119,9 +119,14 @@ class SocketChannel(Channel):
     RESUME_WAIT = 2.0
     _ACKED = frozenset({"done", "reply", "pong"})
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, orphan_exit: float = 0.0, log_fd: int = 2):
         super().__init__()
+        self._log_fd = log_fd
         self._path = path
+        #: seconds with no client attached after which the agent exits (0: never). It counts
+        #: from the start and from each detach, whatever the kernel process is doing: a kernel
+        #: that died uncleanly never stops its pod, so the pod must end by itself.
+        self.orphan_exit = orphan_exit
         self._conn: socket.socket | None = None
         self._ring: collections.deque[tuple[int, bytes]] = collections.deque()
         self._ring_bytes = 0
@@ -191,8 +196,15 @@ class SocketChannel(Channel):
         server.bind(self._path)
         os.chmod(self._path, 0o600)
         server.listen(1)
+        server.settimeout(self.orphan_exit if self.orphan_exit > 0 else None)
         while True:
-            conn, _ = server.accept()
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                os.write(self._log_fd, f"sandbox agent: no client attached for {self.orphan_exit:g} s "
+                            "(its kernel is gone): exiting\n".encode())
+                os._exit(0)
+            conn.settimeout(None)
             with self._lock:
                 if self._conn is not None:
                     try:

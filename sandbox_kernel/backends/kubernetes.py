@@ -41,10 +41,10 @@ import time
 from typing import Any, Callable
 
 from traitlets import Any as AnyTrait
-from traitlets import Dict, Float, List, Unicode, default
+from traitlets import Bool, Dict, Float, List, Unicode, default
 
 from ..agent import protocol
-from ..config import env_default
+from ..config import env_bool, env_default
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from ..policy.resolve import DEFAULT_TTL
 from . import objects
@@ -290,6 +290,15 @@ class KubernetesBackend(Backend):
     idle_timeout = Float(help="Delete the pod after this many seconds with no cell running (0: never); "
                               "the next cell starts a fresh one. Env: SANDBOX_KERNEL_K8S_IDLE_TIMEOUT."
                          ).tag(config=True)
+    orphan_timeout = Float(help="The agent in a sandbox pod exits, ending the pod, after this many seconds "
+                                "with no kernel attached (0: never). It runs in the pod, so it also ends "
+                                "the pods of kernels that died without stopping them; a dropped stream "
+                                "re-attaches within seconds. Env: SANDBOX_KERNEL_K8S_ORPHAN_TIMEOUT."
+                           ).tag(config=True)
+    gc_on_start = Bool(help="On each start, remove the user's ended sandbox pods and egress objects whose "
+                            "kernel has no pod left (one LIST per kind in the user's namespace, after the "
+                            "pod is ready). Env: SANDBOX_KERNEL_K8S_GC_ON_START (true/false)."
+                       ).tag(config=True)
     context = Unicode(None, allow_none=True, help="kubeconfig context to use outside a cluster. "
                                                   "Env: SANDBOX_KERNEL_K8S_CONTEXT.").tag(config=True)
 
@@ -335,6 +344,10 @@ class KubernetesBackend(Backend):
     def _sch_default(self): return env_default("SANDBOX_KERNEL_K8S_SCHEDULE_TIMEOUT", 120.0, float)
     @default("idle_timeout")
     def _idle_default(self): return env_default("SANDBOX_KERNEL_K8S_IDLE_TIMEOUT", 0.0, float)
+    @default("orphan_timeout")
+    def _orphan_default(self): return env_default("SANDBOX_KERNEL_K8S_ORPHAN_TIMEOUT", 600.0, float)
+    @default("gc_on_start")
+    def _gcs_default(self): return env_bool("SANDBOX_KERNEL_K8S_GC_ON_START", True)
     @default("context")
     def _ctx_default(self): return env_default("SANDBOX_KERNEL_K8S_CONTEXT", None)
 
@@ -354,6 +367,7 @@ class KubernetesBackend(Backend):
         self._idle_task: asyncio.Task | None = None
         self._idle_stopped = False
         self._refresh: asyncio.Task | None = None
+        self._gc_task: asyncio.Future | None = None
         #: the addresses of the previous answers, kept in force until they expire
         self._resolved_before: tuple[dict[str, list[str]], float] = ({}, 0.0)
 
@@ -429,7 +443,20 @@ class KubernetesBackend(Backend):
         self._info = SandboxInfo(self.name, self.pod, {
             "namespace": self.namespace, "pod": self.pod, "image": self.image,
             "enforcers": list(self.enforcers), "runtime_class": self.runtime_class})
+        if self.gc_on_start:
+            self._gc_task = asyncio.ensure_future(asyncio.to_thread(self._collect_namespace))
         return self._info
+
+    def _collect_namespace(self) -> list[str]:
+        """The user's ended pods and orphaned egress objects, removed (worker thread; the
+        quota counts no ended pod, but their objects would stay forever). Never a live pod:
+        another notebook of the same user may own it."""
+        try:
+            return gc(0, api_client=self.api_client(), enforcers=list(self.enforcers),
+                      namespace=self.namespace, ended_only=True)
+        except SandboxError as err:
+            self.log.info("cleaning up namespace %s failed: %s", self.namespace, err)
+            return []
 
     async def adopt(self, kernel_id: str, namespace: str, pod: str, *, policy: Any = None) -> SandboxInfo | None:
         """Take over the pod ``namespace/pod`` that another process (a previous sandbox
@@ -729,6 +756,7 @@ class KubernetesBackend(Backend):
             limits=self.limits, image_pull_policy=self.image_pull_policy, runtime_class=self.runtime_class,
             node_selector=self.node_selector, tolerations=self.tolerations,
             annotations={"sandbox-kernel.io/idle-timeout": str(int(self.idle_timeout))} if self.idle_timeout else None,
+            orphan_exit=self.orphan_timeout,
         )
 
     def _create_pod(self) -> dict:
@@ -1480,13 +1508,22 @@ class ExecTransport(LineTransport):
 
 # --- garbage collection ---------------------------------------------------------------------
 
-def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now: float | None = None) -> list[str]:
+#: in a one-namespace sweep (``ended_only``), egress objects younger than this are kept:
+#: another start of the same user applies its objects before it creates its pod
+YOUNG_OBJECT = 600.0
+
+
+def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now: float | None = None,
+       namespace: str | None = None, ended_only: bool = False) -> list[str]:
     """Remove orphans by label and age; return what was removed ("pods ns/name", …).
 
-    Called by ``sandbox-kernel gc`` (a CronJob in the Helm chart). Removes sandbox pods
+    Called by ``sandbox-kernel gc`` (a CronJob in the Helm chart) for every namespace, and
+    by the Kubernetes backend after each start for its user's ``namespace`` with
+    ``ended_only`` (on by default: c.KubernetesBackend.gc_on_start). Removes sandbox pods
     (label ``app.kubernetes.io/managed-by=sandbox-kernel``) that ended (Succeeded/Failed)
-    or are older than ``max_age`` seconds, then per-kernel policy objects whose kernel has
-    no pod left. Namespaces are kept (they are cheap and make the next start fast).
+    or, unless ``ended_only``, are older than ``max_age`` seconds; then per-kernel policy
+    objects whose kernel has no pod left (with ``ended_only``, only those older than
+    :data:`YOUNG_OBJECT`). Namespaces are kept (they are cheap and make the next start fast).
     """
     from kubernetes import client
 
@@ -1499,14 +1536,17 @@ def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now:
     selector = f"{objects.MANAGED_BY_LABEL}={objects.MANAGED_BY},{objects.KERNEL_LABEL}"
     now = time.time() if now is None else now
     removed: list[str] = []
-    pods = backend._call("list", "pods", None, core.list_pod_for_all_namespaces, label_selector=selector).items
+    if namespace is None:
+        pods = backend._call("list", "pods", None, core.list_pod_for_all_namespaces, label_selector=selector).items
+    else:
+        pods = backend._call("list", "pods", namespace, core.list_namespaced_pod, namespace, label_selector=selector).items
     live_kernels: set[tuple[str, str]] = set()
     for pod in pods:
         meta = pod.metadata
         created = meta.creation_timestamp
         age = now - created.timestamp() if isinstance(created, datetime.datetime) else 0
         ended = pod.status is not None and pod.status.phase in ("Succeeded", "Failed")
-        if ended or age > max_age:
+        if ended or (age > max_age and not ended_only):
             try:
                 backend._call("delete", "pods", meta.namespace, core.delete_namespaced_pod, meta.name,
                               meta.namespace, grace_period_seconds=1)
@@ -1517,16 +1557,29 @@ def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now:
             live_kernels.add((meta.namespace, meta.labels.get(objects.KERNEL_LABEL, "")))
     for group, version, plural in backend._kinds():
         if (group, plural) == ("networking.k8s.io", "networkpolicies"):
-            items = backend._call("list", plural, None, client.NetworkingV1Api(api).list_network_policy_for_all_namespaces,
-                                  label_selector=selector, group=group).items
-            found = [(i.metadata.namespace, i.metadata.name, (i.metadata.labels or {}).get(objects.KERNEL_LABEL)) for i in items]
+            networking = client.NetworkingV1Api(api)
+            if namespace is None:
+                items = backend._call("list", plural, None, networking.list_network_policy_for_all_namespaces,
+                                      label_selector=selector, group=group).items
+            else:
+                items = backend._call("list", plural, namespace, networking.list_namespaced_network_policy,
+                                      namespace, label_selector=selector, group=group).items
+            found = [(i.metadata.namespace, i.metadata.name, (i.metadata.labels or {}).get(objects.KERNEL_LABEL),
+                      i.metadata.creation_timestamp) for i in items]
         else:
-            items = backend._call("list", plural, None, client.CustomObjectsApi(api).list_cluster_custom_object,
-                                  group, version, plural, label_selector=selector, group=group)["items"]
-            found = [(i["metadata"]["namespace"], i["metadata"]["name"], i["metadata"].get("labels", {}).get(objects.KERNEL_LABEL))
-                     for i in items]
-        for ns, name, kernel in found:
+            custom = client.CustomObjectsApi(api)
+            if namespace is None:
+                items = backend._call("list", plural, None, custom.list_cluster_custom_object,
+                                      group, version, plural, label_selector=selector, group=group)["items"]
+            else:
+                items = backend._call("list", plural, namespace, custom.list_namespaced_custom_object,
+                                      group, version, namespace, plural, label_selector=selector, group=group)["items"]
+            found = [(i["metadata"]["namespace"], i["metadata"]["name"], i["metadata"].get("labels", {}).get(objects.KERNEL_LABEL),
+                      i["metadata"].get("creationTimestamp")) for i in items]
+        for ns, name, kernel, created in found:
             if (ns, kernel) in live_kernels:
+                continue
+            if ended_only and now - _timestamp(created, now) < YOUNG_OBJECT:
                 continue
             if (group, plural) == ("networking.k8s.io", "networkpolicies"):
                 call = lambda n=name, s=ns: client.NetworkingV1Api(api).delete_namespaced_network_policy(n, s)
@@ -1538,6 +1591,18 @@ def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now:
             except _NotFound:
                 pass
     return removed
+
+
+def _timestamp(value, default: float) -> float:
+    """A creationTimestamp (datetime or RFC 3339 text) as epoch seconds; ``default`` if absent."""
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        try:
+            return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return default
+    return default
 
 
 def parse_duration(text: str | float) -> float:

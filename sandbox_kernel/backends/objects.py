@@ -155,11 +155,14 @@ def make_pod(
     tmp_size: str | None = "1Gi",
     home_size: str | None = "2Gi",
     env: Mapping[str, str] | None = None,
+    orphan_exit: float = 0,
 ) -> client.V1Pod:
     """One kernel's sandbox pod; passes the Pod Security ``restricted`` profile.
 
     The agent is the main process (:data:`SERVE_COMMAND`); the root filesystem is
     read-only, /tmp and the home directory are emptyDirs; no service account token.
+    ``orphan_exit`` > 0: the agent exits (the pod ends) after that many seconds with no
+    client attached.
     """
     pod_labels = base_labels(user, {COMPONENT_LABEL: "sandbox", KERNEL_LABEL: label_value(kernel_id),
                                     **(labels or {})})
@@ -171,7 +174,7 @@ def make_pod(
         name=CONTAINER,
         image=image,
         image_pull_policy=image_pull_policy,
-        command=list(SERVE_COMMAND),
+        command=list(SERVE_COMMAND) + (["--orphan-exit", f"{orphan_exit:g}"] if orphan_exit > 0 else []),
         working_dir=HOME_DIR,
         env=container_env,
         resources=client.V1ResourceRequirements(requests=dict(requests), limits=dict(limits)),

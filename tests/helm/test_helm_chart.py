@@ -203,6 +203,7 @@ def test_values_yaml_defaults_match_the_kernels_defaults(merged_values, monkeypa
         backend.start_timeout, backend.schedule_timeout, backend.idle_timeout)
     assert policy["alwaysBlocked"] == list(DEFAULT_ALWAYS_BLOCKED) == admin.always_blocked
     assert policy["clusterRanges"] == list(DEFAULT_CLUSTER_RANGES) == admin.cluster_ranges
+    assert (sandbox["orphanTimeout"], sandbox["gcOnStart"]) == (backend.orphan_timeout, backend.gc_on_start) == (600, True)
     assert (str(sandbox["nodeLocalDNS"]).lower(), str(sandbox["gkeCloudDNS"]).lower()) == (
         backend.node_local_dns, backend.gke_cloud_dns) == ("true", "true")
     assert (policy["mode"], policy["locked"], policy["userMayAllow"], policy["maxEntries"]) == (

@@ -61,7 +61,7 @@ def test_start_progress_requests_cell_and_stop(fakekube):
                          "Pulling image python:3.12-slim…", "Pulled image python:3.12-slim in 1.25s",
                          "Started", "Ready"]
         assert info.details["namespace"] == "user-sandbox-alice"
-        first_start = [(r.verb, r.resource) for r in fakekube.requests]
+        first_start = [(r.verb, r.resource) for r in fakekube.requests if r.verb != "list"]  # not the sweep
         transport = await backend.attach()
         await hello(transport)
         out, done = await execute(transport, "print(6 * 7)")
@@ -84,14 +84,20 @@ def test_start_progress_requests_cell_and_stop(fakekube):
 
 def test_start_in_existing_namespace_is_five_requests_and_no_polling(fakekube):
     async def main():
-        await make_backend(fakekube).start("k-one", EgressPolicy(), lambda line: None)
+        first = make_backend(fakekube)
+        await first.start("k-one", EgressPolicy(), lambda line: None)
+        await first._gc_task
         fakekube.clear_requests()
         lines = []
-        await make_backend(fakekube).start("k-two", EgressPolicy(), lines.append)
+        second = make_backend(fakekube)
+        await second.start("k-two", EgressPolicy(), lines.append)
+        await second._gc_task  # after Ready: the user's namespace swept, one LIST per kind
         return lines
 
     lines = run(main())
-    calls = [(r.verb, r.resource) for r in fakekube.requests]
+    sweep = [(r.verb, r.resource) for r in fakekube.requests if r.verb == "list"]
+    assert sweep == [("list", "pods"), ("list", "networkpolicies")]
+    calls = [(r.verb, r.resource) for r in fakekube.requests if r.verb != "list"]
     assert calls[:3] == [("get", "namespaces"), ("patch", "networkpolicies"), ("create", "pods")]
     assert sorted(calls[3:]) == [("watch", "events"), ("watch", "pods")]  # two watches, in parallel
     assert len(calls) == 5

@@ -92,7 +92,9 @@ The kernel's configuration, as traitlets reads a JSON config file:
       "gke_cloud_dns" (ternary "true" "false" $s.gkeCloudDNS)
       "start_timeout" $s.startTimeout
       "schedule_timeout" $s.scheduleTimeout
-      "idle_timeout" $s.idleTimeout -}}
+      "idle_timeout" $s.idleTimeout
+      "orphan_timeout" $s.orphanTimeout
+      "gc_on_start" $s.gcOnStart -}}
 {{- if .Values.gvisor.enabled -}}
 {{- $_ := set $backend "runtime_class" .Values.gvisor.runtimeClassName -}}
 {{- end -}}
