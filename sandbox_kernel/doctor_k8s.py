@@ -20,7 +20,7 @@ which only ask the API server a question):
   GKE (``anetd``, ``gke-metadata-server``) runs, against the ``node_local_dns`` and
   ``gke_cloud_dns`` settings (a resolver the policy leaves out means no lookup works);
 - gVisor: ``get runtimeclasses/<runtime_class or gvisor>``;
-- FQDN policy CRDs: ``get customresourcedefinitions/<name>`` for GKE FQDN, Cilium and Istio;
+- FQDN policy CRDs: ``get customresourcedefinitions/<name>`` for GKE FQDN and Cilium;
 - the configured image (syntax only: a pull can only be tried by a pod).
 
 The doctor's own reads beyond :data:`REQUIRED_PERMISSIONS` are :data:`DOCTOR_PERMISSIONS`;
@@ -74,9 +74,6 @@ FQDN_CRDS: tuple[tuple[str, str, str, str], ...] = (
      "enable FQDN network policies on the GKE cluster (Dataplane V2 required): "
      "gcloud container clusters update CLUSTER --enable-fqdn-network-policy"),
     ("ciliumnetworkpolicies.cilium.io", "v2", "cilium", "install Cilium as the cluster's CNI"),
-    ("serviceentries.networking.istio.io", "v1", "istio", "install Istio (1.22 or later) in the cluster"),
-    ("sidecars.networking.istio.io", "v1", "istio", "install Istio (1.22 or later) in the cluster"),
-    ("authorizationpolicies.security.istio.io", "v1", "istio", "install Istio (1.22 or later) in the cluster"),
 )
 
 _IMAGE_RE = re.compile(

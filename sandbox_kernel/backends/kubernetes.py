@@ -66,8 +66,6 @@ ENFORCER_KINDS: dict[str, list[tuple[str, str, str]]] = {
     "gke-fqdn": [("networking.k8s.io", "v1", "networkpolicies"),
                  ("networking.gke.io", "v1alpha1", "fqdnnetworkpolicies")],
     "cilium": [("cilium.io", "v2", "ciliumnetworkpolicies")],
-    "istio": [("networking.istio.io", "v1", "serviceentries"), ("networking.istio.io", "v1", "sidecars"),
-              ("security.istio.io", "v1", "authorizationpolicies")],
 }
 
 
@@ -265,8 +263,8 @@ class KubernetesBackend(Backend):
                          ).tag(config=True)
     tolerations = List(Dict(), help="Tolerations of sandbox pods (e.g. Spot nodes). "
                                     "Env: SANDBOX_KERNEL_K8S_TOLERATIONS (JSON list).").tag(config=True)
-    enforcers = List(Unicode(), help="Which objects enforce egress: any of networkpolicy, gke-fqdn, cilium, "
-                                     "istio. Env: SANDBOX_KERNEL_K8S_ENFORCERS (comma-separated)."
+    enforcers = List(Unicode(), help="Which objects enforce egress: any of networkpolicy, gke-fqdn, cilium "
+                                     "(Istio is not an enforcer: docs/policy.md). Env: SANDBOX_KERNEL_K8S_ENFORCERS (comma-separated)."
                      ).tag(config=True)
     node_local_dns = Unicode(help="'true' (default) allows DNS, on port 53 only, to NodeLocal DNSCache "
                                   "(169.254.20.10 and its k8s-app=node-local-dns pods): always on in GKE "
@@ -406,6 +404,10 @@ class KubernetesBackend(Backend):
         _yes(self.node_local_dns, "node_local_dns")
         _yes(self.gke_cloud_dns, "gke_cloud_dns")
         for enforcer in self.enforcers:
+            if enforcer == "istio":
+                raise SandboxError("the istio enforcer was removed: as built it could not enforce anything "
+                                   "(docs/policy.md, 'Istio — removed'); use networkpolicy, with gke-fqdn or "
+                                   "cilium for names (c.KubernetesBackend.enforcers)")
             if enforcer not in ENFORCER_KINDS:
                 raise SandboxError(f"unknown Kubernetes enforcer {enforcer!r}: choose from "
                                    f"{', '.join(ENFORCER_KINDS)} (c.KubernetesBackend.enforcers)")

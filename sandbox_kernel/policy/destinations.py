@@ -7,7 +7,7 @@ property-tested once for all enforcers:
 * a CIDR entry inside an always-blocked range is dropped;
 * a CIDR entry containing always-blocked ranges keeps them as exceptions
   (NetworkPolicy/Cilium ``except``) which :func:`subtract` turns into plain networks for
-  enforcers without exceptions (nftables sets, Istio addresses);
+  enforcers without exceptions (nftables sets);
 * a resolved address inside an always-blocked range is dropped (DNS rebinding to
   169.254.169.254 opens nothing), and so is one that is not globally routable (a name
   such as ``10-0-0-5.nip.io`` resolving to a pod, a node or an internal load balancer)

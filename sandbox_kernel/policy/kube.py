@@ -1,6 +1,6 @@
 """Pieces every Kubernetes compiler shares: object metadata, selectors, port lists.
 
-Used by compile_networkpolicy.py, compile_gke.py, compile_cilium.py and compile_istio.py.
+Used by compile_networkpolicy.py, compile_gke.py and compile_cilium.py.
 Names, namespaces and labels come from the caller (the Kubernetes backend), so they are
 validated here once: a bad value is a PolicyError before any object is built, never a
 half-valid manifest.

@@ -55,9 +55,6 @@ RESOURCE_TYPES = [
                  "CustomResourceDefinition", namespaced=False),
     ResourceType("networking.gke.io", "v1alpha1", "fqdnnetworkpolicies", "FQDNNetworkPolicy", builtin=False),
     ResourceType("cilium.io", "v2", "ciliumnetworkpolicies", "CiliumNetworkPolicy", builtin=False),
-    ResourceType("networking.istio.io", "v1", "serviceentries", "ServiceEntry", builtin=False),
-    ResourceType("networking.istio.io", "v1", "sidecars", "Sidecar", builtin=False),
-    ResourceType("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", builtin=False),
 ]
 
 BY_URL = {(r.group, r.version, r.plural): r for r in RESOURCE_TYPES}

@@ -64,7 +64,7 @@ def test_gc_job_runs_the_cli_verb_and_it_cleans_the_fake_cluster(render, find, f
     assert container["image"] == f"{GC_IMAGE['name']}:{GC_IMAGE['tag']}"
     command = container["command"]
     assert command == ["sandbox-kernel", "gc", "--backend=kubernetes", "--max-age=7200",
-                       "--enforcers=networkpolicy,gke-fqdn,cilium,istio"]
+                       "--enforcers=networkpolicy,gke-fqdn,cilium"]
     assert pod["serviceAccountName"].endswith("-gc") and pod["securityContext"]["runAsNonRoot"] is True
 
     monkeypatch.setenv("KUBECONFIG", fakekube.write_kubeconfig(tmp_path / "kubeconfig"))

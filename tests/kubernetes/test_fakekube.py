@@ -126,10 +126,7 @@ def test_custom_resources(fakekube, kube_api):
                                           field_manager="sandbox-kernel", _content_type=APPLY)
     got = custom.list_namespaced_custom_object("cilium.io", "v2", "a", "ciliumnetworkpolicies", label_selector="k=v")
     assert [i["metadata"]["name"] for i in got["items"]] == ["egress"]
-    for group, version, plural, kind in [("networking.gke.io", "v1alpha1", "fqdnnetworkpolicies", "FQDNNetworkPolicy"),
-                                         ("networking.istio.io", "v1", "serviceentries", "ServiceEntry"),
-                                         ("networking.istio.io", "v1", "sidecars", "Sidecar"),
-                                         ("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy")]:
+    for group, version, plural, kind in [("networking.gke.io", "v1alpha1", "fqdnnetworkpolicies", "FQDNNetworkPolicy")]:
         custom.create_namespaced_custom_object(group, version, "a", plural, {
             "apiVersion": f"{group}/{version}", "kind": kind, "metadata": {"name": "x"}, "spec": {}})
         custom.delete_namespaced_custom_object(group, version, "a", plural, "x")

@@ -324,14 +324,14 @@ def test_gc_removes_orphans_by_label_and_age(fakekube):
 
 def test_every_call_is_in_required_permissions(fakekube):
     async def main():
-        backend = make_backend(fakekube, enforcers=["networkpolicy", "gke-fqdn", "cilium", "istio"])
+        backend = make_backend(fakekube, enforcers=["networkpolicy", "gke-fqdn", "cilium"])
         await backend.start("k1", EgressPolicy(), lambda line: None)
         transport = await backend.attach()
         await hello(transport)
         await backend.apply_policy(EgressPolicy(mode="allowlist", entries=("203.0.113.7",)))
         await backend.exit_reason()
         await backend.stop()
-        await asyncio.to_thread(kb.gc, 0, fakekube.api_client(), ["networkpolicy", "gke-fqdn", "cilium", "istio"])
+        await asyncio.to_thread(kb.gc, 0, fakekube.api_client(), ["networkpolicy", "gke-fqdn", "cilium"])
 
     run(main())
     used = fakekube.permissions_used()
@@ -439,3 +439,16 @@ def test_pod_alive_decides_reattach():
     assert not kb.pod_alive({"metadata": {}, "status": {"phase": "Failed", "reason": "Evicted"}})
     assert not kb.pod_alive({"metadata": {}, "status": {"phase": "Running", "containerStatuses": [
         {"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}})
+
+
+def test_istio_is_no_longer_an_enforcer(fakekube):
+    """Issue 15 point 7: the istio enforcer could not work as built; a configuration that
+    still names it fails the start with the reason instead of applying objects that enforce
+    nothing."""
+    from sandbox_kernel.errors import SandboxError
+    from sandbox_kernel.policy.enforcers import ENFORCERS
+
+    assert "istio" not in ENFORCERS and "istio" not in kb.ENFORCER_KINDS
+    backend = make_backend(fakekube, enforcers=["networkpolicy", "istio"])
+    with pytest.raises(SandboxError, match="istio enforcer was removed"):
+        backend.check()

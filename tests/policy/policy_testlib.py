@@ -25,9 +25,6 @@ CUSTOM_KINDS = {
     ("networking.gke.io/v1alpha1", "FQDNNetworkPolicy"): "networking.gke.io/fqdnnetworkpolicy_v1alpha1.json",
     ("networking.gke.io/v1alpha1", "NetworkLogging"): "networking.gke.io/networklogging_v1alpha1.json",
     ("cilium.io/v2", "CiliumNetworkPolicy"): "cilium.io/ciliumnetworkpolicy_v2.json",
-    ("networking.istio.io/v1", "ServiceEntry"): "networking.istio.io/serviceentry_v1.json",
-    ("networking.istio.io/v1", "Sidecar"): "networking.istio.io/sidecar_v1.json",
-    ("security.istio.io/v1", "AuthorizationPolicy"): "security.istio.io/authorizationpolicy_v1.json",
 }
 
 

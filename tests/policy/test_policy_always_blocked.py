@@ -113,19 +113,6 @@ def test_cilium_cidrs_exclude_blocked_and_deny_covers_them(scenario):
             _assert_clear(_open_networks(net, [ipaddress.ip_network(e) for e in item.get("except", [])]), "toCIDRSet")
 
 
-@SETTINGS
-@given(scenarios())
-def test_istio_addresses_exclude_blocked(scenario):
-    policy, _ = scenario
-    try:
-        objects = render(policy, "istio", always_blocked=BLOCKED)
-    except UnsupportedByEnforcer:
-        return  # refused as a whole (::/0 minus /128 holes is too many addresses): opens nothing
-    for obj in objects:
-        if obj["kind"] == "ServiceEntry":
-            _assert_clear([ipaddress.ip_network(a) for a in obj["spec"].get("addresses", [])], obj["metadata"]["name"])
-
-
 def test_everything_entry_opens_everything_but_the_blocked_set():
     policy = EgressPolicy.parse(["0.0.0.0/0", "::/0"])
     (obj,) = render(policy, "networkpolicy", pod_selector=SELECTOR, resolved={}, always_blocked=BLOCKED)

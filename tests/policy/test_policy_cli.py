@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 
+import pytest
 import yaml
 
 from sandbox_kernel.policy.cli import add_subcommands, run
@@ -41,8 +42,9 @@ def test_render_kubernetes_and_nft(tmp_path):
     assert obj["kind"] == "NetworkPolicy" and obj["spec"]["podSelector"] == {"matchLabels": {"app": "x"}}
     code, out, err = _run("render", "--enforcer", "nftables", "--resolver", "10.0.0.2", str(policy))
     assert code == 0 and out.startswith("# sandbox-kernel egress ruleset") and "not resolved" in err
-    code, out, _ = _run("render", "--enforcer", "istio", str(policy))
-    assert {d["kind"] for d in yaml.safe_load_all(out)} == {"Sidecar", "ServiceEntry", "AuthorizationPolicy"}
+    with pytest.raises(SystemExit) as exit_:  # not an enforcer any more (docs/policy.md says why)
+        _run("render", "--enforcer", "istio", str(policy))
+    assert exit_.value.code == 2
     code, _, err = _run("render", "--enforcer", "gke-fqdn", "--selector", "novalue", str(policy))
     assert code == 2 and "KEY=VALUE" in err
 

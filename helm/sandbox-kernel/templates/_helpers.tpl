@@ -59,8 +59,7 @@ sandbox_kernel/backends/kubernetes.py (tests/helm checks that they agree).
 {{- $kinds := dict
       "networkpolicy" (list (list "networking.k8s.io" "networkpolicies"))
       "gke-fqdn" (list (list "networking.k8s.io" "networkpolicies") (list "networking.gke.io" "fqdnnetworkpolicies"))
-      "cilium" (list (list "cilium.io" "ciliumnetworkpolicies"))
-      "istio" (list (list "networking.istio.io" "serviceentries") (list "networking.istio.io" "sidecars") (list "security.istio.io" "authorizationpolicies")) -}}
+      "cilium" (list (list "cilium.io" "ciliumnetworkpolicies")) -}}
 {{- $out := dict -}}
 {{- range .Values.sandbox.enforcers -}}
 {{- range (get $kinds .) -}}
