@@ -97,6 +97,7 @@ class _Doctor:
         self.backend = backend
         self.rows: list[Check] = []
         self.daemonsets: list[str] | None = None  # names in kube-system, once listed
+        self.git_version = ""
 
     def add(self, name: str, status: str, detail: str = "") -> Check:
         row = Check(name, status, detail)
@@ -158,6 +159,7 @@ class _Doctor:
                                          f"API server's answer ({err}): check the server address")
             return False
         git_version = version.get("gitVersion", "?")
+        self.git_version = git_version
         minor = int(re.sub(r"\D.*", "", str(version.get("minor", "0"))) or 0)
         if str(version.get("major")) == "1" and minor < 25:
             self.add("API server", FAIL, f"reachable, {git_version}: Kubernetes 1.25 or later is needed "
@@ -306,8 +308,31 @@ class _Doctor:
             self.add(name, WARN, "not configured and not present: sandboxes share the node's kernel (runc). "
                                  "For a kernel boundary, add a GKE Sandbox node pool and set runtime_class")
 
+    def gke_fqdn_requirements(self) -> None:
+        """What GKE FQDN network policies need, checked where the API shows it."""
+        name = "gke-fqdn requirements"
+        needs = ("GKE 1.26.4-gke.500 / 1.27.1-gke.400 or later, GKE Dataplane V2, GKE Enterprise enabled on "
+                 "the project (FQDN network policy is a GKE Enterprise feature), kube-dns or Cloud DNS (not "
+                 "a custom CoreDNS), no Cloud Service Mesh; GKE programs at most 50 addresses per "
+                 "FQDNNetworkPolicy, so the backend writes one object per name")
+        if self.daemonsets is not None and "anetd" not in self.daemonsets:
+            self.add(name, FAIL, f"no GKE Dataplane V2 (DaemonSet kube-system/anetd): FQDNNetworkPolicies would be "
+                                 f"stored but never enforced. Needs: {needs}")
+            return
+        m = re.search(r"v1\.(\d+)\.(\d+)-gke\.(\d+)", self.git_version)
+        if m:
+            minor, patch, gke = map(int, m.groups())
+            if (minor, patch, gke) < (26, 4, 500) or (minor == 27 and (patch, gke) < (1, 400)):
+                self.add(name, FAIL, f"{self.git_version} is older than FQDN network policies need. Needs: {needs}")
+                return
+        seen = "Dataplane V2 runs" if self.daemonsets is not None else "could not see the dataplane"
+        self.add(name, WARN if self.daemonsets is None else INFO,
+                 f"{seen}; GKE Enterprise cannot be checked from the cluster. Needs: {needs}")
+
     def fqdn_crds(self) -> None:
         enforcers = set(self.backend.enforcers)
+        if "gke-fqdn" in enforcers:
+            self.gke_fqdn_requirements()
         for crd, version, enforcer, todo in FQDN_CRDS:
             name = f"CRD {crd}"
             obj, error = self._crd(crd)

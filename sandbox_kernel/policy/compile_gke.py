@@ -11,6 +11,13 @@ compile_networkpolicy.py (default deny, DNS, CIDR entries). Limit (docs/policy.m
 cannot except addresses, so a listed name that resolves into an always-blocked range is
 reachable; on GKE the metadata server is protected separately (Workload Identity).
 
+**One FQDNNetworkPolicy per name.** GKE programs at most 50 addresses per
+FQDNNetworkPolicy (all its names together); one object listing every name of a policy
+passes that with a handful of CDN names and GKE silently drops the rest. So each domain or
+wildcard entry gets its own object (its ports in its one rule), named after a hash of the
+entry: an unchanged entry keeps its object when the policy changes, a removed one's
+object is deleted by the backend.
+
 :func:`make_network_logging` builds the cluster-wide ``NetworkLogging`` object that turns
 on logs of denied connections (the enforcer-log source of blocked notices on GKE).
 """
@@ -20,7 +27,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .destinations import plan_destinations
-from .kube import group_by_l4, match_labels, metadata, expand_ports
+import hashlib
+
+from .kube import child_name, match_labels, metadata, expand_ports
 from .model import EgressPolicy, PortRange, UnsupportedByEnforcer
 
 API_VERSION = "networking.gke.io/v1alpha1"
@@ -36,30 +45,26 @@ def compile_gke_fqdn(
     name: str = "sandbox-egress-fqdn",
     labels: Mapping[str, str] | None = None,
 ) -> list[dict]:
-    """Return ``[FQDNNetworkPolicy]`` for the domain and wildcard entries, or ``[]`` if none."""
+    """Return one ``FQDNNetworkPolicy`` per domain or wildcard entry (``[]`` if none), each
+    named ``<name>-<hash of the entry>``."""
     plan = plan_destinations(policy, None, ())
-    named = [d for d in plan.destinations if d.entry.kind in ("domain", "wildcard")]
-    egress = []
-    for (protocol, ports), group in group_by_l4(named).items():
-        matches = [
-            {"pattern": d.entry.value} if d.entry.kind == "wildcard" else {"name": d.entry.value}
-            for d in sorted(group, key=lambda d: d.entry.sort_key)
-        ]
-        rule: dict = {"matches": matches}
-        port_list = _ports(protocol, ports, group[0].entry)
+    named = sorted((d for d in plan.destinations if d.entry.kind in ("domain", "wildcard")),
+                   key=lambda d: d.entry.sort_key)
+    out = []
+    for dest in named:
+        entry = dest.entry
+        rule: dict = {"matches": [{"pattern": entry.value} if entry.kind == "wildcard" else {"name": entry.value}]}
+        port_list = _ports(entry.protocol, entry.ports, entry)
         if port_list:
             rule["ports"] = port_list
-        egress.append(rule)
-    if not egress:
-        return []  # the CRD requires at least one egress rule; NetworkPolicy denies the rest
-    return [
-        {
+        digest = hashlib.sha256(str(entry).encode()).hexdigest()[:10]
+        out.append({
             "apiVersion": API_VERSION,
             "kind": "FQDNNetworkPolicy",
-            "metadata": metadata(name, namespace, policy, labels),
-            "spec": {"podSelector": match_labels(pod_selector), "egress": egress},
-        }
-    ]
+            "metadata": metadata(child_name(name, digest), namespace, policy, labels),
+            "spec": {"podSelector": match_labels(pod_selector), "egress": [rule]},
+        })
+    return out
 
 
 def make_network_logging(*, log_denied: bool = True, log_allowed: bool = False, delegate: bool = False) -> dict:

@@ -306,6 +306,7 @@ def test_gc_removes_orphans_by_label_and_age(fakekube):
         await live.start("live", EgressPolicy(), lambda line: None)
         orphan = make_backend(fakekube, user="bob")
         await orphan.start("orphan", EgressPolicy(), lambda line: None)
+        await asyncio.gather(live._gc_task, orphan._gc_task)  # their own start sweeps are done
         fakekube.evict(orphan.namespace, orphan.pod)  # ended: always an orphan
         removed = await asyncio.to_thread(kb.gc, 3600, fakekube.api_client())
         kept = [p["metadata"]["name"] for p in fakekube.objects("pods")]

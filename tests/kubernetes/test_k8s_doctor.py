@@ -236,3 +236,18 @@ def test_dns_row_says_which_resolvers_are_allowed(fakekube):
     assert "sandbox.nodeLocalDNS" in off.detail
     assert rows(fakekube, gke_cloud_dns="false")["DNS"].status == "warn"
     assert rows(fakekube, node_local_dns="maybe")["DNS"].status == "FAIL"
+
+
+def test_gke_fqdn_requirements_are_stated(fakekube):
+    """Issue 15 point 8: the doctor says what GKE FQDN network policies need (Dataplane V2,
+    GKE Enterprise, versions, DNS provider, 50 addresses per object) and fails without anetd."""
+    fakekube.add_daemonset("kube-proxy")
+    fakekube.add_crd("fqdnnetworkpolicies.networking.gke.io")
+    row = rows(fakekube, enforcers=["gke-fqdn"])["gke-fqdn requirements"]
+    assert row.status == "FAIL" and "no GKE Dataplane V2" in row.detail
+    fakekube.add_daemonset("anetd")
+    row = rows(fakekube, enforcers=["gke-fqdn"])["gke-fqdn requirements"]
+    assert row.status == "info"
+    for needed in ("GKE Enterprise", "Dataplane V2", "1.26.4-gke.500", "50 addresses per", "one object per name"):
+        assert needed in row.detail
+    assert "gke-fqdn requirements" not in rows(fakekube, enforcers=["networkpolicy"])

@@ -23,7 +23,8 @@ def make_backend(fakekube):
     # the pod stays Pending until the test makes it Ready
     fakekube.behavior.unschedulable = "0/1 nodes are available: 1 Insufficient cpu."
     backend = kb.KubernetesBackend(client_configuration=fakekube.configuration(), user="alice",
-                                   start_timeout=30.0, schedule_timeout=60.0)
+                                   start_timeout=30.0, schedule_timeout=60.0,
+                                   gc_on_start=False)  # its LIST after Ready is not the watch's
     backend.always_blocked = ["169.254.0.0/16"]
     return backend
 

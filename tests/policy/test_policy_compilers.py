@@ -215,3 +215,21 @@ def test_kubernetes_backend_allows_gke_resolvers_by_default(monkeypatch):
     backend.node_local_dns = backend.gke_cloud_dns = "false"
     rule = _dns_rule(backend.policy_objects(POLICIES["allowlist"], RESOLVED))
     assert [p for p in rule["to"] if "ipBlock" in p] == []
+
+
+def test_gke_fqdn_writes_one_object_per_name():
+    """Issue 15 point 8: GKE programs at most 50 addresses per FQDNNetworkPolicy, so one
+    object listing every name overflowed with a few CDN names; now one object per entry,
+    named by the entry (stable when other entries change)."""
+    names = [f"host{i}.example.com:443/tcp" for i in range(30)] + ["*.pythonhosted.org:443/tcp"]
+    objects = render(EgressPolicy.parse(names), "gke-fqdn", **OPTIONS)
+    fqdn = [o for o in objects if o["kind"] == "FQDNNetworkPolicy"]
+    assert len(fqdn) == 31
+    for obj in fqdn:
+        validate_object(obj)
+        (rule,) = obj["spec"]["egress"]
+        assert len(rule["matches"]) == 1 and rule["ports"] == [{"port": 443, "protocol": "TCP"}]
+    smaller = render(EgressPolicy.parse(names[1:]), "gke-fqdn", **OPTIONS)
+    before = {o["metadata"]["name"] for o in fqdn}
+    after = {o["metadata"]["name"] for o in smaller if o["kind"] == "FQDNNetworkPolicy"}
+    assert after < before and len(before - after) == 1  # only the removed entry's object goes
