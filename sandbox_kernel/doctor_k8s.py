@@ -62,6 +62,10 @@ ENFORCING_DAEMONSETS: dict[str, str] = {
     "kube-network-policies": "kube-network-policies",
 }
 
+#: kindnet enforces NetworkPolicy from kind v0.24.0, whose kindnetd image is tagged
+#: v20240813-…; older kindnetd stores NetworkPolicies and enforces none
+KINDNET_POLICY_SINCE = 20240813
+
 #: CRDs that show an enforcing dataplane installed outside kube-system (operator installs)
 ENFORCER_CRDS: dict[str, str] = {
     "felixconfigurations.crd.projectcalico.org": "Calico (operator install)",
@@ -219,7 +223,21 @@ class _Doctor:
             return
         self.daemonsets = [d.metadata.name for d in daemonsets]
         found = [f"{ENFORCING_DAEMONSETS[d.metadata.name]} (DaemonSet kube-system/{d.metadata.name})"
-                 for d in daemonsets if d.metadata.name in ENFORCING_DAEMONSETS]
+                 for d in daemonsets if d.metadata.name in ENFORCING_DAEMONSETS and d.metadata.name != "kindnet"]
+        kindnet = next((d for d in daemonsets if d.metadata.name == "kindnet"), None)
+        if kindnet is not None and not found:
+            images = [c.image or "" for c in (kindnet.spec.template.spec.containers or [])]
+            dates = [int(m.group(1)) for m in (re.search(r":v(\d{8})\b", i) for i in images) if m]
+            if dates and max(dates) >= KINDNET_POLICY_SINCE:
+                self.add(name, OK, f"kindnet {', '.join(images)} (enforces NetworkPolicy from kind v0.24)")
+            elif dates:
+                self.add(name, FAIL, f"kindnet {', '.join(images)} is older than kind v0.24 and does not enforce "
+                                     f"NetworkPolicy: {why}. Recreate the cluster with kind 0.24 or later, or "
+                                     "install Calico or Cilium")
+            else:
+                self.add(name, WARN, f"kindnet with image {', '.join(images) or '?'}: its version is unknown; "
+                                     "kindnet enforces NetworkPolicy only from kind v0.24 (kindnetd v20240813)")
+            return
         if found:
             self.add(name, OK, ", ".join(found))
             return

@@ -1013,6 +1013,10 @@ class StartTracker:
                 self._unschedulable_since = self.clock()
             self.say(f"Waiting for a node: {message}")
         elif reason == "TriggeredScaleUp":
+            # a node is on its way (GKE Autopilot and gVisor pools take minutes): the
+            # schedule timeout counts again from now, not from the first FailedScheduling
+            if self._unschedulable_since is not None:
+                self._unschedulable_since = self.clock()
             self.say("Waiting for the cluster to add a node…")
         elif reason == "Pulling":
             self.say(f"Pulling image {self.image}…")

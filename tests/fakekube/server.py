@@ -327,7 +327,7 @@ class FakeKube:
         if self.get_object("namespaces", None, name) is None:
             self.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 
-    def add_daemonset(self, name: str, namespace: str = "kube-system") -> dict:
+    def add_daemonset(self, name: str, namespace: str = "kube-system", image: str | None = None) -> dict:
         """A minimal valid DaemonSet (e.g. ``anetd``, ``cilium``, ``calico-node`` in kube-system)."""
         self.ensure_namespace(namespace)
         labels = {"k8s-app": name}
@@ -335,7 +335,7 @@ class FakeKube:
             "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": name, "namespace": namespace},
             "spec": {"selector": {"matchLabels": labels}, "template": {
                 "metadata": {"labels": labels},
-                "spec": {"containers": [{"name": name, "image": f"registry.example/{name}:1"}]}}}})
+                "spec": {"containers": [{"name": name, "image": image or f"registry.example/{name}:1"}]}}}})
 
     def add_runtime_class(self, name: str = "gvisor", handler: str = "runsc") -> dict:
         return self.put_object({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",

@@ -453,3 +453,20 @@ def test_istio_is_no_longer_an_enforcer(fakekube):
     backend = make_backend(fakekube, enforcers=["networkpolicy", "istio"])
     with pytest.raises(SandboxError, match="istio enforcer was removed"):
         backend.check()
+
+
+def test_triggered_scale_up_restarts_the_schedule_timeout():
+    """Issue 15 point 12: Autopilot and gVisor pools scale up for minutes; the scheduling
+    timeout counts from the last TriggeredScaleUp, not from the first FailedScheduling."""
+    now = [0.0]
+    lines = []
+    tracker = kb.StartTracker("python:3.12-slim", lines.append, clock=lambda: now[0])
+    tracker.event({"reason": "FailedScheduling", "message": "0/3 nodes are available"})
+    now[0] = 100.0
+    tracker.event({"reason": "TriggeredScaleUp", "message": "pod triggered scale-up: [{pool 1->2}]"})
+    now[0] = 200.0
+    tracker.tick(120.0)  # 200 s since the first refusal, 100 s since the scale-up: still waiting
+    now[0] = 221.0
+    with pytest.raises(kb.Unschedulable):
+        tracker.tick(120.0)
+    assert lines == ["Waiting for a node: 0/3 nodes are available", "Waiting for the cluster to add a node…"]

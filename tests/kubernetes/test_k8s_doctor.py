@@ -251,3 +251,18 @@ def test_gke_fqdn_requirements_are_stated(fakekube):
     for needed in ("GKE Enterprise", "Dataplane V2", "1.26.4-gke.500", "50 addresses per", "one object per name"):
         assert needed in row.detail
     assert "gke-fqdn requirements" not in rows(fakekube, enforcers=["networkpolicy"])
+
+
+@pytest.mark.parametrize("image, status", [
+    ("docker.io/kindest/kindnetd:v20240813-c6f155d6", "ok"),  # kind v0.24.0
+    ("docker.io/kindest/kindnetd:v20250214-acbabc1a", "ok"),
+    ("docker.io/kindest/kindnetd:v20240730-75a5af0c", "FAIL"),  # kind v0.23: stores, never enforces
+    ("registry.example/kindnetd:latest", "warn"),
+])
+def test_kindnet_enforces_only_from_kind_0_24(fakekube, image, status):
+    """Issue 15 point 12: kindnet was reported as enforcing on any kind."""
+    fakekube.add_daemonset("kindnet", image=image)
+    row = rows(fakekube)["NetworkPolicy enforcement"]
+    assert row.status == status, row.detail
+    if status == "FAIL":
+        assert "older than kind v0.24" in row.detail
