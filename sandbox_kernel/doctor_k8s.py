@@ -176,7 +176,16 @@ class _Doctor:
         from kubernetes import client
 
         api = client.AuthorizationV1Api(self.backend.api_client())
-        for group, resource, verb in kb.required_permissions(self.backend.enforcers):
+        scoped = bool(self.backend.namespace_role)
+        perms = kb.required_permissions(self.backend.enforcers, namespace_role=scoped)
+        if scoped:
+            namespaced = [p for p in perms if (p[0], p[1]) not in kb.CLUSTER_SCOPED]
+            perms = [p for p in perms if (p[0], p[1]) in kb.CLUSTER_SCOPED]
+            self.add("RBAC in user namespaces", INFO,
+                     f"{len(namespaced)} namespaced permissions come from ClusterRole {self.backend.namespace_role!r}, "
+                     f"bound by the RoleBinding '{kb.objects.ROLE_BINDING}' the backend creates in each user namespace "
+                     f"(for {self.backend.role_subject}); nowhere else")
+        for group, resource, verb in perms:
             name = f"RBAC {verb} {resource}{'.' + group if group else ''}"
             allowed, reason = self._can(api, verb, group, resource, None)
             if allowed is None:

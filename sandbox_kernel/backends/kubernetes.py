@@ -84,19 +84,32 @@ REQUIRED_PERMISSIONS: tuple[tuple[str, str, str], ...] = tuple(
     + _perms("", "pods", "create", "get", "list", "watch", "delete")
     + _perms("", "pods/exec", "create", "get")  # websocket exec: create (>=1.31) or get (older)
     + _perms("", "events", "watch")
+    # with c.KubernetesBackend.namespace_role: one RoleBinding per user namespace, to that
+    # ClusterRole only (the chart limits ``bind`` to it by resourceNames)
+    + _perms("rbac.authorization.k8s.io", "rolebindings", "create", "patch")
+    + _perms("rbac.authorization.k8s.io", "clusterroles", "bind")
     + [(group, plural, verb)
        for group, plural in sorted({(g, p) for kinds in ENFORCER_KINDS.values() for g, _, p in kinds})
        for verb in ("create", "patch", "list", "delete", "deletecollection")]
 )
 
 
-def required_permissions(enforcers: list[str] | tuple[str, ...]) -> list[tuple[str, str, str]]:
+#: the permissions that act at cluster scope (a user namespace does not exist before its
+#: first start); with a namespace_role everything else is granted per user namespace
+CLUSTER_SCOPED: frozenset[tuple[str, str]] = frozenset({
+    ("", "namespaces"), ("rbac.authorization.k8s.io", "rolebindings"), ("rbac.authorization.k8s.io", "clusterroles")})
+_RBAC_PERMS = {("rbac.authorization.k8s.io", "rolebindings"), ("rbac.authorization.k8s.io", "clusterroles")}
+
+
+def required_permissions(enforcers: list[str] | tuple[str, ...], namespace_role: bool = False) -> list[tuple[str, str, str]]:
     """The subset of :data:`REQUIRED_PERMISSIONS` a configuration with these enforcers uses
-    (policy kinds of other enforcers left out). ``sandbox-kernel doctor`` checks these."""
+    (policy kinds of other enforcers left out; the RoleBinding permissions only with a
+    ``namespace_role``). ``sandbox-kernel doctor`` checks these."""
     kinds = {(g, p) for e in enforcers for g, _, p in ENFORCER_KINDS.get(e, [])}
     every_kind = {(g, p) for ks in ENFORCER_KINDS.values() for g, _, p in ks}
     return [perm for perm in REQUIRED_PERMISSIONS
-            if (perm[0], perm[1]) not in every_kind or (perm[0], perm[1]) in kinds]
+            if ((perm[0], perm[1]) not in every_kind or (perm[0], perm[1]) in kinds)
+            and (namespace_role or (perm[0], perm[1]) not in _RBAC_PERMS)]
 
 
 # --- errors a user can hit ---------------------------------------------------------
@@ -288,6 +301,14 @@ class KubernetesBackend(Backend):
     idle_timeout = Float(help="Delete the pod after this many seconds with no cell running (0: never); "
                               "the next cell starts a fresh one. Env: SANDBOX_KERNEL_K8S_IDLE_TIMEOUT."
                          ).tag(config=True)
+    namespace_role = Unicode(help="A ClusterRole holding the kernel identity's namespaced permissions "
+                                  "(pods, exec, policies…), bound by a RoleBinding the backend creates in "
+                                  "each user namespace, so the identity has them nowhere else (the Helm "
+                                  "chart sets it). Empty: the identity is expected to hold them cluster-wide. "
+                                  "Env: SANDBOX_KERNEL_K8S_NAMESPACE_ROLE.").tag(config=True)
+    role_subject = Unicode(help="Who the namespace_role RoleBinding binds: 'ServiceAccount:<namespace>:<name>' "
+                                "(the kernels' or the hub service's account), or 'User:<name>'. "
+                                "Env: SANDBOX_KERNEL_K8S_ROLE_SUBJECT.").tag(config=True)
     orphan_timeout = Float(help="The agent in a sandbox pod exits, ending the pod, after this many seconds "
                                 "with no kernel attached (0: never). It runs in the pod, so it also ends "
                                 "the pods of kernels that died without stopping them; a dropped stream "
@@ -342,6 +363,10 @@ class KubernetesBackend(Backend):
     def _sch_default(self): return env_default("SANDBOX_KERNEL_K8S_SCHEDULE_TIMEOUT", 120.0, float)
     @default("idle_timeout")
     def _idle_default(self): return env_default("SANDBOX_KERNEL_K8S_IDLE_TIMEOUT", 0.0, float)
+    @default("namespace_role")
+    def _nsrole_default(self): return env_default("SANDBOX_KERNEL_K8S_NAMESPACE_ROLE", "")
+    @default("role_subject")
+    def _subject_default(self): return env_default("SANDBOX_KERNEL_K8S_ROLE_SUBJECT", "")
     @default("orphan_timeout")
     def _orphan_default(self): return env_default("SANDBOX_KERNEL_K8S_ORPHAN_TIMEOUT", 600.0, float)
     @default("gc_on_start")
@@ -402,6 +427,8 @@ class KubernetesBackend(Backend):
         check_client_version()
         self.configuration()
         _yes(self.node_local_dns, "node_local_dns")
+        if self.namespace_role:
+            self.subject()
         _yes(self.gke_cloud_dns, "gke_cloud_dns")
         for enforcer in self.enforcers:
             if enforcer == "istio":
@@ -574,8 +601,10 @@ class KubernetesBackend(Backend):
         from ..agent.bundle import build_pyz, pyz_digest
 
         ns = self.namespace
+        binding = [objects.make_role_binding(ns, self.namespace_role, self.subject())] if self.namespace_role else []
         return [
             objects.make_namespace(ns, self.user),
+            *binding,
             objects.make_service_account(ns),
             objects.make_resource_quota(ns, self.quota),
             objects.make_limit_range(ns, self.requests, self.limits),
@@ -595,11 +624,41 @@ class KubernetesBackend(Backend):
         if current is not None and (current.metadata.annotations or {}).get(SETUP_ANNOTATION) == setup:
             return
         progress(f"Preparing namespace {self.namespace}…")
+        bound_at = None
         for body in wanted:
-            self.apply_object(body)
+            if bound_at is None:
+                self.apply_object(body)
+            else:
+                self._apply_while_binding_propagates(body, bound_at)
+            if body["kind"] == "RoleBinding":
+                bound_at = time.monotonic()
         marked = json.loads(json.dumps(wanted[0]))
         marked["metadata"]["annotations"][SETUP_ANNOTATION] = setup
         self.apply_object(marked)
+
+    #: how long a new RoleBinding may take to reach the API server's authorizer cache
+    BINDING_PROPAGATION = 10.0
+
+    def _apply_while_binding_propagates(self, body: dict, bound_at: float) -> dict:
+        """apply_object, retrying a 403 for :data:`BINDING_PROPAGATION` s after the namespace's
+        RoleBinding was created (RBAC reaches the authorizer through a watch: not at once)."""
+        while True:
+            try:
+                return self.apply_object(body)
+            except KubernetesForbidden:
+                if time.monotonic() - bound_at > self.BINDING_PROPAGATION:
+                    raise
+                time.sleep(0.2)
+
+    def subject(self) -> dict[str, str]:
+        """``role_subject`` as a RoleBinding subject; SandboxError when it is malformed."""
+        parts = self.role_subject.split(":")
+        if len(parts) == 3 and parts[0] == "ServiceAccount" and all(parts[1:]):
+            return {"kind": "ServiceAccount", "namespace": parts[1], "name": parts[2]}
+        if len(parts) == 2 and parts[0] in ("User", "Group") and parts[1]:
+            return {"kind": parts[0], "name": parts[1]}
+        raise SandboxError(f"c.KubernetesBackend.role_subject = {self.role_subject!r}: with namespace_role set it must "
+                           "be 'ServiceAccount:<namespace>:<name>', 'User:<name>' or 'Group:<name>'")
 
     def apply_object(self, body: dict) -> dict:
         """Server-side apply one object (typed API for core/networking kinds, custom objects
@@ -618,6 +677,7 @@ class KubernetesBackend(Backend):
             ("v1", "LimitRange"): ("limitranges", lambda: client.CoreV1Api(api).patch_namespaced_limit_range(name, ns, body, **kw)),
             ("v1", "ConfigMap"): ("configmaps", lambda: client.CoreV1Api(api).patch_namespaced_config_map(name, ns, body, **kw)),
             ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", lambda: client.NetworkingV1Api(api).patch_namespaced_network_policy(name, ns, body, **kw)),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", lambda: client.RbacAuthorizationV1Api(api).patch_namespaced_role_binding(name, ns, body, **kw)),
         }
         if (api_version, kind) in typed:
             resource, call = typed[(api_version, kind)]

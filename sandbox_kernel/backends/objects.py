@@ -85,6 +85,22 @@ def make_service_account(namespace: str, labels: Mapping[str, str] | None = None
                                    automount_service_account_token=False)
 
 
+#: the RoleBinding each user namespace gets when c.KubernetesBackend.namespace_role is set
+ROLE_BINDING = "sandbox-kernel"
+
+
+def make_role_binding(namespace: str, cluster_role: str, subject: Mapping[str, str],
+                      labels: Mapping[str, str] | None = None, name: str = ROLE_BINDING) -> client.V1RoleBinding:
+    """Binds ``cluster_role`` (the kernel identity's namespaced permissions) to ``subject``
+    in this namespace only, so the identity needs no namespaced rights cluster-wide."""
+    return client.V1RoleBinding(
+        api_version="rbac.authorization.k8s.io/v1", kind="RoleBinding",
+        metadata=_meta(name, namespace, base_labels(extra=labels)),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="ClusterRole", name=cluster_role),
+        subjects=[client.RbacV1Subject(kind=subject["kind"], name=subject["name"], namespace=subject.get("namespace"),
+                                       api_group="rbac.authorization.k8s.io" if subject["kind"] != "ServiceAccount" else None)])
+
+
 def make_resource_quota(namespace: str, hard: Mapping[str, str], labels: Mapping[str, str] | None = None,
                         name: str = "sandbox-quota") -> client.V1ResourceQuota:
     """Caps what all of the user's sandboxes may use together (``hard``: ``{"pods": "4", …}``)."""

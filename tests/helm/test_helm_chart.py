@@ -26,14 +26,16 @@ def test_every_rendered_object_is_valid(case, render, validate_object):
     for obj in objects:
         validate_object(obj)
         if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "RuntimeClass", "NetworkLogging",
-                               "CiliumClusterwideNetworkPolicy"):
+                               "CiliumClusterwideNetworkPolicy", "ValidatingAdmissionPolicy",
+                               "ValidatingAdmissionPolicyBinding"):
             assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
         assert len(obj["metadata"]["name"]) <= 63
 
 
 def test_defaults_render_only_the_core(render):
     kinds = sorted(o["kind"] for o in render({}))
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "ServiceAccount",
+                     "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
 
 
 @pytest.mark.parametrize("piece, values, kinds", [

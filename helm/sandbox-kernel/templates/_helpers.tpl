@@ -94,6 +94,10 @@ The kernel's configuration, as traitlets reads a JSON config file:
       "idle_timeout" $s.idleTimeout
       "orphan_timeout" $s.orphanTimeout
       "gc_on_start" $s.gcOnStart -}}
+{{- if .Values.rbac.create -}}
+{{- $_ := set $backend "namespace_role" (printf "%s-sandbox" (include "sandbox-kernel.fullname" .)) -}}
+{{- $_ := set $backend "role_subject" (printf "ServiceAccount:%s:%s" .Release.Namespace (include "sandbox-kernel.kernelRoleSubject" .)) -}}
+{{- end -}}
 {{- if .Values.gvisor.enabled -}}
 {{- $_ := set $backend "runtime_class" .Values.gvisor.runtimeClassName -}}
 {{- end -}}
@@ -112,6 +116,12 @@ The kernel's configuration, as traitlets reads a JSON config file:
 {{/* Hub mode: the sandbox service's objects (Deployment, Service, PVC, ServiceAccount). */}}
 {{- define "sandbox-kernel.hubName" -}}
 {{- printf "%s-hub" (include "sandbox-kernel.fullname" .) -}}
+{{- end -}}
+
+{{/* The fixed prefix of user namespaces ("user-sandbox-" of "user-sandbox-{slug}"). */}}
+{{- define "sandbox-kernel.namespacePrefix" -}}
+{{- $parts := splitList "{slug}" .Values.sandbox.namespaceTemplate -}}
+{{- first $parts -}}
 {{- end -}}
 
 {{/* The account the kernels' ClusterRole is bound to: the service's in hub mode, else the kernels'. */}}
