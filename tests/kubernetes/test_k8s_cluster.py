@@ -206,3 +206,61 @@ print("listening")
             await cleanup(caller)
 
     asyncio.run(main())
+
+
+NODE_PORTS = (10250, 6443)  # the kubelet, and the API server where it runs on the node (kind, this project's cluster)
+
+
+def test_the_node_under_a_deny_policy():
+    """Issue 15 point 3: Kubernetes leaves it to the CNI whether a pod's own node is subject
+    to NetworkPolicy. Measured here: a pod without policy reaches its node's kubelet (and
+    API server, where it runs on the node); a sandbox under deny must not. On a CNI that
+    exempts the node this test fails, which is the exposure docs/security.md describes."""
+    from kubernetes import client
+
+    cells = iter(range(1, 1000))
+
+    async def main():
+        backend = make_backend("node")
+        try:
+            await backend.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
+            core = client.CoreV1Api(backend.api_client())
+            node_ip = core.read_namespaced_pod(backend.pod, backend.namespace).status.host_ip
+            # control: a plain pod in a namespace without policy, same node, same image
+            control_ns = f"{backend.namespace}-open"
+            core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+                name=control_ns, labels={"pod-security.kubernetes.io/enforce": "restricted"})))
+            probe = "\n".join(f"print({p}, 'connected' if __import__('socket').socket().connect_ex(({node_ip!r}, {p})) == 0 else 'blocked')"
+                              for p in NODE_PORTS)
+            pod = kb.objects.to_dict(kb.objects.make_pod("control", control_ns, kernel_id="control", user="control",
+                                                         image=backend.image, agent_configmap="none", requests={},
+                                                         limits={}, image_pull_policy=backend.image_pull_policy))
+            pod["spec"]["containers"][0]["command"] = ["python3", "-c", probe]
+            pod["spec"]["volumes"] = [v for v in pod["spec"]["volumes"] if v["name"] != "agent"]
+            pod["spec"]["containers"][0]["volumeMounts"] = [m for m in pod["spec"]["containers"][0]["volumeMounts"]
+                                                            if m["name"] != "agent"]
+            pod["spec"]["containers"][0].pop("readinessProbe", None)
+            pod["spec"]["serviceAccountName"] = "default"
+            core.create_namespaced_pod(control_ns, pod)
+            for _ in range(120):
+                phase = core.read_namespaced_pod("control", control_ns).status.phase
+                if phase in ("Succeeded", "Failed"):
+                    break
+                await asyncio.sleep(1)
+            control = core.read_namespaced_pod_log("control", control_ns)
+            core.delete_namespace(control_ns)
+            transport = await backend.attach()
+            assert (await asyncio.wait_for(transport.recv(), 60))["type"] == "hello"
+            seen = {}
+            for port in NODE_PORTS:
+                out, _ = await run_cell(transport, connect(node_ip, port, timeout=3), next(cells))
+                seen[port] = out.split()[0]
+            await transport.close()
+            return node_ip, control, seen
+        finally:
+            await cleanup(backend)
+
+    node_ip, control, seen = asyncio.run(main())
+    print(f"node {node_ip}: without policy {control.strip()!r}; sandbox under deny {seen}")
+    assert "10250 connected" in control, control  # the port is really open on the node
+    assert seen == {port: "blocked" for port in NODE_PORTS}, seen
