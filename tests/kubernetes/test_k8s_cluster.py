@@ -47,9 +47,15 @@ if not credentials_present():
                 f"{os.environ.get('KUBECONFIG')!r}) and no in-cluster credentials", pytrace=False)
 
 
+#: first line of every probing cell: the agent's guard refuses at once what it believes the
+#: policy forbids (it knows only what a kernel sends it, and these tests drive the backend
+#: without one); switched off, the cell measures the network's enforcement alone
+NO_GUARD = "import sandbox_agent.guard as _guard\n_guard.enabled = False\n"
+
+
 def connect(host: str, port: int | str, timeout: float = 4) -> str:
-    """A cell that prints ``connected`` or ``blocked <error>`` for a TCP connect."""
-    return f"""
+    """A cell that prints ``connected`` or ``blocked <error>`` for a TCP connect (network only)."""
+    return NO_GUARD + f"""
 import socket
 s = socket.socket(socket.AF_INET6 if ":" in {host!r} else socket.AF_INET)
 s.settimeout({timeout})
@@ -64,7 +70,7 @@ finally:
 
 
 def resolve(name: str) -> str:
-    return f"""
+    return NO_GUARD + f"""
 import socket
 try:
     print("resolved", sorted({{i[4][0] for i in socket.getaddrinfo({name!r}, 443, proto=socket.IPPROTO_TCP)}}))
