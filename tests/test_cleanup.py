@@ -10,7 +10,8 @@ from kerneltest import KernelDriver, sandbox_namespaces
 
 
 def _processes_of(namespaces: set[str]) -> set[int]:
-    """Every process of these sandboxes: those inside the namespaces, and their slirp4netns."""
+    """Every process of these sandboxes: those inside the namespaces, their slirp4netns and
+    the kernel's enforcer log reader (enforcerlog.py)."""
     pids = set()
     for ns in namespaces:
         pids |= {int(p) for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
@@ -21,7 +22,8 @@ def _processes_of(namespaces: set[str]) -> set[int]:
                 cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if "slirp4netns" in cmdline and any(f"/run/netns/{ns}" in cmdline for ns in namespaces):
+            if ("slirp4netns" in cmdline or "sandbox_kernel.backends.enforcerlog" in cmdline) and any(
+                    f"/run/netns/{ns}" in cmdline for ns in namespaces):
                 pids.add(int(proc.name))
     return pids
 
@@ -46,7 +48,7 @@ def test_shutdown_removes_namespace_processes_and_state():
     created = driver.namespaces()
     assert len(created) == 1
     procs = _processes_of(created)
-    assert len(procs) >= 3  # bubblewrap, the agent, the background sleep (and slirp4netns)
+    assert len(procs) >= 5  # bubblewrap, the agent, the background sleep, slirp4netns, the log reader
     state = Path("/run/sandbox-kernel") / next(iter(created))[len("sbx-"):]
     assert state.exists()
     driver.shutdown()
