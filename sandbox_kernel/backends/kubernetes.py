@@ -1163,7 +1163,8 @@ class ExecTransport(LineTransport):
 
 # --- garbage collection ---------------------------------------------------------------------
 
-def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now: float | None = None) -> list[str]:
+def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now: float | None = None,
+       config=None) -> list[str]:
     """Remove orphans by label and age; return what was removed ("pods ns/name", …).
 
     Called by ``sandbox-kernel gc`` (a CronJob in the Helm chart). Removes sandbox pods
@@ -1173,8 +1174,10 @@ def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now:
     """
     from kubernetes import client
 
-    # enforcers: given, else the configured ones (SANDBOX_KERNEL_K8S_ENFORCERS)
-    backend = KubernetesBackend(enforcers=enforcers) if enforcers else KubernetesBackend()
+    # settings from the kernels' config files (``config``), enforcers given on the command
+    # line win over the configured ones (c.KubernetesBackend.enforcers, SANDBOX_KERNEL_K8S_ENFORCERS)
+    extra = {"enforcers": enforcers} if enforcers else {}
+    backend = KubernetesBackend(config=config, **extra) if config is not None else KubernetesBackend(**extra)
     if api_client is not None:
         backend._api_client = api_client
     api = backend.api_client()
@@ -1234,7 +1237,7 @@ def parse_duration(text: str | float) -> float:
 
 
 def gc_command(max_age: str | float = "24h", enforcers: list[str] | None = None, api_client=None,
-               out: Callable[[str], None] = print) -> int:
+               out: Callable[[str], None] = print, config=None) -> int:
     """``sandbox-kernel gc --backend kubernetes [--max-age 1h]`` (the Helm chart's CronJob).
 
     Prints one ``removed …`` line per object; returns 0, or 1 with the reason when the
@@ -1245,7 +1248,7 @@ def gc_command(max_age: str | float = "24h", enforcers: list[str] | None = None,
         out(f"sandbox-kernel gc: {err}")
         return 2
     try:
-        removed = gc(seconds, api_client=api_client, enforcers=enforcers)
+        removed = gc(seconds, api_client=api_client, enforcers=enforcers, config=config)
     except SandboxError as err:
         out(f"sandbox-kernel gc: {err}")
         return 1
