@@ -1031,17 +1031,32 @@ class ExecTransport(LineTransport):
         reader = asyncio.StreamReader(limit=protocol.MAX_FRAME + 1)
         super().__init__(reader, _ExecWriter(ws))
         self._client = secrets.token_hex(8)  # names this transport's numbering to the agent
-        # before any other frame: a new client, which gets what no client was sent yet
-        ws.write_stdin(protocol.encode({"type": "resume", "client": self._client, "since": None}))
+        # Before any other frame: a new client, which gets what no client was sent yet. The
+        # reader thread writes it (a websocket write blocks when the stream is slow, and
+        # nothing may block the event loop); sends wait for it as they wait for a re-attach.
+        self._writer.reattaching.set()
         self._thread = threading.Thread(target=self._pump, daemon=True, name="sandbox-exec-reader")
         self._thread.start()
 
     def _feed(self, data: bytes) -> None:
         self.loop.call_soon_threadsafe(self._reader.feed_data, data)
 
+    def _greet(self) -> bool:
+        """Write the opening ``resume`` frame (reader thread); False when the stream is dead."""
+        try:
+            self.ws.write_stdin(protocol.encode({"type": "resume", "client": self._client, "since": None}))
+            return True
+        except Exception as err:  # noqa: BLE001 - websocket-client raises several types
+            self.log.info("the exec stream failed at once: %s", err)
+            return False
+        finally:
+            self._writer.reattaching.clear()
+
     def _pump(self) -> None:
         partial = b""
         try:
+            if not self._greet():
+                return
             while True:
                 ws = self.ws
                 try:
