@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from kerneltest import KernelDriver, sandbox_namespaces
+from kerneltest import KernelDriver, namespaces_of, sandbox_namespaces
 
 
 def _processes_of(namespaces: set[str]) -> set[int]:
@@ -104,7 +104,6 @@ def test_a_kernel_whose_parent_died_stops_its_sandbox_first():
     nothing is left for gc."""
     import sys
 
-    before = sandbox_namespaces()
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
     try:
         line = ""
@@ -112,7 +111,7 @@ def test_a_kernel_whose_parent_died_stops_its_sandbox_first():
             line = parent.stdout.readline()
             assert line, "the parent process ended before its kernel ran a cell"
         kernel_pid = int(line.split()[1])
-        created = sandbox_namespaces() - before
+        created = namespaces_of(kernel_pid)  # this kernel's own: other sandboxes may be starting
         assert len(created) == 1, created
         procs = _processes_of(created)
     finally:
