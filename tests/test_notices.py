@@ -218,3 +218,30 @@ def test_dropped_notice_names_the_sender(fresh_kernel, protocol):
     notice = only_notice(cell)
     assert (notice["verdict"], notice["protocol"], notice["port"]) == ("dropped", protocol, 8091)
     assert notice["process"] == {"name": "python3", "pid": _sender_pid(cell)}
+
+
+def test_notices_go_on_when_the_log_reader_process_dies(fresh_kernel):
+    """The enforcer log's reader process killed from outside: the kernel reads the log itself
+    from then on, so refused connections are still reported."""
+    import os
+    import signal
+    from pathlib import Path
+
+    kernel = fresh_kernel()
+    assert kernel.execute("1").status == "ok"
+    readers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_reader_of(p, kernel.pid)]
+    assert len(readers) == 1, readers
+    os.kill(readers[0], signal.SIGKILL)
+    for port in (8092, 8093):  # the first cell may still be on its way to noticing
+        cell = kernel.execute(TCP_CONNECT.format(ip=UNROUTED, port=port))
+        notice = only_notice(cell)
+        assert (notice["verdict"], notice["port"]) == ("rejected", port)
+
+
+def _is_reader_of(proc, kernel_pid: int) -> bool:
+    try:
+        cmdline = (proc / "cmdline").read_bytes()
+        ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return b"sandbox_kernel.backends.enforcerlog" in cmdline and ppid == kernel_pid
