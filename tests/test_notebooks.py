@@ -399,9 +399,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_lab_sh_jupyterlab_mode_stops_the_demo_host_on_ctrl_c(tmp_path):
-    import signal
+def _lab_execute(port: int, token: str, codes: list[str]) -> list[str]:
+    """Start a kernel through JupyterLab's REST API (its default: sandbox), run ``codes`` over the
+    kernel websocket as JupyterLab does, return each cell's text output; the kernel is deleted."""
+    import asyncio
+    import json
     import urllib.request
+    import uuid
+
+    from tornado.websocket import websocket_connect
+
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"token {token}"}
+    request = urllib.request.Request(f"{base}/api/kernels", data=b"{}", headers=headers, method="POST")
+    kernel_id = json.loads(urllib.request.urlopen(request, timeout=60).read())["id"]
+
+    async def run() -> list[str]:
+        ws = await websocket_connect(f"ws://127.0.0.1:{port}/api/kernels/{kernel_id}/channels?token={token}")
+        session, texts = uuid.uuid4().hex, []
+        for code in codes:
+            msg_id = uuid.uuid4().hex
+            await ws.write_message(json.dumps({
+                "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test",
+                           "session": session, "date": "", "version": "5.3"},
+                "parent_header": {}, "metadata": {}, "channel": "shell",
+                "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                            "allow_stdin": False, "stop_on_error": True}}))
+            text = ""
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.read_message(), 120))
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] == "stream":
+                    text += msg["content"]["text"]
+                elif msg["msg_type"] in ("execute_result", "display_data"):
+                    text += msg["content"]["data"].get("text/plain", "") + "\n"
+                elif msg["msg_type"] == "error":
+                    text += "\n".join(msg["content"]["traceback"]) + "\n"
+                elif msg["msg_type"] == "execute_reply":
+                    break
+            texts.append(text)
+        ws.close()
+        return texts
+
+    try:
+        return asyncio.run(run())
+    finally:
+        delete = urllib.request.Request(f"{base}/api/kernels/{kernel_id}", headers=headers, method="DELETE")
+        urllib.request.urlopen(delete, timeout=60).read()
+
+
+def test_lab_sh_jupyterlab_mode_runs_the_demo_and_stops_it_on_ctrl_c(tmp_path):
+    """``bash scripts/lab.sh``: JupyterLab's kernels get the demo ceiling and reach the demo host;
+    Ctrl-C ends JupyterLab and the demo host."""
+    import re
+    import signal
 
     running_before = _demo_host_running()
     port = _free_port()
@@ -412,12 +464,17 @@ def test_lab_sh_jupyterlab_mode_stops_the_demo_host_on_ctrl_c(tmp_path):
         said = []
         for line in proc.stdout:
             said.append(line)
-            if "is running at" in line or "http://127.0.0.1:" in line:
+            if re.search(rf"http://127\.0\.0\.1:{port}/lab\?token=\w+", line):
                 break
         text = "".join(said)
         assert "demo ceiling (this command only)" in text and "Ctrl-C stops it and the demo host" in text, text
         assert _demo_host_running()
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/api", timeout=10).read()
+        token = re.search(r"token=(\w+)", said[-1]).group(1)
+        allow, hello = _lab_execute(port, token, [
+            f"%sandbox allow {DEMO_ADDR}:8080/tcp",
+            f"import socket\nprint(socket.create_connection(({DEMO_ADDR!r}, 8080), timeout=5).recv(100).decode())"])
+        assert f"egress now: allowlist (1 entry): {DEMO_ADDR}:8080/tcp" in allow, allow
+        assert "hello from the demo host" in hello, hello
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
         rest, _ = proc.communicate(timeout=120)
     finally:
