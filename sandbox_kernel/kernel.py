@@ -24,6 +24,7 @@ from . import __version__
 from .backends.base import Backend
 from .config import env_default
 from .errors import SandboxError
+from .grants import Grants
 from .magics import SandboxMagics, split_cell
 from .notices import NOTICE_MIME, NoticeBoard
 from .policy.admin import AdminPolicy, agent_view
@@ -171,6 +172,7 @@ class SandboxKernel(Kernel):
         self._last_sandbox_meta: dict = {}
         self.recent_blocked: collections.deque = collections.deque(maxlen=200)
         self.magics = SandboxMagics(self)
+        self.grants = Grants(self)
         self._init_comms()
         self._cells = itertools.count(1)
 
@@ -210,6 +212,7 @@ class SandboxKernel(Kernel):
             details = await self.sandbox.apply_policy(new)
             self.policy = new
             self.policy_applied_at = details.get("applied_at")
+            self.grants.policy_changed(new)
         panels = sys.modules.get("sandbox_kernel.widgets")
         if panels is not None:
             panels.refresh_all(self)
@@ -285,6 +288,16 @@ class SandboxKernel(Kernel):
     # -- publishing -------------------------------------------------------------------
     def _stream(self, name: str, text: str) -> None:
         self.send_response(self.iopub_socket, "stream", {"name": name, "text": text})
+
+    def show_in_running_cell(self, line: str) -> bool:
+        """Write ``line`` to the stderr of the cell running now (from a timer, outside any
+        request); False when no cell runs."""
+        state = self._cell_state
+        if state is None or state.get("silent") or not state.get("parent"):
+            return False
+        self.session.send(self.iopub_socket, "stream", {"name": "stderr", "text": line.rstrip("\n") + "\n"},
+                          parent=state["parent"], ident=self._topic("stream"))
+        return True
 
     def on_event(self, frame: dict) -> None:
         """Called by the Session for every event of the running cell."""
@@ -416,7 +429,11 @@ class SandboxKernel(Kernel):
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, *, cell_meta=None, cell_id=None):
         self._cell_state = {"error": None, "silent": silent, "allow_stdin": allow_stdin,
-                            "board": NoticeBoard(self.policy, self.admin, f"{os.getpid()}-{next(self._cells)}")}
+                            "board": NoticeBoard(self.policy, self.admin, f"{os.getpid()}-{next(self._cells)}"),
+                            "parent": self.get_parent("shell")}
+        if not silent:
+            for line in self.grants.take_pending():  # said while no cell ran (a grant expired)
+                self._stream("stderr", line + "\n")
         try:
             return await self._execute(code, silent, store_history, user_expressions, allow_stdin)
         finally:
