@@ -13,7 +13,7 @@ replies) before it is published. It keeps:
 - ``text/plain``, ``text/latex``, ``application/json`` and raster images as they are;
 - ``text/html`` sanitised by ``nh3``: formatting, tables, lists, links (http, https, mailto,
   relative) and ``data:`` images only; no script, event handler, ``javascript:`` URL, frame,
-  object, form, ``<base>``, ``<meta>``, ``<link>``, ``<style>`` element or remote image;
+  object, form, ``<base>``, ``<meta>``, ``<link>``, ``<style>`` element or image from a URL;
   ``style`` attributes keep only layout and colour properties and never a ``url(…)``;
 - ``text/markdown`` rendered here to sanitised HTML (the published bundle carries
   ``text/html`` instead, so no raw HTML inside Markdown reaches the browser's renderer);
@@ -131,7 +131,7 @@ _NEGATIVE = re.compile(r"(^|[\s(,])-")
 #: class names that belong to the page around the output: JupyterLab, Lumino, ipywidgets,
 #: MathJax, CodeMirror, and the kernel's own notices and panel (an output may not dress up
 #: as them: a fake notice or dialog, or hide real ones)
-_FOREIGN_CLASS = re.compile(r"^(jp-|lm-|p-|jupyter|widget-|mjx-|mathjax|cm-|xterm|sandbox-kernel|sk-)",
+_FOREIGN_CLASS = re.compile(r"^(jp-|lm-|p-|jupyter|widget-|mjx-|mathjax|cm-|codemirror|xterm|sandbox-kernel|sk-)",
                             re.IGNORECASE)
 _IMAGE_DATA_URL = re.compile(r"^data:image/(png|jpeg|gif|webp|bmp|svg\+xml)[;,]", re.IGNORECASE)
 _LINK_SCHEME = re.compile(r"^(https?|mailto):", re.IGNORECASE)
@@ -282,7 +282,7 @@ class _Inventory(HTMLParser):
                 self.found["javascript: URL"] = None
             elif name in ("src", "srcset", "href", "xlink:href") and tag in ("img", "image", "source", "use") \
                     and not url.startswith("#") and not _IMAGE_DATA_URL.match(url):
-                self.found["remote image"] = None
+                self.found["image loaded from a URL"] = None
             elif _REMOTE_CSS.search(value) and not all(
                     _LOCAL_REF.match(ref.strip() + ")") for ref in re.findall(r"url\([^)]*", value, re.IGNORECASE)):
                 self.found["CSS that loads from the network"] = None
@@ -356,8 +356,7 @@ class Screened:
         if not self.removed:
             return None
         return (f"[sandbox] removed from this output: {'; '.join(self.removed)} "
-                f"(output from the sandbox may not run code in your browser or load from the network; "
-                f"see {DOCS_HINT})\n")
+                f"(sandbox output may not run code in the browser or load from the network: {DOCS_HINT})\n")
 
 
 def screen_bundle(data, metadata=None, *, trusted: bool = False) -> Screened:

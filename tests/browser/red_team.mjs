@@ -42,7 +42,7 @@ try {
   context = await chromium.launchPersistentContext(cfg.userDataDir, {
     executablePath: cfg.executablePath ?? '/usr/bin/chromium',
     headless: true,
-    viewport: { width: 1280, height: 1000 },
+    viewport: { width: 1280, height: 1560 },
     timeout,
     args: [
       '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
