@@ -10,8 +10,11 @@ from __future__ import annotations
 import io
 import json
 import xml.dom.minidom
+from html.parser import HTMLParser
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sandbox_kernel.notices import NOTICE_MIME
 from sandbox_kernel.untrusted import clean_css, sanitize_html, sanitize_svg, screen_bundle
@@ -202,6 +205,54 @@ def test_bad_input_is_an_empty_bundle():
     assert screen_bundle(None).data == {} and screen_bundle("x", "y").metadata == {}
 
 
+# fragments an attacker combines; the sanitiser's output must never contain a live one
+_FRAGMENTS = [
+    "<script>", "</script>", "<img src=x onerror=alert(1)>", "<svg onload=alert(1)>", "<a href='javascript:x'>",
+    "<a href=\"jav&#x09;ascript:x\">", "<iframe src=/x>", "<style>", "</style>", "@import 'http://e/';",
+    "<p style='background:url(http://e/)'>", "<p style=\"color:red;b\\61ckground:u\\72l(x)\">", "<!--", "-->",
+    "<![CDATA[", "]]>", "<math><mi xlink:href='javascript:x'>", "<base href=//e/>", "<form action=/x>", "<b>",
+    "</b>", "<table><tr><td>", "</td></tr></table>", "<noscript><p title='</noscript><img src=x onerror=alert(1)>'>",
+    "<textarea>", "</textarea>", "<template><script>", "<object data=x>", "<embed src=x>", "'", "\"", ">", "<",
+    "<details open ontoggle=alert(1)>", "<a href=' javascript:x'>", "<img srcset='http://e/ 1x'>",
+    "<div class='jp-Dialog' style='position:fixed'>", "<meta http-equiv=refresh content=0>", "text",
+]
+
+
+class _Live(HTMLParser):
+    """What in sanitised HTML would still run or load (checked by a different parser)."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.live = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "iframe", "object", "embed", "form", "base", "meta", "link", "style", "svg", "math"):
+            self.live.append(tag)
+        for name, value in attrs:
+            value = (value or "").lower().replace("\t", "").replace("\n", "").strip()
+            if name.startswith("on") or name in ("srcset", "id", "name", "action", "formaction", "xlink:href"):
+                self.live.append(f"{tag} {name}")
+            if name in ("href", "src") and (value.startswith(("javascript:", "//", "data:text")) or ":" in value
+                                            and not value.startswith(("http:", "https:", "mailto:", "data:image/"))):
+                self.live.append(f"{tag} {name}={value}")
+            if name == "src" and not value.startswith("data:image/"):
+                self.live.append(f"{tag} src={value}")
+            if name == "style" and any(bad in value for bad in ("url(", "\\", "@", "position", "expression")):
+                self.live.append(f"{tag} style={value}")
+            if name == "class" and any(c.startswith("jp-") for c in value.split()):
+                self.live.append(f"{tag} class={value}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_FRAGMENTS), min_size=1, max_size=12))
+def test_no_combination_of_fragments_survives(fragments):
+    out = sanitize_html("".join(fragments))
+    parser = _Live()
+    parser.feed(out)
+    parser.close()
+    assert parser.live == [], (fragments, out)
+
+
 # -- through the real kernel --------------------------------------------------------------
 
 RED_TEAM = r'''
@@ -265,15 +316,23 @@ def test_ordinary_output_reaches_iopub_intact(kernel):
     assert "removed from this output" not in cell.stream("stderr")
 
 
-def test_inspection_reply_is_sanitised(kernel):
-    kernel.execute("class Evil:\n    '''doc'''\n    def _repr_html_(self): return '<script>x</script>'\n"
-                   "evil = Evil()")
-    msg_id = kernel.kc.inspect("evil", 4, detail_level=0)
+def test_inspection_reply_and_pager_are_sanitised(kernel):
+    # the code in the sandbox controls what the agent answers: here, the inspector itself
+    kernel.execute(
+        "ip = get_ipython()\n"
+        "ip.object_inspect_mime = lambda *a, **k: {'text/html': '<b>doc</b><script>window.__pwned = 10</script>',"
+        " 'application/javascript': 'window.__pwned = 11', 'text/plain': 'doc'}")
+    msg_id = kernel.kc.inspect("zip", 3, detail_level=0)
     reply = kernel.kc.get_shell_msg(timeout=30)
     assert reply["parent_header"]["msg_id"] == msg_id
     content = reply["content"]
-    assert content["status"] == "ok"
-    assert "<script" not in json.dumps(content["data"])
+    assert content["status"] == "ok" and content["found"] is True
+    assert content["data"] == {"text/html": "<b>doc</b>", "text/plain": "doc"}
+    # the pager payload (obj?) carries a bundle from the sandbox too
+    cell = kernel.execute("from IPython.core.page import page\n"
+                          "page({'text/html': '<i>p</i><img src=x onerror=alert(1)>', 'text/plain': 'p'})")
+    pages = cell.reply["content"]["payload"]
+    assert pages and pages[0]["data"] == {"text/html": "<i>p</i><img>", "text/plain": "p"}, pages
 
 
 def test_trusting_sandbox_output_is_the_administrators_choice(fresh_kernel):
@@ -293,3 +352,13 @@ def test_the_setting_cannot_be_changed_from_the_notebook(kernel):
         kernel.execute(line)
     cell = kernel.execute("from IPython.display import HTML\nHTML('<script>window.__pwned = 9</script>ok')")
     assert cell.of_type("execute_result")[0]["content"]["data"]["text/html"] == "ok"
+
+
+def test_update_display_data_is_sanitised(kernel):
+    cell = kernel.execute(
+        "from IPython.display import HTML, display\n"
+        "handle = display(HTML('<b>first</b>'), display_id=True)\n"
+        "handle.update(HTML('<b>second</b><img src=x onerror=\"window.__pwned = 12\">'))")
+    updates = cell.of_type("update_display_data")
+    assert [u["content"]["data"]["text/html"] for u in updates] == ["<b>second</b><img>"]
+    assert "onerror=" in cell.stream("stderr")
