@@ -295,14 +295,28 @@ class _Inventory(HTMLParser):
         self._in_style = False
 
 
+#: cheap test for anything the note could name; a document without it is not parsed again
+_SUSPECT = re.compile(
+    r"<\s*/?\s*(script|iframe|frame|object|embed|applet|form|base|meta|link|foreignobject|animate|set|"
+    r"handler|portal|img|image|source|use)\b|\bon[a-z]+\s*=|script\s*:|&#|&[a-z]+;|url\s*\(|@import|"
+    r"image-set|expression\s*\(", re.IGNORECASE)
+#: the note's parse stops here: past it, a suspect document gets a general mention
+NOTE_PARSE_LIMIT = 512 * 1024
+
+
 def _removed(source: str) -> list[str]:
+    if not _SUSPECT.search(source):
+        return []  # e.g. a large plain table: nothing to name, and no second parse
     inventory = _Inventory()
     try:
-        inventory.feed(source)
+        inventory.feed(source[:NOTE_PARSE_LIMIT])
         inventory.close()
     except Exception:  # noqa: BLE001 - the note is best effort; the sanitiser already decided
         pass
-    return list(inventory.found)
+    found = list(inventory.found)
+    if len(source) > NOTE_PARSE_LIMIT and _SUSPECT.search(source, NOTE_PARSE_LIMIT):
+        found.append(f"possibly more after the first {NOTE_PARSE_LIMIT // 1024} KB")
+    return found
 
 
 def sanitize_html(source: str) -> str:
