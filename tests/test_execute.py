@@ -191,7 +191,12 @@ def test_sandbox_killed_from_outside_between_cells(fresh_kernel):
     assert own, "the agent process should be visible from the host"
     for pid in own:
         os.kill(int(pid), signal.SIGKILL)
-    time.sleep(0.3)
+    # "between cells" means the sandbox has ended before the next cell is sent: wait for
+    # every process in its namespace to be gone (a fixed sleep was too short under load)
+    deadline = time.monotonic() + 60
+    while any(os.popen(f"ip netns pids {ns}").read().split() for ns in netns) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(os.popen(f"ip netns pids {ns}").read().split() for ns in netns)
     cell = kernel.execute("1 + 1", timeout=30)
     # the next cell says what happened and runs in a fresh sandbox; the old one is cleaned up
     assert "the previous sandbox ended" in cell.stream("stderr") and "SIGKILL" in cell.stream("stderr")
