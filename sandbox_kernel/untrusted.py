@@ -343,7 +343,14 @@ def sanitize_svg(source: str) -> str:
     return cleaned[:4] + extra + cleaned[4:] if extra else cleaned
 
 
+#: Markdown longer than this is shown as preformatted text, not rendered: the renderer is pure
+#: Python (tens of microseconds a character) and runs on the kernel's event loop
+MARKDOWN_RENDER_LIMIT = 256 * 1024
+
+
 def _render_markdown(source: str) -> str:
+    if len(source) > MARKDOWN_RENDER_LIMIT:
+        return f"<pre>{html.escape(source)}</pre>"
     import mistune  # only when a cell displays Markdown
 
     render = mistune.create_markdown(escape=False, plugins=["table", "strikethrough", "math"])
@@ -405,19 +412,26 @@ def screen_bundle(data, metadata=None, *, trusted: bool = False) -> Screened:
         if not isinstance(value, str):
             removed.append(f"{mime} (not text)")
             continue
-        if mime == HTML_MIME:
-            kept[mime] = sanitize_html(value)
-            removed.extend(f"{part} from text/html" for part in _removed(value))
-        elif mime == SVG_MIME:
-            kept[mime] = sanitize_svg(value)
-            removed.extend(f"{part} from image/svg+xml" for part in _removed(value))
-        elif mime == MARKDOWN_MIME:
-            # published as HTML; JupyterLab prefers a bundle's own HTML, so that one wins
-            raw = _render_markdown(value)
-            if HTML_MIME not in data:
-                kept[HTML_MIME] = sanitize_html(raw)
-            removed.extend(f"{part} from text/markdown" for part in _removed(raw))
+        try:
+            removed.extend(_screen_text(mime, value, data, kept))
+        except Exception:  # noqa: BLE001 - a renderer bug must not end the cell: drop it, say so
+            removed.append(f"{mime} (could not be sanitised)")
     if not kept and data and "text/plain" not in data:
         kept["text/plain"] = "[output removed by the sandbox kernel]"
     meta = {k: v for k, v in metadata.items() if k in kept or "/" not in k}
     return Screened(kept, meta, list(dict.fromkeys(removed)))
+
+
+def _screen_text(mime: str, value: str, data: dict, kept: dict) -> list[str]:
+    """Sanitise one HTML, SVG or Markdown part into ``kept``; what the note should name."""
+    if mime == HTML_MIME:
+        kept[mime] = sanitize_html(value)
+        return [f"{part} from text/html" for part in _removed(value)]
+    if mime == SVG_MIME:
+        kept[mime] = sanitize_svg(value)
+        return [f"{part} from image/svg+xml" for part in _removed(value)]
+    # text/markdown is published as HTML; JupyterLab prefers a bundle's own HTML, so that one wins
+    raw = _render_markdown(value)
+    if HTML_MIME not in data:
+        kept[HTML_MIME] = sanitize_html(raw)
+    return [f"{part} from text/markdown" for part in _removed(raw)]

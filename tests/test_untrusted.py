@@ -183,6 +183,25 @@ def test_markdown_is_published_as_sanitised_html():
     assert "onerror= from text/markdown" in screened.note()
 
 
+def test_long_markdown_is_shown_as_text_not_rendered():
+    source = "**x** <script>alert(1)</script>\n" * 20000  # past MARKDOWN_RENDER_LIMIT
+    out = screen_bundle({"text/markdown": source}).data["text/html"]
+    assert out.startswith("<pre>**x** &lt;script&gt;alert(1)&lt;/script&gt;")
+    assert "<script" not in out and "<strong>" not in out
+
+
+def test_a_part_that_cannot_be_sanitised_is_dropped(monkeypatch):
+    import sandbox_kernel.untrusted as untrusted
+
+    def broken(source):
+        raise RecursionError("deep")
+
+    monkeypatch.setattr(untrusted, "sanitize_html", broken)
+    screened = screen_bundle({"text/html": "<b>x</b>", "text/plain": "x"})
+    assert screened.data == {"text/plain": "x"}
+    assert "text/html (could not be sanitised)" in screened.note()
+
+
 def test_markdown_does_not_replace_the_bundles_own_html():
     screened = screen_bundle({"text/markdown": "**md**", "text/html": "<i>html</i>"})
     assert screened.data == {"text/html": "<i>html</i>"}
