@@ -42,7 +42,7 @@ try {
   context = await chromium.launchPersistentContext(cfg.userDataDir, {
     executablePath: cfg.executablePath ?? '/usr/bin/chromium',
     headless: true,
-    viewport: { width: 1280, height: 1560 },
+    viewport: { width: 1280, height: 1800 },
     timeout,
     args: [
       '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -126,7 +126,7 @@ try {
     return found;
   });
 
-  // -- ordinary output: HTML formatting, a matplotlib PNG, a pandas table ----------------
+  // -- ordinary output: HTML formatting, Markdown, matplotlib PNG and SVG, a pandas table --
   await run(1);
   const plain = cells.nth(1).locator('.jp-Cell-outputArea');
   await plain.locator('table.dataframe').waitFor();
@@ -134,6 +134,9 @@ try {
   await png.first().waitFor();
   await page.waitForFunction(() => [...document.querySelectorAll('.jp-Cell-outputArea img')].every((i) => i.complete));
   report.pngWidth = await png.first().evaluate((img) => img.naturalWidth);
+  report.svgWidth = await plain.locator('img[src^="data:image/svg+xml"]').first().evaluate((img) => img.naturalWidth);
+  report.markdownBold = await plain.locator('strong').filter({ hasText: 'markdown bold' }).count();
+  report.markdownLink = await plain.locator('a').filter({ hasText: 'a link' }).first().getAttribute('href');
   report.tableCells = await plain.locator('table.dataframe td').allInnerTexts();
   report.bold = await plain.locator('b').filter({ hasText: 'bold text' }).count();
   report.greenColor = await plain.locator('span').filter({ hasText: 'green text' }).first()

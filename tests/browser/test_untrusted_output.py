@@ -6,7 +6,7 @@ websocket and POSTs ``/api/terminals``; an ``<img onerror=…>``; a ``javascript
 inline SVG with ``onload``; an ``image/svg+xml`` with ``onload``; and ``application/javascript``.
 Every payload first records itself in ``window.__pwned`` and then asks a loopback recorder run by
 this test for ``/hit/<name>``. Then an ordinary cell shows HTML formatting, a matplotlib PNG and a
-pandas table, which must still render (screenshot: docs/screenshots/untrusted-output.png with
+pandas table, Markdown and a matplotlib SVG, which must still render (screenshot: docs/screenshots/untrusted-output.png with
 ``SANDBOX_KERNEL_SCREENSHOTS=docs/screenshots``).
 
 The control runs the same notebook with ``SANDBOX_KERNEL_TRUST_SANDBOX_OUTPUT=1`` (what every
@@ -115,11 +115,14 @@ def _notebook(recorder_url: str) -> nbformat.NotebookNode:
         "print('last output')",
     ])
     ordinary = "\n".join([
-        "import matplotlib.pyplot as plt, pandas as pd",
-        "from IPython.display import HTML, display",
+        "import io, matplotlib.pyplot as plt, pandas as pd",
+        "from IPython.display import HTML, SVG, Markdown, display",
         "display(HTML('<p><b>bold text</b>, <i>italic</i>, <code>code</code>, '",
         "             '<span style=\"color: green\">green text</span></p>'))",
+        "display(Markdown('**markdown bold** and [a link](https://example.org/doc)'))",
         "plt.figure(figsize=(4, 2)); plt.plot([1, 3, 2]); plt.title('a matplotlib chart'); plt.show()",
+        "svg = io.StringIO(); plt.figure(figsize=(4, 2)); plt.plot([2, 1, 3]); plt.title('as SVG')",
+        "plt.savefig(svg, format='svg', bbox_inches='tight'); plt.close(); display(SVG(svg.getvalue()))",
         "pd.DataFrame({'city': ['Oslo', 'Lima', 'Pune'], 'temp': [3.5, 19.0, 27.25]})",
     ])
     nb = nbformat.v4.new_notebook()
@@ -204,6 +207,8 @@ def test_red_team_output_runs_nothing_and_ordinary_output_renders(lab, recorder,
     assert report["bold"] == 1 and report["codeText"] == 1, context
     assert report["greenColor"] == "rgb(0, 128, 0)", context
     assert report["pngWidth"] >= 200, context
+    assert report["svgWidth"] >= 150, context  # the sanitised SVG is still a valid image
+    assert report["markdownBold"] == 1 and report["markdownLink"] == "https://example.org/doc", context
     assert report["tableCells"][:2] == ["Oslo", "3.50"], context
     assert "Pune" in report["tableCells"], context
     assert report["offLoopback"] == [], context
