@@ -10,13 +10,13 @@ priority (as long as the refusals stay under :data:`LOOKUPS_PER_S`) and does onl
 Started by the local backend when a sandbox starts (:class:`EnforcerLogProcess`), with the NFLOG
 socket and a sock_diag socket it created in the sandbox's namespace. It exits when its stdin
 closes (the backend stops it, or the kernel died). Lines it writes, one JSON object each:
-``{"packet": {LoggedPacket fields}, "process": {"name", "pid"} | null}`` and ``{"drained": N}``
-after the backend's ``drain N`` (a cell ended: everything logged so far has been written).
+``{"ready": true}`` once it reads, ``{"packet": {LoggedPacket fields}, "process": {"name", "pid"}
+| null}``, and ``{"drained": N}`` after the backend's ``drain N`` (a cell ended: everything
+logged so far has been written).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -25,9 +25,12 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import nflog, sockowner
+
+if TYPE_CHECKING:  # the reader process must start fast: it does not import asyncio
+    import asyncio
 
 #: most sender lookups a second; beyond that (a flood of refusals) packets are passed on
 #: without a process and the reader drops its real-time priority for the rest of the second
@@ -56,6 +59,8 @@ def main(argv: list[str]) -> int:
     window, lookups, realtime = time.monotonic(), 0, True
     _priority(True)
     pending = b""
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
 
     def handle() -> None:
         nonlocal window, lookups, realtime
@@ -133,7 +138,18 @@ class EnforcerLogProcess:
         self._drained = 0
         self._asked = 0
         self._closed = False
+        self._ready = loop.create_future()
         loop.add_reader(self._out, self._readable)
+
+    async def wait_ready(self, timeout: float = 5.0) -> None:
+        """Wait until the reader runs (the backend, while the agent starts), so that the first
+        cell's refusals are looked up at once; on a timeout the packets wait in the log."""
+        import asyncio
+
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except asyncio.TimeoutError:
+            self._log.warning("the enforcer log reader did not start within %.0f s", timeout)
 
     def _readable(self) -> None:
         if not self._read():
@@ -160,12 +176,17 @@ class EnforcerLogProcess:
             message = json.loads(line)
             if "drained" in message:
                 self._drained = int(message["drained"])
+            elif "ready" in message:
+                if not self._ready.done():
+                    self._ready.set_result(True)
             else:
                 self._deliver(nflog.LoggedPacket(**message["packet"]), message.get("process"))
         except (ValueError, TypeError, KeyError) as err:
             self._log.warning("enforcer log reader: bad line %r: %s", line[:200], err)
 
     def _gone(self) -> None:
+        if not self._ready.done():
+            self._ready.set_result(False)
         if self._closed:
             return
         self._log.warning("the enforcer log reader ended (status %s); reading the log in the kernel",

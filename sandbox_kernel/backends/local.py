@@ -257,6 +257,8 @@ class LocalBackend(Backend):
             self._listen_enforcer_log()
             await self._start_dns(policy)
             await self._spawn_agent()
+            if isinstance(self._nflog, EnforcerLogProcess):  # while the agent starts
+                await self._nflog.wait_ready()
         except BaseException as err:
             await self.stop()
             if isinstance(err, (SandboxStartError, PolicyError)):
