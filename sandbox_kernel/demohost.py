@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
+import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -224,11 +227,39 @@ def serve(port: int = PORT) -> None:
 USAGE = "usage: sandbox-kernel demo-host start|stop|status | hold PID | release PID"
 
 
+def demo_ceiling(environ) -> dict[str, str]:
+    """The environment of the demo ceiling, for scripts/lab.sh only: users may also allow the demo
+    host (appended to SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW, default 'public'), and where the
+    built-in cluster ranges cover it (a private address), they leave out just the demo host —
+    unless SANDBOX_KERNEL_POLICY_CLUSTER_RANGES is set, which is then the administrator's word."""
+    from .policy import admin
+
+    env = {"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW":
+           f"{environ.get('SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW') or 'public'} {DEMO_ADDR}"}
+    defaults = getattr(admin, "DEFAULT_CLUSTER_RANGES", None)
+    demo = ipaddress.ip_network(DEMO_ADDR)
+    if defaults and "SANDBOX_KERNEL_POLICY_CLUSTER_RANGES" not in environ:
+        kept: list[str] = []
+        for text in defaults:
+            net = ipaddress.ip_network(text)
+            if net.version == demo.version and demo.subnet_of(net):
+                kept += sorted(str(n) for n in net.address_exclude(demo))
+            else:
+                kept.append(text)
+        if kept != list(defaults):
+            env["SANDBOX_KERNEL_POLICY_CLUSTER_RANGES"] = " ".join(kept)
+    return env
+
+
 def main(argv: list[str]) -> int:
     """``sandbox-kernel demo-host ACTION [PID]`` (called from cli.py) and ``python -m``."""
     action = argv[0] if argv else "status"
     if action == "serve":
         serve()
+        return 0
+    if action == "ceiling":  # `eval "$(python -m sandbox_kernel.demohost ceiling)"` in lab.sh
+        for name, value in demo_ceiling(os.environ).items():
+            print(f"export {name}={shlex.quote(value)}")
         return 0
     actions = {"start": _start_by_hand, "stop": stop, "status": status}
     if action in ("hold", "release"):

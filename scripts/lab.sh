@@ -32,8 +32,15 @@ trap 'exit 143' TERM
 
 held=yes
 sandbox-kernel demo-host hold $$ >&2
-export SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW="${SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW:-public} $demo_addr"
+cluster_ranges_before="${SANDBOX_KERNEL_POLICY_CLUSTER_RANGES+set}"
+# the demo ceiling (sandbox_kernel/demohost.py: demo_ceiling): users may also allow the demo
+# host, and built-in cluster ranges that cover it leave it out
+ceiling="$(python -m sandbox_kernel.demohost ceiling)"
+eval "$ceiling"
 say "demo ceiling (this command only): users may allow ${SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW}"
+if [ -n "${SANDBOX_KERNEL_POLICY_CLUSTER_RANGES+set}" ] && [ -z "$cluster_ranges_before" ]; then
+  say "  and the built-in cluster ranges leave out $demo_addr"
+fi
 say "  (a real deployment's default is 'public': set c.AdminPolicy.user_may_allow in sandbox_kernel_config.py;"
 say "   a value set there wins over this one)"
 

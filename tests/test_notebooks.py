@@ -485,3 +485,28 @@ def test_lab_sh_jupyterlab_mode_runs_the_demo_and_stops_it_on_ctrl_c(tmp_path):
     if not running_before:
         assert "demo host: removed network namespace skdemo" in rest, rest
     assert _demo_host_running() == running_before
+
+
+def test_demo_ceiling_permits_the_demo_host_and_nothing_else(monkeypatch):
+    """lab.sh's ceiling (demohost.demo_ceiling): the demo host is added to what users may allow;
+    built-in cluster ranges that cover it (private ranges, if the defaults have them) leave out
+    that one address; a variable the administrator set is kept as it is."""
+    import ipaddress
+
+    from sandbox_kernel import demohost
+    from sandbox_kernel.policy import admin
+
+    assert demohost.demo_ceiling({})["SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW"] == f"public {DEMO_ADDR}"
+    assert demohost.demo_ceiling({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "pypi.org"}) == {
+        "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": f"pypi.org {DEMO_ADDR}"}
+    monkeypatch.setattr(admin, "DEFAULT_CLUSTER_RANGES", {"10.0.0.0/8": "private", "fc00::/7": "ula"}, raising=False)
+    env = demohost.demo_ceiling({})
+    ranges = [ipaddress.ip_network(t) for t in env["SANDBOX_KERNEL_POLICY_CLUSTER_RANGES"].split()]
+    demo = ipaddress.ip_address(DEMO_ADDR)
+    assert not any(demo in net for net in ranges)
+    v4 = [n for n in ranges if n.version == 4]
+    assert sum(n.num_addresses for n in v4) == 2**24 - 1  # all of 10/8 but the demo host
+    assert ipaddress.ip_network("fc00::/7") in ranges
+    assert "SANDBOX_KERNEL_POLICY_CLUSTER_RANGES" not in demohost.demo_ceiling(
+        {"SANDBOX_KERNEL_POLICY_CLUSTER_RANGES": "10.0.0.0/8"})
+    assert admin.AdminPolicy(cluster_ranges=env["SANDBOX_KERNEL_POLICY_CLUSTER_RANGES"].split()).blocked_reason(DEMO_ADDR) is None
