@@ -63,14 +63,24 @@ def test_each_path_yields_exactly_one_notice(kernel, test_host, name, code, verd
     assert notice["policy"] == {"mode": "deny", "name": "default", "label": "default-deny"}
     assert notice["count"] == 1
     assert notice["first_seen"] <= notice["last_seen"]
-    assert notice["remedy"] == {"action": "allow", "command": f"%sandbox allow {host.ip}:8080/tcp",
-                                "entry": f"{host.ip}:8080/tcp"}
     if process:
         assert notice["process"]["name"].startswith(process) and notice["process"]["pid"]
     bundle = [o for o in cell.outputs if o["msg_type"] == "display_data"][0]["content"]["data"]
-    assert bundle["text/plain"].startswith(f"⛔ egress blocked: {host.ip}:8080")
-    assert "you may allow it: %sandbox allow" in bundle["text/plain"]
-    assert "sandbox-kernel-notice" in bundle["text/html"]
+    if verdict == "guarded":
+        # the guard runs inside the sandbox: its report is marked and offers nothing to click
+        assert notice["reported_by"] == "sandbox" and notice["sources"] == ["guard"]
+        assert notice["remedy"]["action"] == "unverified"
+        assert bundle["text/plain"].startswith(f"⚠ reported by the sandbox: egress blocked: {host.ip}:8080")
+        assert "%sandbox allow" not in bundle["text/plain"] and "%sandbox allow" not in bundle["text/html"]
+        assert "sandbox-kernel-notice-unverified" in bundle["text/html"]
+    else:
+        assert notice["reported_by"] == "kernel" and "enforcer" in notice["sources"]
+        assert notice["remedy"] == {"action": "allow", "command": f"%sandbox allow {host.ip}:8080/tcp",
+                                    "entry": f"{host.ip}:8080/tcp"}
+        assert bundle["text/plain"].startswith(f"⛔ egress blocked: {host.ip}:8080")
+        assert "you may allow it: %sandbox allow" in bundle["text/plain"]
+        assert "sandbox-kernel-notice" in bundle["text/html"]
+    assert notice["count"] == 1
     assert footer(cell).endswith("· 1 blocked")
     assert host.seen() == 0
 
