@@ -321,7 +321,7 @@ class SandboxKernel(Kernel):
         """Called by the Session for every event of the running cell."""
         state = self._cell_state
         kind = frame.get("type")
-        if state is not None and state.get("error") is not None and kind != "error":
+        if state is not None and state.get("error") is not None and kind != "error" and not frame.get("late"):
             self._publish_error(state.pop("error"))
             state["error"] = None
         if kind in ("stream", "display", "execute_result") and state is not None and not self._within_limit(state, frame):
@@ -362,7 +362,7 @@ class SandboxKernel(Kernel):
                 "evalue": str(frame.get("evalue", "")),
                 "traceback": [str(line) for line in frame.get("traceback") or []],
             }
-            if state is not None:
+            if state is not None and not frame.get("late"):
                 # held until the cell ends so the footer can be its last line
                 state["error"] = content
             else:
@@ -642,6 +642,9 @@ class SandboxKernel(Kernel):
             for conn in board.connections():  # e.g. last_seen of a retransmitted SYN
                 state.setdefault("dirty", {})[conn.display_id] = conn
             self._flush_notices(state, final=True)
+        panels = sys.modules.get("sandbox_kernel.widgets")
+        if panels is not None:
+            panels.flush_everywhere(self)
         forged = result.forged_done or state.get("forged_done", 0)
         self._last_sandbox_meta = {
             "exit_status": result.exit_status,

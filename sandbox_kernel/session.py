@@ -356,6 +356,9 @@ class Session:
                     if kind == "done":
                         sink.on_event({"type": "late_done", "id": frame.get("id"), "real": self._done_matches(frame)})
                         continue
+                    if kind != "input_request":
+                        sink.on_event({**frame, "late": True})
+                        continue
                 elif kind == "done" and frame.get("id") == fid:
                     if not secrets.compare_digest(str(frame.get("nonce") or ""), nonce):
                         forged += 1  # not the agent's: the cell goes on until the real one
@@ -419,10 +422,8 @@ class Session:
         for frame in frames:
             if frame.get("type") == "done":
                 out.append({"type": "late_done", "id": frame.get("id"), "real": self._done_matches(frame)})
-            elif frame.get("type") == "blocked":
-                out.append({**frame, "late": True})
             else:
-                out.append(frame)
+                out.append({**frame, "late": True})
         return out
 
     async def _answer_input(self, frame: dict, sink: CellSink) -> None:
