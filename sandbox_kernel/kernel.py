@@ -200,6 +200,7 @@ class SandboxKernel(Kernel):
         if self.backend_name == "hub" and self.config_error is None:
             self._adopt_service_ceiling()
         self._cell_state: dict | None = None
+        self._idle_board: NoticeBoard | None = None  # what was blocked since the last cell began
         self._last_sandbox_meta: dict = {}
         self.recent_blocked: collections.deque = collections.deque(maxlen=200)
         self.magics = SandboxMagics(self)
@@ -491,9 +492,12 @@ class SandboxKernel(Kernel):
     def _blocked_between_cells(self, record, source: str) -> None:
         """A background process was blocked while no cell ran: keep it for %sandbox blocked
         (the Session also keeps it for the next cell)."""
-        board = NoticeBoard(self.policy, self.admin)
-        merged = board.add(record, source)
-        if merged is not None:
+        # one board from one cell to the next (capped like a cell's): a flood between cells
+        # costs a count, not a notice per frame
+        if self._idle_board is None:
+            self._idle_board = NoticeBoard(self.policy, self.admin, limit=self.notice_limit)
+        merged = self._idle_board.add(record, source)
+        if merged is not None and merged[1]:
             self.recent_blocked.append(merged[0])
 
     def _publish_error(self, content: dict) -> None:
@@ -530,6 +534,7 @@ class SandboxKernel(Kernel):
     # -- Jupyter handlers -----------------------------------------------------------
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, *, cell_meta=None, cell_id=None):
+        self._idle_board = None
         self._cell_state = {"error": None, "silent": silent, "allow_stdin": allow_stdin,
                             "board": NoticeBoard(self.policy, self.admin, limit=self.notice_limit)}
         try:
