@@ -352,6 +352,8 @@ class SandboxKernel(Kernel):
                 "execution_count": self.execution_count,
             })
         elif kind == "clear_output":
+            if frame.get("late"):
+                return  # an earlier cell's: it may not clear this one
             self.send_response(self.iopub_socket, "clear_output", {"wait": bool(frame.get("wait"))})
             if state is not None and state["board"].total():
                 # the sandbox may clear its own output, not the kernel's notices: show them again

@@ -233,7 +233,7 @@ class Session:
         self._to_cell(_END)
 
     def _is_real_done(self, frame: dict) -> bool:
-        return secrets.compare_digest(str(frame.get("nonce") or ""), self._nonce or "-")
+        return _same_nonce(frame.get("nonce"), self._nonce)
 
     _nonce: str | None = None
 
@@ -360,7 +360,7 @@ class Session:
                         sink.on_event({**frame, "late": True})
                         continue
                 elif kind == "done" and frame.get("id") == fid:
-                    if not secrets.compare_digest(str(frame.get("nonce") or ""), nonce):
+                    if not _same_nonce(frame.get("nonce"), nonce):
                         forged += 1  # not the agent's: the cell goes on until the real one
                         sink.on_event({"type": "forged_done"})
                         continue
@@ -401,8 +401,7 @@ class Session:
     def _done_matches(self, frame: dict) -> bool:
         """Whether a ``done`` for an ended cell carries that cell's nonce (the agent's real end
         after an early ``done`` that had it too) rather than being one more forgery."""
-        nonce = self._done_nonces.get(frame.get("id"))
-        return nonce is not None and secrets.compare_digest(str(frame.get("nonce") or ""), nonce)
+        return _same_nonce(frame.get("nonce"), self._done_nonces.get(frame.get("id")))
 
     def _keep_late(self, frame: dict) -> None:
         size = _frame_size(frame)
@@ -466,6 +465,13 @@ def _source(frame: dict) -> str:
     record = frame.get("record")
     verdict = record.get("verdict") if isinstance(record, dict) else None
     return "guard" if verdict == "guarded" else "watcher"
+
+
+def _same_nonce(sent, nonce: str | None) -> bool:
+    """Whether a frame's ``nonce`` (any JSON value from the sandbox) is ``nonce``."""
+    if nonce is None or not isinstance(sent, str):
+        return False
+    return secrets.compare_digest(sent.encode("utf-8", "surrogatepass"), nonce.encode("ascii"))
 
 
 def _frame_size(frame: dict) -> int:
