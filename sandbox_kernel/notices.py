@@ -229,8 +229,12 @@ class NoticeBoard:
             return conn, True
         changed = False
         if verified and not existing.verified:
-            # the enforcer (or the DNS proxy) confirms what the sandbox reported: now it counts
-            existing.remedy, existing.verdict, changed = self._remedy(clean, True), clean["verdict"], True
+            # the enforcer (or the DNS proxy) confirms what the sandbox reported: now it counts;
+            # a name only the sandbox gave goes (it may not label what the kernel shows)
+            existing.remedy, changed = self._remedy(clean, True), True
+            existing.host = clean["host"] if clean["host"] else (None if existing.ip else existing.host)
+        if clean["verdict"] == "guarded" and existing.verdict != "guarded":
+            existing.verdict, changed = "guarded", True  # the guard stopped the code's own call
         if clean["host"] and not existing.host and (verified or not existing.verified):
             # the sandbox may not put a name of its choosing on a notice the enforcer made
             existing.host, changed = clean["host"], True

@@ -67,21 +67,14 @@ def test_each_path_yields_exactly_one_notice(kernel, test_host, name, code, verd
     assert notice["first_seen"] <= notice["last_seen"]
     if process:
         assert notice["process"]["name"].startswith(process) and notice["process"]["pid"]
-    bundle = [o for o in cell.outputs if o["msg_type"] == "display_data"][0]["content"]["data"]
-    if verdict == "guarded":
-        # the guard runs inside the sandbox: its report is marked and offers nothing to click
-        assert notice["reported_by"] == "sandbox" and notice["sources"] == ["guard"]
-        assert notice["remedy"]["action"] == "unverified"
-        assert bundle["text/plain"].startswith(f"⚠ reported by the sandbox: egress blocked: {host.ip}:8080")
-        assert "%sandbox allow" not in bundle["text/plain"] and "%sandbox allow" not in bundle["text/html"]
-        assert "sandbox-kernel-notice-unverified" in bundle["text/html"]
-    else:
-        assert notice["reported_by"] == "kernel" and "enforcer" in notice["sources"]
-        assert notice["remedy"] == {"action": "allow", "command": f"%sandbox allow {host.ip}:8080/tcp",
-                                    "entry": f"{host.ip}:8080/tcp"}
-        assert bundle["text/plain"].startswith(f"⛔ egress blocked: {host.ip}:8080")
-        assert "you may allow it: %sandbox allow" in bundle["text/plain"]
-        assert "sandbox-kernel-notice" in bundle["text/html"]
+    bundle = [o for o in cell.outputs if o["msg_type"] in ("display_data", "update_display_data")][-1]["content"]["data"]
+    # verified by the enforcer: the guard lets one packet through for it to log (guard.witness)
+    assert notice["reported_by"] == "kernel" and "enforcer" in notice["sources"]
+    assert notice["remedy"] == {"action": "allow", "command": f"%sandbox allow {host.ip}:8080/tcp",
+                                "entry": f"{host.ip}:8080/tcp"}
+    assert bundle["text/plain"].startswith(f"⛔ egress blocked: {host.ip}:8080")
+    assert "you may allow it: %sandbox allow" in bundle["text/plain"]
+    assert "sandbox-kernel-notice" in bundle["text/html"]
     assert notice["count"] == 1
     assert footer(cell).endswith("· 1 blocked")
     assert host.seen() == 0
@@ -261,7 +254,7 @@ def test_an_early_done_with_the_nonce_is_exposed_by_the_next_cell(kernel, test_h
     assert kernel.execute(AGENT + "import builtins\noriginal = agent.execute\n"
                           "def spy(frame):\n    builtins.stolen = frame.get('nonce')\n    return original(frame)\n"
                           "agent.execute = spy").status == "ok"
-    kernel.execute(
+    first = kernel.execute(
         AGENT + "import builtins\n"
         "agent.send({'type': 'done', 'id': agent.cell_id, 'nonce': builtins.stolen, 'status': 'ok', "
         "'exit_status': 0, 'duration_ms': 1.0})\n"
@@ -273,7 +266,9 @@ def test_an_early_done_with_the_nonce_is_exposed_by_the_next_cell(kernel, test_h
     assert "after the early done" in cell.stream()
     assert any(o["content"]["ename"] == "ZeroDivisionError" for o in cell.of_type("error"))
     assert "really ended only now" in cell.stream("stderr") and cell.sandbox["late_end"] is True
-    assert 8080 in [n["port"] for n in cell.sandbox["blocked"]]
+    # the enforcer's record is never lost: the first cell has it when it was logged before that
+    # cell's (early) end was handled, else this one
+    assert 8080 in [n["port"] for n in first.sandbox["blocked"] + cell.sandbox["blocked"]]
     # the late events come before the cell's own result
     kinds = [o["msg_type"] for o in cell.outputs]
     assert kinds.index("error") < kinds.index("execute_result")
