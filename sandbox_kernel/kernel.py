@@ -435,8 +435,15 @@ class SandboxKernel(Kernel):
                 panels.blocked_everywhere(self, conn)
         if state.get("silent"):
             return
-        if new:
+        if new and conn.verified:
             self._publish_notice(conn, new=True)
+        elif new:
+            # reported by the sandbox: shown with the next update, so that the enforcer's record
+            # of the guard's witness packet usually arrives first and it is shown verified
+            state.setdefault("unshown", {})[conn.display_id] = conn
+            self._schedule_notice_flush(state)
+        elif conn.display_id in state.get("unshown", {}):
+            pass  # not shown yet: it will be, as it is then
         else:
             # counts going up: at most one update per interval (a flood is one line, not 20,000)
             state.setdefault("dirty", {})[conn.display_id] = conn
@@ -456,17 +463,23 @@ class SandboxKernel(Kernel):
             handle.cancel()
         if self._cell_state is not state or state.get("silent"):
             return
-        if not final and state.get("notice_bytes", 0) > self.notice_bytes_limit:
-            return  # the rest waits for the cell's end
         board = state["board"]
-        dirty = state.pop("dirty", {})
-        if state.pop("cleared", False):
+        over = not final and state.get("notice_bytes", 0) > self.notice_bytes_limit
+        if state.get("cleared") and not over:
+            del state["cleared"]
+            state.pop("unshown", None)
+            state.pop("dirty", None)
             for conn in board.connections():
                 self._publish_notice(conn, new=True)
             if board.more:
                 self._publish_more(board, new=True)
+                state["more_shown"] = True
             return
-        for conn in dirty.values():
+        for conn in state.pop("unshown", {}).values():  # new notices are few (notice_limit)
+            self._publish_notice(conn, new=True)
+        if over:
+            return  # the rest waits for the cell's end
+        for conn in state.pop("dirty", {}).values():
             if conn.to_json() != conn.published:
                 self._publish_notice(conn, new=False)
         if board.more_changed:
