@@ -277,15 +277,16 @@ class Session:
         agent may be wedged, or the code may ignore interrupts): never a hang."""
         if self._input_task is not None and not self._input_task.done():
             self._input_task.cancel()
-        if self._transport is not None:
-            try:
-                await self._transport.send({"type": "interrupt"})
-            except (ConnectionError, OSError):
-                pass
         cell = self._cell
         if cell is not None and self.interrupt_timeout > 0 and (self._watchdog is None or self._watchdog.done()):
             self._watchdog = asyncio.ensure_future(self._escalate(cell))
-        await self.backend.interrupt()
+        if self._transport is not None:
+            try:
+                await self._transport.send({"type": "interrupt"})
+                return  # one interrupt: a second would hit the cell's own clean-up
+            except (ConnectionError, OSError):
+                pass
+        await self.backend.interrupt()  # the in-band frame could not be sent
 
     async def _escalate(self, cell: asyncio.Queue) -> None:
         await asyncio.sleep(self.interrupt_timeout)
