@@ -4,7 +4,8 @@ Three sources report blocked connections (DESIGN.md, "Blocked-connection notices
 the agent's guard (``guarded``), the agent's SYN_SENT watcher (``dropped``) and the
 enforcer's own log (``rejected`` / ``dropped``). :class:`NoticeBoard` merges them per
 cell into one :class:`BlockedConnection` per destination, counts repeated attempts,
-and renders each as the notice the user sees. The kernel owns one board per cell.
+and renders each as the notice the user sees. The kernel owns one board per cell (and one
+for what is blocked between cells).
 
 Who reported a connection decides what the notice may offer. The enforcer's log, the DNS
 proxy and the kernel itself are outside the sandbox (*verified*): their notices name the
@@ -156,10 +157,9 @@ class NoticeBoard:
     only counted (:attr:`more`, :attr:`more_changed`): one line says how many.
     """
 
-    def __init__(self, policy: Any, admin: Any, cell_tag: str = "", limit: int = NOTICE_LIMIT):
+    def __init__(self, policy: Any, admin: Any, limit: int = NOTICE_LIMIT):
         self._policy = policy_view(policy)
         self._admin = admin
-        self._tag = cell_tag
         self._limit = limit
         self._by_key: dict[tuple, BlockedConnection] = {}
         self._shown = {True: 0, False: 0}  # connections shown, by verified

@@ -81,6 +81,7 @@ class Session:
         self._starting: asyncio.Task | None = None
         self._cell: asyncio.Queue | None = None
         self._fid: str | None = None  # id of the running cell
+        self._nonce: str | None = None  # its nonce, which only the agent's own done echoes
         self._answered = False  # the reader saw the running cell's real done
         self._ended: collections.deque = collections.deque(maxlen=32)  # ids of cells that ended
         self._done_nonces: dict = {}  # their nonces (pruned with _ended)
@@ -234,8 +235,6 @@ class Session:
 
     def _is_real_done(self, frame: dict) -> bool:
         return _same_nonce(frame.get("nonce"), self._nonce)
-
-    _nonce: str | None = None
 
     def _to_cell(self, frame) -> None:
         if self._cell is not None:
