@@ -191,6 +191,9 @@ def test_a_forged_enforcer_notice_is_marked_and_offers_nothing(kernel):
     assert shown["text/plain"].startswith("⚠ reported by the sandbox")
     assert "%sandbox allow" not in shown["text/plain"] + shown["text/html"]
     assert "sandbox-kernel-notice-unverified" in shown["text/html"]
+    listed = kernel.execute("%sandbox blocked").of_type("display_data")[0]["content"]["data"]["text/plain"]
+    line = next(line for line in listed.splitlines() if "10.231.77.7:8080" in line)
+    assert "reported by the sandbox" in line and "%sandbox allow" not in line
 
 
 def test_a_bundle_with_the_notice_mime_type_from_the_sandbox_is_no_notice(kernel):
