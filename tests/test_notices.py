@@ -317,8 +317,10 @@ def test_a_flood_of_forged_reports_is_capped_and_counted(kernel):
 UNROUTED = "10.213.7.2"
 TCP_CONNECT = ("!python3 -c \"import os, socket; print('pid', os.getpid(), flush=True); s=socket.socket(); "
                "s.settimeout(2); print('result', s.connect_ex(('{ip}', {port})))\"")
-UDP_SEND = ("!python3 -c \"import os, socket; print('pid', os.getpid(), flush=True); "
-            "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('{ip}', {port}))\"")
+# a datagram and a wait for the answer (as a DNS client does): the socket is open while it waits
+UDP_SEND = ("!python3 -c \"import os, select, socket; print('pid', os.getpid(), flush=True); "
+            "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('{ip}', {port})); "
+            "select.select([s], [], [], 1)\"")
 
 
 def _sender_pid(cell) -> int:
