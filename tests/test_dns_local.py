@@ -159,3 +159,20 @@ def test_dns_over_tcp_is_answered_by_the_same_rules(kernel, upstream, test_host)
     assert "ANSWER (5, None)" in cell.stream()  # REFUSED, never forwarded
     assert "outside.test" not in upstream.queries
     assert [(n["host"], n["protocol"]) for n in cell.sandbox["blocked"]] == [("outside.test", "dns")]
+
+
+def test_a_wildcards_learned_addresses_survive_a_reapply_and_go_with_the_wildcard(kernel, upstream, test_host):
+    """Every packet is judged by the policy in force (issue 20, point 4), so a re-apply that
+    keeps a wildcard keeps the addresses its names opened, and revoking it closes exactly them."""
+    a, b = test_host(8080), test_host(8080)
+    upstream.records.update({"one.keep.test": a.ip, "one.other.test": b.ip})
+    assert kernel.execute("%sandbox allow *.keep.test:8080/tcp *.other.test:8080/tcp").status == "ok"
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name="one.keep.test")).stream()
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name="one.other.test")).stream()
+    # an unrelated change re-applies the whole ruleset: the learned address stays open
+    assert kernel.execute(f"%sandbox allow {b.ip}:9/udp").status == "ok"
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name=a.ip)).stream()
+    # revoking one wildcard (same protocol and port as the other) closes only its addresses
+    assert kernel.execute("%sandbox revoke *.keep.test:8080/tcp").status == "ok"
+    assert "REPLY" not in kernel.execute(SUBPROCESS.format(name=a.ip) + " 2>&1").stream()
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name=b.ip)).stream()

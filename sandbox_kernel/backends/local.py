@@ -210,6 +210,8 @@ class LocalBackend(Backend):
         #: set by the kernel from its AdminPolicy: ranges no policy may open
         self.always_blocked: list[str] = []
         self._uplink_exit_fd: int | None = None
+        #: wildcard set name -> addresses the DNS proxy opened in it
+        self._learned: dict[str, set[str]] = {}
 
     # -- checks -------------------------------------------------------------------
     def check(self) -> None:
@@ -386,11 +388,12 @@ class LocalBackend(Backend):
         by_set: dict[str, list[str]] = {}
         for set_name, address in elements:
             by_set.setdefault(set_name, []).append(address)
-        script = "".join(f"add element inet {NFT_TABLE} {name} {{ {', '.join(sorted(set(addrs)))} }}\n"
-                         for name, addrs in by_set.items())
+        script = _add_elements_script(by_set)
         result = _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=script, check=False)
         if result.returncode != 0:
             raise PolicyError(f"nftables refused {script.strip()!r}: {result.stderr.strip()}")
+        for name, addrs in by_set.items():
+            self._learned.setdefault(name, set()).update(addrs)
 
     def drain_blocked(self) -> None:
         self._on_nflog()
@@ -423,6 +426,12 @@ class LocalBackend(Backend):
     def _apply_rules(self, compiled: tuple[str, dict]) -> None:
         """Replace the whole table in one ``nft -f`` transaction: all or nothing."""
         ruleset, details = compiled
+        # a wildcard's addresses learned from DNS answers stay open while the wildcard is in
+        # the policy (every packet is judged by the new ruleset: without them a re-apply
+        # would cut its open connections); a revoked wildcard's set is gone, and so are they
+        self._learned = {name: addrs for name, addrs in self._learned.items()
+                         if f"\tset {name} {{" in ruleset}
+        ruleset += _add_elements_script(self._learned)
         started = time.monotonic()
         result = _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=ruleset, check=False)
         if result.returncode != 0:
@@ -605,6 +614,7 @@ class LocalBackend(Backend):
             await asyncio.to_thread(remove_sandbox, self._sandbox_id, self.state_dir)
         self._cgroup = None
         self._sandbox_id = None
+        self._learned = {}
         self._info = None
 
     def _stop_uplink(self) -> None:
@@ -623,6 +633,11 @@ class LocalBackend(Backend):
 
     def info(self) -> SandboxInfo | None:
         return self._info
+
+
+def _add_elements_script(by_set: dict[str, Any]) -> str:
+    return "".join(f"add element inet {NFT_TABLE} {name} {{ {', '.join(sorted(set(addrs)))} }}\n"
+                   for name, addrs in sorted(by_set.items()) if addrs)
 
 
 def _default_blocked() -> list[str]:
