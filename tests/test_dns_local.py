@@ -176,3 +176,37 @@ def test_a_wildcards_learned_addresses_survive_a_reapply_and_go_with_the_wildcar
     assert kernel.execute("%sandbox revoke *.keep.test:8080/tcp").status == "ok"
     assert "REPLY" not in kernel.execute(SUBPROCESS.format(name=a.ip) + " 2>&1").stream()
     assert "REPLY" in kernel.execute(SUBPROCESS.format(name=b.ip)).stream()
+
+
+UPLINK_PROBE = """
+import socket
+import sandbox_agent.guard as guard
+guard.enabled = False  # advisory only: this probes the network rules
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+try:
+    s.connect(({target!r}, 53))
+    s.send(b"probe")
+    s.recv(512); print("ANSWERED")
+except socket.timeout:
+    print("TIMEOUT")
+except OSError as err:
+    print("REFUSED", type(err).__name__)
+finally:
+    guard.enabled = True
+"""
+
+
+def test_the_uplinks_own_ranges_stay_closed_whatever_the_policy(kernel, upstream):
+    """slirp4netns's resolver (10.0.2.3) would forward to the host's resolver, past the DNS
+    proxy: no entry opens the uplink's ranges, neither a name resolving there nor a CIDR
+    (issue 20, point 5). The probe is refused inside the sandbox's namespace: nothing leaves."""
+    upstream.records["slirpdns.test"] = "10.0.2.3"
+    change = kernel.execute("%sandbox allow slirpdns.test:53/udp 10.0.2.0/24 [fd00::3]:53")
+    assert change.status == "ok", change.outputs
+    for target, ip in (("slirpdns.test", "10.0.2.3"), ("10.0.2.3", "10.0.2.3"), ("10.0.2.2", "10.0.2.2")):
+        cell = kernel.execute(UPLINK_PROBE.format(target=target), timeout=30)
+        assert "REFUSED" in cell.stream(), (target, cell.stream(), cell.outputs)
+        assert [(n["ip"], n["port"], n["protocol"]) for n in cell.sandbox["blocked"]] == [(ip, 53, "udp")]
+    cell = kernel.execute(UPLINK_PROBE.format(target="fd00::3").replace("AF_INET,", "AF_INET6,"), timeout=30)
+    assert "REFUSED" in cell.stream(), cell.stream()
+    kernel.execute("%sandbox mode deny")

@@ -52,6 +52,11 @@ NFT_TABLE = "sandbox_kernel"
 SANDBOX_RESOLVER = "127.0.0.53"
 SANDBOX_HOME = "/home/sandbox"
 AGENT_PATH = "/opt/sandbox-agent/agent.pyz"
+#: the uplink's own networks (slirp4netns: gateway .2 = the host, resolver .3, the sandbox .100;
+#: IPv6 fd00::/64 likewise). The kernel needs none of them from inside the sandbox (its DNS
+#: proxy forwards from the host side), so no policy may open them: they are always blocked.
+UPLINK_CIDR = "10.0.2.0/24"
+UPLINK_RANGES = (UPLINK_CIDR, "fd00::/64")
 
 
 def _signal_name(num: int) -> str:
@@ -193,7 +198,17 @@ class LocalBackend(Backend):
         value = env_default("SANDBOX_KERNEL_REFUSE_WITH", "reject")
         return value if value in ("reject", "drop") else "reject"
 
+    @property
+    def always_blocked(self) -> list[str]:
+        """The ceiling's ranges (set by the kernel; else the default ones) and the uplink's own."""
+        return [*(self._always_blocked or _default_blocked()), *UPLINK_RANGES]
+
+    @always_blocked.setter
+    def always_blocked(self, ranges: list[str] | None) -> None:
+        self._always_blocked = list(ranges) if ranges else None
+
     def __init__(self, **kwargs: Any):
+        self._always_blocked: list[str] | None = None
         super().__init__(**kwargs)
         self._sandbox_id: str | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -207,8 +222,6 @@ class LocalBackend(Backend):
         self._dns: DnsProxy | None = None
         self._policy: Any = None
         self._cgroup: limits.SandboxCgroup | None = None
-        #: set by the kernel from its AdminPolicy: ranges no policy may open
-        self.always_blocked: list[str] = []
         self._uplink_exit_fd: int | None = None
         #: wildcard set name -> addresses the DNS proxy opened in it
         self._learned: dict[str, set[str]] = {}
@@ -328,8 +341,10 @@ class LocalBackend(Backend):
         exit_r, exit_w = os.pipe()
         try:
             self._uplink = subprocess.Popen(
+                # --disable-dns: the sandbox resolves through the kernel's DNS proxy only, never
+                # through slirp4netns's forwarder at 10.0.2.3 (which would ask the host's resolver)
                 ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
-                 "--enable-ipv6", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
+                 "--disable-dns", f"--cidr={UPLINK_CIDR}", "--enable-ipv6", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
                  "--netns-type=path", str(NETNS_DIR / self.netns), "tap0"],
                 pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
