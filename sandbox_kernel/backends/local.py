@@ -41,7 +41,7 @@ from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ..policy.compile_nftables import compile_nftables
 from ..policy.resolve import resolve_policy
-from . import limits, nflog
+from . import limits, nflog, seccomp
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 from .dnsproxy import DnsProxy, upstream_from_resolv_conf
 
@@ -241,6 +241,8 @@ class LocalBackend(Backend):
                               ("slirp4netns", "slirp4netns")):
             if shutil.which(tool) is None:
                 missing.append(f"the `{tool}` command: apt-get install {package}")
+        if not seccomp.available():
+            missing.append("libseccomp, which builds the sandbox's seccomp filter: apt-get install libseccomp2")
         if not os.path.exists(self.python):
             missing.append(f"the sandbox interpreter {self.python} (c.LocalBackend.python)")
         if missing:
@@ -474,9 +476,13 @@ class LocalBackend(Backend):
 
         self._refresh = asyncio.ensure_future(refresh())
 
-    def _bwrap_argv(self) -> list[str]:
+    def _bwrap_argv(self, fds: list[int]) -> list[str]:
+        """The command that starts the agent; the seccomp filter's descriptor is appended to
+        ``fds``, which the caller passes to it and closes."""
         root = self._dir()
         prefixes = _python_prefixes(self.python)
+        seccomp_fd = seccomp.filter_fd()
+        fds.append(seccomp_fd)
         argv = [
             "nsenter", f"--net={NETNS_DIR / self.netns}",
             "bwrap",
@@ -523,6 +529,9 @@ class LocalBackend(Backend):
             "--setenv", "TERM", "xterm-256color",
             "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
             "--cap-add", "CAP_SETPCAP",
+            # loaded just before bwrap runs setpriv: its own set-up is not filtered, everything
+            # after is (no new user namespaces, keyring, io_uring, bpf, ptrace, mount, modules…)
+            "--seccomp", str(seccomp_fd),
             # bwrap needs root to build the mounts; the code runs as an unprivileged uid
             "setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all",
@@ -538,15 +547,21 @@ class LocalBackend(Backend):
                 with open(path, "w") as f:
                     f.write(str(os.getpid()))
 
-        self._proc = await asyncio.create_subprocess_exec(
-            *self._bwrap_argv(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            limit=protocol.MAX_FRAME + 1,
-            start_new_session=True,
-            preexec_fn=join_cgroup if procs_files else None,
-        )
+        fds: list[int] = []
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._bwrap_argv(fds),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=protocol.MAX_FRAME + 1,
+                start_new_session=True,
+                pass_fds=fds,
+                preexec_fn=join_cgroup if procs_files else None,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
         self._stderr_tail = []
         self._stderr_task = asyncio.create_task(self._read_stderr(self._proc))
 
