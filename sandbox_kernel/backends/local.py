@@ -11,8 +11,9 @@ How a local sandbox is built (all undone by :meth:`LocalBackend.stop`, and by
    the namespace a route out through the host's own sockets: no veth, no NAT rule and
    no ``ip_forward`` change on the host. Host loopback is not reachable through it;
 4. the agent runs under bubblewrap inside the namespace: read-only system directories,
-   a private ``/tmp``, a private writable working directory, its own PID/IPC/UTS
-   namespaces, no capabilities, an unprivileged uid, and it dies with the kernel.
+   a private ``/tmp``, a private writable working directory, its own user (``userns.py``),
+   PID, IPC and UTS namespaces, no capabilities, an unprivileged uid, a seccomp filter
+   (``seccomp.py``), and it dies with the kernel.
 
 The kernel process must run as root (it creates namespaces and nftables rules); the
 code in the sandbox never does.
@@ -41,7 +42,7 @@ from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ..policy.compile_nftables import compile_nftables
 from ..policy.resolve import resolve_policy
-from . import limits, nflog, seccomp
+from . import limits, nflog, seccomp, userns
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 from .dnsproxy import DnsProxy, upstream_from_resolv_conf
 
@@ -477,14 +478,17 @@ class LocalBackend(Backend):
         self._refresh = asyncio.ensure_future(refresh())
 
     def _bwrap_argv(self, fds: list[int]) -> list[str]:
-        """The command that starts the agent; the seccomp filter's descriptor is appended to
-        ``fds``, which the caller passes to it and closes."""
+        """The command that starts the agent. ``fds[0]`` is the sandbox's user namespace
+        (:func:`userns.create`); the seccomp filter's descriptor is appended. The caller
+        passes them to the command and closes them."""
         root = self._dir()
         prefixes = _python_prefixes(self.python)
         seccomp_fd = seccomp.filter_fd()
         fds.append(seccomp_fd)
         argv = [
+            # the network namespace first: joining it needs root of the host's user namespace
             "nsenter", f"--net={NETNS_DIR / self.netns}",
+            "nsenter", f"--user=/proc/self/fd/{fds[0]}",
             "bwrap",
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--hostname", "sandbox",
@@ -549,6 +553,7 @@ class LocalBackend(Backend):
 
         fds: list[int] = []
         try:
+            fds.append(await asyncio.to_thread(userns.create, self.uid))
             self._proc = await asyncio.create_subprocess_exec(
                 *self._bwrap_argv(fds),
                 stdin=asyncio.subprocess.PIPE,
