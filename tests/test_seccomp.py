@@ -2,7 +2,12 @@
 not need fail with EPERM from a cell, and ordinary work still runs."""
 
 import ast
+import base64
+import hashlib
 import platform
+import subprocess
+import sys
+import zipfile
 
 import pytest
 
@@ -86,3 +91,51 @@ def test_ordinary_work_still_runs(fresh_kernel, test_host):
     assert "FETCH b'hello from test host\\n'" in text
     cell = kernel.execute("!python -m pip --version")
     assert cell.status == "ok" and "pip " in cell.stream(), cell.outputs
+
+
+def _wheel(directory, name="sktdemo", version="1.0") -> str:
+    """A minimal valid wheel of a one-module package; returns its file name."""
+    filename = f"{name}-{version}-py3-none-any.whl"
+    files = {
+        f"{name}/__init__.py": b"VALUE = 42\n",
+        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{name}-{version}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+        for path, data in files.items()) + f"{name}-{version}.dist-info/RECORD,,\n"
+    files[f"{name}-{version}.dist-info/RECORD"] = record.encode()
+    with zipfile.ZipFile(directory / filename, "w") as wheel:
+        for path, data in files.items():
+            wheel.writestr(path, data)
+    return filename
+
+
+def test_pip_download_from_an_allowed_index(fresh_kernel, test_host, tmp_path):
+    """`!pip download` under an allowlist, from a package index served by a test host."""
+    kernel = fresh_kernel({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
+    host = test_host(8080)
+    index = tmp_path / "index"
+    (index / "simple" / "sktdemo").mkdir(parents=True)
+    filename = _wheel(index / "simple" / "sktdemo")
+    (index / "simple" / "sktdemo" / "index.html").write_text(f'<a href="{filename}">{filename}</a>\n')
+    server = subprocess.Popen(["ip", "netns", "exec", host.name, sys.executable, "-m", "http.server",
+                               "--bind", "0.0.0.0", "--directory", str(index), "8090"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert kernel.execute(f"%sandbox allow {host.ip}:8090/tcp").status == "ok"
+        url = f"http://{host.ip}:8090/simple/"
+        cell = kernel.execute(
+            "import time, urllib.request\n"
+            "for _ in range(100):  # the index server may still be starting\n"
+            f"    try: urllib.request.urlopen({url!r} + 'sktdemo/', timeout=2); break\n"
+            "    except OSError: time.sleep(0.1)\n", timeout=60)
+        assert cell.status == "ok", cell.outputs
+        cell = kernel.execute(f"!pip download --disable-pip-version-check --no-deps --index-url {url} "
+                              f"--trusted-host {host.ip} --dest /tmp/dl sktdemo", timeout=120)
+        assert cell.status == "ok", cell.stream() + cell.stream("stderr")
+        assert kernel.execute("import os\nos.listdir('/tmp/dl')").of_type("execute_result")[0][
+            "content"]["data"]["text/plain"] == repr([filename])
+    finally:
+        server.kill()
+        server.wait()
