@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Enum, Integer, List, Unicode, default
+from traitlets import Bool, Enum, Integer, List, Unicode, default
 
 from ..agent import protocol
 from ..agent.bundle import build_pyz
@@ -42,7 +42,7 @@ from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ..policy.compile_nftables import compile_nftables
 from ..policy.resolve import resolve_policy
-from . import limits, nflog, seccomp, userns
+from . import limits, nflog, rootless, seccomp, userns
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 from .dnsproxy import DnsProxy, upstream_from_resolv_conf
 
@@ -108,7 +108,22 @@ class LocalBackend(Backend):
 
     @default("state_dir")
     def _state_dir_default(self):
+        if self.rootless:
+            runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandbox-kernel-{os.geteuid()}"
+            return env_default("SANDBOX_KERNEL_STATE_DIR", os.path.join(runtime, "sandbox-kernel"))
         return env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel")
+
+    rootless = Bool(
+        help="Run without root (prototype): the kernel creates each sandbox's user and network "
+        "namespaces as its own user, programs nftables and reads NFLOG inside them, and starts "
+        "the agent under bubblewrap in a further user namespace. No cgroup limits (memory_limit, "
+        "pids_limit, work_size do not apply); allowlists need a /dev/net/tun the user may open "
+        "(slirp4netns), else only deny is enforced. Env: SANDBOX_KERNEL_ROOTLESS (true/false)."
+    ).tag(config=True)
+
+    @default("rootless")
+    def _rootless_default(self):
+        return env_default("SANDBOX_KERNEL_ROOTLESS", "false").lower() in ("1", "true", "yes")
 
     python = Unicode(
         help="The Python interpreter that runs the agent inside the sandbox (its install "
@@ -226,20 +241,23 @@ class LocalBackend(Backend):
         self._uplink_exit_fd: int | None = None
         #: wildcard set name -> addresses the DNS proxy opened in it
         self._learned: dict[str, set[str]] = {}
+        #: rootless mode: the namespaces the kernel's own user created
+        self._ns: rootless.RootlessNamespaces | None = None
 
     # -- checks -------------------------------------------------------------------
     def check(self) -> None:
         missing = []
         if not sys.platform.startswith("linux"):
             raise IsolationUnavailable([f"the local backend needs Linux (this is {sys.platform})"])
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 and not self.rootless:
             missing.append(
                 "root privileges: the kernel creates network namespaces and nftables rules "
-                "(run Jupyter as root, or use the kubernetes backend)"
+                "(run Jupyter as root, set c.LocalBackend.rootless = True, or use the kubernetes backend)"
             )
-        for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("bwrap", "bubblewrap"),
-                              ("nsenter", "util-linux"), ("setpriv", "util-linux"),
-                              ("slirp4netns", "slirp4netns")):
+        tools = [("ip", "iproute2"), ("nft", "nftables"), ("bwrap", "bubblewrap"), ("nsenter", "util-linux"),
+                 ("unshare", "util-linux") if self.rootless else ("setpriv", "util-linux"),
+                 ("slirp4netns", "slirp4netns")]
+        for tool, package in tools:
             if shutil.which(tool) is None:
                 missing.append(f"the `{tool}` command: apt-get install {package}")
         if not seccomp.available():
@@ -282,7 +300,7 @@ class LocalBackend(Backend):
             backend=self.name,
             sandbox_id=self._sandbox_id,
             details={
-                "netns": self.netns,
+                "netns": self._netns_path if self._ns is not None else self.netns,
                 "enforcer": "nftables",
                 "workdir": str(self._dir() / "work"),
                 "start_ms": round((time.monotonic() - started) * 1000, 1),
@@ -296,12 +314,13 @@ class LocalBackend(Backend):
         Path(self.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # host users must not walk into sandboxes' files
         (root / "work").mkdir(parents=True)
-        work_size = limits.parse_size(self.work_size)
+        work_size = 0 if self.rootless else limits.parse_size(self.work_size)
         if work_size:
             # bounded: a cell filling its disk fills this, not the host's
             _run(["mount", "-t", "tmpfs", "-o", f"size={work_size},mode=0755,nosuid,nodev",
                   "sandbox-work", str(root / "work")])
-        os.chown(root / "work", self.uid, self.uid)
+        if not self.rootless:  # rootless: the kernel's user is the sandbox's uid outside
+            os.chown(root / "work", self.uid, self.uid)
         # 0755: bwrap enters it (as root without capabilities) after dropping privileges
         os.chmod(root / "work", 0o755)
         (root / "agent.pyz").write_bytes(build_pyz())
@@ -317,6 +336,8 @@ class LocalBackend(Backend):
             f"# names the egress policy allows\nnameserver {SANDBOX_RESOLVER}\noptions timeout:2 attempts:1\n")
         self._cgroup = limits.SandboxCgroup(self._sandbox_id)
         memory, pids = limits.parse_size(self.memory_limit), self.pids_limit
+        if self.rootless:  # cgroups are not delegated to an unprivileged user here
+            memory = pids = 0
         if memory or pids:
             try:
                 self._cgroup.create(memory, pids)
@@ -327,11 +348,30 @@ class LocalBackend(Backend):
                 ) from None
         else:
             self._cgroup = None
-        _run(["ip", "netns", "add", self.netns])
-        _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        if self.rootless:
+            self._ns = rootless.RootlessNamespaces()
+            self._ns.create()
+        else:
+            _run(["ip", "netns", "add", self.netns])
+        _run([*self._in_netns(), "ip", "link", "set", "lo", "up"])
         # rules first: the uplink must never be up without the policy in force
         self._apply_rules(self._ruleset(policy))
         self._start_uplink()
+        if self._ns is not None and self._uplink is None and policy is not None and policy.mode == "allowlist":
+            raise SandboxStartError(
+                "the sandbox's policy is an allowlist but it has no way out: rootless mode needs "
+                "/dev/net/tun readable and writable by the Jupyter user for slirp4netns")
+
+    @property
+    def _netns_path(self) -> str:
+        return self._ns.net_path if self._ns is not None else str(NETNS_DIR / self.netns)
+
+    def _in_netns(self) -> list[str]:
+        """The argv prefix that runs a command in the sandbox's network namespace with the
+        rights to change it."""
+        if self._ns is not None:
+            return self._ns.enter()
+        return ["ip", "netns", "exec", self.netns]
 
     def _start_uplink(self) -> None:
         """Give the namespace a route out through slirp4netns (userspace, no host changes).
@@ -340,6 +380,21 @@ class LocalBackend(Backend):
         makes refused connections fail fast and be logged (no route = no packet = no notice).
         slirp4netns exits when the kernel dies: it watches the read end of a pipe we hold.
         """
+        if self._ns is not None and not rootless.tun_usable():
+            # no uplink: a route to nowhere, so refused packets still cross the rules and are logged
+            # (a veth pair with both ends inside: the dummy module may not be loaded, and an
+            # unprivileged user cannot load it)
+            for argv in (["ip", "link", "add", "nowhere0", "type", "veth", "peer", "name", "nowhere1"],
+                         ["ip", "addr", "add", "10.0.2.100/24", "dev", "nowhere0"],
+                         ["ip", "link", "set", "nowhere0", "up"],
+                         ["ip", "link", "set", "nowhere1", "up"],
+                         ["ip", "route", "add", "default", "dev", "nowhere0"],
+                         ["ip", "-6", "route", "add", "default", "dev", "nowhere0"]):
+                _run([*self._in_netns(), *argv])
+            return
+        netns_args = ["--netns-type=path", self._netns_path, "tap0"]
+        if self._ns is not None:
+            netns_args = [f"--userns-path={self._ns.user_path}", *netns_args]
         ready_r, ready_w = os.pipe()
         exit_r, exit_w = os.pipe()
         try:
@@ -348,7 +403,7 @@ class LocalBackend(Backend):
                 # through slirp4netns's forwarder at 10.0.2.3 (which would ask the host's resolver)
                 ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
                  "--disable-dns", f"--cidr={UPLINK_CIDR}", "--enable-ipv6", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
-                 "--netns-type=path", str(NETNS_DIR / self.netns), "tap0"],
+                 *netns_args],
                 pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
             )
@@ -367,7 +422,10 @@ class LocalBackend(Backend):
     def _listen_enforcer_log(self) -> None:
         """Read the packets our nftables rules refuse (NFLOG) and report them as notices."""
         try:
-            sock = nflog.open_in_netns(str(NETNS_DIR / self.netns), self.nflog_group)
+            if self._ns is not None:
+                (sock,) = self._ns.sockets("nflog", str(self.nflog_group), count=1)
+            else:
+                sock = nflog.open_in_netns(self._netns_path, self.nflog_group)
         except OSError as err:
             self.log.warning("no enforcer log for sandbox %s: %s", self._sandbox_id, err)
             return
@@ -397,9 +455,16 @@ class LocalBackend(Backend):
         if not self.upstream_dns:
             self.log.warning("no upstream DNS resolver (c.LocalBackend.upstream_dns): names will not resolve")
         self._dns = await DnsProxy.start(
-            str(NETNS_DIR / self.netns), policy=lambda: self._policy,
+            self._netns_path, sockets=await self._dns_sockets(), policy=lambda: self._policy,
             upstream=self.upstream_dns or "127.0.0.1:9", add_addresses=self._add_addresses,
             report=lambda record: self.blocked_sink and self.blocked_sink(record), log=self.log)
+
+    async def _dns_sockets(self) -> Any:
+        """Rootless: the DNS proxy's sockets, made inside the namespaces (else None: the proxy
+        makes them itself)."""
+        if self._ns is None:
+            return None
+        return tuple(await asyncio.to_thread(self._ns.sockets, "dns", count=2))
 
     def _add_addresses(self, elements: list[tuple[str, str]]) -> None:
         """Open addresses a wildcard's names resolved to (runs in a worker thread)."""
@@ -407,7 +472,7 @@ class LocalBackend(Backend):
         for set_name, address in elements:
             by_set.setdefault(set_name, []).append(address)
         script = _add_elements_script(by_set)
-        result = _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=script, check=False)
+        result = _run([*self._in_netns(), "nft", "-f", "-"], input=script, check=False)
         if result.returncode != 0:
             raise PolicyError(f"nftables refused {script.strip()!r}: {result.stderr.strip()}")
         for name, addrs in by_set.items():
@@ -451,7 +516,7 @@ class LocalBackend(Backend):
                          if f"\tset {name} {{" in ruleset}
         ruleset += _add_elements_script(self._learned)
         started = time.monotonic()
-        result = _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=ruleset, check=False)
+        result = _run([*self._in_netns(), "nft", "-f", "-"], input=ruleset, check=False)
         if result.returncode != 0:
             raise PolicyError(f"nftables refused the ruleset; the previous one stays in force: "
                               f"{result.stderr.strip()}")
@@ -485,11 +550,20 @@ class LocalBackend(Backend):
         prefixes = _python_prefixes(self.python)
         seccomp_fd = seccomp.filter_fd()
         fds.append(seccomp_fd)
-        argv = [
-            # the network namespace first: joining it needs root of the host's user namespace
-            "nsenter", f"--net={NETNS_DIR / self.netns}",
-            "nsenter", f"--user=/proc/self/fd/{fds[0]}",
-            "bwrap",
+        if self._ns is not None:
+            # rootless: bwrap starts as root of the kernel's own namespaces and puts the code
+            # in a further user namespace (uid 65534 there, the kernel's user outside), with
+            # no capabilities and no way to create another one
+            argv = [*self._ns.enter(), "bwrap", "--unshare-user", "--uid", str(self.uid),
+                    "--gid", str(self.uid), "--disable-userns"]
+        else:
+            argv = [
+                # the network namespace first: joining it needs root of the host's user namespace
+                "nsenter", f"--net={NETNS_DIR / self.netns}",
+                "nsenter", f"--user=/proc/self/fd/{fds[0]}",
+                "bwrap",
+            ]
+        argv += [
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--hostname", "sandbox",
             "--ro-bind", "/usr", "/usr",
@@ -531,16 +605,21 @@ class LocalBackend(Backend):
             "--setenv", "LANG", "C.UTF-8",
             "--setenv", "PYTHONUNBUFFERED", "1",
             "--setenv", "TERM", "xterm-256color",
-            "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
-            "--cap-add", "CAP_SETPCAP",
-            # loaded just before bwrap runs setpriv: its own set-up is not filtered, everything
-            # after is (no new user namespaces, keyring, io_uring, bpf, ptrace, mount, modules…)
-            "--seccomp", str(seccomp_fd),
-            # bwrap needs root to build the mounts; the code runs as an unprivileged uid
-            "setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all",
-            self.python, "-s", AGENT_PATH,
         ]
+        if self._ns is not None:
+            argv += ["--cap-drop", "ALL", "--seccomp", str(seccomp_fd)]
+        else:
+            argv += [
+                "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+                "--cap-add", "CAP_SETPCAP",
+                # loaded just before bwrap runs setpriv: its own set-up is not filtered, everything
+                # after is (no new user namespaces, keyring, io_uring, bpf, ptrace, mount, modules…)
+                "--seccomp", str(seccomp_fd),
+                # bwrap needs root to build the mounts; the code runs as an unprivileged uid
+                "setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all",
+            ]
+        argv += [self.python, "-s", AGENT_PATH]
         return argv
 
     async def _spawn_agent(self) -> None:
@@ -553,7 +632,8 @@ class LocalBackend(Backend):
 
         fds: list[int] = []
         try:
-            fds.append(await asyncio.to_thread(userns.create, self.uid))
+            if self._ns is None:  # rootless: bwrap makes the user namespace itself
+                fds.append(await asyncio.to_thread(userns.create, self.uid))
             self._proc = await asyncio.create_subprocess_exec(
                 *self._bwrap_argv(fds),
                 stdin=asyncio.subprocess.PIPE,
@@ -590,6 +670,11 @@ class LocalBackend(Backend):
     async def apply_policy(self, policy: Any) -> dict[str, Any]:
         if not self._sandbox_id:
             raise PolicyError("no sandbox is running")
+        if self._ns is not None and self._uplink is None and policy is not None and policy.mode == "allowlist":
+            raise PolicyError(
+                "this sandbox has no way out: rootless mode needs /dev/net/tun readable and writable by "
+                "the Jupyter user for slirp4netns (chmod 0666 /dev/net/tun, the usual default); "
+                "until then only default-deny can be enforced")
         compiled = await asyncio.to_thread(self._ruleset, policy)
         await asyncio.to_thread(self._apply_rules, compiled)
         self._policy = policy  # the DNS proxy answers by the policy in force
@@ -645,6 +730,9 @@ class LocalBackend(Backend):
             self._stderr_task.cancel()
             self._stderr_task = None
         await asyncio.to_thread(self._stop_uplink)
+        if self._ns is not None:
+            await asyncio.to_thread(self._ns.close)
+            self._ns = None
         if self._sandbox_id:
             await asyncio.to_thread(remove_sandbox, self._sandbox_id, self.state_dir)
         self._cgroup = None
@@ -770,11 +858,13 @@ def gc(state_dir: str | None = None) -> list[str]:
     and by every local kernel when it starts."""
     state = Path(state_dir or env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel"))
     ids: set[str] = set()
-    if NETNS_DIR.exists():
+    privileged = os.geteuid() == 0  # rootless kernels own nothing but their state directory
+    if NETNS_DIR.exists() and privileged:
         ids |= {p.name[len(NETNS_PREFIX):] for p in NETNS_DIR.iterdir() if p.name.startswith(NETNS_PREFIX)}
     if state.exists():
         ids |= {p.name for p in state.iterdir() if p.is_dir()}
-    ids |= set(limits.leftover_cgroups())
+    if privileged:
+        ids |= set(limits.leftover_cgroups())
     removed: list[str] = []
     for sandbox_id in sorted(ids):
         owner = state / sandbox_id / "owner.json"
