@@ -49,6 +49,10 @@ try:
     out["keyctl"] = run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                         "print('KEYCTL', libc.syscall(250, 0, -4, 1), ctypes.get_errno())")
     out["allow"] = run("%sandbox allow 10.231.250.2:80/tcp")
+    out["nproc"] = run("import resource, threading, time\nprint('NPROC', resource.getrlimit(resource.RLIMIT_NPROC))\n"
+                       "stop = threading.Event(); started = 0\n"
+                       "try:\n    for _ in range(1000):\n        threading.Thread(target=stop.wait).start(); started += 1\n"
+                       "except RuntimeError: pass\nstop.set(); print('THREADS', started)")
     kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/status")
             and f"PPid:\t{k.pid}\n" in open(f"/proc/{p}/status").read()]
     out["children"] = kids
@@ -119,6 +123,10 @@ def test_a_kernel_without_root_runs_cells_enforces_deny_and_reports(unprivileged
     if os.stat("/dev/net/tun").st_mode & 0o006 != 0o006:
         assert out["allow"]["status"] == "error"
         assert "/dev/net/tun" in out["allow"]["evalue"], out["allow"]
+    # no cgroup without root: the process count is an rlimit counted in the sandbox's namespace
+    assert "NPROC (512, 512)" in out["nproc"]["stdout"], out["nproc"]
+    started = int(out["nproc"]["stdout"].split("THREADS ")[1].split()[0])
+    assert 400 < started < 512, started
     # the kernel's helpers (namespace holder, agent chain) ended with it
     assert len(out["children"]) >= 2, out["children"]
     assert out["left"] == []

@@ -102,8 +102,9 @@ class LocalBackend(Backend):
     name = "local"
 
     state_dir = Unicode(
-        help="Where sandbox state lives (owner records, working directories). "
-        "Env: SANDBOX_KERNEL_STATE_DIR."
+        help="Where sandbox state lives (owner records, working directories). Default: "
+        "/run/sandbox-kernel; rootless: $XDG_RUNTIME_DIR/sandbox-kernel (or /tmp/sandbox-kernel-UID/"
+        "sandbox-kernel). Env: SANDBOX_KERNEL_STATE_DIR."
     ).tag(config=True)
 
     @default("state_dir")
@@ -116,9 +117,10 @@ class LocalBackend(Backend):
     rootless = Bool(
         help="Run without root (prototype): the kernel creates each sandbox's user and network "
         "namespaces as its own user, programs nftables and reads NFLOG inside them, and starts "
-        "the agent under bubblewrap in a further user namespace. No cgroup limits (memory_limit, "
-        "pids_limit, work_size do not apply); allowlists need a /dev/net/tun the user may open "
-        "(slirp4netns), else only deny is enforced. Env: SANDBOX_KERNEL_ROOTLESS (true/false)."
+        "the agent under bubblewrap in a further user namespace. No cgroups: pids_limit becomes "
+        "an RLIMIT_NPROC counted in the sandbox's namespace, memory_limit and work_size do not "
+        "apply; allowlists need a /dev/net/tun the user may open (slirp4netns), else only deny "
+        "is enforced. Env: SANDBOX_KERNEL_ROOTLESS (true/false)."
     ).tag(config=True)
 
     @default("rootless")
@@ -260,6 +262,12 @@ class LocalBackend(Backend):
         for tool, package in tools:
             if shutil.which(tool) is None:
                 missing.append(f"the `{tool}` command: apt-get install {package}")
+        if self.rootless and not missing and shutil.which("unshare"):
+            probe = _run(["unshare", "--user", "--map-root-user", "--net", "true"], check=False)
+            if probe.returncode != 0:
+                missing.append("unprivileged user namespaces (rootless mode creates one per sandbox): "
+                               f"`unshare --user --net` said: {probe.stderr.strip()} (sysctl "
+                               "user.max_user_namespaces, kernel.apparmor_restrict_unprivileged_userns)")
         if not seccomp.available():
             missing.append("libseccomp, which builds the sandbox's seccomp filter: apt-get install libseccomp2")
         if not os.path.exists(self.python):
@@ -554,8 +562,13 @@ class LocalBackend(Backend):
             # rootless: bwrap starts as root of the kernel's own namespaces and puts the code
             # in a further user namespace (uid 65534 there, the kernel's user outside), with
             # no capabilities and no way to create another one
-            argv = [*self._ns.enter(), "bwrap", "--unshare-user", "--uid", str(self.uid),
-                    "--gid", str(self.uid), "--disable-userns"]
+            argv = self._ns.enter()
+            if self.pids_limit:
+                # no cgroup: RLIMIT_NPROC, which bwrap's new user namespace records as its own
+                # ceiling, so it counts the sandbox's processes and threads only
+                argv += ["prlimit", f"--nproc={self.pids_limit}"]
+            argv += ["bwrap", "--unshare-user", "--uid", str(self.uid),
+                     "--gid", str(self.uid), "--disable-userns"]
         else:
             argv = [
                 # the network namespace first: joining it needs root of the host's user namespace
