@@ -61,10 +61,11 @@ def doctor() -> int:
     if uplink and backend.rootless:
         from .backends.rootless import tun_usable
 
-        if not tun_usable():
+        if not tun_usable() and not tun_usable(backend.tun_device):
             uplink = None
             print("  uplink (allowlist):  unavailable: /dev/net/tun is not readable and writable by this user "
-                  "(chmod 0666 /dev/net/tun, the usual default); only default-deny can be enforced")
+                  "(chmod 0666 /dev/net/tun, the usual default, or give it a node of its own: "
+                  "c.LocalBackend.tun_device); only default-deny can be enforced")
     if uplink or not backend.rootless:
         print(f"  uplink (allowlist):  {uplink or 'slirp4netns missing: apt-get install slirp4netns (needed for allowlisted egress)'}")
     if backend.rootless:

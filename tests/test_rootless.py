@@ -90,24 +90,29 @@ def unprivileged_home():
         shutil.rmtree(home, ignore_errors=True)
 
 
+def _drive(home: Path, script: str, *args: str) -> dict:
+    """Run ``script`` as uid 65534 (no capabilities) with the rootless kernelspec; its result."""
+    site = sysconfig.get_paths()["purelib"]
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
+           "JUPYTER_PATH": str(home / "share" / "jupyter"),
+           "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+           "XDG_RUNTIME_DIR": str(home / "xdg"),
+           "PYTHONPATH": f"{ROOT}:{site}"}
+    (home / "xdg").mkdir(mode=0o700, exist_ok=True)
+    os.chown(home / "xdg", 65534, 65534)
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+         "--bounding-set=-all", SYSTEM_PYTHON, "-c", script, str(ROOT / "tests"), *args],
+        env=env, capture_output=True, text=True, timeout=300, cwd=str(home))
+    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
+    assert lines, (result.stdout[-2000:], result.stderr[-3000:])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def test_a_kernel_without_root_runs_cells_enforces_deny_and_reports(unprivileged_home):
     if not _same_python():
         pytest.skip(f"{SYSTEM_PYTHON} is not Python {sys.version_info[:2]}: it cannot load this venv's packages")
-    site = sysconfig.get_paths()["purelib"]
-    env = {"HOME": str(unprivileged_home), "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
-           "JUPYTER_PATH": str(unprivileged_home / "share" / "jupyter"),
-           "JUPYTER_RUNTIME_DIR": str(unprivileged_home / "runtime"),
-           "XDG_RUNTIME_DIR": str(unprivileged_home / "xdg"),
-           "PYTHONPATH": f"{ROOT}:{site}"}
-    (unprivileged_home / "xdg").mkdir(mode=0o700)
-    os.chown(unprivileged_home / "xdg", 65534, 65534)
-    result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-         "--bounding-set=-all", SYSTEM_PYTHON, "-c", DRIVE, str(ROOT / "tests")],
-        env=env, capture_output=True, text=True, timeout=300, cwd=str(unprivileged_home))
-    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
-    assert lines, (result.stdout[-2000:], result.stderr[-3000:])
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = _drive(unprivileged_home, DRIVE)
     assert out["kernel_uid"] == 65534
     # the code: uid 65534 in a user namespace of its own (the kernel's user outside), no capabilities
     assert out["who"]["status"] == "ok", out["who"]
@@ -132,3 +137,51 @@ def test_a_kernel_without_root_runs_cells_enforces_deny_and_reports(unprivileged
     assert out["left"] == []
     state = unprivileged_home / "xdg" / "sandbox-kernel"
     assert not state.exists() or not any(state.iterdir())
+
+
+DRIVE_ALLOW = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from kerneltest import KernelDriver
+
+ip = sys.argv[2]
+out = {}
+k = KernelDriver()
+try:
+    def run(code):
+        c = k.execute(code, timeout=90)
+        return {"status": c.status, "stdout": c.stream(), "evalue": c.reply["content"].get("evalue"),
+                "blocked": c.sandbox.get("blocked", [])}
+    out["allow"] = run(f"%sandbox allow {ip}:8080/tcp")
+    out["reach"] = run(f"import socket\nprint('REPLY', socket.create_connection(({ip!r}, 8080), timeout=5).recv(100))")
+    out["other_port"] = run(f"import socket\nsocket.create_connection(({ip!r}, 8081), timeout=5)")
+    out["deny"] = run("%sandbox mode deny")
+    out["after_deny"] = run(f"import socket\nsocket.create_connection(({ip!r}, 8080), timeout=5)")
+finally:
+    k.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_an_allowlist_without_root_through_a_tun_node_of_the_users_own(unprivileged_home, test_host):
+    """Where /dev/net/tun is closed to users (0600 here), the administrator can give the Jupyter
+    user a tun node of its own (c.LocalBackend.tun_device): slirp4netns then attaches, and an
+    allowlist reaches exactly what it allows."""
+    if not _same_python():
+        pytest.skip(f"{SYSTEM_PYTHON} is not Python {sys.version_info[:2]}: it cannot load this venv's packages")
+    host = test_host(8080)
+    node = unprivileged_home / "tun"
+    subprocess.run(["mknod", str(node), "c", "10", "200"], check=True)
+    os.chown(node, 65534, 65534)
+    node.chmod(0o600)
+    spec = unprivileged_home / "share" / "jupyter" / "kernels" / "sandbox" / "kernel.json"
+    kernel_json = json.loads(spec.read_text())
+    kernel_json["env"]["SANDBOX_KERNEL_TUN_DEVICE"] = str(node)
+    spec.write_text(json.dumps(kernel_json))
+    out = _drive(unprivileged_home, DRIVE_ALLOW, host.ip)
+    assert out["allow"]["status"] == "ok", out["allow"]
+    assert "REPLY b'hello from test host\\n'" in out["reach"]["stdout"], out["reach"]
+    assert out["other_port"]["status"] == "error"
+    assert [(b["ip"], b["port"]) for b in out["other_port"]["blocked"]] == [(host.ip, 8081)]
+    assert out["after_deny"]["status"] == "error"
+    assert host.seen() == 1

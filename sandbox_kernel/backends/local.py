@@ -123,6 +123,16 @@ class LocalBackend(Backend):
         "is enforced. Env: SANDBOX_KERNEL_ROOTLESS (true/false)."
     ).tag(config=True)
 
+    tun_device = Unicode(
+        help="Rootless mode, when /dev/net/tun is closed to the Jupyter user: a tun device node "
+        "the administrator made for that user (mknod PATH c 10 200; chown USER PATH), which "
+        "slirp4netns then uses. Env: SANDBOX_KERNEL_TUN_DEVICE."
+    ).tag(config=True)
+
+    @default("tun_device")
+    def _tun_device_default(self):
+        return env_default("SANDBOX_KERNEL_TUN_DEVICE", "")
+
     @default("rootless")
     def _rootless_default(self):
         return env_default("SANDBOX_KERNEL_ROOTLESS", "false").lower() in ("1", "true", "yes")
@@ -367,8 +377,9 @@ class LocalBackend(Backend):
         self._start_uplink()
         if self._ns is not None and self._uplink is None and policy is not None and policy.mode == "allowlist":
             raise SandboxStartError(
-                "the sandbox's policy is an allowlist but it has no way out: rootless mode needs "
-                "/dev/net/tun readable and writable by the Jupyter user for slirp4netns")
+                "the sandbox's policy is an allowlist but it has no way out: rootless mode needs a tun "
+                "device the Jupyter user may open for slirp4netns (/dev/net/tun at mode 0666, or "
+                "c.LocalBackend.tun_device)")
 
     @property
     def _netns_path(self) -> str:
@@ -388,7 +399,15 @@ class LocalBackend(Backend):
         makes refused connections fail fast and be logged (no route = no packet = no notice).
         slirp4netns exits when the kernel dies: it watches the read end of a pipe we hold.
         """
-        if self._ns is not None and not rootless.tun_usable():
+        slirp = ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+                 # --disable-dns: the sandbox resolves through the kernel's DNS proxy only, never
+                 # through slirp4netns's forwarder at 10.0.2.3 (which would ask the host's resolver)
+                 "--disable-dns", f"--cidr={UPLINK_CIDR}", "--enable-ipv6"]
+        if self._ns is not None:
+            command = self._ns.uplink_argv(slirp, self.tun_device)
+        else:
+            command = [*slirp, "--netns-type=path", self._netns_path, "tap0"]
+        if command is None:
             # no uplink: a route to nowhere, so refused packets still cross the rules and are logged
             # (a veth pair with both ends inside: the dummy module may not be loaded, and an
             # unprivileged user cannot load it)
@@ -400,18 +419,12 @@ class LocalBackend(Backend):
                          ["ip", "-6", "route", "add", "default", "dev", "nowhere0"]):
                 _run([*self._in_netns(), *argv])
             return
-        netns_args = ["--netns-type=path", self._netns_path, "tap0"]
-        if self._ns is not None:
-            netns_args = [f"--userns-path={self._ns.user_path}", *netns_args]
         ready_r, ready_w = os.pipe()
         exit_r, exit_w = os.pipe()
         try:
+            tail = command.index("--netns-type=path")
             self._uplink = subprocess.Popen(
-                # --disable-dns: the sandbox resolves through the kernel's DNS proxy only, never
-                # through slirp4netns's forwarder at 10.0.2.3 (which would ask the host's resolver)
-                ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
-                 "--disable-dns", f"--cidr={UPLINK_CIDR}", "--enable-ipv6", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
-                 *netns_args],
+                [*command[:tail], f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", *command[tail:]],
                 pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
             )
@@ -685,9 +698,9 @@ class LocalBackend(Backend):
             raise PolicyError("no sandbox is running")
         if self._ns is not None and self._uplink is None and policy is not None and policy.mode == "allowlist":
             raise PolicyError(
-                "this sandbox has no way out: rootless mode needs /dev/net/tun readable and writable by "
-                "the Jupyter user for slirp4netns (chmod 0666 /dev/net/tun, the usual default); "
-                "until then only default-deny can be enforced")
+                "this sandbox has no way out: rootless mode needs a tun device the Jupyter user may open "
+                "for slirp4netns (chmod 0666 /dev/net/tun, the usual default, or a node of its own: "
+                "c.LocalBackend.tun_device); until then only default-deny can be enforced")
         compiled = await asyncio.to_thread(self._ruleset, policy)
         await asyncio.to_thread(self._apply_rules, compiled)
         self._policy = policy  # the DNS proxy answers by the policy in force

@@ -14,7 +14,10 @@ inside them it is "root" for that network only. So:
 4. bubblewrap starts the agent from inside, with ``--unshare-user --disable-userns``: the code
    runs in a further user namespace with no capabilities, where it cannot touch the rules.
 
-Without a writable ``/dev/net/tun`` slirp4netns cannot attach; the namespace then gets a default
+slirp4netns needs a tun device this user may open: ``/dev/net/tun`` when it is 0666 (most
+distributions), else a node the administrator made for this user (``c.LocalBackend.tun_device``),
+bound over ``/dev/net/tun`` for slirp4netns alone (:meth:`RootlessNamespaces.uplink_argv`).
+Without either slirp4netns cannot attach; the namespace then gets a default
 route into a veth pair that leads nowhere, so refused packets still cross the rules and are logged, and
 only ``deny`` can be enforced.
 """
@@ -32,9 +35,9 @@ from ..errors import SandboxStartError
 _HOLDER = "echo ready; read _"
 
 
-def tun_usable() -> bool:
-    """Whether this process may open /dev/net/tun (slirp4netns needs it)."""
-    return os.access("/dev/net/tun", os.R_OK | os.W_OK)
+def tun_usable(device: str = "/dev/net/tun") -> bool:
+    """Whether this process may open ``device`` (a tun node: slirp4netns needs one)."""
+    return bool(device) and os.access(device, os.R_OK | os.W_OK)
 
 
 class RootlessNamespaces:
@@ -73,6 +76,23 @@ class RootlessNamespaces:
     def enter(self) -> list[str]:
         """The argv prefix that runs a command as root of the namespaces."""
         return ["nsenter", f"--target={self.pid}", "--user", "--net", "--preserve-credentials"]
+
+    def uplink_argv(self, slirp_argv: list[str], tun_device: str) -> list[str] | None:
+        """How to start slirp4netns (``slirp_argv``: its options, without the namespace
+        arguments) for these namespaces, or None when no tun device is usable.
+
+        With ``/dev/net/tun`` open to this user, slirp4netns joins the namespaces itself. Else a
+        tun node the administrator gave this user (``tun_device``, e.g. made with ``mknod … c 10
+        200`` and owned by the Jupyter user) is bound over ``/dev/net/tun`` in a mount namespace
+        of slirp4netns's own, inside the sandbox's user namespace."""
+        target = ["--netns-type=path", self.net_path, "tap0"]
+        if tun_usable():
+            return [*slirp_argv, f"--userns-path={self.user_path}", *target]
+        if tun_usable(tun_device):
+            return [*self.enter()[:3], "--preserve-credentials", "unshare", "--mount", "sh", "-c",
+                    'mount --bind "$1" /dev/net/tun && shift && exec "$@"', "sh", tun_device,
+                    *slirp_argv, *target]
+        return None
 
     def sockets(self, kind: str, *args: str, count: int) -> list[socket.socket]:
         """``count`` sockets made inside by :func:`_helper_main` (``kind``: nflog GROUP | dns)."""
