@@ -201,7 +201,13 @@ def test_the_uplinks_own_ranges_stay_closed_whatever_the_policy(kernel, upstream
     proxy: no entry opens the uplink's ranges, neither a name resolving there nor a CIDR
     (issue 20, point 5). The probe is refused inside the sandbox's namespace: nothing leaves."""
     upstream.records["slirpdns.test"] = "10.0.2.3"
-    change = kernel.execute("%sandbox allow slirpdns.test:53/udp 10.0.2.0/24 [fd00::3]:53")
+    # the ceiling knows the uplink's ranges: an entry inside them is refused, saying why
+    for entry in ("10.0.2.0/24", "10.0.2.3:53/udp", "[fd00::3]:53"):
+        refused = kernel.execute(f"%sandbox allow {entry}")
+        assert refused.reply["content"]["ename"] == "CeilingRefused", (entry, refused.reply["content"])
+        assert "the sandbox's own" in refused.reply["content"]["evalue"]
+    # a name cannot be judged before it resolves: the enforcer drops its uplink address
+    change = kernel.execute("%sandbox allow slirpdns.test:53/udp")
     assert change.status == "ok", change.outputs
     for target, ip in (("slirpdns.test", "10.0.2.3"), ("10.0.2.3", "10.0.2.3"), ("10.0.2.2", "10.0.2.2")):
         cell = kernel.execute(UPLINK_PROBE.format(target=target), timeout=30)

@@ -57,7 +57,10 @@ AGENT_PATH = "/opt/sandbox-agent/agent.pyz"
 #: IPv6 fd00::/64 likewise). The kernel needs none of them from inside the sandbox (its DNS
 #: proxy forwards from the host side), so no policy may open them: they are always blocked.
 UPLINK_CIDR = "10.0.2.0/24"
-UPLINK_RANGES = (UPLINK_CIDR, "fd00::/64")
+UPLINK_RANGES = {
+    UPLINK_CIDR: "the sandbox's uplink: slirp4netns's gateway to the host and its DNS forwarder",
+    "fd00::/64": "the sandbox's IPv6 uplink (slirp4netns)",
+}
 
 
 def _signal_name(num: int) -> str:
@@ -100,6 +103,7 @@ class LocalBackend(Backend):
     """Sandboxes on this machine: netns + nftables + bubblewrap."""
 
     name = "local"
+    reserved_ranges = UPLINK_RANGES
 
     state_dir = Unicode(
         help="Where sandbox state lives (owner records, working directories). Default: "
