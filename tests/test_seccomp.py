@@ -65,6 +65,9 @@ def test_no_user_namespace_from_the_command_line_either(kernel):
     assert "Operation not permitted" in cell.stream() + cell.stream("stderr")
     status = kernel.execute("print(open('/proc/self/status').read())").stream()
     assert "Seccomp:\t2" in status  # filter mode
+    # the second layer, as bubblewrap's --disable-userns: the sandbox's user namespace allows none
+    limit = kernel.execute("print('LIMIT', open('/proc/sys/user/max_user_namespaces').read().strip())").stream()
+    assert "LIMIT 0" in limit, limit
 
 
 def test_ordinary_work_still_runs(fresh_kernel, test_host):
