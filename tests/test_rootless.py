@@ -46,6 +46,7 @@ try:
     out["blocked"] = run("import socket\nimport sandbox_agent.guard as g\ng.enabled = False\n"
                          "socket.create_connection(('10.231.250.2', 80), timeout=3)")
     out["userns"] = run("!unshare --user true")
+    out["raw"] = run("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)")
     out["keyctl"] = run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                         "print('KEYCTL', libc.syscall(250, 0, -4, 1), ctypes.get_errno())")
     out["allow"] = run("%sandbox allow 10.231.250.2:80/tcp")
@@ -123,6 +124,8 @@ def test_a_kernel_without_root_runs_cells_enforces_deny_and_reports(unprivileged
     # no nested user namespace, and the seccomp filter is in force
     assert out["userns"]["status"] == "error"
     assert "KEYCTL -1 1" in out["keyctl"]["stdout"]
+    # the code holds no capability over the network namespace the kernel's user owns
+    assert out["raw"]["ename"] == "PermissionError", out["raw"]
     # where /dev/net/tun is closed to other users (0600 here) there is no uplink, and an
     # allowlist is refused, saying why
     if os.stat("/dev/net/tun").st_mode & 0o006 != 0o006:
