@@ -16,7 +16,7 @@ fi
 
 need_apt=()
 for pair in ip:iproute2 nft:nftables bwrap:bubblewrap slirp4netns:slirp4netns nsenter:util-linux \
-            setpriv:util-linux ps:procps; do
+            setpriv:util-linux unshare:util-linux ps:procps; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)

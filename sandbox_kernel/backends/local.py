@@ -271,8 +271,11 @@ class LocalBackend(Backend):
                 "(run Jupyter as root, set c.LocalBackend.rootless = True, or use the kubernetes backend)"
             )
         tools = [("ip", "iproute2"), ("nft", "nftables"), ("bwrap", "bubblewrap"), ("nsenter", "util-linux"),
-                 ("unshare", "util-linux") if self.rootless else ("setpriv", "util-linux"),
-                 ("slirp4netns", "slirp4netns")]
+                 ("unshare", "util-linux"), ("slirp4netns", "slirp4netns")]
+        if self.rootless:
+            tools.append(("prlimit", "util-linux"))
+        else:
+            tools.append(("setpriv", "util-linux"))
         for tool, package in tools:
             if shutil.which(tool) is None:
                 missing.append(f"the `{tool}` command: apt-get install {package}")
