@@ -9,6 +9,7 @@ typed error everywhere. A value in a config file still wins over the environment
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable
 
 from traitlets import TraitError
@@ -52,3 +53,13 @@ def load_config(app=None):
         # traitlets' own loader (IPython's override of it takes no path)
         Application.load_config_file(target, CONFIG_FILE, path=[directory])
     return target.config
+
+
+def parse_duration(text: str | float) -> float:
+    """``"1h"``, ``"30m"``, ``"90s"``, ``"2d"``, ``"86400"`` → seconds. ValueError otherwise."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 3600, 90s, 30m, 1h, 2d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]

@@ -42,7 +42,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Dict, Float, List, Unicode, default
 
 from ..agent import protocol
-from ..config import env_default
+from ..config import env_default, parse_duration
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from . import objects
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
@@ -1239,16 +1239,6 @@ def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now:
             except _NotFound:
                 pass
     return removed
-
-
-def parse_duration(text: str | float) -> float:
-    """``"1h"``, ``"30m"``, ``"90s"``, ``"2d"``, ``"86400"`` → seconds. ValueError otherwise."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(text))
-    if not m:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 3600, 90s, 30m, 1h, 2d)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 def gc_command(max_age: str | float = "24h", enforcers: list[str] | None = None, api_client=None,
