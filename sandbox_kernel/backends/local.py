@@ -947,8 +947,13 @@ def _owner_alive(owner_file: Path) -> bool:
 
 
 def _netns_in_use(sandbox_id: str) -> bool:
+    """Processes run in the namespace, or it was made in the last minute (a kernel configured
+    with another state directory may be creating it: no process is in it yet)."""
     netns = f"{NETNS_PREFIX}{sandbox_id}"
-    if not (NETNS_DIR / netns).exists():
+    try:
+        if time.time() - (NETNS_DIR / netns).lstat().st_mtime < 60:
+            return True
+    except OSError:
         return False
     return bool(_run(["ip", "netns", "pids", netns], check=False).stdout.split())
 
