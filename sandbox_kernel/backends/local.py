@@ -958,6 +958,17 @@ def _netns_in_use(sandbox_id: str) -> bool:
     return bool(_run(["ip", "netns", "pids", netns], check=False).stdout.split())
 
 
+def _cgroups_in_use(directories: list[Path]) -> bool:
+    """A sandbox's cgroup holds processes or was made in the last minute (being set up)."""
+    for directory in directories:
+        try:
+            if time.time() - directory.stat().st_mtime < 60 or (directory / "cgroup.procs").read_text().split():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def gc(state_dir: str | None = None) -> list[str]:
     """Remove local sandboxes whose kernel process is gone. Called by ``sandbox-kernel gc``
     and by every local kernel when it starts."""
@@ -969,7 +980,8 @@ def gc(state_dir: str | None = None) -> list[str]:
     if state.exists():
         ids |= {p.name for p in state.iterdir() if p.is_dir()}
     if privileged:
-        ids |= set(limits.leftover_cgroups())
+        cgroups = limits.leftover_cgroups()
+    ids |= set(cgroups)
     removed: list[str] = []
     for sandbox_id in sorted(ids):
         owner = state / sandbox_id / "owner.json"
@@ -982,7 +994,7 @@ def gc(state_dir: str | None = None) -> list[str]:
                     continue
             except OSError:
                 continue
-        if not (state / sandbox_id).exists() and _netns_in_use(sandbox_id):
+        if not (state / sandbox_id).exists() and (_netns_in_use(sandbox_id) or _cgroups_in_use(cgroups.get(sandbox_id, []))):
             # no record here, but processes run in it: a kernel configured with another state
             # directory owns it (its own gc, or its agent's idle exit, ends it), not us
             continue
