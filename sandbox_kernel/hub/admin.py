@@ -49,6 +49,15 @@ def _when(ts: Any) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _conformed(sb) -> str:
+    """When a ceiling change last forced the sandbox's policy, by whom and why (escaped)."""
+    c = sb.conformed if isinstance(sb.conformed, dict) else None
+    if not c:
+        return ""
+    return (f"{_when(c.get('time'))} by {escape(str(c.get('by')))}"
+            f"<br><span class=muted>{escape(str(c.get('reason') or ''))}</span>")
+
+
 def _summary(event: dict) -> str:
     """One line for an audit record (already escaped)."""
     kind = event.get("event")
@@ -172,7 +181,8 @@ class AdminPageHandler(_AdminHandler):
         records = m.audit.read()
         blocked = Counter(e.get("sandbox") for e in records if e.get("event") == "blocked")
         out.append("<h2>Sandboxes</h2><table id=sandboxes><tr><th>user</th><th>sandbox</th><th>state</th>"
-                   "<th>backend</th><th>policy</th><th>started</th><th>blocked</th><th>kernel attached</th></tr>")
+                   "<th>backend</th><th>policy</th><th>started</th><th>blocked</th><th>kernel attached</th>"
+                   "<th>conformed</th></tr>")
         boxes = sorted(m.sandboxes.values(), key=lambda sb: (sb.user, sb.created))
         for sb in boxes:
             entries = ", ".join(str(e) for e in sb.policy.entries) + \
@@ -183,9 +193,9 @@ class AdminPageHandler(_AdminHandler):
                 f"<td class={state_class}>{escape(sb.state)}</td><td>{escape(sb.backend_name)}</td>"
                 f"<td>{escape(sb.policy.describe())}<br><span class=muted>{escape(entries)}</span></td>"
                 f"<td>{_when(sb.started)}</td><td class=blocked>{blocked[sb.id]}</td>"
-                f"<td>{'yes' if sb.subscriber is not None else 'no'}</td></tr>")
+                f"<td>{'yes' if sb.subscriber is not None else 'no'}</td><td class=conformed>{_conformed(sb)}</td></tr>")
         if not boxes:
-            out.append("<tr><td colspan=8 class=muted>no sandboxes</td></tr>")
+            out.append("<tr><td colspan=9 class=muted>no sandboxes</td></tr>")
         out.append("</table>")
 
         # audit log
@@ -222,7 +232,13 @@ class AdminCeilingHandler(_AdminHandler):
         except (PolicyError, NotFound) as err:
             raise web.HTTPError(400, str(err)) from None
         what = "exam mode" if action == "exam" else "the base ceiling"
-        message = f"{kind[:-1]} {name}: {what} now; {len(result['conformed'])} running sandbox(es) brought under it"
+        conformed = result["conformed"]
+        message = (f"{kind[:-1]} {name}: {what} now; {len(conformed)} running sandbox(es) brought under it"
+                   + (f": {', '.join(conformed)}" if conformed else ""))
+        if result.get("members") is not None:
+            message += f"; members: {', '.join(result['members']) or 'none'}"
+        if result.get("warning"):
+            message += f" (warning: {result['warning']})"
         self.set_signed_cookie(FLASH_COOKIE, message, expires_days=None, path=self.service.url_prefix + "admin",
                                httponly=True, samesite="Strict",
                                secure=self.request.protocol == "https")

@@ -80,7 +80,9 @@ async def identify(handler: web.RequestHandler) -> Caller:
         raise web.HTTPError(403, f"this token lacks {' or '.join(sorted(service.hub_auth.access_scopes))}")
     groups = [g for g in model.get("groups") or [] if isinstance(g, str)]
     name = model["name"]
-    service.manager.note_groups(name, groups)
+    if service.manager.note_groups(name, groups):
+        # joined (or left) a group: a group's ceiling reaches their running sandboxes now
+        await service.manager.conform_users({name}, "service", f"{name}'s groups changed")
     admin = bool(model.get("admin")) or bool(set(groups) & set(service.admin_groups))
     return Caller(name, admin, groups)
 
@@ -323,6 +325,11 @@ class SandboxService(Application):
     keep_stopped = Float(help="Forget stopped, failed and exited sandboxes this many seconds after they "
                          "ended; 0: keep them. Env: SANDBOX_HUB_KEEP_STOPPED. Default 86400 (a day).").tag(config=True)
     auth_cache_max_age = Integer(30, help="Seconds the hub's answer about a token is cached.").tag(config=True)
+    group_refresh_interval = Float(help="Seconds between asking the hub who is in each group that has a "
+                                   "ceiling (members who joined or left have their running sandboxes "
+                                   "conformed); 0: only when a group's ceiling is set and on users' own "
+                                   "requests. Needs the scope read:groups. Env: SANDBOX_HUB_GROUP_REFRESH_INTERVAL. "
+                                   "Default 30.").tag(config=True)
     config_file = Unicode("", help="A Python config file (c.SandboxService…, c.AdminPolicy…, "
                           "c.LocalBackend…, c.KubernetesBackend…).").tag(config=True)
 
@@ -362,6 +369,10 @@ class SandboxService(Application):
     @default("keep_stopped")
     def _keep_stopped_default(self):
         return float(env_default("SANDBOX_HUB_KEEP_STOPPED", 86400))
+
+    @default("group_refresh_interval")
+    def _group_refresh_interval_default(self):
+        return float(env_default("SANDBOX_HUB_GROUP_REFRESH_INTERVAL", 30))
 
     @default("admin_groups")
     def _admin_groups_default(self):
@@ -425,8 +436,11 @@ class SandboxService(Application):
                                                          self.url_prefix + "oauth_callback"))
         base = AdminPolicy(parent=self)
         base.blocked_networks()  # a bad base ceiling stops the service here, naming the setting
+        from .groups import HubGroups
+
+        groups = HubGroups(self.hub_auth.api_url, self.hub_auth.api_token)
         self.manager = Manager(self.state_dir, base, self.make_backend, self.backend_name, self.log,
-                               start_timeout=self.start_timeout)
+                               start_timeout=self.start_timeout, group_source=groups.members)
         if self.backend_name == "local":
             from ..backends.local import LocalBackend, gc
 
@@ -443,11 +457,13 @@ class SandboxService(Application):
             loop.add_signal_handler(sig, stop.set)
         restoring = asyncio.ensure_future(self.manager.restore())
         collecting = asyncio.ensure_future(self._collect_forever())
+        refreshing = asyncio.ensure_future(self._refresh_groups_forever(restoring))
         await stop.wait()
         self.log.info("shutting down")
         server.stop()
         restoring.cancel()
         collecting.cancel()
+        refreshing.cancel()
         await self.manager.shutdown()
 
     async def _collect_forever(self) -> None:
@@ -462,6 +478,24 @@ class SandboxService(Application):
                     self.log.info("collect: %s", line)
             except Exception:  # noqa: BLE001 - try again next time
                 self.log.exception("collecting abandoned sandboxes failed")
+
+    async def _refresh_groups_forever(self, restoring: asyncio.Future) -> None:
+        """Manager.refresh_groups() once the sandboxes are restored, then every
+        ``group_refresh_interval`` seconds."""
+        try:
+            await asyncio.shield(restoring)
+        except Exception:  # noqa: BLE001 - restore logs its own failures
+            pass
+        while True:
+            try:
+                conformed = await self.manager.refresh_groups()
+                if conformed:
+                    self.log.info("group refresh: conformed %s", ", ".join(conformed))
+            except Exception:  # noqa: BLE001 - try again next time
+                self.log.exception("refreshing group members failed")
+            if self.group_refresh_interval <= 0:
+                return
+            await asyncio.sleep(self.group_refresh_interval)
 
     def start(self):
         asyncio.run(self.run())

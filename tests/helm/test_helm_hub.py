@@ -97,6 +97,7 @@ def test_the_service_reads_back_what_the_chart_renders(render, merged_values, tm
     assert app.state_dir in {m["mountPath"] for m in container["volumeMounts"]}
     assert app.admin_groups == hub["adminGroups"] == ["teachers", "class-b"]
     assert (app.abandoned_after, app.keep_stopped) == (hub["abandonedAfter"], hub["keepStopped"]) == (1800, 0)
+    assert app.group_refresh_interval == hub["groupRefreshInterval"] == 120
     sandbox = values["sandbox"]
     backend = KubernetesBackend(parent=app, user="alice")
     assert backend.image == f"{sandbox['image']['name']}:{sandbox['image']['tag']}"
@@ -166,6 +167,7 @@ def test_notes_say_users_need_no_account(render_files):
     assert "kubectl create secret generic sandbox-hub-token" in notes
     assert f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-sandbox-kernel-hub" in notes
     assert "https://<your hub>/services/sandbox/admin" in notes
+    assert "hub.loadRoles.sandbox-service: scopes [read:groups, list:groups], services [sandbox]" in notes
 
 
 # --- helm/examples/z2jh-hub-values.yaml -------------------------------------------------
@@ -195,6 +197,9 @@ def test_hub_example_registers_the_service_the_chart_deploys(helm_chart, merged_
     scope = f"access:services!service={name}"
     assert scope in example["hub"]["loadRoles"]["user"]["scopes"]
     assert scope in example["hub"]["config"]["Spawner"]["server_token_scopes"]
+    # the service reads group members (exam mode for a class reaches running sandboxes)
+    role = example["hub"]["loadRoles"]["sandbox-service"]
+    assert role == {"scopes": ["read:groups", "list:groups"], "services": [name]}
     env = example["singleuser"]["extraEnv"]
     assert env == {"SANDBOX_KERNEL_BACKEND": "hub", "SANDBOX_KERNEL_HUB_URL": f"http://proxy-public/services/{name}/"}
     # the prefix the kernel calls is the one the service serves

@@ -139,6 +139,8 @@ c.JupyterHub.load_roles = [
     {{"name": "user", "scopes": ["self", *{[f"access:services!service={n}" for n in SERVICES]!r}]}},
     {{"name": "test-admin", "scopes": ["admin:users", "admin:servers", "tokens", "admin:groups"],
       "services": ["test-admin"]}},
+    # the sandbox services ask the hub who is in a group that has a ceiling (docs/hub.md)
+    {{"name": "sandbox-service", "scopes": ["read:groups", "list:groups"], "services": {list(SERVICES)!r}}},
 ]
 # user servers, as a small class on one machine would run them: local processes of the hub's
 # user, each with its own home; their Sandbox kernels use the service (backend "hub") and hold
@@ -228,7 +230,9 @@ class Service:
                "SANDBOX_HUB_STATE_DIR": str(self.state_dir),
                # users may open the tests' hosts (10.231.0.0/16) and public addresses, nothing else
                "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16 public",
-               "SANDBOX_HUB_ADMIN_GROUPS": "staff", **self.env}
+               "SANDBOX_HUB_ADMIN_GROUPS": "staff",
+               # a group's new members are conformed within this (a class's exam mode)
+               "SANDBOX_HUB_GROUP_REFRESH_INTERVAL": "2", **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "sandbox_kernel.hub", "--log-level=DEBUG", *self.args],
                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -82,6 +82,8 @@ try {
   await Promise.all([page.waitForNavigation({ timeout }), page.click('#set-ceiling button[value=exam]')]);
   report.message = await page.textContent('#message');
   report.overridesText = await page.textContent('#overrides');
+  report.sandboxRowsAfter = await page.$$eval('#sandboxes tr', (rows) =>
+    rows.map((row) => [...row.cells].map((cell) => cell.textContent.trim())));
   report.steps.push('exam mode set');
   if (cfg.shot) await page.screenshot({ path: cfg.shot, fullPage: true });
 

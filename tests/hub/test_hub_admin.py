@@ -58,6 +58,10 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
     result, out = kernels.execute(alice, f"import socket\ntry:\n    socket.create_connection(({host.ip!r}, "
                                   f"{host.port}), timeout=3)\nexcept OSError as e:\n    print('refused')")
     assert "refused" in out.stdout() and out.blocked(), out.frames
+    # bob has an allowlist (within the ceiling): exam mode for his class must close it
+    bob_policy = {"mode": "allowlist", "entries": [f"{host.ip}:{host.port}/tcp"]}
+    assert service.api("PUT", f"api/sandboxes/{bob.backend.sandbox_id}/policy", hub.tokens["bob"],
+                       json={"policy": bob_policy}).status_code == 200
     # a hostile-looking entry: the page must show it as text
     hostile = "<script>alert(1)</script>.example"
     assert service.api("PUT", f"api/sandboxes/{bob.backend.sandbox_id}/policy", hub.tokens["bob"],
@@ -77,7 +81,8 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
     # the teacher saw the page (through the hub's OAuth) with bob's sandbox and the audit log
     assert report["adminStatus"] == 200 and report["adminUrl"].startswith(f"{hub.public_url}/services/")
     header, *rows = report["sandboxRows"]
-    assert header == ["user", "sandbox", "state", "backend", "policy", "started", "blocked", "kernel attached"]
+    assert header == ["user", "sandbox", "state", "backend", "policy", "started", "blocked", "kernel attached",
+                      "conformed"]
     shown = {row[1]: dict(zip(header, row)) for row in rows}
     for user, session in (("alice", alice), ("bob", bob)):
         row = shown[session.backend.sandbox_id]
@@ -87,6 +92,13 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
     assert "refused" in report["auditText"]
     assert hostile in report["auditText"]  # shown as text (as markup it would not read like this)
     assert "group class-b: exam mode now" in report["message"]
+    # the page says which running sandboxes exam mode closed: bob's, by the teacher
+    assert f"1 running sandbox(es) brought under it: {bob.backend.sandbox_id}" in report["message"]
+    assert "members: bob" in report["message"]
+    after = {row[1]: dict(zip(header, row)) for row in report["sandboxRowsAfter"][1:]}
+    assert "by teacher" in after[bob.backend.sandbox_id]["conformed"]
+    assert "group class-b" in after[bob.backend.sandbox_id]["conformed"]
+    assert after[alice.backend.sandbox_id]["conformed"] == ""
     assert "class-b" in report["overridesText"] and "exam mode" in report["overridesText"]
     assert Path(shot).stat().st_size > 10_000
 
