@@ -198,6 +198,22 @@ class AdminPageHandler(_AdminHandler):
             out.append("<tr><td colspan=9 class=muted>no sandboxes</td></tr>")
         out.append("</table>")
 
+        # users: what each has running against the per-user limit, and the groups the hub says
+        limit = m.max_per_user
+        out.append(f"<h2>Users</h2><p class=muted>at most {limit if limit > 0 else 'any number of'} "
+                   "sandboxes starting or running per user</p><table id=users><tr><th>user</th><th>groups</th>"
+                   "<th>starting or running</th><th>records</th></tr>")
+        names = sorted({sb.user for sb in m.sandboxes.values()} | set(m.user_groups))
+        for name in names:
+            active = len(m.active(name))
+            full = limit > 0 and active >= limit
+            out.append(f"<tr><td>{escape(name)}</td><td>{escape(', '.join(m.user_groups.get(name, [])))}</td>"
+                       f"<td class='{'bad' if full else ''} active'>{active}{f' of {limit}' if limit > 0 else ''}</td>"
+                       f"<td>{len(m.list(name))}</td></tr>")
+        if not names:
+            out.append("<tr><td colspan=4 class=muted>nobody yet</td></tr>")
+        out.append("</table>")
+
         # audit log
         events = records
         if user_filter:

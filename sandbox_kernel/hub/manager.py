@@ -66,6 +66,16 @@ class NotRunning(SandboxError):
     ename = "NotRunning"
 
 
+class TooManySandboxes(SandboxError):
+    """The user already has the most sandboxes (starting or running) one user may have."""
+
+    ename = "TooManySandboxes"
+
+    def __init__(self, message: str, limit: int, active: list[str]):
+        super().__init__(message)
+        self.limit, self.active = limit, active
+
+
 @dataclass
 class Sandbox:
     """One kernel's sandbox, owned by one hub user."""
@@ -133,8 +143,11 @@ class Manager:
 
     def __init__(self, state_dir: str, base: AdminPolicy, make_backend: Callable[[str, str], Backend],
                  backend_name: str, log, start_timeout: float = 120.0,
-                 group_source: Callable[[str], Awaitable[list[str]]] | None = None):
+                 group_source: Callable[[str], Awaitable[list[str]]] | None = None,
+                 max_per_user: int = 0):
         self.base = base
+        #: most sandboxes (starting or running) one user may have; 0: no limit
+        self.max_per_user = max_per_user
         #: ``async (group) -> member names``, the hub's answer (HubGroups.members); None: only
         #: what users' own requests say
         self.group_source = group_source
@@ -327,6 +340,24 @@ class Manager:
     def list(self, user: str) -> list[Sandbox]:
         return [sb for sb in self.sandboxes.values() if sb.user == user]
 
+    def active(self, user: str) -> list[Sandbox]:
+        """The user's sandboxes that are starting or running (what the per-user limit counts)."""
+        return [sb for sb in self.list(user) if sb.state in RUNNING]
+
+    def _check_limit(self, user: str, kernel_id: str, restarting: Sandbox | None) -> None:
+        """Raise TooManySandboxes (audited) when starting one more would exceed max_per_user."""
+        if self.max_per_user <= 0:
+            return
+        active = [sb for sb in self.active(user) if sb is not restarting]
+        if len(active) < self.max_per_user:
+            return
+        reason = (f"{user} already has {len(active)} sandboxes starting or running, the most one user may "
+                  f"have ({self.max_per_user}); shut down a kernel you no longer need and try again")
+        self.audit.write("sandbox", user=user, by=user, sandbox=restarting.id if restarting else None,
+                         kernel_id=kernel_id, action="start", result="refused", reason=reason,
+                         active=[sb.id for sb in active])
+        raise TooManySandboxes(reason, self.max_per_user, [sb.id for sb in active])
+
     async def create(self, user: str, kernel_id: str, requested: Any = None, wait: bool = True) -> Sandbox:
         """Start (or return the running) sandbox of the user's kernel ``kernel_id``.
 
@@ -341,6 +372,8 @@ class Manager:
         if not isinstance(kernel_id, str) or not kernel_id or len(kernel_id) > 128:
             raise PolicyError("kernel_id must be a non-empty string of at most 128 characters")
         existing = next((sb for sb in self.list(user) if sb.kernel_id == kernel_id), None)
+        if existing is None or existing.state not in RUNNING:
+            self._check_limit(user, kernel_id, existing)
         if existing is None:
             ceiling = self.ceiling_for(user)
             policy = ceiling.default_policy()

@@ -19,7 +19,8 @@ API (under the service prefix, e.g. ``/services/sandbox/``), all JSON:
 GET      api/health                           no token needed: ``{"ok": true}``
 GET      api/sandboxes                        the caller's sandboxes
 POST     api/sandboxes                        ``{kernel_id, policy?, wait?}``: start (or return) a sandbox;
-                                              ``"wait": false``: 202 at once, state "starting"
+                                              ``"wait": false``: 202 at once, state "starting";
+                                              429 ``limit``: the user has max_sandboxes_per_user
 GET      api/sandboxes/ID                     one of the caller's sandboxes (``state``, ``progress`` lines)
 DELETE   api/sandboxes/ID[?forget=1]          stop it (``forget``: and drop its record)
 GET/PUT  api/sandboxes/ID/policy              the policy; PUT ``{policy}`` checks the ceiling
@@ -53,7 +54,7 @@ from ..agent import protocol
 from ..config import env_default
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import AdminPolicy, CeilingRefused
-from .manager import Forbidden, Manager, NotFound, NotRunning, jsonable
+from .manager import Forbidden, Manager, NotFound, NotRunning, TooManySandboxes, jsonable
 
 _TOKEN = re.compile(r"(?:token|bearer)\s+(\S+)\s*$", re.IGNORECASE)
 WS_MAX_MESSAGE = protocol.MAX_FRAME + 1024
@@ -165,6 +166,8 @@ def error_status(e: BaseException) -> tuple[int | None, dict]:
         return 403, {"error": "forbidden"}
     if isinstance(e, NotRunning):
         return 409, {"error": "not-running"}
+    if isinstance(e, TooManySandboxes):
+        return 429, {"error": "limit", "limit": e.limit, "active": e.active}
     if isinstance(e, PolicyError):
         return 400, {"error": "policy", "ename": e.ename}
     if isinstance(e, SandboxStartError):
@@ -319,6 +322,10 @@ class SandboxService(Application):
     admin_groups = List(Unicode(), help="Hub groups whose members may set ceilings, besides hub admins. "
                         "Env: SANDBOX_HUB_ADMIN_GROUPS (comma separated).").tag(config=True)
     start_timeout = Float(300.0, help="Seconds a sandbox may take to start.").tag(config=True)
+    max_sandboxes_per_user = Integer(help="Most sandboxes one user may have starting or running at once "
+                                     "(each is a namespace or pod and an agent); one more is refused with "
+                                     "429 and audited; 0: no limit. Env: SANDBOX_HUB_MAX_SANDBOXES_PER_USER. "
+                                     "Default 4.").tag(config=True)
     abandoned_after = Float(help="Stop a sandbox no kernel has been connected to for this many seconds "
                             "(its kernel was killed, or its server died with it); 0: never. "
                             "Env: SANDBOX_HUB_ABANDONED_AFTER. Default 600.").tag(config=True)
@@ -369,6 +376,10 @@ class SandboxService(Application):
     @default("keep_stopped")
     def _keep_stopped_default(self):
         return float(env_default("SANDBOX_HUB_KEEP_STOPPED", 86400))
+
+    @default("max_sandboxes_per_user")
+    def _max_sandboxes_per_user_default(self):
+        return int(env_default("SANDBOX_HUB_MAX_SANDBOXES_PER_USER", 4))
 
     @default("group_refresh_interval")
     def _group_refresh_interval_default(self):
@@ -440,7 +451,8 @@ class SandboxService(Application):
 
         groups = HubGroups(self.hub_auth.api_url, self.hub_auth.api_token)
         self.manager = Manager(self.state_dir, base, self.make_backend, self.backend_name, self.log,
-                               start_timeout=self.start_timeout, group_source=groups.members)
+                               start_timeout=self.start_timeout, group_source=groups.members,
+                               max_per_user=self.max_sandboxes_per_user)
         if self.backend_name == "local":
             from ..backends.local import LocalBackend, gc
 

@@ -98,6 +98,7 @@ def test_the_service_reads_back_what_the_chart_renders(render, merged_values, tm
     assert app.admin_groups == hub["adminGroups"] == ["teachers", "class-b"]
     assert (app.abandoned_after, app.keep_stopped) == (hub["abandonedAfter"], hub["keepStopped"]) == (1800, 0)
     assert app.group_refresh_interval == hub["groupRefreshInterval"] == 120
+    assert app.max_sandboxes_per_user == hub["maxSandboxesPerUser"] == 2
     sandbox = values["sandbox"]
     backend = KubernetesBackend(parent=app, user="alice")
     assert backend.image == f"{sandbox['image']['name']}:{sandbox['image']['tag']}"
@@ -140,6 +141,8 @@ HUB_BAD_VALUES = [
     ("group name with a comma", {"hub": {"adminGroups": ["a,b"]}}),
     ("groups as a string", {"hub": {"adminGroups": "teachers"}}),
     ("port as a string", {"hub": {"port": "10101"}}),
+    ("negative sandbox limit", {"hub": {"maxSandboxesPerUser": -1}}),
+    ("sandbox limit as a string", {"hub": {"maxSandboxesPerUser": "4"}}),
     ("port out of range", {"hub": {"port": 70000}}),
     ("size without a number", {"hub": {"stateVolume": {"size": "big"}}}),
     ("hub URL without a scheme", {"hub": {"hubApiUrl": "hub:8081"}}),
