@@ -98,6 +98,8 @@ class Sandbox:
     ended: float | None = None
     #: the last time a ceiling change forced its policy: {"time", "by", "reason"}
     conformed: dict | None = None
+    #: connections blocked so far (the admin page counts them without reading the audit log)
+    blocked: int = 0
     # -- runtime only
     #: since when no kernel is attached (monotonic; None while one is)
     detached_since: float | None = None
@@ -119,7 +121,7 @@ class Sandbox:
                 "policy": self.policy.to_dict(), "state": self.state, "created": self.created,
                 "exit_reason": self.exit_reason, "exit_status": self.exit_status,
                 "details": jsonable(self.details), "restarts": self.restarts, "started": self.started,
-                "ended": self.ended, "conformed": self.conformed}
+                "ended": self.ended, "conformed": self.conformed, "blocked": self.blocked}
 
     @classmethod
     def from_state(cls, data: dict) -> Sandbox:
@@ -128,7 +130,7 @@ class Sandbox:
                    created=data.get("created", time.time()), exit_reason=data.get("exit_reason"),
                    exit_status=data.get("exit_status"), details=data.get("details") or {},
                    restarts=data.get("restarts", 0), started=data.get("started"), ended=data.get("ended"),
-                   conformed=data.get("conformed"))
+                   conformed=data.get("conformed"), blocked=data.get("blocked") or 0)
 
     def public(self) -> dict:
         """What the owner sees (``GET api/sandboxes[/id]``)."""
@@ -528,6 +530,7 @@ class Manager:
 
     def _audit_blocked(self, sb: Sandbox, record: dict, source: str) -> None:
         fields = {k: record.get(k) for k in ("host", "ip", "port", "protocol", "verdict", "process")}
+        sb.blocked += 1
         self.audit.write("blocked", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id, source=source,
                          policy=sb.policy.describe(), **fields)
 

@@ -30,7 +30,7 @@ GET      api/ceiling                          the caller's effective ceiling
 GET      api/ceilings                         admins: every per-user and per-group override
 PUT      api/ceilings/users|groups/NAME       admins: set overrides (``{"locked": true}`` …)
 DELETE   api/ceilings/users|groups/NAME       admins: remove them
-GET      api/audit[?user=NAME]                admins: the audit log
+GET      api/audit[?user=NAME&limit=N]       admins: the newest N (1000) audit records, ``skipped_lines``
 GET      admin (and the prefix itself)        admins, in a browser: the admin page (admin.py)
 =======  ===================================  ==============================================
 
@@ -58,6 +58,14 @@ from .manager import Forbidden, Manager, NotFound, NotRunning, TooManySandboxes,
 
 _TOKEN = re.compile(r"(?:token|bearer)\s+(\S+)\s*$", re.IGNORECASE)
 WS_MAX_MESSAGE = protocol.MAX_FRAME + 1024
+#: most entries a policy in a request may have before it is parsed at all (parsing tens of
+#: thousands would hold the event loop; a ceiling's max_entries is far below this)
+MAX_REQUEST_ENTRIES = 1000
+#: the longest error message a reply carries (an error may quote the input)
+MAX_MESSAGE = 500
+#: a refused body up to this size is read and dropped after the 413 (so the client, and the
+#: hub's proxy in between, receive the answer instead of a reset); a larger one is cut off
+DRAIN_MAX = 128 * 1024 * 1024
 
 
 class Caller:
@@ -89,7 +97,13 @@ async def identify(handler: web.RequestHandler) -> Caller:
 
 
 class _Handler(web.RequestHandler):
+    """The token API. Bodies are streamed (``_stream_request_body``) so that one whose
+    declared length is over ``max_body_size`` is refused (413, audited as a summary) before
+    any of it is read or parsed; the HTTP server closes a longer chunked body on its own."""
+
     caller: Caller
+    _stream_request_body = True
+    _received: bytearray | None = None
 
     @property
     def service(self) -> SandboxService:
@@ -101,13 +115,57 @@ class _Handler(web.RequestHandler):
 
     async def prepare(self):
         self.caller = await identify(self)
+        limit = self.service.max_body_size
+        try:
+            declared = int(self.request.headers.get("Content-Length", "0"))
+        except ValueError:
+            declared = 0  # tornado refuses a malformed length itself
+        if declared > limit:
+            self.manager.audit.write("request", by=self.caller.name, result="refused",
+                                     request=f"{self.request.method} {self.request.path}", bytes=declared,
+                                     content_type=self.request.headers.get("Content-Type", ""),
+                                     reason=f"body of {declared} bytes is over the limit of {limit}")
+            message = f"the request body ({declared} bytes) is larger than the service accepts ({limit} bytes)"
+            self.set_header("Connection", "close")
+            if declared > DRAIN_MAX:  # answered, then the connection is closed mid-body
+                self._error_extra = {"error": "too-large", "limit": limit}
+                raise web.HTTPError(413, message)
+            # answer at once, then read and drop the body (never kept or parsed; body_timeout
+            # bounds a slow sender), so the client and the hub's proxy get the answer, not a reset
+            payload = json.dumps({"status": 413, "message": message, "error": "too-large", "limit": limit}).encode()
+            self.set_status(413)
+            self.set_header("Content-Type", "application/json")
+            self.set_header("Content-Length", str(len(payload)))
+            self.write(payload)
+            self.flush()
+            self.request.connection.set_max_body_size(declared)
+            self._draining = True
+            setattr(self, self.request.method.lower(), self._end_refused)  # the method never runs
+            return
+        self._received = bytearray()
+
+    _draining = False
+
+    def _end_refused(self, *args) -> None:
+        self.finish()
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._draining:
+            return
+        if self._received is not None and len(self._received) + len(chunk) <= self.service.max_body_size:
+            self._received += chunk
+        else:
+            self._received = None  # over the limit (the server closes the connection anyway)
 
     def check_xsrf_cookie(self):
         """Token authentication only: no cookies, so no cross-site request forgery."""
 
     def body(self) -> dict:
+        if self._received is None:
+            raise web.HTTPError(413, f"the request body is larger than the service accepts "
+                                     f"({self.service.max_body_size} bytes)")
         try:
-            data = json.loads(self.request.body or b"{}")
+            data = json.loads(bytes(self._received) or b"{}")
         except ValueError:
             raise web.HTTPError(400, "the body is not JSON") from None
         if not isinstance(data, dict):
@@ -135,6 +193,8 @@ class _Handler(web.RequestHandler):
         if isinstance(exc, web.HTTPError) and exc.log_message:
             message = exc.log_message % exc.args if exc.args else exc.log_message
         extra = getattr(self, "_error_extra", {})
+        if message and len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE - 40] + f"… ({len(message)} characters, cut)"
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"status": status_code, "message": message, **extra}))
 
@@ -147,7 +207,7 @@ class _Handler(web.RequestHandler):
         self.send_error(status, exc_info=(type(e), web.HTTPError(status, str(e)), None))
 
     def log_exception_quietly(self, status, e):
-        self.service.log.info("%s %s → %s: %s", self.request.method, self.request.path, status, e)
+        self.service.log.info("%s %s → %s: %.300s", self.request.method, self.request.path, status, e)
 
     def require_admin(self, what: str) -> None:
         if not self.caller.admin:
@@ -155,6 +215,13 @@ class _Handler(web.RequestHandler):
                                      request=f"{self.request.method} {self.request.path}",
                                      result="refused", reason="not an admin")
             raise Forbidden(f"only hub admins (or members of {', '.join(self.service.admin_groups) or 'no group'}) may {what}")
+
+
+def check_policy_size(policy) -> None:
+    """Refuse a policy with more entries than any ceiling allows before parsing it."""
+    if isinstance(policy, dict) and isinstance(policy.get("entries"), list) \
+            and len(policy["entries"]) > MAX_REQUEST_ENTRIES:
+        raise PolicyError(f"a policy has at most {MAX_REQUEST_ENTRIES} entries; this one has {len(policy['entries'])}")
 
 
 def error_status(e: BaseException) -> tuple[int | None, dict]:
@@ -189,6 +256,7 @@ class SandboxesHandler(_Handler):
 
     async def post(self):
         body = self.body()
+        check_policy_size(body.get("policy"))
         wait = body.get("wait", True) is not False
         sb = await self.manager.create(self.caller.name, body.get("kernel_id"), body.get("policy"), wait=wait)
         self.reply(sb.public(), 201 if sb.state == "running" else 202)
@@ -217,6 +285,7 @@ class PolicyHandler(_Handler):
         body = self.body()
         if "policy" not in body:
             raise web.HTTPError(400, "the body must have a 'policy'")
+        check_policy_size(body["policy"])
         details = await self.manager.apply_policy(sb, self.caller.name, body["policy"])
         self.reply({"policy": sb.policy.to_dict(), "label": sb.policy.describe(), "applied": details})
 
@@ -252,13 +321,18 @@ class CeilingOverrideHandler(_Handler):
 
 
 class AuditHandler(_Handler):
-    def get(self):
+    async def get(self):
         self.require_admin("read the audit log")
-        user = self.get_query_argument("user", None)
-        events = self.manager.audit.read()
-        if user:
-            events = [e for e in events if user in (e.get("user"), e.get("by"))]
-        self.reply({"events": events})
+        user = self.get_query_argument("user", None) or None
+        try:
+            limit = int(self.get_query_argument("limit", "1000"))
+        except ValueError:
+            raise web.HTTPError(400, "limit must be a number") from None
+        if not 1 <= limit <= 100_000:
+            raise web.HTTPError(400, "limit must be between 1 and 100000")
+        # read in a thread: the log may be large, the event loop serves everyone's kernels
+        events, skipped = await asyncio.to_thread(self.manager.audit.tail, limit, user)
+        self.reply({"events": events, "skipped_lines": skipped})
 
 
 class StreamHandler(_Handler, websocket.WebSocketHandler):
@@ -305,6 +379,8 @@ class StreamHandler(_Handler, websocket.WebSocketHandler):
     def check_origin(self, origin):
         return True  # token-authenticated, no cookies: a browser page cannot borrow a session
 
+    _stream_request_body = False  # an upgrade has no body
+
 
 class SandboxService(Application):
     """The sandbox service (a JupyterHub service)."""
@@ -337,6 +413,18 @@ class SandboxService(Application):
                                    "conformed); 0: only when a group's ceiling is set and on users' own "
                                    "requests. Needs the scope read:groups. Env: SANDBOX_HUB_GROUP_REFRESH_INTERVAL. "
                                    "Default 30.").tag(config=True)
+    max_body_size = Integer(1024 * 1024, help="Largest request body in bytes; a larger one is refused "
+                            "before it is read (413, audited as a summary). Env: SANDBOX_HUB_MAX_BODY_SIZE.").tag(config=True)
+    idle_timeout = Float(help="Seconds a connection may take to send a request's headers, and may stay open "
+                         "idle between requests; then it is closed. Env: SANDBOX_HUB_IDLE_TIMEOUT. "
+                         "Default 60.").tag(config=True)
+    body_timeout = Float(help="Seconds a client may take to send a request's body; then the connection is "
+                         "closed. Env: SANDBOX_HUB_BODY_TIMEOUT. Default 60.").tag(config=True)
+    audit_max_bytes = Integer(help="audit.jsonl is rotated (to audit.jsonl.1, .2, …) when it would grow past "
+                              "this many bytes; 0: never. Env: SANDBOX_HUB_AUDIT_MAX_BYTES. "
+                              "Default 10 MiB.").tag(config=True)
+    audit_backups = Integer(help="Rotated audit files kept (the oldest beyond is removed). "
+                            "Env: SANDBOX_HUB_AUDIT_BACKUPS. Default 5.").tag(config=True)
     config_file = Unicode("", help="A Python config file (c.SandboxService…, c.AdminPolicy…, "
                           "c.LocalBackend…, c.KubernetesBackend…).").tag(config=True)
 
@@ -376,6 +464,26 @@ class SandboxService(Application):
     @default("keep_stopped")
     def _keep_stopped_default(self):
         return float(env_default("SANDBOX_HUB_KEEP_STOPPED", 86400))
+
+    @default("idle_timeout")
+    def _idle_timeout_default(self):
+        return float(env_default("SANDBOX_HUB_IDLE_TIMEOUT", 60))
+
+    @default("body_timeout")
+    def _body_timeout_default(self):
+        return float(env_default("SANDBOX_HUB_BODY_TIMEOUT", 60))
+
+    @default("audit_max_bytes")
+    def _audit_max_bytes_default(self):
+        return int(env_default("SANDBOX_HUB_AUDIT_MAX_BYTES", 10 * 1024 * 1024))
+
+    @default("audit_backups")
+    def _audit_backups_default(self):
+        return int(env_default("SANDBOX_HUB_AUDIT_BACKUPS", 5))
+
+    @default("max_body_size")
+    def _max_body_size_default(self):
+        return int(env_default("SANDBOX_HUB_MAX_BODY_SIZE", 1024 * 1024))
 
     @default("max_sandboxes_per_user")
     def _max_sandboxes_per_user_default(self):
@@ -453,6 +561,7 @@ class SandboxService(Application):
         self.manager = Manager(self.state_dir, base, self.make_backend, self.backend_name, self.log,
                                start_timeout=self.start_timeout, group_source=groups.members,
                                max_per_user=self.max_sandboxes_per_user)
+        self.manager.audit.max_bytes, self.manager.audit.backups = self.audit_max_bytes, self.audit_backups
         if self.backend_name == "local":
             from ..backends.local import LocalBackend, gc
 
@@ -460,7 +569,11 @@ class SandboxService(Application):
             removed = await asyncio.to_thread(gc, LocalBackend(parent=self).state_dir)
             if removed:
                 self.log.info("removed leftovers of a previous run: %s", "; ".join(removed))
-        server = self.make_app().listen(self.port, self.ip, xheaders=True)
+        # bounded bodies and headers; slow or idle clients are cut off (a connection upgraded to
+        # a websocket is the stream's own: pinged, not timed out here)
+        server = self.make_app().listen(self.port, self.ip, xheaders=True, max_body_size=self.max_body_size,
+                                        max_header_size=64 * 1024, idle_connection_timeout=self.idle_timeout,
+                                        body_timeout=self.body_timeout)
         self.log.info("sandbox service on http://%s:%s%s (backend %s, state in %s)", self.ip, self.port,
                       self.prefix, self.backend_name, self.state_dir)
         stop = asyncio.Event()

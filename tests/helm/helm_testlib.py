@@ -67,7 +67,7 @@ MATRIX: dict[str, dict] = {
     "hub": {"hub": HUB},
     "hub-exam": {"hub": {**HUB, "adminGroups": ["teachers", "class-b"], "serviceName": "sbx", "port": 8080,
                          "abandonedAfter": 1800, "keepStopped": 0, "groupRefreshInterval": 120,
-                         "maxSandboxesPerUser": 2,
+                         "maxSandboxesPerUser": 2, "auditMaxBytes": 52428800, "auditBackups": 3,
                          "stateVolume": {"size": "5Gi", "storageClass": "standard-rwo"}},
                  "policy": {"locked": True, "userMayAllow": []}},
     "everything": {

@@ -99,6 +99,7 @@ def test_the_service_reads_back_what_the_chart_renders(render, merged_values, tm
     assert (app.abandoned_after, app.keep_stopped) == (hub["abandonedAfter"], hub["keepStopped"]) == (1800, 0)
     assert app.group_refresh_interval == hub["groupRefreshInterval"] == 120
     assert app.max_sandboxes_per_user == hub["maxSandboxesPerUser"] == 2
+    assert (app.audit_max_bytes, app.audit_backups) == (hub["auditMaxBytes"], hub["auditBackups"]) == (52428800, 3)
     sandbox = values["sandbox"]
     backend = KubernetesBackend(parent=app, user="alice")
     assert backend.image == f"{sandbox['image']['name']}:{sandbox['image']['tag']}"

@@ -4,9 +4,13 @@ loop, bad lines skipped, rotated). Real JupyterHub, real service, real sandboxes
 
 from __future__ import annotations
 
-import time
+import json
+import re
+import socket
+from urllib.parse import urlparse
 
 import pytest
+import requests
 
 from sandbox_kernel.errors import SandboxStartError
 
@@ -72,3 +76,148 @@ def _table(html: str, table_id: str) -> dict[str, list[str]]:
         if cells:
             rows[cells[0]] = cells
     return rows
+
+
+BIG = 90 * 1024 * 1024
+
+
+def _raw_request(host: str, port: int, head: str, body_part: bytes = b"") -> socket.socket:
+    """A request sent by hand: the head, then only ``body_part`` of its body (the rest never
+    comes, so the request stays in flight)."""
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(head.encode() + body_part)
+    return sock
+
+
+def _read_reply(sock: socket.socket, bound: float = 60.0) -> bytes:
+    """What the server sends until it closes the connection (b"" if it closed at once); a
+    reply that does not come within the generous ``bound`` fails the test."""
+    sock.settimeout(bound)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if b"\r\n\r\n" in data:
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+                if length and len(rest) >= int(length.group(1)):
+                    break
+    except socket.timeout:
+        pytest.fail(f"no reply and no close within {bound:.0f} s (got {data[:200]!r})")
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return data
+
+
+def test_a_huge_request_is_refused_before_its_body_is_read(kernels, service, hub):
+    """alice PUTs her policy with one 90 MB entry: the service refuses it from its headers
+    (413, why) while the body is still in flight, other clients are answered meanwhile, the
+    audit log gets a short summary, and neither it nor the service's log grows by the body."""
+    alice = kernels.open("alice")
+    sid, token = alice.backend.sandbox_id, hub.tokens["alice"]
+    audit = service.state_dir / "audit.jsonl"
+    audit_before, log_before = audit.stat().st_size, service.log.stat().st_size
+    path = f"/services/{service.name}/api/sandboxes/{sid}/policy"
+    start = b'{"policy": {"mode": "allowlist", "entries": ["'
+    public = urlparse(hub.public_url)
+    for host, port in ((public.hostname, public.port), ("127.0.0.1", service.port)):  # proxied, direct
+        head = (f"PUT {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: token {token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {BIG}\r\n\r\n")
+        sock = _raw_request(host, port, head, start + b"a" * 65536)
+        # while that request is in flight (its body will never be complete), others are served
+        assert service.api("GET", "api/health", None).json() == {"ok": True}
+        assert service.api("GET", "api/sandboxes", hub.tokens["bob"]).status_code == 200
+        # ... and it is answered without its body: refused, saying why
+        reply = _read_reply(sock)
+        status = reply.split(b"\r\n", 1)[0]
+        assert status.startswith(b"HTTP/1.1 413"), reply[:500]
+        data = json.loads(reply.partition(b"\r\n\r\n")[2].split(b"\r\n")[0] or b"{}")
+        assert data["error"] == "too-large" and data["limit"] == 1024 * 1024, data
+        assert f"({BIG} bytes) is larger than the service accepts" in data["message"]
+
+    # the whole 90 MB, as a script would send it: refused (or cut off) without being parsed
+    body = start + b"a" * BIG + b'"]}}'
+    try:
+        r = requests.put(f"{service.proxied_url}api/sandboxes/{sid}/policy", data=body, timeout=120,
+                         headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
+        assert r.status_code == 413, r.text[:300]
+    except requests.ConnectionError:
+        pass  # the service closed the connection while the body was still being sent
+    del body
+    # a body under the limit with one huge invalid entry: 400, the reply and the record short
+    entry = "b" * 900_000
+    r = service.api("PUT", f"api/sandboxes/{sid}/policy", token, json={"policy": {"mode": "allowlist", "entries": [entry]}})
+    assert r.status_code == 400 and len(r.content) < 2000, r.content[:300]
+    # and one with too many entries is refused before they are parsed
+    r = service.api("PUT", f"api/sandboxes/{sid}/policy", token,
+                    json={"policy": {"mode": "allowlist", "entries": ["a.example"] * 50_000}})
+    assert r.status_code == 400 and "at most 1000 entries" in r.json()["message"]
+
+    records = [e for e in service.audit() if e.get("event") == "request" and e.get("by") == "alice"]
+    assert len(records) >= 3 and all(e["result"] == "refused" and e["bytes"] > 1024 * 1024 for e in records)
+    assert records[-1]["request"] == f"PUT {path}"
+    invalid = [e for e in service.audit() if e.get("event") == "policy" and e.get("sandbox") == sid
+               and e.get("result") == "refused"][-1]
+    assert "characters, cut" in json.dumps(invalid)
+    # the audit log and the service's log grew by summaries, not by the bodies
+    assert audit.stat().st_size - audit_before < 64 * 1024
+    assert service.log.stat().st_size - log_before < 256 * 1024
+    # alice's sandbox is as it was
+    assert service.api("GET", f"api/sandboxes/{sid}/policy", token).json()["policy"]["mode"] == "deny"
+
+
+def test_the_audit_log_survives_a_cut_line_and_is_rotated(spare_service, hub):
+    """A line cut short (a full disk) and a garbage line do not break reading the log (they
+    are skipped and counted); the log is rotated at its size limit, and reading takes the
+    newest records across the rotated files."""
+    svc = spare_service(env={"SANDBOX_HUB_AUDIT_MAX_BYTES": "20000", "SANDBOX_HUB_AUDIT_BACKUPS": "2"})
+    teacher, alice = hub.tokens["teacher"], hub.tokens["alice"]
+    audit = svc.state_dir / "audit.jsonl"
+    # a refused request is audited (alice is not an admin)
+    assert svc.api("GET", "api/ceilings", alice, proxied=False).status_code == 403
+    with open(audit, "a") as f:
+        f.write('{"time": 1, "event": "policy", "user": "al')  # cut short, no newline
+    assert svc.api("GET", "api/ceilings", alice, proxied=False).status_code == 403
+    with open(audit, "a") as f:
+        f.write("not json at all\n[1, 2]\n")
+    r = svc.api("GET", "api/audit", teacher, proxied=False)
+    assert r.status_code == 200, r.text
+    assert r.json()["skipped_lines"] == 3
+    denied = [e for e in r.json()["events"] if e.get("by") == "alice"]
+    assert len(denied) == 2, r.json()  # the record after the cut line is whole
+    from test_hub_admin import _open_admin_page
+
+    session, page = _open_admin_page(hub, svc, "teacher")
+    assert page.status_code == 200 and "3 unreadable line(s) skipped" in page.text, page.text[-2000:]
+
+    # rotation: ~300 records of ~250 bytes through a 20000-byte file, two backups kept
+    for i in range(300):
+        assert svc.api("PUT", f"api/ceilings/users/u{i}", alice, proxied=False, json={"max_entries": 5}).status_code == 403
+    files = sorted(p.name for p in svc.state_dir.glob("audit.jsonl*"))
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"], files
+    assert all((svc.state_dir / f).stat().st_size <= 20000 for f in files)
+    newest = svc.api("GET", "api/audit?limit=150&user=alice", teacher, proxied=False).json()
+    targets = [e["request"].rsplit("/", 1)[1] for e in newest["events"] if e.get("event") == "ceiling"]
+    assert targets == [f"u{i}" for i in range(150, 300)]  # the newest, oldest first, across files
+
+
+def test_slow_clients_are_cut_off(spare_service, hub):
+    """A client that never finishes its headers, or its body, or sits idle after a request,
+    does not keep its connection: the service closes it after its timeouts."""
+    svc = spare_service(env={"SANDBOX_HUB_IDLE_TIMEOUT": "2", "SANDBOX_HUB_BODY_TIMEOUT": "2"})
+    prefix = f"/services/{svc.name}/"
+    slow_head = _raw_request("127.0.0.1", svc.port, f"GET {prefix}api/health HTTP/1.1\r\nHost: x\r\n")
+    slow_body = _raw_request("127.0.0.1", svc.port,
+                             f"PUT {prefix}api/ceilings/users/x HTTP/1.1\r\nHost: x\r\n"
+                             f"Authorization: token {hub.tokens['teacher']}\r\nContent-Length: 100\r\n\r\n", b'{"ma')
+    idle = _raw_request("127.0.0.1", svc.port, f"GET {prefix}api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _read_reply(slow_head) == b""
+    assert _read_reply(slow_body) == b""
+    first = _read_reply(idle)  # the answer, then (kept alive, idle) the close
+    assert first.startswith(b"HTTP/1.1 200") and b'{"ok": true}' in first
+    assert svc.api("GET", "api/ceilings", hub.tokens["teacher"], proxied=False).json()["users"] == {}
