@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+from urllib.parse import urlparse
 from html import escape
 from typing import Any
 
@@ -95,12 +96,40 @@ class _AdminHandler(HubOAuthenticated, web.RequestHandler):
         return self.service.manager
 
     def set_default_headers(self):
-        # also on error pages: nothing loads, nothing runs, no framing, nothing cached
+        # also on error pages: nothing loads, nothing runs, no framing, nothing cached; a window
+        # that opened this page keeps no handle on it, other origins cannot embed it
         self.set_header("Content-Security-Policy",
                         "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'")
         self.set_header("X-Frame-Options", "DENY")
         self.set_header("Referrer-Policy", "no-referrer")
         self.set_header("Cache-Control", "no-store")
+        self.set_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.set_header("Cross-Origin-Resource-Policy", "same-origin")
+
+    #: what a request must be, by its Fetch Metadata (sent by every current browser; a page's
+    #: script cannot forge it): the page and the login only as a top-level navigation
+    navigation_only = True
+
+    def prepare(self):
+        """The page exists only on ``admin_origin``: on any other origin (the hub's, shared with
+        users' servers) it answers with a link and nothing else, before any login, so no
+        cookie of the service is ever set there and no script there can read or drive it. On
+        its origin it refuses what only a script does: fetch/XHR or a frame (``Sec-Fetch-Mode``
+        / ``Sec-Fetch-Dest``), and a form post from another origin (``Sec-Fetch-Site``)."""
+        origin = self.service.admin_origin
+        if not origin:
+            raise web.HTTPError(403, "the admin page is off: on the hub's own address it would share its origin with "
+                                     "users' servers, whose pages could read and drive it. The hub's administrator "
+                                     "gives it an origin of its own: c.SandboxService.admin_origin (docs/hub.md)")
+        if self.request.host.lower() != urlparse(origin).netloc.lower():
+            self._elsewhere = origin + self.service.url_prefix + "admin"
+            raise web.HTTPError(403, "the admin page is not served on this origin, which users' servers share")
+        headers = self.request.headers
+        mode, dest, site = (headers.get(f"Sec-Fetch-{h}") for h in ("Mode", "Dest", "Site"))
+        if mode is not None and self.navigation_only and (mode != "navigate" or dest not in ("document", None)):
+            raise web.HTTPError(403, f"the admin page is only opened as a page (this request: {mode}, {dest})")
+        if site is not None and self.request.method == "POST" and site != "same-origin":
+            raise web.HTTPError(403, f"a change must come from the admin page itself (this one is {site})")
 
     def admin_caller(self) -> str:
         user = self.current_user
@@ -114,9 +143,12 @@ class _AdminHandler(HubOAuthenticated, web.RequestHandler):
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         message = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else self._reason
+        elsewhere = getattr(self, "_elsewhere", None)
+        link = (f"<p>The admin page is at <a href='{escape(elsewhere)}'>{escape(elsewhere)}</a>.</p>"
+                if elsewhere else "")
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(f"<!doctype html><title>{status_code}</title><style>{STYLE}</style>"
-                    f"<h1>{status_code} {escape(self._reason)}</h1><p>{escape(message)}</p>")
+                    f"<h1>{status_code} {escape(self._reason)}</h1><p>{escape(message)}</p>{link}")
 
 
 class AdminPageHandler(_AdminHandler):
@@ -262,9 +294,18 @@ class AdminCeilingHandler(_AdminHandler):
 
 
 class OAuthCallbackHandler(HubOAuthCallbackHandler):
+    """The hub's login comes back here, on the admin origin only (the same checks as the
+    page: a login completed on the shared origin would leave a cookie there)."""
+
     def initialize(self, hub_auth=None):
         if hub_auth is not None:
             self.hub_auth = hub_auth
+
+    service = _AdminHandler.service
+    set_default_headers = _AdminHandler.set_default_headers
+    navigation_only = True
+    prepare = _AdminHandler.prepare
+    write_error = _AdminHandler.write_error
 
 
 def admin_routes(prefix: str, hub_auth) -> list[tuple]:
@@ -272,5 +313,5 @@ def admin_routes(prefix: str, hub_auth) -> list[tuple]:
         (prefix + "admin", AdminPageHandler, {"hub_auth": hub_auth}),
         (prefix + "admin/ceilings", AdminCeilingHandler, {"hub_auth": hub_auth}),
         (prefix + "oauth_callback", OAuthCallbackHandler, {"hub_auth": hub_auth}),
-        (prefix, web.RedirectHandler, {"url": prefix + "admin"}),
+        (prefix, web.RedirectHandler, {"url": prefix + "admin"}),  # there: the origin is checked
     ]

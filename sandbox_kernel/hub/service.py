@@ -425,6 +425,13 @@ class SandboxService(Application):
                               "Default 10 MiB.").tag(config=True)
     audit_backups = Integer(help="Rotated audit files kept (the oldest beyond is removed). "
                             "Env: SANDBOX_HUB_AUDIT_BACKUPS. Default 5.").tag(config=True)
+    admin_origin = Unicode(help="The origin (scheme://host[:port]) the admin page is served at, e.g. "
+                           "https://sandbox.hub.example.org: one where no user server is served, since a script on "
+                           "a page of the same origin (/user/NAME/…) could read and drive the page. Requests for the "
+                           "page on any other origin get a link to it and nothing else; empty: the page is off. "
+                           "Default: the service's own public URL when the hub gives it its own subdomain "
+                           "($JUPYTERHUB_PUBLIC_URL with c.JupyterHub.subdomain_host), else empty. "
+                           "Env: SANDBOX_HUB_ADMIN_ORIGIN.").tag(config=True)
     config_file = Unicode("", help="A Python config file (c.SandboxService…, c.AdminPolicy…, "
                           "c.LocalBackend…, c.KubernetesBackend…).").tag(config=True)
 
@@ -464,6 +471,17 @@ class SandboxService(Application):
     @default("keep_stopped")
     def _keep_stopped_default(self):
         return float(env_default("SANDBOX_HUB_KEEP_STOPPED", 86400))
+
+    @default("admin_origin")
+    def _admin_origin_default(self):
+        explicit = os.environ.get("SANDBOX_HUB_ADMIN_ORIGIN")
+        if explicit is not None:
+            return explicit.rstrip("/")
+        own, hub = urlparse(os.environ.get("JUPYTERHUB_PUBLIC_URL", "")), urlparse(
+            os.environ.get("JUPYTERHUB_PUBLIC_HUB_URL", ""))
+        if own.hostname and hub.hostname and own.hostname != hub.hostname:
+            return f"{own.scheme}://{own.netloc}"  # a subdomain of its own: no user server there
+        return ""
 
     @default("idle_timeout")
     def _idle_timeout_default(self):
@@ -543,16 +561,20 @@ class SandboxService(Application):
         # xsrf_cookies: the admin page's forms; the token API opts out (no cookies, see _Handler)
         return web.Application(routes, sandbox_service=self, websocket_max_message_size=WS_MAX_MESSAGE,
                                websocket_ping_interval=30, xsrf_cookies=True,
+                               # the page has no script: no page's script needs to read the token
+                               xsrf_cookie_kwargs={"httponly": True},
                                cookie_secret=os.urandom(32))
 
     async def run(self) -> None:
         from jupyterhub.services.auth import HubOAuth
 
         # HubOAuth: tokens for the API (as HubAuth), and the hub's login for the admin page
+        # the admin page's login comes back to the admin origin (the hub's entry for the service
+        # names the same oauth_redirect_uri); the hub's own pages are at JUPYTERHUB_HOST
+        callback = (self.admin_origin + self.url_prefix if self.admin_origin else self.url_prefix) + "oauth_callback"
         self.hub_auth = HubOAuth(parent=self, cache_max_age=self.auth_cache_max_age,
                                  oauth_client_id=env_default("JUPYTERHUB_CLIENT_ID", f"service-{self.service_name}"),
-                                 oauth_redirect_uri=env_default("JUPYTERHUB_OAUTH_CALLBACK_URL",
-                                                         self.url_prefix + "oauth_callback"))
+                                 oauth_redirect_uri=env_default("JUPYTERHUB_OAUTH_CALLBACK_URL", callback))
         base = AdminPolicy(parent=self)
         base.blocked_networks()  # a bad base ceiling stops the service here, naming the setting
         from .groups import HubGroups

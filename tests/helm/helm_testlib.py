@@ -68,6 +68,7 @@ MATRIX: dict[str, dict] = {
     "hub-exam": {"hub": {**HUB, "adminGroups": ["teachers", "class-b"], "serviceName": "sbx", "port": 8080,
                          "abandonedAfter": 1800, "keepStopped": 0, "groupRefreshInterval": 120,
                          "maxSandboxesPerUser": 2, "auditMaxBytes": 52428800, "auditBackups": 3,
+                         "adminOrigin": "https://sbx.example.org", "hubPublicUrl": "https://hub.example.org/",
                          "stateVolume": {"size": "5Gi", "storageClass": "standard-rwo"}},
                  "policy": {"locked": True, "userMayAllow": []}},
     "everything": {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from urllib.parse import urlparse
 
 import pytest
@@ -53,6 +54,9 @@ def test_a_user_may_have_at_most_max_sandboxes_per_user(spare_service, kernels_f
     again = svc.api("POST", "api/sandboxes", token, json={"kernel_id": "flood5", "wait": False})
     assert again.status_code == 202, again.text
     assert svc.api("POST", "api/sandboxes", token, json={"kernel_id": "flood0", "wait": False}).status_code == 429
+    # (every start finished before the service stops: a start cut short by SIGTERM can leave its namespace)
+    for sid in (started[1], again.json()["id"]):
+        _wait_for_state(svc, token, sid, "running")
 
     # the admin page shows each user's count against the limit
     from test_hub_admin import _open_admin_page
@@ -62,6 +66,13 @@ def test_a_user_may_have_at_most_max_sandboxes_per_user(spare_service, kernels_f
     rows = _table(page.text, "users")
     assert rows["alice"][2] == "3 of 3" and rows["bob"][2] == "1 of 3", rows
     assert "at most 3 sandboxes starting or running per user" in page.text
+
+
+def _wait_for_state(svc, token: str, sid: str, state: str, bound: float = 120.0) -> None:
+    deadline = time.monotonic() + bound
+    while (now := svc.api("GET", f"api/sandboxes/{sid}", token).json().get("state")) != state:
+        assert time.monotonic() < deadline, f"sandbox {sid} is {now}, not {state}"
+        time.sleep(0.3)
 
 
 def _table(html: str, table_id: str) -> dict[str, list[str]]:
