@@ -114,12 +114,19 @@ class _Handler(web.RequestHandler):
         return self.service.manager
 
     async def prepare(self):
-        self.caller = await identify(self)
-        limit = self.service.max_body_size
         try:
             declared = int(self.request.headers.get("Content-Length", "0"))
         except ValueError:
             declared = 0  # tornado refuses a malformed length itself
+        try:
+            self.caller = await identify(self)
+        except web.HTTPError as err:
+            if declared <= 0 or declared > DRAIN_MAX:
+                raise
+            # a body is on its way: answer now, then read and drop it (see _answer_now)
+            self._answer_now(err.status_code, {"status": err.status_code, "message": err.log_message})
+            return
+        limit = self.service.max_body_size
         if declared > limit:
             self.manager.audit.write("request", by=self.caller.name, result="refused",
                                      request=f"{self.request.method} {self.request.path}", bytes=declared,
@@ -130,21 +137,27 @@ class _Handler(web.RequestHandler):
             if declared > DRAIN_MAX:  # answered, then the connection is closed mid-body
                 self._error_extra = {"error": "too-large", "limit": limit}
                 raise web.HTTPError(413, message)
-            # answer at once, then read and drop the body (never kept or parsed; body_timeout
-            # bounds a slow sender), so the client and the hub's proxy get the answer, not a reset
-            payload = json.dumps({"status": 413, "message": message, "error": "too-large", "limit": limit}).encode()
-            self.set_status(413)
-            self.set_header("Content-Type", "application/json")
-            self.set_header("Content-Length", str(len(payload)))
-            self.write(payload)
-            self.flush()
-            self.request.connection.set_max_body_size(declared)
-            self._draining = True
-            setattr(self, self.request.method.lower(), self._end_refused)  # the method never runs
+            self._answer_now(413, {"status": 413, "message": message, "error": "too-large", "limit": limit})
             return
         self._received = bytearray()
 
     _draining = False
+
+    def _answer_now(self, status: int, data: dict) -> None:
+        """Answer a request refused before its body was read, then read and drop the body
+        (never kept or parsed; body_timeout bounds a slow sender): closing mid-body would
+        reach the client, through the hub's proxy, as a reset instead of the answer."""
+        payload = json.dumps(data).encode()
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Content-Length", str(len(payload)))
+        self.set_header("Connection", "close")
+        self.write(payload)
+        self.flush()
+        declared = int(self.request.headers.get("Content-Length", "0"))
+        self.request.connection.set_max_body_size(max(declared, self.service.max_body_size))
+        self._draining = True
+        setattr(self, self.request.method.lower(), self._end_refused)  # the method never runs
 
     def _end_refused(self, *args) -> None:
         self.finish()
@@ -382,6 +395,20 @@ class StreamHandler(_Handler, websocket.WebSocketHandler):
     _stream_request_body = False  # an upgrade has no body
 
 
+def keep_alive_hint(seconds: float) -> type[web.OutputTransform]:
+    """An output transform adding ``Keep-Alive: timeout=N`` (the idle timeout) to every answer:
+    a keep-alive client (the hub's proxy, Node's agent) stops reusing a connection before the
+    service closes it, instead of sending a request into the close (a 503 from the proxy)."""
+
+    class KeepAliveHint(web.OutputTransform):
+        def transform_first_chunk(self, status_code, headers, chunk, finishing):
+            if seconds > 0:
+                headers.setdefault("Keep-Alive", f"timeout={int(seconds)}")
+            return status_code, headers, chunk
+
+    return KeepAliveHint
+
+
 class SandboxService(Application):
     """The sandbox service (a JupyterHub service)."""
 
@@ -559,7 +586,8 @@ class SandboxService(Application):
             *admin_routes(p, self.hub_auth),  # the admin page (browser login; see admin.py)
         ]
         # xsrf_cookies: the admin page's forms; the token API opts out (no cookies, see _Handler)
-        return web.Application(routes, sandbox_service=self, websocket_max_message_size=WS_MAX_MESSAGE,
+        return web.Application(routes, transforms=[keep_alive_hint(self.idle_timeout)],
+                               sandbox_service=self, websocket_max_message_size=WS_MAX_MESSAGE,
                                websocket_ping_interval=30, xsrf_cookies=True,
                                # the page has no script: no page's script needs to read the token
                                xsrf_cookie_kwargs={"httponly": True},

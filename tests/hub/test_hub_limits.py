@@ -231,4 +231,5 @@ def test_slow_clients_are_cut_off(spare_service, hub):
     assert _read_reply(slow_body) == b""
     first = _read_reply(idle)  # the answer, then (kept alive, idle) the close
     assert first.startswith(b"HTTP/1.1 200") and b'{"ok": true}' in first
+    assert b"Keep-Alive: timeout=2" in first  # said in advance: a proxy stops reusing it before
     assert svc.api("GET", "api/ceilings", hub.tokens["teacher"], proxied=False).json()["users"] == {}
