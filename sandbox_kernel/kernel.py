@@ -18,17 +18,19 @@ import uuid
 
 import zmq
 from ipykernel.kernelbase import Kernel
-from traitlets import Enum, Float, Instance, Integer, TraitError, Unicode, default
+from traitlets import Bool, Enum, Float, Instance, Integer, TraitError, Unicode, default
 
 from . import __version__
 from .backends.base import Backend
-from .config import env_default
+from .config import env_bool, env_default
 from .errors import SandboxError
+from .grants import Grants
 from .magics import SandboxMagics, split_cell
 from .notices import NOTICE_MIME, NoticeBoard
 from .policy.admin import AdminPolicy, agent_view
 from .policy.model import EgressPolicy
 from .session import CellResult, Session
+from .untrusted import screen_bundle
 
 FOOTER_MODES = ("always", "on-failure", "never")
 
@@ -138,6 +140,22 @@ class SandboxKernel(Kernel):
     def _progress_delay_default(self):
         return float(env_default("SANDBOX_KERNEL_PROGRESS_DELAY", 1.5))
 
+    trust_sandbox_output = Bool(
+        help="Publish rich output from the sandbox as it is, scripts included. Off by default: "
+        "HTML, Markdown and SVG are sanitised and MIME types that run code in the browser "
+        "(application/javascript, widget views, unknown application/* types) are dropped, "
+        "because a script in a cell's output acts in the user's Jupyter session with the "
+        "user's rights (docs/security.md, 'Untrusted output'). Turn it on only when every "
+        "piece of code the sandbox can run is trusted. Read once when the kernel starts; no "
+        "magic, panel or notebook metadata can change it. The kernel's own notice MIME type "
+        "is dropped from sandbox output either way. Env: SANDBOX_KERNEL_TRUST_SANDBOX_OUTPUT.",
+        config=True,
+    )
+
+    @default("trust_sandbox_output")
+    def _trust_sandbox_output_default(self):
+        return env_bool("SANDBOX_KERNEL_TRUST_SANDBOX_OUTPUT", False)
+
     sandbox = Instance(Session, allow_none=True)
     sandbox_backend = Instance(Backend, allow_none=True)
 
@@ -171,6 +189,7 @@ class SandboxKernel(Kernel):
         self._last_sandbox_meta: dict = {}
         self.recent_blocked: collections.deque = collections.deque(maxlen=200)
         self.magics = SandboxMagics(self)
+        self.grants = Grants(self)
         self._init_comms()
         self._cells = itertools.count(1)
 
@@ -210,6 +229,7 @@ class SandboxKernel(Kernel):
             details = await self.sandbox.apply_policy(new)
             self.policy = new
             self.policy_applied_at = details.get("applied_at")
+            self.grants.policy_changed(new)
         panels = sys.modules.get("sandbox_kernel.widgets")
         if panels is not None:
             panels.refresh_all(self)
@@ -286,6 +306,16 @@ class SandboxKernel(Kernel):
     def _stream(self, name: str, text: str) -> None:
         self.send_response(self.iopub_socket, "stream", {"name": name, "text": text})
 
+    def show_in_running_cell(self, line: str) -> bool:
+        """Write ``line`` to the stderr of the cell running now (from a timer, outside any
+        request); False when no cell runs."""
+        state = self._cell_state
+        if state is None or state.get("silent") or not state.get("parent"):
+            return False
+        self.session.send(self.iopub_socket, "stream", {"name": "stderr", "text": line.rstrip("\n") + "\n"},
+                          parent=state["parent"], ident=self._topic("stream"))
+        return True
+
     def on_event(self, frame: dict) -> None:
         """Called by the Session for every event of the running cell."""
         state = self._cell_state
@@ -302,16 +332,16 @@ class SandboxKernel(Kernel):
                 self._stream(name, text)
         elif kind == "display":
             msg_type = "update_display_data" if frame.get("update") else "display_data"
+            data, metadata = self.screen(frame.get("data"), frame.get("metadata"))
             self.send_response(self.iopub_socket, msg_type, {
-                "data": _dict(frame.get("data")), "metadata": _dict(frame.get("metadata")),
-                "transient": _dict(frame.get("transient")),
+                "data": data, "metadata": metadata, "transient": _dict(frame.get("transient")),
             })
         elif kind == "execute_result":
             if state is not None and state.get("silent"):
                 return
+            data, metadata = self.screen(frame.get("data"), frame.get("metadata"))
             self.send_response(self.iopub_socket, "execute_result", {
-                "data": _dict(frame.get("data")), "metadata": _dict(frame.get("metadata")),
-                "execution_count": self.execution_count,
+                "data": data, "metadata": metadata, "execution_count": self.execution_count,
             })
         elif kind == "clear_output":
             self.send_response(self.iopub_socket, "clear_output", {"wait": bool(frame.get("wait"))})
@@ -330,6 +360,26 @@ class SandboxKernel(Kernel):
             self._on_blocked(frame.get("record"), frame.get("source") or "guard")
         elif kind == "protocol_error":
             self._stream("stderr", f"[sandbox] protocol error from the sandbox, ignored: {frame.get('message')}\n")
+
+    def screen(self, data, metadata=None, *, note: bool = True) -> tuple[dict, dict]:
+        """A MIME bundle from the sandbox as it may be published (sanitised, code-running types
+        dropped: sandbox_kernel.untrusted); what was removed is said once per cell on stderr.
+        Called for every bundle that comes from the sandbox, never for the kernel's own."""
+        screened = screen_bundle(data, metadata, trusted=self.trust_sandbox_output)
+        line = screened.note() if note else None
+        if line:
+            state = self._cell_state
+            said = state.setdefault("screen_notes", set()) if state is not None else set()
+            if line not in said and not (state or {}).get("silent"):
+                said.add(line)
+                self._stream("stderr", line)
+        return screened.data, screened.metadata
+
+    def _screen_reply(self, content: dict) -> dict:
+        """Inspection replies and pager payloads carry bundles from the sandbox too."""
+        if isinstance(content.get("data"), dict):
+            content["data"], content["metadata"] = self.screen(content["data"], content.get("metadata"), note=False)
+        return content
 
     def _within_limit(self, state: dict, frame: dict) -> bool:
         """Count a cell's output; past ``output_limit`` drop it (the count goes on)."""
@@ -416,7 +466,11 @@ class SandboxKernel(Kernel):
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, *, cell_meta=None, cell_id=None):
         self._cell_state = {"error": None, "silent": silent, "allow_stdin": allow_stdin,
-                            "board": NoticeBoard(self.policy, self.admin, f"{os.getpid()}-{next(self._cells)}")}
+                            "board": NoticeBoard(self.policy, self.admin, f"{os.getpid()}-{next(self._cells)}"),
+                            "parent": self.get_parent("shell")}
+        if not silent:
+            for line in self.grants.take_pending():  # said while no cell ran (a grant expired)
+                self._stream("stderr", line + "\n")
         try:
             return await self._execute(code, silent, store_history, user_expressions, allow_stdin)
         finally:
@@ -540,8 +594,10 @@ class SandboxKernel(Kernel):
             return {"status": "error", "execution_count": self.execution_count, **error}
         if footer and not silent:
             self._stream("stdout", footer + "\n")
-        return {"status": "ok", "execution_count": self.execution_count, "payload": result.payload,
-                "user_expressions": result.user_expressions}
+        return {"status": "ok", "execution_count": self.execution_count,
+                "payload": [self._screen_reply(dict(page)) for page in result.payload],
+                "user_expressions": {name: self._screen_reply(dict(value)) if isinstance(value, dict) else value
+                                     for name, value in _dict(result.user_expressions).items()}}
 
     def finish_metadata(self, parent, metadata, reply_content):
         metadata = super().finish_metadata(parent, metadata, reply_content)
@@ -559,7 +615,9 @@ class SandboxKernel(Kernel):
     async def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
         content = await self._ask({"type": "inspect", "code": code, "cursor_pos": cursor_pos,
                                    "detail_level": detail_level})
-        return content or {"status": "ok", "found": False, "data": {}, "metadata": {}}
+        if content is None:
+            return {"status": "ok", "found": False, "data": {}, "metadata": {}}
+        return self._screen_reply(content)
 
     async def do_is_complete(self, code):
         content = await self._ask({"type": "is_complete", "code": code})

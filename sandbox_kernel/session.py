@@ -225,9 +225,10 @@ class Session:
         if self._transport is not None:
             try:
                 await self._transport.send({"type": "interrupt"})
+                return  # one interrupt: a second would hit the cell's own clean-up
             except (ConnectionError, OSError):
                 pass
-        await self.backend.interrupt()
+        await self.backend.interrupt()  # the in-band frame could not be sent
 
     async def apply_policy(self, policy: Any) -> dict:
         """Enforce a new policy (atomic in the backend), then tell the agent about it."""

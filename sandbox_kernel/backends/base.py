@@ -165,8 +165,9 @@ class Backend(LoggingConfigurable):
         raise NotImplementedError
 
     async def interrupt(self) -> None:
-        """Interrupt the running cell out of band, if the backend can (the in-band
-        ``interrupt`` frame is sent by the Session as well)."""
+        """Interrupt the running cell out of band, if the backend can. The Session calls
+        it only when the in-band ``interrupt`` frame could not be sent: the agent acts on
+        every interrupt it gets, so sending both interrupted a cell twice."""
         raise NotImplementedError
 
     async def exit_reason(self) -> str:

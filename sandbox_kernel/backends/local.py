@@ -715,6 +715,13 @@ def _owner_alive(owner_file: Path) -> bool:
     return _proc_start_time(pid) is not None and _proc_start_time(pid) == owner.get("kernel_pid_start")
 
 
+def _netns_in_use(sandbox_id: str) -> bool:
+    netns = f"{NETNS_PREFIX}{sandbox_id}"
+    if not (NETNS_DIR / netns).exists():
+        return False
+    return bool(_run(["ip", "netns", "pids", netns], check=False).stdout.split())
+
+
 def gc(state_dir: str | None = None) -> list[str]:
     """Remove local sandboxes whose kernel process is gone. Called by ``sandbox-kernel gc``
     and by every local kernel when it starts."""
@@ -737,5 +744,9 @@ def gc(state_dir: str | None = None) -> list[str]:
                     continue
             except OSError:
                 continue
+        if not (state / sandbox_id).exists() and _netns_in_use(sandbox_id):
+            # no record here, but processes run in it: a kernel configured with another state
+            # directory owns it (its own gc, or its agent's idle exit, ends it), not us
+            continue
         removed += remove_sandbox(sandbox_id, str(state))
     return removed

@@ -280,12 +280,17 @@ class AdminPolicy(Configurable):
         """Raise :class:`CeilingRefused` if ``who`` may not go from ``old`` to ``new``.
 
         Called before every apply. ``who="admin"`` (the kernel applying the configured
-        default) is not limited. A user may always remove entries or switch to deny
+        default) is not limited; ``who="expiry"`` (a timed entry ending) may only remove
+        entries, and may do so even when the policy is locked. A user may always remove entries or switch to deny
         unless the policy is locked; every entry that would newly be enforced must be
         permitted (entries of the administrator's default policy always are).
         """
         if who == "admin" or old == new:
             return
+        if who == "expiry":  # a timed entry ending: only ever removes what was in force
+            if new.mode == old.mode and new.presets == old.presets and set(new.entries) <= set(old.entries):
+                return
+            raise CeilingRefused("an expiry may only remove entries")
         if self.locked:
             raise CeilingRefused("the administrator has locked the egress policy (exam mode)")
         count = len(new.expanded_entries())
