@@ -329,3 +329,32 @@ def test_an_interrupt_reaches_the_cell_once(kernels, service):
     result, sink = kernels.run(run_and_interrupt(), timeout=120)
     assert result.exit_status == 0, sink.frames
     assert "interrupts: 1" in sink.stdout(), sink.stdout()
+
+
+def test_a_users_own_request_with_new_groups_conforms_their_sandboxes(spare_service, kernels_for, hub, test_host):
+    """With no refresh schedule, the hub's identity on a user's own request is how the service
+    learns that they joined a group with a ceiling: their running sandbox is conformed then,
+    before the request is answered."""
+    svc = spare_service(env={"SANDBOX_HUB_GROUP_REFRESH_INTERVAL": "0"})
+    kernels = kernels_for(svc)
+    host = test_host()
+    bob = kernels.open("bob")
+    kernels.run(bob.apply_policy(EgressPolicy(mode="allowlist", entries=(f"{host.ip}:{host.port}/tcp",))))
+    exam = {"locked": True, "mode": "deny", "entries": [], "presets": []}
+    try:
+        r = svc.api("PUT", "api/ceilings/groups/exam2", hub.tokens["teacher"], json={"ceiling": exam})
+        assert r.status_code == 200 and r.json()["conformed"] == [], r.text  # no such group at the hub yet
+        assert hub.admin("POST", "/groups/exam2", json={"users": ["bob"]}).status_code == 201
+        result, out = kernels.execute(bob, CONNECT.format(ip=host.ip, port=host.port))
+        assert "connected" in out.stdout(), out.frames  # nobody told the service yet
+        # a request of bob's with a token the service has not seen (no cached identity)
+        token = hub.new_token("bob", [f"access:services!service={svc.name}"])
+        ceiling = svc.api("GET", "api/ceiling", token).json()["ceiling"]
+        assert ceiling["locked"] is True
+        forced = [e for e in svc.audit() if e.get("event") == "policy" and e.get("forced")
+                  and e.get("sandbox") == bob.backend.sandbox_id]
+        assert forced and forced[-1]["by"] == "service" and "bob's groups changed" in forced[-1]["reason"]
+        result, out = kernels.execute(bob, CONNECT.format(ip=host.ip, port=host.port))
+        assert "refused" in out.stdout(), out.frames
+    finally:
+        hub.admin("DELETE", "/groups/exam2")
