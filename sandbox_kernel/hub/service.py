@@ -118,15 +118,21 @@ class _Handler(web.RequestHandler):
             declared = int(self.request.headers.get("Content-Length", "0"))
         except ValueError:
             declared = 0  # tornado refuses a malformed length itself
+        limit = self.service.max_body_size
         try:
             self.caller = await identify(self)
-        except web.HTTPError as err:
-            if declared <= 0 or declared > DRAIN_MAX:
-                raise
-            # a body is on its way: answer now, then read and drop it (see _answer_now)
-            self._answer_now(err.status_code, {"status": err.status_code, "message": err.log_message})
-            return
-        limit = self.service.max_body_size
+        except Exception as err:  # noqa: BLE001 - answered below
+            if declared <= limit:
+                # answer once the (small or empty) request is read, as tornado does for a
+                # request it has read: an answer from prepare() makes tornado close the
+                # connection after it, and the hub's proxy, reusing it, answers 503
+                self._deferred, self._draining = err, True
+                setattr(self, self.request.method.lower(), self._raise_deferred)
+                return
+            if isinstance(err, web.HTTPError) and declared <= DRAIN_MAX:
+                self._answer_now(err.status_code, {"status": err.status_code, "message": err.log_message})
+                return
+            raise
         if declared > limit:
             self.manager.audit.write("request", by=self.caller.name, result="refused",
                                      request=f"{self.request.method} {self.request.path}", bytes=declared,
@@ -161,6 +167,9 @@ class _Handler(web.RequestHandler):
 
     def _end_refused(self, *args) -> None:
         self.finish()
+
+    def _raise_deferred(self, *args) -> None:
+        raise self._deferred
 
     def data_received(self, chunk: bytes) -> None:
         if self._draining:
