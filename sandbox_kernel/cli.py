@@ -55,11 +55,24 @@ def doctor(config=None) -> int:
             print(f"  - {item}")
         return 1
     print("local backend: ready")
+    print(f"  mode:                {'rootless (prototype)' if backend.rootless else 'root'}")
     print(f"  sandbox interpreter: {backend.python}")
     print(f"  state directory:     {backend.state_dir}")
     print(f"  sandbox uid:         {backend.uid}")
     uplink = shutil.which("slirp4netns")
-    print(f"  uplink (allowlist):  {uplink or 'slirp4netns missing: apt-get install slirp4netns (needed for allowlisted egress)'}")
+    if uplink and backend.rootless:
+        from .backends.rootless import tun_usable
+
+        if not tun_usable() and not tun_usable(backend.tun_device):
+            uplink = None
+            print("  uplink (allowlist):  unavailable: /dev/net/tun is not readable and writable by this user "
+                  "(chmod 0666 /dev/net/tun, the usual default, or give it a node of its own: "
+                  "c.LocalBackend.tun_device); only default-deny can be enforced")
+    if uplink or not backend.rootless:
+        print(f"  uplink (allowlist):  {uplink or 'slirp4netns missing: apt-get install slirp4netns (needed for allowlisted egress)'}")
+    if backend.rootless:
+        print("  resource limits:     none (cgroups are not delegated to this user): memory_limit, pids_limit "
+              "and work_size do not apply; run as root for them")
     return 0
 
 
@@ -97,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "(seconds, or 30m, 1h, 2d; default 24h)")
     p_gc.add_argument("--enforcers", help="kubernetes: policy kinds to clean, comma-separated "
                                           "(default: SANDBOX_KERNEL_K8S_ENFORCERS, else networkpolicy)")
-    sub.add_parser("demo-host", help="start, stop or check the demo destination the notebooks use").add_argument(
-        "action", choices=("start", "stop", "status"))
+    p_demo = sub.add_parser("demo-host", help="start, stop or check the demo destination the notebooks use; "
+                                              "hold/release PID: keep it up while process PID runs (scripts/lab.sh)")
+    p_demo.add_argument("action", choices=("start", "stop", "status", "hold", "release"))
+    p_demo.add_argument("pid", nargs="?", help="hold/release: the process that uses the demo host")
 
     try:
         from .policy import cli as policy_cli
@@ -137,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo-host":
         from .demohost import main as demo_host
 
-        return demo_host([args.action])
+        return demo_host([args.action, *([args.pid] if args.pid is not None else [])])
     handler = getattr(args, "handler", None)
     if handler is not None:
         return int(handler(args) or 0)
