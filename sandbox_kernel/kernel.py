@@ -25,6 +25,7 @@ from .backends.base import Backend
 from .config import env_bool, env_default
 from .errors import SandboxError
 from .grants import Grants
+from .learn import Learner
 from .magics import SandboxMagics, split_cell
 from .notices import NOTICE_MIME, NoticeBoard
 from .policy.admin import AdminPolicy, agent_view
@@ -190,6 +191,7 @@ class SandboxKernel(Kernel):
         self.recent_blocked: collections.deque = collections.deque(maxlen=200)
         self.magics = SandboxMagics(self)
         self.grants = Grants(self)
+        self.learner = Learner(self)
         self._init_comms()
         self._cells = itertools.count(1)
 
@@ -405,6 +407,7 @@ class SandboxKernel(Kernel):
         if state is None or state.get("board") is None:
             self._blocked_between_cells(record, source)
             return
+        self.learner.observe(record, source)
         merged = state["board"].add(record, source)
         if merged is None:
             return
@@ -426,6 +429,7 @@ class SandboxKernel(Kernel):
 
     def _blocked_between_cells(self, record, source: str) -> None:
         """A background process was blocked while no cell ran: keep it for %sandbox blocked."""
+        self.learner.observe(record, source)
         board = NoticeBoard(self.policy, self.admin, "idle")
         merged = board.add(record, source)
         if merged is not None:
@@ -513,7 +517,7 @@ class SandboxKernel(Kernel):
                     "data": {"text/plain": out.text, "text/html": out.html}, "metadata": {}, "transient": {}})
             for bundle in out.displays:
                 self.send_response(self.iopub_socket, "display_data", {"data": bundle, "metadata": {}, "transient": {}})
-        return CellResult(status="ok", exit_status=0, duration_ms=0.0)
+        return CellResult(status="ok", exit_status=0, duration_ms=0.0, payload=out.payload)
 
     async def _run_code(self, code, silent, store_history, user_expressions, allow_stdin) -> CellResult:
         loop = asyncio.get_running_loop()

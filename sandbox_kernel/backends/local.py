@@ -39,7 +39,7 @@ from ..agent import protocol
 from ..agent.bundle import build_pyz
 from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
-from ..policy.compile_nftables import compile_nftables
+from ..policy.compile_nftables import LOG_PREFIX_ACCEPTED, compile_nftables
 from ..policy.resolve import resolve_policy
 from . import limits, nflog
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
@@ -210,6 +210,8 @@ class LocalBackend(Backend):
         #: set by the kernel from its AdminPolicy: ranges no policy may open
         self.always_blocked: list[str] = []
         self._uplink_exit_fd: int | None = None
+        #: learn mode: log allowed connections too (sandbox_kernel/learn.py sets it, then re-applies)
+        self.log_accepted = False
 
     # -- checks -------------------------------------------------------------------
     def check(self) -> None:
@@ -367,6 +369,11 @@ class LocalBackend(Backend):
                 self.log.debug("NFLOG read: %s", err)
                 return
             for packet in nflog.parse(data):
+                if packet.prefix.startswith(LOG_PREFIX_ACCEPTED.rstrip()):
+                    record = enforcer_record(packet, "allowed")
+                    if record is not None and self.learn_sink is not None:
+                        self.learn_sink(record)
+                    continue
                 record = enforcer_record(packet, "dropped" if self.refuse_with == "drop" else "rejected")
                 if record is not None and self.blocked_sink is not None:
                     self.blocked_sink(record)
@@ -379,7 +386,8 @@ class LocalBackend(Backend):
         self._dns = await DnsProxy.start(
             str(NETNS_DIR / self.netns), policy=lambda: self._policy,
             upstream=self.upstream_dns or "127.0.0.1:9", add_addresses=self._add_addresses,
-            report=lambda record: self.blocked_sink and self.blocked_sink(record), log=self.log)
+            report=lambda record: self.blocked_sink and self.blocked_sink(record), log=self.log,
+            observe=lambda record: self.learn_sink and self.learn_sink(record))
 
     def _add_addresses(self, elements: list[tuple[str, str]]) -> None:
         """Open addresses a wildcard's names resolved to (runs in a worker thread)."""
@@ -416,7 +424,7 @@ class LocalBackend(Backend):
         ruleset = compile_nftables(
             policy, table=NFT_TABLE, resolved=resolved, resolver=SANDBOX_RESOLVER,
             always_blocked=self.always_blocked or _default_blocked(), nflog_group=self.nflog_group,
-            refuse_with=self.refuse_with,
+            refuse_with=self.refuse_with, log_accepted=self.log_accepted,
         )
         return ruleset, {"resolved": resolved, "expires_at": expires_at, "resolver": SANDBOX_RESOLVER}
 

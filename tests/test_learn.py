@@ -1,0 +1,191 @@
+"""Learn mode (``%sandbox learn``): a real kernel, real test hosts, the real DNS proxy with a
+fake upstream on loopback (no query leaves the machine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sandbox_kernel.learn import LEARN_MIME, Tried, propose
+from sandbox_kernel.policy.admin import AdminPolicy
+from sandbox_kernel.policy.compile_nftables import LOG_PREFIX_ACCEPTED, compile_nftables
+from sandbox_kernel.policy.model import EgressPolicy
+from test_dns_local import FakeUpstream
+
+NAME = "learned.test"
+NAME_ADDR = "10.231.0.99"  # what the fake upstream answers for NAME (nothing listens there)
+
+# the "notebook": Python reaches host A (the guard sees it), a subprocess reaches host B (only
+# the enforcer sees it), a subprocess looks NAME up (only the DNS proxy sees it)
+CELLS = (
+    "import socket\n"
+    "try:\n"
+    "    socket.create_connection(({a!r}, 8080), timeout=3).close(); print('A connected')\n"
+    "except OSError as e:\n"
+    "    print('A refused', type(e).__name__)\n",
+    "!python3 -c \"import socket; socket.create_connection(('{b}', 8080), timeout=3).close(); print('B connected')\""
+    " 2>/dev/null || echo B refused",
+    f"!getent ahostsv4 {NAME} >/dev/null && echo looked up || echo lookup refused",
+)
+
+
+@pytest.fixture
+def upstream():
+    server = FakeUpstream()
+    server.records[NAME] = NAME_ADDR
+    yield server
+    server.close()
+
+
+def _env(upstream) -> dict:
+    return {"SANDBOX_KERNEL_UPSTREAM_DNS": f"127.0.0.1:{upstream.port}",
+            "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": f"10.231.0.0/16 {NAME}"}
+
+
+def _run_notebook(kernel, a, b) -> list:
+    return [kernel.execute(code.format(a=a.ip, b=b.ip)) for code in CELLS]
+
+
+def _proposal(cell) -> dict:
+    [shown] = [m["content"]["data"][LEARN_MIME] for m in cell.of_type("display_data") if LEARN_MIME in m["content"]["data"]]
+    return shown
+
+
+def test_learned_under_deny_applied_and_inserted(fresh_kernel, test_host, upstream):
+    a, b = test_host(8080), test_host(8080)
+    kernel = fresh_kernel(_env(upstream))
+    assert kernel.execute("%sandbox learn").status == "ok"
+    cells = _run_notebook(kernel, a, b)
+    assert ["A refused" in cells[0].stream(), "B refused" in cells[1].stream(),
+            "lookup refused" in cells[2].stream()] == [True, True, True]
+    status = kernel.execute("%sandbox learn status").stream()
+    assert "3 destinations so far" in status and f"{NAME} (lookup)  blocked" in status
+
+    stop = kernel.execute("%sandbox learn stop")
+    assert stop.status == "ok"
+    proposal = _proposal(stop)
+    entries = {f"{a.ip}:8080/tcp", f"{b.ip}:8080/tcp", NAME}
+    assert {i["text"] for i in proposal["items"]} == entries  # exactly those three
+    assert all(i["allowed"] and i["verdict"] == "you may allow" for i in proposal["items"])
+    by_text = {i["text"]: i for i in proposal["items"]}
+    assert by_text[f"{a.ip}:8080/tcp"]["sandbox_reported"]  # only the guard saw it
+    assert not by_text[f"{b.ip}:8080/tcp"]["sandbox_reported"] and not by_text[NAME]["sandbox_reported"]
+    tried = {(t["host"] or t["ip"]): t for t in proposal["tried"]}
+    assert tried[a.ip]["sources"] == ["guard"] and tried[b.ip]["sources"] == ["enforcer"]
+    assert tried[NAME]["sources"] == ["resolver"] and tried[NAME]["protocol"] == "dns"
+    counts = [c.reply["content"]["execution_count"] for c in cells]
+    assert [tried[a.ip]["cells"], tried[b.ip]["cells"], tried[NAME]["cells"]] == [[n] for n in counts]
+    assert {t["verdict"] for t in proposal["tried"]} == {"blocked"}
+    assert any("WidgetModel" in str(m["content"]["data"]) or "widget-view" in str(m["content"]["data"])
+               for m in stop.of_type("display_data"))
+
+    insert = kernel.execute("%sandbox learn insert")
+    [payload] = insert.reply["content"]["payload"]
+    assert payload["source"] == "set_next_input" and payload["replace"] is False
+    [line] = payload["text"].splitlines()
+    assert line.startswith("%sandbox allow ") and set(line.split()[2:]) == entries
+    assert "egress: default-deny" in insert.stream()  # insert changes nothing
+
+    applied = kernel.execute("%sandbox learn apply")
+    assert applied.status == "ok" and "egress now: allowlist (3 entries)" in applied.stream()
+    again = _run_notebook(kernel, a, b)
+    assert [c.status for c in again] == ["ok"] * 3
+    assert [c.sandbox["blocked"] for c in again] == [[], [], []]  # runs clean
+    assert "A connected" in again[0].stream() and "B connected" in again[1].stream()
+    assert "looked up" in again[2].stream()
+
+    # learning again under the allowlist: the same three, now allowed, seen by the kernel's side
+    assert kernel.execute("%sandbox learn").status == "ok"
+    _run_notebook(kernel, a, b)
+    second = _proposal(kernel.execute("%sandbox learn stop"))
+    assert {i["text"] for i in second["items"]} == entries
+    tried = {(t["host"] or t["ip"]): t for t in second["tried"]}
+    assert {k: (t["verdict"], t["sources"]) for k, t in tried.items()} == {
+        a.ip: ("allowed", ["enforcer"]), b.ip: ("allowed", ["enforcer"]), NAME: ("allowed", ["resolver"])}
+
+    # the inserted cell carries the policy: a fresh kernel running it first runs clean
+    other = fresh_kernel(_env(upstream))
+    assert other.execute(payload["text"]).status == "ok"
+    assert [c.sandbox["blocked"] for c in _run_notebook(other, a, b)] == [[], [], []]
+
+
+def test_beyond_the_ceiling_is_marked_and_not_applied(fresh_kernel, test_host, upstream):
+    host = test_host(8080)
+    kernel = fresh_kernel({"SANDBOX_KERNEL_UPSTREAM_DNS": f"127.0.0.1:{upstream.port}",
+                           "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16"})
+    kernel.execute("%sandbox learn")
+    kernel.execute(CELLS[0].format(a=host.ip))
+    kernel.execute(CELLS[2])
+    items = {i["text"]: i for i in _proposal(kernel.execute("%sandbox learn stop"))["items"]}
+    assert items[f"{host.ip}:8080/tcp"]["verdict"] == "you may allow"
+    assert items[NAME]["verdict"] == "beyond your administrator's limits"
+    assert "outside what your administrator lets users allow" in items[NAME]["reason"]
+    [payload] = kernel.execute("%sandbox learn insert").reply["content"]["payload"]
+    assert payload["text"] == (f"%sandbox allow {host.ip}:8080/tcp\n"
+                               f"# beyond your administrator's limits (ask them): {NAME}\n")
+    applied = kernel.execute("%sandbox learn apply").stream()
+    assert f"egress now: allowlist (1 entry): {host.ip}:8080/tcp" in applied
+    assert f"not applied, beyond your administrator's limits: {NAME}" in applied
+
+
+@pytest.mark.parametrize(("line", "ename", "words"), [
+    ("%sandbox learn stop", "LearnError", "not learning"),
+    ("%sandbox learn apply", "LearnError", "nothing learned yet"),
+    ("%sandbox learn insert", "LearnError", "nothing learned yet"),
+    ("%sandbox learn sideways", "UsageError", "one of stop, status, apply, insert"),
+    ("%sandbox learn stop now", "UsageError", "one of stop"),
+])
+def test_learn_commands_out_of_order_are_typed_errors_and_change_nothing(kernel, line, ename, words):
+    def policy_rows():
+        text = kernel.execute("%sandbox status").outputs[0]["content"]["data"]["text/plain"]
+        return [row for row in text.splitlines() if row.split()[0] in ("policy", "entries", "applied")]
+
+    before = policy_rows()
+    cell = kernel.execute(line)
+    error = cell.of_type("error")[0]["content"]
+    assert (cell.status, error["ename"]) == ("error", ename) and words in error["evalue"], error
+    assert policy_rows() == before
+    assert "not learning" in kernel.execute("%sandbox learn status").stream()
+
+
+def test_help_lists_the_learn_commands(kernel):
+    text = kernel.execute("%sandbox help").stream()
+    for verb in ("learn ", "learn stop", "learn status", "learn apply", "learn insert"):
+        assert f"%sandbox {verb}" in text
+
+
+# -- pure parts -------------------------------------------------------------------------
+
+def _tried(host, ip, port, protocol, source="enforcer", verdict="blocked", cell=1):
+    return Tried(host, ip, port, protocol, {verdict}, {cell}, {source: 1})
+
+
+def test_a_preset_replaces_two_or_more_of_its_names_when_the_ceiling_permits_it():
+    tried = [_tried("pypi.org", "192.0.2.1", 443, "tcp", verdict="allowed"),
+             _tried("files.pythonhosted.org", "192.0.2.2", 443, "tcp")]
+    proposal = propose(tried, AdminPolicy(user_may_allow=["public"]))
+    assert [(i.kind, i.text, i.allowed) for i in proposal.items] == [("preset", "pypi", True)]
+    assert proposal.lines() == ["%sandbox preset pypi"]
+    # one name of a preset stays a name; a preset beyond the ceiling falls back to its names
+    assert [i.text for i in propose(tried[:1], AdminPolicy(user_may_allow=["public"])).items] == ["pypi.org:443/tcp"]
+    split = propose(tried, AdminPolicy(user_may_allow=["pypi.org"]))
+    assert [(i.text, i.allowed) for i in split.items] == [("pypi.org:443/tcp", True), ("files.pythonhosted.org:443/tcp", False)]
+
+
+def test_ports_of_one_destination_merge_and_always_blocked_is_beyond_limits():
+    tried = [_tried(None, "10.231.7.2", 8080, "tcp", source="guard"), _tried(None, "10.231.7.2", 9000, "tcp"),
+             _tried(None, "10.231.7.2", 53, "udp"), _tried(None, "169.254.169.254", 80, "tcp")]
+    items = propose(tried, AdminPolicy(user_may_allow=["10.231.0.0/16"])).items
+    assert [(i.text, i.allowed, i.sandbox_reported) for i in items] == [
+        ("10.231.7.2:8080,9000/tcp", True, False), ("10.231.7.2:53/udp", True, False),
+        ("169.254.169.254:80/tcp", False, False)]
+    assert "always blocks" in items[2].reason
+
+
+def test_accepted_connections_are_logged_only_in_learn_mode():
+    policy = EgressPolicy.parse({"mode": "allowlist", "entries": ["10.231.7.2:8080/tcp"]})
+    args = {"resolved": {}, "resolver": "127.0.0.53", "always_blocked": ["169.254.0.0/16"]}
+    assert LOG_PREFIX_ACCEPTED not in compile_nftables(policy, **args)
+    learning = compile_nftables(policy, **args, log_accepted=True)
+    accept_rules = [line for line in learning.splitlines() if line.strip().startswith("ip daddr @allow_")]
+    assert accept_rules and all(f'log prefix "{LOG_PREFIX_ACCEPTED}" group 42 accept' in r for r in accept_rules)
+    assert learning.count(LOG_PREFIX_ACCEPTED) == 2  # the v4 and v6 rules of the one set; not the resolver
