@@ -66,10 +66,14 @@ class Tried:
     counts: dict = field(default_factory=dict)  # source -> attempts it saw
     first_seen: float = field(default_factory=time.time)
 
+    attempts: set = field(default_factory=set)  # enforcer attempt ids (a retransmitted SYN is one)
+
     @property
     def count(self) -> int:
-        # sources see the same attempt; the one that saw most is the best count
-        return max(self.counts.values(), default=0)
+        # the guard refuses before a packet leaves, so what it saw the network never did;
+        # the watcher sees the same dropped connections as the enforcer's log
+        c = self.counts
+        return c.get("guard", 0) + max(c.get("enforcer", 0), c.get("watcher", 0)) + c.get("resolver", 0)
 
     @property
     def trusted(self) -> bool:
@@ -218,6 +222,12 @@ class Learner:
         tried.verdicts.add(verdict)
         cell = self.kernel.execution_count if getattr(self.kernel, "_cell_state", None) is not None else 0
         tried.cells.add(cell)
+        attempt = record.get("attempt")
+        if isinstance(attempt, str) and source == "enforcer":
+            if attempt in tried.attempts:
+                return
+            if len(tried.attempts) < 10_000:
+                tried.attempts.add(attempt)
         count = record.get("count") if isinstance(record.get("count"), int) else 1
         tried.counts[source] = tried.counts.get(source, 0) + max(1, min(count, 1_000_000))
         if new:

@@ -189,3 +189,25 @@ def test_accepted_connections_are_logged_only_in_learn_mode():
     accept_rules = [line for line in learning.splitlines() if line.strip().startswith("ip daddr @allow_")]
     assert accept_rules and all(f'log prefix "{LOG_PREFIX_ACCEPTED}" group 42 accept' in r for r in accept_rules)
     assert learning.count(LOG_PREFIX_ACCEPTED) == 2  # the v4 and v6 rules of the one set; not the resolver
+
+
+def test_the_panel_learns_applies_and_shows_the_lines(fresh_kernel, test_host):
+    from kerneltest import Panel
+
+    host = test_host(8080)
+    kernel = fresh_kernel({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16"})
+    panel = Panel(kernel, kernel.execute("%sandbox policy"))
+    toggle = panel.find("ButtonModel", description="Learn")
+    panel.click(toggle)
+    panel.wait_for_html("Learn mode</b>: on", "0 destinations so far")
+    assert "A refused" in kernel.execute(CELLS[0].format(a=host.ip)).stream()
+    assert "1 destinations so far" in kernel.execute("%sandbox learn status").stream()
+    panel.click(toggle)  # now "Stop learning"
+    table = panel.wait_for_html("sandbox-kernel-learn", f"{host.ip}:8080/tcp")
+    assert "you may allow" in table
+    panel.click(panel.find("ButtonModel", description="Insert as a cell"))
+    panel.wait_for_html("%sandbox learn insert")
+    assert panel.models[panel.find("TextareaModel", value=f"%sandbox allow {host.ip}:8080/tcp\n")]
+    panel.click(panel.find("ButtonModel", description="Apply", tooltip="Allow what the proposal says you may (%sandbox learn apply)"))
+    panel.wait_for_html(f"egress now: allowlist (1 entry): {host.ip}:8080/tcp")
+    assert "A connected" in kernel.execute(CELLS[0].format(a=host.ip)).stream()
