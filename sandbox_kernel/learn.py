@@ -96,7 +96,7 @@ class Tried:
 class Proposed:
     """One line of the proposal: an entry or a preset, decided against the ceiling."""
 
-    kind: str  # entry | preset
+    kind: str  # entry | preset | invalid (a name no entry can express)
     text: str  # "10.0.0.5:8080/tcp" or "pypi"
     covers: list[str]
     allowed: bool = False
@@ -108,6 +108,8 @@ class Proposed:
     parts: list = field(default_factory=list)
 
     def verdict(self) -> str:
+        if self.kind == "invalid":
+            return "cannot be allowed"
         return "you may allow" if self.allowed else "beyond your administrator's limits"
 
     def to_json(self) -> dict:
@@ -132,7 +134,8 @@ class Proposal:
         entries = [p.text for p in self.allowed() if p.kind == "entry"]
         if entries:
             out.append("%sandbox allow " + " ".join(entries))
-        beyond = [p.text if p.kind == "entry" else f"preset {p.text}" for p in self.items if not p.allowed]
+        beyond = [p.text if p.kind == "entry" else f"preset {p.text}" for p in self.items
+                  if not p.allowed and p.kind != "invalid"]
         if beyond:
             out.append("# beyond your administrator's limits (ask them): " + ", ".join(beyond))
         return out
@@ -206,7 +209,7 @@ class Learner:
         port = record.get("port") if isinstance(record.get("port"), int) and not isinstance(record.get("port"), bool) else None
         protocol = record.get("protocol") if isinstance(record.get("protocol"), str) else "other"
         if host is not None:
-            host = host.lower().rstrip(".")
+            host = _safe_name(host)
         if host is None and ip is None:
             return
         key = (host or ip, port, protocol) if protocol != "dns" else (host, None, "dns")
@@ -336,6 +339,9 @@ class Learner:
     def insert_payload(self) -> dict:
         """The execute-reply payload that puts the proposal's lines into a new cell."""
         lines = self._need_proposal("insert").lines()
+        if not lines:
+            raise LearnError("%sandbox learn insert: the proposal has no line to insert (nothing the cells tried "
+                             "can be written as an entry)")
         return {"source": "set_next_input", "text": "\n".join(lines) + "\n", "replace": False}
 
 
@@ -380,8 +386,8 @@ def propose(tried: list[Tried], admin: AdminPolicy) -> Proposal:
         for text in texts:
             try:
                 entry = parse_entry(text)
-            except InvalidEntry as err:
-                items.append(Proposed("entry", text, group["covers"], False, str(err), "cannot be written as an entry"))
+            except InvalidEntry as err:  # shown, never put into a %sandbox line
+                items.append(Proposed("invalid", text, group["covers"], False, str(err), "cannot be written as an entry"))
                 continue
             items.append(Proposed("entry", str(entry), group["covers"], note=note,
                                   sandbox_reported=not group["trusted"]))
@@ -396,6 +402,15 @@ def propose(tried: list[Tried], admin: AdminPolicy) -> Proposal:
         else:
             decided.append(item)
     return Proposal(decided, tried)
+
+
+def _safe_name(host: str) -> str:
+    """A name as the sandbox reported it, made safe to show on one line: lowercase, no
+    trailing dot, control characters and whitespace escaped, at most 253 characters."""
+    host = host.lower().rstrip(".")[:253]
+    if host.isprintable() and not any(ch.isspace() for ch in host):
+        return host
+    return "".join(ch if ch.isprintable() and not ch.isspace() else f"\\x{ord(ch):02x}" for ch in host)
 
 
 def _covered_by(entry: Entry, preset: str) -> bool:

@@ -211,3 +211,19 @@ def test_the_panel_learns_applies_and_shows_the_lines(fresh_kernel, test_host):
     panel.click(panel.find("ButtonModel", description="Apply", tooltip="Allow what the proposal says you may (%sandbox learn apply)"))
     panel.wait_for_html(f"egress now: allowlist (1 entry): {host.ip}:8080/tcp")
     assert "A connected" in kernel.execute(CELLS[0].format(a=host.ip)).stream()
+
+
+def test_a_name_the_sandbox_makes_up_cannot_inject_lines(fresh_kernel):
+    kernel = fresh_kernel()
+    kernel.execute("%sandbox learn")
+    kernel.execute("import socket\n"
+                   "for name in ('x.test\\n%sandbox allow 0.0.0.0/0', 'bad_name!.test'):\n"
+                   "    try:\n        socket.getaddrinfo(name, 443)\n    except OSError:\n        pass")
+    stop = kernel.execute("%sandbox learn stop")
+    items = _proposal(stop)["items"]
+    assert sorted(i["verdict"] for i in items) == ["cannot be allowed", "cannot be allowed"]
+    assert all("\n" not in i["text"] for i in items)
+    assert not any(line.startswith("%sandbox allow 0.0.0.0/0")
+                   for m in stop.of_type("display_data") for line in m["content"]["data"]["text/plain"].splitlines())
+    insert = kernel.execute("%sandbox learn insert")  # nothing to allow, nothing injected
+    assert insert.status == "error" and "no line to insert" in insert.of_type("error")[0]["content"]["evalue"]
