@@ -113,6 +113,41 @@ class KernelDriver:
     def pid(self) -> int:
         return self.km.provisioner.process.pid
 
+    def policy_state(self) -> dict[str, list[str] | str]:
+        """The policy rows of ``%sandbox status``: mode, entries, presets."""
+        text = self.execute("%sandbox status").outputs[0]["content"]["data"]["text/plain"]
+        rows = dict(line.split(None, 1) for line in text.splitlines() if len(line.split(None, 1)) == 2)
+
+        def items(row: str) -> list[str]:
+            value = rows.get(row, "none")
+            return [] if value == "none" else [v.split(" (expires")[0] for v in value.split(", ")]
+
+        return {"mode": "allowlist" if rows["policy"].startswith("allowlist") else "deny",
+                "entries": items("entries"), "presets": items("presets")}
+
+    def reset(self, policy: dict | None = None) -> None:
+        """Between tests that share this kernel: back to ``policy`` (as policy_state gives it)
+        and no user variables, so no test depends on what an earlier one left behind."""
+        if policy is not None:
+            now = self.policy_state()
+            extra = [e for e in now["entries"] if e not in policy["entries"]]
+            missing = [e for e in policy["entries"] if e not in now["entries"]]
+            lines = []
+            if extra:
+                lines.append("%sandbox revoke " + " ".join(extra))
+            if [p for p in now["presets"] if p not in policy["presets"]]:
+                lines.append("%sandbox revoke preset " + " ".join(p for p in now["presets"] if p not in policy["presets"]))
+            if missing:
+                lines.append("%sandbox allow " + " ".join(missing))
+            if now["mode"] != policy["mode"] or lines:
+                lines.append(f"%sandbox mode {policy['mode']}")
+            for line in lines:
+                cell = self.execute(line)
+                assert cell.status == "ok", (line, cell.outputs)
+            assert self.policy_state() == policy
+        cell = self.execute("%reset -f")
+        assert cell.status == "ok", cell.outputs
+
     def namespaces(self) -> set[str]:
         """This kernel's sandbox namespaces."""
         return namespaces_of(self.pid)
@@ -240,3 +275,18 @@ class Panel:
 
     def click(self, comm_id):
         self.send(comm_id, {"method": "custom", "content": {"event": "click"}})
+
+
+def shared_kernel(env: dict | None = None):
+    """A module-scoped fixture body: one kernel for the module's tests (cheaper than one each)."""
+    driver = KernelDriver(env)
+    driver.initial_policy = driver.policy_state()
+    yield driver
+    driver.shutdown()
+
+
+def reset_between_tests(driver: KernelDriver):
+    """The function-scoped face of a shared kernel: each test starts from the kernel's initial
+    policy and no user variables, whatever ran before it (order of tests does not matter)."""
+    driver.reset(driver.initial_policy)
+    return driver

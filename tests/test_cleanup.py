@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from kerneltest import KernelDriver, sandbox_namespaces
+from kerneltest import KernelDriver, namespaces_of, sandbox_namespaces
 
 
 def _processes_of(namespaces: set[str]) -> set[int]:
@@ -74,7 +74,7 @@ def test_sigkilled_kernel_leaves_nothing_after_gc():
 
 def test_gc_keeps_sandboxes_of_live_kernels(kernel):
     kernel.execute("1")
-    mine = sandbox_namespaces()
+    mine = kernel.namespaces()  # only this kernel's: others come and go meanwhile
     assert mine
     subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, check=True)
     assert mine <= sandbox_namespaces()
@@ -98,7 +98,6 @@ def test_a_kernel_whose_parent_died_stops_its_sandbox_first():
     nothing is left for gc."""
     import sys
 
-    before = sandbox_namespaces()
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
     try:
         line = ""
@@ -106,7 +105,7 @@ def test_a_kernel_whose_parent_died_stops_its_sandbox_first():
             line = parent.stdout.readline()
             assert line, "the parent process ended before its kernel ran a cell"
         kernel_pid = int(line.split()[1])
-        created = sandbox_namespaces() - before
+        created = namespaces_of(kernel_pid)  # its own: other kernels may start meanwhile
         assert len(created) == 1, created
         procs = _processes_of(created)
     finally:

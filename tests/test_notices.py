@@ -8,12 +8,17 @@ from sandbox_kernel.notices import NOTICE_MIME
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    from kerneltest import KernelDriver
+def _module_kernel():
+    from kerneltest import shared_kernel
 
-    driver = KernelDriver({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16"})
-    yield driver
-    driver.shutdown()
+    yield from shared_kernel({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16"})
+
+
+@pytest.fixture
+def kernel(_module_kernel):
+    from kerneltest import reset_between_tests
+
+    return reset_between_tests(_module_kernel)
 
 
 def notices(cell):

@@ -6,12 +6,17 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    from kerneltest import KernelDriver
+def _module_kernel():
+    from kerneltest import shared_kernel
 
-    driver = KernelDriver({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
-    yield driver
-    driver.shutdown()
+    yield from shared_kernel({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
+
+
+@pytest.fixture
+def kernel(_module_kernel):
+    from kerneltest import reset_between_tests
+
+    return reset_between_tests(_module_kernel)
 
 
 def connect(kernel, ip, port, family="AF_INET", kind="SOCK_STREAM"):
