@@ -197,8 +197,8 @@ class Learner:
             return
         if record.get("protocol") == "dns":
             for address in record.get("addresses") or []:
-                if isinstance(address, str) and isinstance(record.get("host"), str):
-                    self._names.setdefault(address, record["host"])
+                if isinstance(address, str) and isinstance(record.get("host"), str) and len(self._names) < 10 * MAX_DESTINATIONS:
+                    self._names.setdefault(address, _safe_name(record["host"]))
             self._add(record, "allowed", "resolver")
         else:
             self._add(record, "allowed", "enforcer")

@@ -132,6 +132,7 @@ class SandboxMagics:
             ("applied", _when(k.policy_applied_at or applied.get("applied_at"))),
             ("changes", "locked by your administrator (exam mode)" if k.admin.locked else "allowed within your administrator's limits"),
             ("recent blocked", str(len(k.recent_blocked))),
+            ("learn mode", k.learner.status()),
         ]
         width = max(len(r[0]) for r in rows)
         text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

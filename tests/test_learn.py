@@ -59,6 +59,8 @@ def test_learned_under_deny_applied_and_inserted(fresh_kernel, test_host, upstre
             "lookup refused" in cells[2].stream()] == [True, True, True]
     status = kernel.execute("%sandbox learn status").stream()
     assert "3 destinations so far" in status and f"{NAME} (lookup)  blocked" in status
+    overall = kernel.execute("%sandbox status").outputs[0]["content"]["data"]["text/plain"]
+    assert "learn mode      learning since" in overall and "3 destinations so far" in overall
 
     stop = kernel.execute("%sandbox learn stop")
     assert stop.status == "ok"
