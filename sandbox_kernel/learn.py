@@ -244,6 +244,8 @@ class Learner:
 
     # -- the commands -----------------------------------------------------------------
     async def start(self) -> str:
+        if self.active:  # keep the record: starting over is learn stop, then learn
+            return f"already {self.status()} (stop with %sandbox learn stop)"
         self._tried.clear()
         self._names.clear()
         self.proposal = None
@@ -253,7 +255,11 @@ class Learner:
         backend.learn_sink = self.observe_allowed
         if self.sees_allowed:
             backend.log_accepted = True
-            await self._reapply()
+            try:
+                await self._reapply()
+            except BaseException:  # the old rules stay in force (atomic apply): not learning
+                self.active, backend.log_accepted, backend.learn_sink = False, False, None
+                raise
         _refresh_views(self.kernel)
         seen = ("allowed and blocked connections (nftables log) and every lookup (DNS proxy)"
                 if self.sees_allowed else

@@ -55,6 +55,7 @@ def test_learned_under_deny_applied_and_inserted(fresh_kernel, test_host, upstre
     kernel = fresh_kernel(_env(upstream))
     assert kernel.execute("%sandbox learn").status == "ok"
     cells = _run_notebook(kernel, a, b)
+    assert "already learning since" in kernel.execute("%sandbox learn").stream()  # the record is kept
     assert ["A refused" in cells[0].stream(), "B refused" in cells[1].stream(),
             "lookup refused" in cells[2].stream()] == [True, True, True]
     status = kernel.execute("%sandbox learn status").stream()
