@@ -250,7 +250,8 @@ class SandboxKernel(Kernel):
 
     def agent_policy_view(self, policy) -> dict:
         """What the agent's guard needs to know about ``policy`` (plain JSON)."""
-        return agent_view(policy, self.admin, self.sandbox_backend.applied)
+        view = agent_view(policy, self.admin, self.sandbox_backend.applied)
+        return self.learner.agent_view(view) if hasattr(self, "learner") else view
 
     def _make_backend(self) -> Backend:
         if self.backend_name == "local":
@@ -360,6 +361,8 @@ class SandboxKernel(Kernel):
                 self._publish_error(content)
         elif kind == "blocked":
             self._on_blocked(frame.get("record"), frame.get("source") or "guard")
+        elif kind == "reached":
+            self.learner.observe_reported(frame.get("record"))
         elif kind == "protocol_error":
             self._stream("stderr", f"[sandbox] protocol error from the sandbox, ignored: {frame.get('message')}\n")
 

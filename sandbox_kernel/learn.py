@@ -19,8 +19,10 @@ Where the record comes from, most trusted first:
   proposal is applied by the user, within the ceiling), and the proposal marks entries
   that rest on it alone.
 
-On the Kubernetes backend there is no enforcer log and no DNS proxy: only what the
-agent reports (refusals) is learned, and allowed connections are not seen at all.
+On the Kubernetes backend there is no enforcer log and no DNS proxy: the agent's refusals
+are learned, and while learning the guard is asked (``report_allowed``) for the connections it
+lets through, which covers Python code only; allowed subprocess connections are not seen. In
+hub mode the service sends the agent its policy, so only refusals are learned.
 """
 
 from __future__ import annotations
@@ -203,6 +205,19 @@ class Learner:
         else:
             self._add(record, "allowed", "enforcer")
 
+    def observe_reported(self, record) -> None:
+        """A connection the agent's guard let through (the sandbox's word; asked for only
+        where the enforcer cannot see allowed connections, see :meth:`agent_view`)."""
+        if self.active and isinstance(record, dict):
+            self._add(record, "allowed", "guard")
+
+    def agent_view(self, view: dict) -> dict:
+        """The guard's policy view, told to report allowed connections while learning on a
+        backend whose enforcer cannot see them (called by the kernel for every view it sends)."""
+        if self.active and not self.sees_allowed:
+            return {**view, "report_allowed": True}
+        return view
+
     def _add(self, record: dict, verdict: str, source: str) -> None:
         host = record.get("host") if isinstance(record.get("host"), str) else None
         ip = record.get("ip") if isinstance(record.get("ip"), str) else None
@@ -255,15 +270,17 @@ class Learner:
         backend.learn_sink = self.observe_allowed
         if self.sees_allowed:
             backend.log_accepted = True
-            try:
-                await self._reapply()
-            except BaseException:  # the old rules stay in force (atomic apply): not learning
-                self.active, backend.log_accepted, backend.learn_sink = False, False, None
-                raise
+        try:
+            await self._reapply()
+        except BaseException:  # the old rules stay in force (atomic apply): not learning
+            self.active, backend.learn_sink = False, None
+            if self.sees_allowed:
+                backend.log_accepted = False
+            raise
         _refresh_views(self.kernel)
         seen = ("allowed and blocked connections (nftables log) and every lookup (DNS proxy)"
                 if self.sees_allowed else
-                "blocked connections the sandbox reports; allowed ones are not visible on this backend")
+                "blocked connections, and allowed ones as the sandbox's guard reports them (Python only)")
         return (f"learning: cells run under the policy in force ({self.kernel.policy.describe()}); "
                 f"recording {seen}. Stop with %sandbox learn stop")
 
@@ -275,10 +292,10 @@ class Learner:
         backend.learn_sink = None
         if self.sees_allowed:
             backend.log_accepted = False
-            try:
-                await self._reapply()
-            except SandboxError as err:  # the rules still log accepted packets; nothing records them
-                self.kernel.log.warning("could not turn the accepted-connection log off: %s", err)
+        try:
+            await self._reapply()
+        except SandboxError as err:  # the rules still log accepted packets; nothing records them
+            self.kernel.log.warning("could not turn learn mode's reporting off: %s", err)
         self.proposal = propose(self.tried(), self.kernel.admin)
         _refresh_views(self.kernel)
         return self.proposal
@@ -288,6 +305,9 @@ class Learner:
         kernel = self.kernel
         if kernel.sandbox.info is None:
             return  # the sandbox starts with the backend's setting
+        if not self.sees_allowed:  # only the guard can tell: change its view, not the enforcer
+            await kernel.sandbox.tell_policy()
+            return
         async with kernel._policy_lock:
             await kernel.sandbox.apply_policy(kernel.policy)
 

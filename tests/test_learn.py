@@ -230,3 +230,25 @@ def test_a_name_the_sandbox_makes_up_cannot_inject_lines(fresh_kernel):
                    for m in stop.of_type("display_data") for line in m["content"]["data"]["text/plain"].splitlines())
     insert = kernel.execute("%sandbox learn insert")  # nothing to allow, nothing injected
     assert insert.status == "error" and "no line to insert" in insert.of_type("error")[0]["content"]["evalue"]
+
+
+def test_the_guard_reports_what_it_lets_through_only_when_asked():
+    """Where the enforcer cannot see allowed connections (Kubernetes) the kernel asks the agent's
+    guard for them while learning (``report_allowed`` in its policy view)."""
+    import socket
+
+    from sandbox_kernel.agent.guard import Guard
+
+    refused, reached = [], []
+    guard = Guard(refused.append, reached.append)
+    view = {"mode": "allowlist", "label": "allowlist (1 entry)", "blocked": [], "resolver": "10.96.0.10",
+            "allow": [{"kind": "cidr", "value": "10.231.7.0/24", "ports": [[8080, 8080]], "protocol": "tcp"}]}
+    with socket.socket() as sock:
+        for report_allowed in (False, True):
+            guard.set_policy({**view, "report_allowed": report_allowed})
+            guard.audit("socket.connect", (sock, ("10.231.7.2", 8080)))
+            guard.audit("socket.connect", (sock, ("127.0.0.1", 8080)))  # loopback: not a destination
+        with pytest.raises(ConnectionRefusedError):
+            guard.audit("socket.connect", (sock, ("10.231.7.2", 9000)))
+    assert [(r["ip"], r["port"], r["protocol"], r["verdict"]) for r in reached] == [("10.231.7.2", 8080, "tcp", "allowed")]
+    assert [(r["ip"], r["port"], r["verdict"]) for r in refused] == [("10.231.7.2", 9000, "guarded")]
