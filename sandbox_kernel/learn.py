@@ -153,7 +153,7 @@ class Proposal:
             if p.sandbox_reported:
                 extra += " · reported by the sandbox only"
             rows.append(f"  {name:<{width}}  {p.verdict()}  ({', '.join(p.covers)}){extra}")
-        return (f"smallest allowlist for what the cells tried ({len(self.tried)} destinations):\n"
+        return (f"smallest allowlist for what the cells tried ({_count(len(self.tried), 'destination')}):\n"
                 + "\n".join(rows) + "\napply: %sandbox learn apply · as a cell: %sandbox learn insert")
 
     def html(self) -> str:
@@ -314,9 +314,9 @@ class Learner:
     def status(self) -> str:
         if self.active:
             return (f"learning since {time.strftime('%H:%M:%S', time.localtime(self.started_at))}: "
-                    f"{len(self._tried)} destinations so far")
+                    f"{_count(len(self._tried), 'destination')} so far")
         if self.proposal is not None:
-            return (f"not learning; last proposal: {len(self.proposal.items)} entries "
+            return (f"not learning; last proposal: {_count(len(self.proposal.items), 'entry', 'entries')} "
                     f"({len(self.proposal.allowed())} you may allow)")
         return "not learning (start with %sandbox learn)"
 
@@ -428,6 +428,10 @@ def propose(tried: list[Tried], admin: AdminPolicy) -> Proposal:
         else:
             decided.append(item)
     return Proposal(decided, tried)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 def _safe_name(host: str) -> str:

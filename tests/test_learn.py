@@ -204,7 +204,7 @@ def test_the_panel_learns_applies_and_shows_the_lines(fresh_kernel, test_host):
     panel.click(toggle)
     panel.wait_for_html("Learn mode</b>: on", "0 destinations so far")
     assert "A refused" in kernel.execute(CELLS[0].format(a=host.ip)).stream()
-    assert "1 destinations so far" in kernel.execute("%sandbox learn status").stream()
+    assert "1 destination so far" in kernel.execute("%sandbox learn status").stream()
     panel.click(toggle)  # now "Stop learning"
     table = panel.wait_for_html("sandbox-kernel-learn", f"{host.ip}:8080/tcp")
     assert "you may allow" in table

@@ -35,6 +35,6 @@ def test_learn_on_kubernetes_records_allowed_python_connections_from_the_guard(f
         assert item["text"] == f"{host.ip}:8080-8081/tcp" and item["sandbox_reported"]
         # learning changed nothing about the policy in force
         assert "connected" in kernel.execute(CONNECT.format(ip=host.ip, port=8080)).stream()
-        assert "not learning; last proposal: 1 entries (1 you may allow)" in kernel.execute("%sandbox learn status").stream()
+        assert "not learning; last proposal: 1 entry (1 you may allow)" in kernel.execute("%sandbox learn status").stream()
     finally:
         kernel.shutdown()
