@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
-import os
 import signal
 import sys
 import uuid
@@ -27,7 +25,7 @@ from .errors import SandboxError
 from .grants import Grants
 from .learn import Learner
 from .magics import SandboxMagics, split_cell
-from .notices import NOTICE_MIME, NoticeBoard
+from .notices import DISPLAY_ID_PREFIX, NOTICE_MIME, NoticeBoard
 from .policy.admin import AdminPolicy, agent_view
 from .policy.model import EgressPolicy
 from .session import CellResult, Session
@@ -141,6 +139,39 @@ class SandboxKernel(Kernel):
     def _progress_delay_default(self):
         return float(env_default("SANDBOX_KERNEL_PROGRESS_DELAY", 1.5))
 
+    interrupt_timeout = Float(
+        help="Seconds a cell has to end after an interrupt; a sandbox that does not answer in "
+        "time (wedged, or code that ignores interrupts) is killed and the cell says so. 0: wait "
+        "forever. Env: SANDBOX_KERNEL_INTERRUPT_TIMEOUT.",
+        config=True,
+    )
+
+    @default("interrupt_timeout")
+    def _interrupt_timeout_default(self):
+        return float(env_default("SANDBOX_KERNEL_INTERRUPT_TIMEOUT", 5.0))
+
+    notice_limit = Integer(
+        help="Most blocked-connection notices one cell shows of each kind (verified by the kernel, "
+        "reported by the sandbox); further destinations are counted in one line. Env: "
+        "SANDBOX_KERNEL_NOTICE_LIMIT.",
+        config=True,
+    )
+
+    @default("notice_limit")
+    def _notice_limit_default(self):
+        return max(1, int(env_default("SANDBOX_KERNEL_NOTICE_LIMIT", 20)))
+
+    notice_bytes_limit = Integer(
+        256 * 1024,
+        help="Most bytes of notice updates one cell sends while it runs (counts going up, notices "
+        "shown again after a clear_output); past it, the notices are brought up to date once, "
+        "when the cell ends.",
+        config=True,
+    )
+
+    #: seconds between two updates of the same cell's notices (counts, re-shows)
+    notice_update_interval = 0.25
+
     trust_sandbox_output = Bool(
         help="Publish rich output from the sandbox as it is, scripts included. Off by default: "
         "HTML, Markdown and SVG are sanitised and MIME types that run code in the browser "
@@ -183,17 +214,18 @@ class SandboxKernel(Kernel):
         self._progress_parent: dict = {}
         self.sandbox = Session(self.sandbox_backend, self.kernel_id, self.policy, self.log,
                                progress=self._on_progress, start_timeout=self.start_timeout,
-                               agent_view=self.agent_policy_view, on_blocked=self._blocked_between_cells)
+                               agent_view=self.agent_policy_view, on_blocked=self._blocked_between_cells,
+                               interrupt_timeout=self.interrupt_timeout)
         if self.backend_name == "hub" and self.config_error is None:
             self._adopt_service_ceiling()
         self._cell_state: dict | None = None
+        self._idle_board: NoticeBoard | None = None  # what was blocked since the last cell began
         self._last_sandbox_meta: dict = {}
         self.recent_blocked: collections.deque = collections.deque(maxlen=200)
         self.magics = SandboxMagics(self)
         self.grants = Grants(self)
         self.learner = Learner(self)
         self._init_comms()
-        self._cells = itertools.count(1)
 
     def _adopt_service_ceiling(self) -> None:
         """Hub mode: the service's ceiling for this user is the one that counts (it enforces it
@@ -323,7 +355,7 @@ class SandboxKernel(Kernel):
         """Called by the Session for every event of the running cell."""
         state = self._cell_state
         kind = frame.get("type")
-        if state is not None and state.get("error") is not None and kind != "error":
+        if state is not None and state.get("error") is not None and kind != "error" and not frame.get("late"):
             self._publish_error(state.pop("error"))
             state["error"] = None
         if kind in ("stream", "display", "execute_result") and state is not None and not self._within_limit(state, frame):
@@ -335,6 +367,12 @@ class SandboxKernel(Kernel):
                 self._stream(name, text)
         elif kind == "display":
             msg_type = "update_display_data" if frame.get("update") else "display_data"
+            display_id = _dict(frame.get("transient")).get("display_id")
+            if isinstance(display_id, str) and display_id.startswith(DISPLAY_ID_PREFIX):
+                # the notices' ids are the kernel's: the sandbox may neither overwrite nor reuse one
+                self._stream("stderr", "[sandbox] output from the sandbox that used a notice's display id "
+                                       "was not shown\n")
+                return
             data, metadata = self.screen(frame.get("data"), frame.get("metadata"))
             self.send_response(self.iopub_socket, msg_type, {
                 "data": data, "metadata": metadata, "transient": _dict(frame.get("transient")),
@@ -347,24 +385,51 @@ class SandboxKernel(Kernel):
                 "data": data, "metadata": metadata, "execution_count": self.execution_count,
             })
         elif kind == "clear_output":
+            if frame.get("late"):
+                return  # an earlier cell's: it may not clear this one
             self.send_response(self.iopub_socket, "clear_output", {"wait": bool(frame.get("wait"))})
+            if state is not None and state["board"].total():
+                # the sandbox may clear its own output, not the kernel's notices: show them again
+                state["cleared"] = True
+                self._schedule_notice_flush(state)
         elif kind == "error":
             content = {
                 "ename": str(frame.get("ename", "Error")),
                 "evalue": str(frame.get("evalue", "")),
                 "traceback": [str(line) for line in frame.get("traceback") or []],
             }
-            if state is not None:
+            if state is not None and not frame.get("late"):
                 # held until the cell ends so the footer can be its last line
                 state["error"] = content
             else:
                 self._publish_error(content)
         elif kind == "blocked":
-            self._on_blocked(frame.get("record"), frame.get("source") or "guard")
+            self._on_blocked(frame.get("record"), frame.get("source") or "guard", late=bool(frame.get("late")))
         elif kind == "reached":
             self.learner.observe_reported(frame.get("record"))
-        elif kind == "protocol_error":
-            self._stream("stderr", f"[sandbox] protocol error from the sandbox, ignored: {frame.get('message')}\n")
+        elif kind == "forged_done":
+            if state is not None:
+                state["forged_done"] = state.get("forged_done", 0) + 1
+                if state["forged_done"] == 1:
+                    self._stream("stderr", "[sandbox] code in the sandbox sent a false end-of-cell frame: ignored, "
+                                           "this cell's result is the agent's own\n")
+        elif kind == "late":
+            if frame.get("reason") == "between_cells":
+                dropped = frame.get("dropped") or 0
+                more = f" ({dropped} more frames were not kept)" if dropped else ""
+                self._stream("stderr", f"[sandbox] while no cell ran, the sandbox reported what follows{more}\n")
+            else:
+                self._stream("stderr", "[sandbox] what follows comes from an earlier cell that went on after "
+                                       "it had reported its end\n")
+        elif kind == "late_done":
+            if frame.get("real"):
+                if state is not None:
+                    state["late_end"] = True
+                self._stream("stderr", "[sandbox] an earlier cell really ended only now: code in the sandbox had "
+                                       "sent its end-of-cell early, so its reply (status, exit code, blocked list) "
+                                       "was not its real result\n")
+            else:
+                self._stream("stderr", "[sandbox] a false end-of-cell frame for an earlier cell was ignored\n")
 
     def screen(self, data, metadata=None, *, note: bool = True) -> tuple[dict, dict]:
         """A MIME bundle from the sandbox as it may be published (sanitised, code-running types
@@ -405,37 +470,107 @@ class SandboxKernel(Kernel):
         state["dropped"] = state.get("dropped", 0) + size
         return False
 
-    def _on_blocked(self, record, source: str) -> None:
+    def _on_blocked(self, record, source: str, late: bool = False) -> None:
         state = self._cell_state
         if state is None or state.get("board") is None:
             self._blocked_between_cells(record, source)
             return
-        self.learner.observe(record, source)
-        merged = state["board"].add(record, source)
+        if not late:  # a late record was learned when it came, between cells
+            self.learner.observe(record, source)
+        board = state["board"]
+        merged = board.add(record, source)
         if merged is None:
+            if board.more_changed and not state.get("silent"):
+                self._schedule_notice_flush(state)
             return
         conn, new = merged
         if new:
-            self.recent_blocked.append(conn)
+            if not late:  # a late one was kept for %sandbox blocked when it arrived
+                self.recent_blocked.append(conn)
             panels = sys.modules.get("sandbox_kernel.widgets")
             if panels is not None:
                 panels.blocked_everywhere(self, conn)
-        if not state.get("silent"):
-            self._publish_notice(conn, new)
+        if state.get("silent"):
+            return
+        if new and conn.verified:
+            self._publish_notice(conn, new=True)
+        elif new:
+            # reported by the sandbox: shown with the next update, so that the enforcer's record
+            # of the guard's witness packet usually arrives first and it is shown verified
+            state.setdefault("unshown", {})[conn.display_id] = conn
+            self._schedule_notice_flush(state)
+        elif conn.display_id in state.get("unshown", {}):
+            pass  # not shown yet: it will be, as it is then
+        else:
+            # counts going up: at most one update per interval (a flood is one line, not 20,000)
+            state.setdefault("dirty", {})[conn.display_id] = conn
+            self._schedule_notice_flush(state)
+
+    def _schedule_notice_flush(self, state: dict) -> None:
+        if state.get("flush") is None:
+            loop = asyncio.get_running_loop()
+            state["flush"] = loop.call_later(self.notice_update_interval, self._flush_notices, state)
+
+    def _flush_notices(self, state: dict, final: bool = False) -> None:
+        """Bring the cell's notices up to date: counts, the "and N more" line, a re-show after
+        the sandbox cleared the output. Called by a timer while the cell runs (within
+        ``notice_bytes_limit``) and once when it ends (always)."""
+        handle = state.pop("flush", None)
+        if final and handle is not None:
+            handle.cancel()
+        if self._cell_state is not state or state.get("silent"):
+            return
+        board = state["board"]
+        over = not final and state.get("notice_bytes", 0) > self.notice_bytes_limit
+        if state.get("cleared") and not over:
+            del state["cleared"]
+            state.pop("unshown", None)
+            state.pop("dirty", None)
+            for conn in board.connections():
+                self._publish_notice(conn, new=True)
+            if board.more:
+                self._publish_more(board, new=True)
+                state["more_shown"] = True
+            return
+        for conn in state.pop("unshown", {}).values():  # new notices are few (notice_limit)
+            self._publish_notice(conn, new=True)
+        if over:
+            return  # the rest waits for the cell's end
+        for conn in state.pop("dirty", {}).values():
+            if conn.to_json() != conn.published:
+                self._publish_notice(conn, new=False)
+        if board.more_changed:
+            self._publish_more(board, new=not state.get("more_shown"))
+            state["more_shown"] = True
+
+    def _publish_more(self, board: NoticeBoard, new: bool) -> None:
+        board.more_changed = False
+        self._publish_display(board.more_bundle(), board.more_display_id, new)
 
     def _publish_notice(self, conn, new: bool) -> None:
         bundle = conn.bundle()
         conn.published = bundle[NOTICE_MIME]
+        self._publish_display(bundle, conn.display_id, new)
+
+    def _publish_display(self, bundle: dict, display_id: str, new: bool) -> None:
+        state = self._cell_state
+        if state is not None:
+            state["notice_bytes"] = state.get("notice_bytes", 0) + sum(
+                len(v) if isinstance(v, str) else 256 for v in bundle.values())
         self.send_response(self.iopub_socket, "display_data" if new else "update_display_data", {
-            "data": bundle, "metadata": {}, "transient": {"display_id": conn.display_id},
+            "data": bundle, "metadata": {}, "transient": {"display_id": display_id},
         })
 
     def _blocked_between_cells(self, record, source: str) -> None:
-        """A background process was blocked while no cell ran: keep it for %sandbox blocked."""
+        """A background process was blocked while no cell ran: keep it for %sandbox blocked
+        (the Session also keeps it for the next cell)."""
         self.learner.observe(record, source)
-        board = NoticeBoard(self.policy, self.admin, "idle")
-        merged = board.add(record, source)
-        if merged is not None:
+        # one board from one cell to the next (capped like a cell's): a flood between cells
+        # costs a count, not a notice per frame
+        if self._idle_board is None:
+            self._idle_board = NoticeBoard(self.policy, self.admin, limit=self.notice_limit)
+        merged = self._idle_board.add(record, source)
+        if merged is not None and merged[1]:
             self.recent_blocked.append(merged[0])
 
     def _publish_error(self, content: dict) -> None:
@@ -472,8 +607,9 @@ class SandboxKernel(Kernel):
     # -- Jupyter handlers -----------------------------------------------------------
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, *, cell_meta=None, cell_id=None):
+        self._idle_board = None
         self._cell_state = {"error": None, "silent": silent, "allow_stdin": allow_stdin,
-                            "board": NoticeBoard(self.policy, self.admin, f"{os.getpid()}-{next(self._cells)}"),
+                            "board": NoticeBoard(self.policy, self.admin, limit=self.notice_limit),
                             "parent": self.get_parent("shell")}
         if not silent:
             for line in self.grants.take_pending():  # said while no cell ran (a grant expired)
@@ -481,6 +617,9 @@ class SandboxKernel(Kernel):
         try:
             return await self._execute(code, silent, store_history, user_expressions, allow_stdin)
         finally:
+            handle = self._cell_state.pop("flush", None)
+            if handle is not None:
+                handle.cancel()
             self._cell_state = None
 
     async def _execute(self, code, silent, store_history, user_expressions, allow_stdin):
@@ -583,16 +722,25 @@ class SandboxKernel(Kernel):
                                    f"(limit {format_bytes(self.output_limit)}: c.SandboxKernel.output_limit)\n")
         if not silent:
             for conn in board.connections():  # e.g. last_seen of a retransmitted SYN
-                if conn.to_json() != conn.published:
-                    self._publish_notice(conn, new=False)
+                state.setdefault("dirty", {})[conn.display_id] = conn
+            self._flush_notices(state, final=True)
+        panels = sys.modules.get("sandbox_kernel.widgets")
+        if panels is not None:
+            panels.flush_everywhere(self)
+        forged = result.forged_done or state.get("forged_done", 0)
         self._last_sandbox_meta = {
             "exit_status": result.exit_status,
             "duration_ms": round(result.duration_ms, 3),
             "blocked": board.records(),
+            "blocked_more": board.more,
+            # the sandbox wrote a done of its own for this cell (ignored: the result is the agent's)
+            "forged_done": forged,
+            # an earlier cell's real end arrived during this one (that cell's reply came too early)
+            "late_end": bool(state.get("late_end")),
         }
         footer = None
         if self.footer == "always" or (self.footer == "on-failure" and result.exit_status != 0):
-            footer = footer_line(result.exit_status, result.duration_ms, self.policy, len(board))
+            footer = footer_line(result.exit_status, result.duration_ms, self.policy, board.total())
         if error is not None:
             if footer and not silent:
                 error["traceback"] = [*error["traceback"], footer]

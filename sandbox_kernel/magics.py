@@ -145,14 +145,12 @@ class SandboxMagics:
         conns = list(self.kernel.recent_blocked)[-50:]
         if not conns:
             return MagicOutput("no blocked connections yet")
-        lines = [f"{_when(c.last_seen)}  {c.headline()[2:]}  [{c.verdict}]  "
-                 + (c.remedy.get("command") if c.remedy.get("action") == "allow" else "not permitted by your administrator")
-                 for c in conns]
+        lines = [f"{_when(c.last_seen)}  {c.headline()[2:]}  [{c.verdict}]  {_what_to_do(c)}" for c in conns]
         head = "<tr><th>when</th><th>destination</th><th>process</th><th>verdict</th><th>count</th><th>what you can do</th></tr>"
         body = "".join(
             f"<tr><td>{_when(c.last_seen)}</td><td>{html.escape(c.destination())}</td>"
             f"<td>{html.escape((c.process or {}).get('name') or '')}</td><td>{c.verdict}</td><td>{c.count}</td>"
-            f"<td>{html.escape(c.remedy.get('command') or 'not permitted by your administrator')}</td></tr>"
+            f"<td>{html.escape(_what_to_do(c))}</td></tr>"
             for c in conns)
         return MagicOutput("\n".join(lines), f"<table class='sandbox-kernel-blocked'>{head}{body}</table>")
 
@@ -292,6 +290,16 @@ def in_force(policy, details: dict, seconds: float) -> str:
 def _describe_sandbox(info) -> str:
     details = ", ".join(f"{k} {v}" for k, v in info.details.items() if k in ("netns", "namespace", "pod"))
     return f"{info.sandbox_id}" + (f" ({details})" if details else "")
+
+
+def _what_to_do(conn) -> str:
+    """The remedy column of ``%sandbox blocked``: only a verified notice names a command."""
+    action = conn.remedy.get("action")
+    if action == "allow":
+        return conn.remedy["command"]
+    if action == "unverified":
+        return "reported by the sandbox: nothing offered"
+    return "not permitted by your administrator"
 
 
 def _when(ts) -> str:

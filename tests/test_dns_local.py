@@ -159,3 +159,50 @@ def test_dns_over_tcp_is_answered_by_the_same_rules(kernel, upstream, test_host)
     assert "ANSWER (5, None)" in cell.stream()  # REFUSED, never forwarded
     assert "outside.test" not in upstream.queries
     assert [(n["host"], n["protocol"]) for n in cell.sandbox["blocked"]] == [("outside.test", "dns")]
+
+
+def test_a_flood_against_a_slow_upstream_holds_few_descriptors(fresh_kernel):
+    """Queries for an allowed name while the upstream never answers: the proxy (in the kernel
+    process) forwards at most MAX_INFLIGHT at once and drops the rest; a refusal is still
+    answered at once meanwhile."""
+    import os
+
+    from sandbox_kernel.backends.dnsproxy import MAX_INFLIGHT
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # an upstream that never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        kernel = fresh_kernel({"SANDBOX_KERNEL_UPSTREAM_DNS": f"127.0.0.1:{silent.getsockname()[1]}",
+                               "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
+        assert kernel.execute("%sandbox allow slow.test:443").status == "ok"
+        fds = f"/proc/{kernel.pid}/fd"
+        before = len(os.listdir(fds))
+        peak = [before]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak.append(len(os.listdir(fds)))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            cell = kernel.execute(
+                "import socket, struct, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "def query(name, qid):\n    return struct.pack('!HHHHHH', qid, 0x0100, 1, 0, 0, 0) + "
+                "b''.join(bytes([len(l)]) + l.encode() for l in name.split('.')) + b'\\0\\0\\1\\0\\1'\n"
+                "for i in range(3000):\n    s.sendto(query('slow.test', i), ('127.0.0.53', 53))\n"
+                # while the flood waits upstream, a name outside the policy is still refused (asked
+                # again as a resolver would: the flood may overrun the socket's buffer)
+                "s.settimeout(0.5)\nanswer = b''\n"
+                "for attempt in range(40):\n    s.sendto(query('other.test', 65000), ('127.0.0.53', 53))\n"
+                "    try:\n        while answer[:2] != struct.pack('!H', 65000):\n            answer = s.recv(512)\n"
+                "        break\n    except OSError:\n        pass\n"
+                "print('RCODE', answer[3] & 15)\ntime.sleep(1)", timeout=60)
+        finally:
+            done.set()
+            sampler.join()
+        assert "RCODE 5" in cell.stream(), cell.outputs
+        assert max(peak) - before <= MAX_INFLIGHT + 16, (before, max(peak))
+    finally:
+        silent.close()

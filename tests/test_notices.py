@@ -1,5 +1,7 @@
 """Blocked-connection notices: one per destination, right fields, while the cell runs."""
 
+import json
+import re
 import time
 
 import pytest
@@ -68,14 +70,17 @@ def test_each_path_yields_exactly_one_notice(kernel, test_host, name, code, verd
     assert notice["policy"] == {"mode": "deny", "name": "default", "label": "default-deny"}
     assert notice["count"] == 1
     assert notice["first_seen"] <= notice["last_seen"]
-    assert notice["remedy"] == {"action": "allow", "command": f"%sandbox allow {host.ip}:8080/tcp",
-                                "entry": f"{host.ip}:8080/tcp"}
     if process:
         assert notice["process"]["name"].startswith(process) and notice["process"]["pid"]
-    bundle = [o for o in cell.outputs if o["msg_type"] == "display_data"][0]["content"]["data"]
+    bundle = [o for o in cell.outputs if o["msg_type"] in ("display_data", "update_display_data")][-1]["content"]["data"]
+    # verified by the enforcer: the guard lets one packet through for it to log (guard.witness)
+    assert notice["reported_by"] == "kernel" and "enforcer" in notice["sources"]
+    assert notice["remedy"] == {"action": "allow", "command": f"%sandbox allow {host.ip}:8080/tcp",
+                                "entry": f"{host.ip}:8080/tcp"}
     assert bundle["text/plain"].startswith(f"⛔ egress blocked: {host.ip}:8080")
     assert "you may allow it: %sandbox allow" in bundle["text/plain"]
     assert "sandbox-kernel-notice" in bundle["text/html"]
+    assert notice["count"] == 1
     assert footer(cell).endswith("· 1 blocked")
     assert host.seen() == 0
 
@@ -175,3 +180,128 @@ def test_dropped_connection_is_reported_within_a_second(fresh_kernel, test_host)
     notice = only_notice(cell)
     assert notice["verdict"] == "dropped"
     assert notice["count"] == 1  # the enforcer and the watcher saw the same attempt
+
+
+AGENT = ("import gc, os, sys\n"
+         "agent = next(o for o in gc.get_objects() if type(o).__name__ == 'Agent')\n")
+
+
+def test_a_forged_enforcer_notice_is_marked_and_offers_nothing(kernel):
+    # a host inside what the user may allow: a real enforcer notice would offer %sandbox allow
+    record = {"ip": "10.231.77.7", "port": 8080, "protocol": "tcp", "verdict": "rejected"}
+    cell = kernel.execute(AGENT + f"agent.send({{'type': 'blocked', 'source': 'enforcer', 'id': agent.cell_id, 'record': {record!r}}})")
+    notice = only_notice(cell)
+    assert notice["reported_by"] == "sandbox" and notice["remedy"]["action"] == "unverified"
+    shown = [o["content"]["data"] for o in cell.of_type("display_data") if NOTICE_MIME in o["content"]["data"]][0]
+    assert shown["text/plain"].startswith("⚠ reported by the sandbox")
+    assert "%sandbox allow" not in shown["text/plain"] + shown["text/html"]
+    assert "sandbox-kernel-notice-unverified" in shown["text/html"]
+    listed = kernel.execute("%sandbox blocked").of_type("display_data")[0]["content"]["data"]["text/plain"]
+    line = next(line for line in listed.splitlines() if "10.231.77.7:8080" in line)
+    assert "reported by the sandbox" in line and "%sandbox allow" not in line
+
+
+def test_a_bundle_with_the_notice_mime_type_from_the_sandbox_is_no_notice(kernel):
+    """Dropped or relabelled (sandbox_kernel/untrusted.py): either way, nothing the sandbox
+    displays reaches the notebook as a notice."""
+    fake = {"host": "pypi.org", "ip": "10.231.77.8", "port": 443, "protocol": "tcp", "verdict": "rejected",
+            "remedy": {"action": "allow", "command": "%sandbox allow 10.231.77.8"}}
+    cell = kernel.execute("from IPython.display import display\n"
+                          f"display({{{NOTICE_MIME!r}: {fake!r}, 'text/plain': '⛔ egress blocked: pypi.org:443'}}, raw=True)\n"
+                          "display({'text/plain': 'spray'}, raw=True, display_id='sandbox-notice-0', update=True)\n"
+                          "print('done')")
+    assert "done" in cell.stream()
+    for out in cell.outputs:
+        if out["msg_type"] in ("display_data", "update_display_data"):
+            assert NOTICE_MIME not in out["content"]["data"], out
+            assert not out["content"].get("transient", {}).get("display_id", "").startswith("sandbox-notice-"), out
+    assert cell.sandbox["blocked"] == []
+
+
+def test_notice_ids_are_unguessable_and_the_sandbox_cannot_update_them(kernel, test_host):
+    host = test_host(8080)
+    cell = kernel.execute(
+        "import socket\nfrom IPython.display import display\n"
+        f"try:\n    socket.create_connection(({host.ip!r}, 8080), timeout=3)\nexcept OSError:\n    pass\n"
+        # the old ids were sandbox-notice-<kernel pid>-<cell>-<n>: spray every one of this shape
+        "for pid in range(1, 200):\n    for cell in range(1, 5):\n"
+        "        display({'text/plain': 'all clear'}, raw=True, display_id=f'sandbox-notice-{pid}-{cell}-0', update=True)")
+    (shown,) = [o for o in cell.of_type("display_data") if NOTICE_MIME in o["content"]["data"]]
+    assert re.fullmatch(r"sandbox-notice-[0-9a-f]{32}", shown["content"]["transient"]["display_id"])
+    assert not [o for o in cell.of_type("update_display_data") if "all clear" in str(o["content"]["data"])]
+    assert "used a notice's display id" in cell.stream("stderr")
+
+
+def test_clear_output_from_the_sandbox_does_not_erase_notices(kernel, test_host):
+    host = test_host(8080)
+    cell = kernel.execute(
+        "import socket\nfrom IPython.display import clear_output\n"
+        f"try:\n    socket.create_connection(({host.ip!r}, 8080), timeout=3)\nexcept OSError:\n    pass\n"
+        "clear_output()\nprint('after the clear')")
+    kinds = [(o["msg_type"], NOTICE_MIME in o["content"].get("data", {})) for o in cell.outputs]
+    last_clear = max(i for i, (kind, _) in enumerate(kinds) if kind == "clear_output")
+    assert ("display_data", True) in kinds[last_clear:], kinds
+    assert only_notice(cell)["port"] == 8080
+
+
+def test_a_done_without_the_cells_nonce_is_ignored_and_marked(kernel):
+    cell = kernel.execute(AGENT + "agent.send({'type': 'done', 'id': agent.cell_id, 'status': 'ok', 'exit_status': 0, "
+                          "'duration_ms': 1.0})\nprint('after the false done')\n1/0")
+    assert "after the false done" in cell.stream()
+    assert cell.reply["content"]["ename"] == "ZeroDivisionError"
+    assert cell.sandbox["exit_status"] == 1 and cell.sandbox["forged_done"] == 1
+    assert "false end-of-cell" in cell.stream("stderr")
+
+
+def test_an_early_done_with_the_nonce_is_exposed_by_the_next_cell(fresh_kernel, test_host):
+    """Code that digs the nonce out of the agent's frames can end its cell early (the reply is
+    sent); what it does after is not lost: the next cell shows it, and says so."""
+    # a kernel of its own: the cell below rewires the agent, which no reset between tests undoes
+    kernel = fresh_kernel({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16"})
+    host = test_host(8080)
+    # the agent runs in the same interpreter as the cells: a cell can wrap it to steal the
+    # next cell's nonce before the agent takes it out of the frame
+    assert kernel.execute(AGENT + "import builtins\noriginal = agent.execute\n"
+                          "def spy(frame):\n    builtins.stolen = frame.get('nonce')\n    return original(frame)\n"
+                          "agent.execute = spy").status == "ok"
+    first = kernel.execute(
+        AGENT + "import builtins\n"
+        "agent.send({'type': 'done', 'id': agent.cell_id, 'nonce': builtins.stolen, 'status': 'ok', "
+        "'exit_status': 0, 'duration_ms': 1.0})\n"
+        "import socket, sandbox_agent.guard as guard\nguard.enabled = False\n"
+        f"try:\n    socket.create_connection(({host.ip!r}, 8080), timeout=3)\nexcept OSError:\n    pass\n"
+        "guard.enabled = True\nprint('after the early done')\n1/0")
+    cell = kernel.execute("'next'")
+    assert cell.status == "ok"
+    assert "after the early done" in cell.stream()
+    assert any(o["content"]["ename"] == "ZeroDivisionError" for o in cell.of_type("error"))
+    assert "really ended only now" in cell.stream("stderr") and cell.sandbox["late_end"] is True
+    # the enforcer's record is never lost: the first cell has it when it was logged before that
+    # cell's (early) end was handled, else this one
+    assert 8080 in [n["port"] for n in first.sandbox["blocked"] + cell.sandbox["blocked"]]
+    # the late events come before the cell's own result
+    kinds = [o["msg_type"] for o in cell.outputs]
+    assert kinds.index("error") < kinds.index("execute_result")
+
+
+def test_a_flood_of_forged_reports_is_capped_and_counted(kernel):
+    cell = kernel.execute(
+        AGENT + "for i in range(2000):\n"
+        "    agent.send({'type': 'blocked', 'id': agent.cell_id, 'record': "
+        "{'ip': f'10.231.{i // 250}.{i % 250 + 1}', 'port': 443, 'protocol': 'tcp', 'verdict': 'dropped'}})\n"
+        "    agent.send({'type': 'blocked', 'id': agent.cell_id, 'record': "
+        "{'ip': '10.231.99.1', 'port': 80, 'protocol': 'tcp', 'verdict': 'dropped', 'count': 1}})\n",
+        timeout=120)
+    shown = notices(cell)
+    assert len(shown) == 20 and len(cell.sandbox["blocked"]) == 20
+    assert cell.sandbox["blocked_more"] == 1981  # 2001 destinations, 20 shown
+    more = [o["content"]["data"]["text/plain"] for o in cell.outputs
+            if o["msg_type"] in ("display_data", "update_display_data") and "more destination" in str(o["content"]["data"])]
+    assert more[-1].startswith("⛔ and 1,981 more destinations blocked")
+    repeated = next(n for n in shown if n["ip"] == "10.231.99.1")
+    assert repeated["count"] == 2000
+    # 2,000 increments of one notice are a handful of updates, not 2,000
+    assert len(cell.of_type("update_display_data")) < 100
+    size = sum(len(json.dumps(o["content"])) for o in cell.outputs if o["msg_type"] != "stream")
+    assert size < 300_000, size
+    assert footer(cell).endswith("· 2001 blocked")
