@@ -14,7 +14,7 @@ Where the record comes from, most trusted first:
   learning, the first packet of each allowed connection (``LOG_PREFIX_ACCEPTED``);
 - ``resolver``: the local backend's DNS proxy sees every lookup, answered or refused;
 - ``guard`` / ``watcher``: the agent in the sandbox reports refused connections and
-  lookups (Python code is refused by the guard before a packet leaves). This is the
+  lookups (the guard's witness packet lets the enforcer log the same attempt). This is the
   sandbox's word: it can only mislead its own proposal, never widen anything (the
   proposal is applied by the user, within the ceiling), and the proposal marks entries
   that rest on it alone.
@@ -65,17 +65,19 @@ class Tried:
     protocol: str  # tcp | udp | dns | icmp | ...
     verdicts: set = field(default_factory=set)  # allowed | blocked
     cells: set = field(default_factory=set)  # execution counts; 0 = between cells
-    counts: dict = field(default_factory=dict)  # source -> attempts it saw
+    counts: dict = field(default_factory=dict)  # source -> reports it made
     first_seen: float = field(default_factory=time.time)
-
-    attempts: set = field(default_factory=set)  # enforcer attempt ids (a retransmitted SYN is one)
+    #: attempt ids (``tcp:<source port>``, ``dns:<id>:<type>``): the guard's report and the
+    #: enforcer's log of its witness packet name the same attempt, a retransmission repeats it
+    attempts: set = field(default_factory=set)
+    unnamed: dict = field(default_factory=dict)  # source -> attempts reported without an id
 
     @property
     def count(self) -> int:
-        # the guard refuses before a packet leaves, so what it saw the network never did;
-        # the watcher sees the same dropped connections as the enforcer's log
-        c = self.counts
-        return c.get("guard", 0) + max(c.get("enforcer", 0), c.get("watcher", 0)) + c.get("resolver", 0)
+        # without ids: the watcher sees the same dropped connections as the enforcer's log
+        u = self.unnamed
+        return (len(self.attempts) + u.get("guard", 0) + max(u.get("enforcer", 0), u.get("watcher", 0))
+                + u.get("resolver", 0))
 
     @property
     def trusted(self) -> bool:
@@ -240,14 +242,14 @@ class Learner:
         tried.verdicts.add(verdict)
         cell = self.kernel.execution_count if getattr(self.kernel, "_cell_state", None) is not None else 0
         tried.cells.add(cell)
-        attempt = record.get("attempt")
-        if isinstance(attempt, str) and source == "enforcer":
-            if attempt in tried.attempts:
-                return
-            if len(tried.attempts) < 10_000:
-                tried.attempts.add(attempt)
         count = record.get("count") if isinstance(record.get("count"), int) else 1
-        tried.counts[source] = tried.counts.get(source, 0) + max(1, min(count, 1_000_000))
+        count = max(1, min(count, 1_000_000))
+        tried.counts[source] = tried.counts.get(source, 0) + count
+        attempt = record.get("attempt")
+        if isinstance(attempt, str) and len(attempt) <= 64 and len(tried.attempts) < 10_000:
+            tried.attempts.add(attempt)
+        else:
+            tried.unnamed[source] = tried.unnamed.get(source, 0) + count
         if new:
             _refresh_views(self.kernel)
 
