@@ -229,7 +229,8 @@ class Learner:
             host = _safe_name(host)
         if host is None and ip is None:
             return
-        key = (host or ip, port, protocol) if protocol != "dns" else (host, None, "dns")
+        # by address when there is one: the guard may name it, the enforcer's log never does
+        key = (ip or host, port, protocol) if protocol != "dns" else (host, None, "dns")
         tried = self._tried.get(key)
         if tried is None:
             if len(self._tried) >= MAX_DESTINATIONS:
@@ -238,7 +239,7 @@ class Learner:
             new = True
         else:
             new = False
-            tried.ip = tried.ip or ip
+            tried.ip, tried.host = tried.ip or ip, tried.host or host
         tried.verdicts.add(verdict)
         cell = self.kernel.execution_count if getattr(self.kernel, "_cell_state", None) is not None else 0
         tried.cells.add(cell)

@@ -255,3 +255,22 @@ def test_the_guard_reports_what_it_lets_through_only_when_asked():
             guard.audit("socket.connect", (sock, ("10.231.7.2", 9000)))
     assert [(r["ip"], r["port"], r["protocol"], r["verdict"]) for r in reached] == [("10.231.7.2", 8080, "tcp", "allowed")]
     assert [(r["ip"], r["port"], r["verdict"]) for r in refused] == [("10.231.7.2", 9000, "guarded")]
+
+
+def test_a_port_refused_on_an_allowed_name_is_one_destination_named(fresh_kernel, test_host, upstream):
+    """The guard names the host (it saw the lookup), the enforcer's log of its witness packet
+    only has the address: one destination, proposed as the name."""
+    host = test_host(8080)
+    upstream.records["named.test"] = host.ip
+    kernel = fresh_kernel(_env(upstream) | {"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16 named.test"})
+    assert kernel.execute("%sandbox allow named.test:8080/tcp").status == "ok"
+    kernel.execute("%sandbox learn")
+    cell = kernel.execute("import socket\nsocket.create_connection(('named.test', 8080), timeout=3).close()\n"
+                          "try:\n    socket.create_connection(('named.test', 9000), timeout=3)\n"
+                          "except OSError:\n    print('9000 refused')")
+    assert "9000 refused" in cell.stream()
+    proposal = _proposal(kernel.execute("%sandbox learn stop"))
+    assert [i["text"] for i in proposal["items"]] == ["named.test:8080,9000/tcp"]
+    tried = {(t["port"], t["verdict"]): t for t in proposal["tried"] if t["protocol"] == "tcp"}
+    assert set(tried) == {(8080, "allowed"), (9000, "blocked")}
+    assert tried[(9000, "blocked")]["count"] == 1 and tried[(9000, "blocked")]["sources"] == ["enforcer", "guard"]
