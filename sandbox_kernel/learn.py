@@ -22,7 +22,8 @@ Where the record comes from, most trusted first:
 On the Kubernetes backend there is no enforcer log and no DNS proxy: the agent's refusals
 are learned, and while learning the guard is asked (``report_allowed``) for the connections it
 lets through, which covers Python code only; allowed subprocess connections are not seen. In
-hub mode the service sends the agent its policy, so only refusals are learned.
+hub mode the service forwards its enforcer's refusals, not what it let through, and sends the
+agent its policy itself: only refusals are learned.
 """
 
 from __future__ import annotations
