@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "(seconds, or 30m, 1h, 2d; default 24h)")
     p_gc.add_argument("--enforcers", help="kubernetes: policy kinds to clean, comma-separated "
                                           "(default: SANDBOX_KERNEL_K8S_ENFORCERS, else networkpolicy)")
-    sub.add_parser("demo-host", help="start, stop or check the demo destination the notebooks use").add_argument(
-        "action", choices=("start", "stop", "status"))
+    p_demo = sub.add_parser("demo-host", help="start, stop or check the demo destination the notebooks use; "
+                                              "hold/release PID: keep it up while process PID runs (scripts/lab.sh)")
+    p_demo.add_argument("action", choices=("start", "stop", "status", "hold", "release"))
+    p_demo.add_argument("pid", nargs="?", help="hold/release: the process that uses the demo host")
 
     try:
         from .policy import cli as policy_cli
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo-host":
         from .demohost import main as demo_host
 
-        return demo_host([args.action])
+        return demo_host([args.action, *([args.pid] if args.pid is not None else [])])
     handler = getattr(args, "handler", None)
     if handler is not None:
         return int(handler(args) or 0)

@@ -24,6 +24,7 @@ from .config import env_bool, env_default
 from .errors import SandboxError
 from .grants import Grants
 from .learn import Learner
+from .history import CellHistory
 from .magics import SandboxMagics, split_cell
 from .notices import DISPLAY_ID_PREFIX, NOTICE_MIME, NoticeBoard
 from .policy.admin import AdminPolicy, agent_view
@@ -226,6 +227,8 @@ class SandboxKernel(Kernel):
         self.grants = Grants(self)
         self.learner = Learner(self)
         self._init_comms()
+        #: the cells' input history (history_request); outlives sandbox restarts
+        self.history = CellHistory()
 
     def _adopt_service_ceiling(self) -> None:
         """Hub mode: the service's ceiling for this user is the one that counts (it enforces it
@@ -381,6 +384,9 @@ class SandboxKernel(Kernel):
             if state is not None and state.get("silent"):
                 return
             data, metadata = self.screen(frame.get("data"), frame.get("metadata"))
+            if state is not None:
+                text = data.get("text/plain")
+                state["result_text"] = text if isinstance(text, str) else None
             self.send_response(self.iopub_socket, "execute_result", {
                 "data": data, "metadata": metadata, "execution_count": self.execution_count,
             })
@@ -617,6 +623,8 @@ class SandboxKernel(Kernel):
         try:
             return await self._execute(code, silent, store_history, user_expressions, allow_stdin)
         finally:
+            if store_history and not silent:
+                self.history.record(self.execution_count, code, self._cell_state.get("result_text"))
             handle = self._cell_state.pop("flush", None)
             if handle is not None:
                 handle.cancel()
@@ -760,6 +768,28 @@ class SandboxKernel(Kernel):
             metadata["sandbox"] = dict(self._last_sandbox_meta)
         return metadata
 
+    async def do_history(self, hist_access_type, output, raw, session=None, start=None, stop=None,
+                         n=None, pattern=None, unique=False):
+        """history_request, answered from this kernel's own record (see history.py): ``tail``,
+        ``range`` and ``search`` as ipykernel answers them; raw and translated input are the same
+        text here (the sandbox, not the kernel, translates ``!cmd`` and magics)."""
+        bad = [name for name, value, ok in (
+            ("n", n, n is None or _is_int(n)), ("start", start, start is None or _is_int(start)),
+            ("stop", stop, stop is None or _is_int(stop)), ("session", session, session is None or _is_int(session)),
+            ("pattern", pattern, pattern is None or isinstance(pattern, str))) if not ok]
+        if bad:
+            message = f"history_request: {', '.join(bad)} must be an integer (pattern: a string)"
+            return {"status": "error", "ename": "ValueError", "evalue": message, "traceback": [message], "history": []}
+        if hist_access_type == "tail":
+            rows = self.history.tail(n, output=output)
+        elif hist_access_type == "range":
+            rows = self.history.range(session, start, stop, output=output)
+        elif hist_access_type == "search":
+            rows = self.history.search(pattern, n=n, unique=unique, output=output)
+        else:
+            rows = []
+        return {"status": "ok", "history": rows}
+
     async def do_complete(self, code, cursor_pos):
         content = await self._ask({"type": "complete", "code": code, "cursor_pos": cursor_pos})
         if content is None:
@@ -798,6 +828,10 @@ class SandboxKernel(Kernel):
         except Exception as err:  # noqa: BLE001 - shutting down regardless; gc removes leftovers
             self.log.warning("stopping the sandbox failed: %s", err)
         return {"status": "ok", "restart": restart}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _dict(value) -> dict:

@@ -31,8 +31,17 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "setup: creating $venv"
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e "$repo[$extras]"
+# pip only when pyproject.toml changed or these extras are new since the last run (the install
+# is editable: code changes need nothing), so a second run only checks and needs no network
+stamp="$venv/.sandbox-kernel-setup"
+want="$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1) $extras"
+# the test extras include the lab extras (jupyterlab, nbclient): the suite runs lab.sh after test.sh
+covered="${want% *} test"
+if [ ! -x "$venv/bin/sandbox-kernel" ] || ! { grep -qxF "$want" "$stamp" || { [ "$extras" = lab ] && grep -qxF "$covered" "$stamp"; }; } 2>/dev/null; then
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -e "$repo[$extras]"
+  { grep -F "${want%% *} " "$stamp" 2>/dev/null || true; echo "$want"; } > "$stamp.new" && mv "$stamp.new" "$stamp"
+fi
 
 # The browser test (tests/browser) and the hub tests (tests/hub) when the extras include "test":
 # Chromium from Debian (/usr/bin/chromium; playwright never downloads a browser), an emoji font

@@ -210,10 +210,13 @@ def test_nothing_of_the_host_home_is_visible(kernel):
 
 
 def test_twenty_kernels_at_once_are_isolated_and_cleaned_up(test_host):
+    """Counts only this test's sandboxes (each kernel's own, from its owner record): a
+    bystander kernel, started meanwhile and still running at the end, changes nothing, as
+    any other sandbox on the machine must not."""
     host = test_host(8080)
-    before = sandbox_namespaces()
     drivers: list[KernelDriver] = []
     errors: list[BaseException] = []
+    bystander: KernelDriver | None = None
 
     def start():
         try:
@@ -222,9 +225,12 @@ def test_twenty_kernels_at_once_are_isolated_and_cleaned_up(test_host):
             errors.append(err)
 
     threads = [threading.Thread(target=start) for _ in range(20)]
+    owned: dict[int, set[str]] = {}
     try:
         for t in threads:
             t.start()
+        bystander = KernelDriver()
+        assert bystander.execute("1").status == "ok"
         for t in threads:
             t.join(180)
         assert not errors, errors
@@ -241,7 +247,11 @@ def test_twenty_kernels_at_once_are_isolated_and_cleaned_up(test_host):
             t.join(180)
         assert [r.of_type("execute_result")[0]["content"]["data"]["text/plain"] for r in results] == \
             [str(i * 2) for i in range(20)]
-        assert len(sandbox_namespaces() - before) == 20
+        owned = {i: d.namespaces() for i, d in enumerate(drivers)}
+        # one sandbox per kernel, twenty distinct ones, none of them the bystander's
+        assert all(len(names) == 1 for names in owned.values()), owned
+        ours = set().union(*owned.values())
+        assert len(ours) == 20 and not ours & bystander.namespaces()
         # one kernel's policy change does not touch the others
         assert drivers[0].execute(f"%sandbox allow {host.ip}:8080/tcp").status == "ok"
         probe = f"import socket\nprint('REPLY', socket.create_connection(({host.ip!r}, 8080), timeout=3).recv(5))"
@@ -250,10 +260,17 @@ def test_twenty_kernels_at_once_are_isolated_and_cleaned_up(test_host):
     finally:
         for d in drivers:
             d.shutdown()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and sandbox_namespaces() - before:
-        time.sleep(0.2)
-    assert not (sandbox_namespaces() - before)
+    try:
+        ours = set().union(*owned.values()) if owned else set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sandbox_namespaces() & ours:
+            time.sleep(0.2)
+        assert not sandbox_namespaces() & ours
+        # the bystander's sandbox is untouched by the twenty's cleanup
+        assert bystander is not None and bystander.namespaces() and bystander.execute("2").status == "ok"
+    finally:
+        if bystander is not None:
+            bystander.shutdown()
 
 
 FORGE = """import gc, os, sys

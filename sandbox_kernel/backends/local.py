@@ -41,15 +41,18 @@ from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ..policy.compile_nftables import LOG_PREFIX_ACCEPTED, compile_nftables
 from ..policy.resolve import resolve_policy
-from . import limits, nflog
+from . import limits, nflog, sockowner
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 from .dnsproxy import DnsProxy, upstream_from_resolv_conf
+from .enforcerlog import EnforcerLogProcess
 
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "sbx-"
 NFT_TABLE = "sandbox_kernel"
 #: the sandbox's resolver: the kernel's DNS proxy, listening on the sandbox's own loopback
 SANDBOX_RESOLVER = "127.0.0.53"
+#: most lookups of a refused packet's sender a second (sockowner.py); beyond, notices name no process
+OWNER_LOOKUPS_PER_S = 200
 SANDBOX_HOME = "/home/sandbox"
 AGENT_PATH = "/opt/sandbox-agent/agent.pyz"
 
@@ -203,6 +206,11 @@ class LocalBackend(Backend):
         self._applied: dict[str, Any] = {}
         self._uplink: subprocess.Popen | None = None
         self._nflog = None
+        #: (protocol, src, sport) -> (when, process) of refused packets' senders, and the lookup budget
+        self._owners: dict[tuple, tuple[float, dict | None]] = {}
+        self._owner_budget: tuple[float, int] = (0.0, 0)
+        self._diag: sockowner.SocketDiag | None = None
+        self._nflog_sock = None
         self._refresh: asyncio.Task | None = None
         self._dns: DnsProxy | None = None
         self._policy: Any = None
@@ -251,6 +259,8 @@ class LocalBackend(Backend):
             self._listen_enforcer_log()
             await self._start_dns(policy)
             await self._spawn_agent()
+            if isinstance(self._nflog, EnforcerLogProcess):  # while the agent starts
+                await self._nflog.wait_ready()
         except BaseException as err:
             await self.stop()
             if isinstance(err, (SandboxStartError, PolicyError)):
@@ -353,30 +363,78 @@ class LocalBackend(Backend):
         except OSError as err:
             self.log.warning("no enforcer log for sandbox %s: %s", self._sandbox_id, err)
             return
-        self._nflog = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_nflog)
+        diag = None
+        try:
+            diag = sockowner.SocketDiag.open(str(NETNS_DIR / self.netns))
+        except OSError as err:  # senders are then found from /proc/net alone (slower)
+            self.log.warning("no socket lookups in sandbox %s: %s", self._sandbox_id, err)
+        self._nflog_sock, self._diag = sock, diag
+        cgroups = sorted({str(d) for d in self._cgroup.dirs.values()}) if self._cgroup is not None else []
+        try:
+            self._nflog = EnforcerLogProcess(sock, diag.sock if diag else None, str(NETNS_DIR / self.netns),
+                                             cgroups, asyncio.get_running_loop(), self._deliver_packet,
+                                             self._read_log_here, self.log)
+        except OSError as err:
+            self.log.warning("no enforcer log reader process for sandbox %s: %s", self._sandbox_id, err)
+            self._read_log_here()
 
-    def _on_nflog(self) -> None:
-        sock = self._nflog
-        if sock is None:
+    def _read_log_here(self) -> None:
+        """Read the enforcer's log in the kernel (a thread): the reader process could not run."""
+        if self._nflog_sock is None:
             return
-        while True:
-            try:
-                data = sock.recv(1 << 16)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:  # ENOBUFS: the kernel dropped log messages; keep reading
-                self.log.debug("NFLOG read: %s", err)
-                return
-            for packet in nflog.parse(data):
-                if packet.prefix.startswith(LOG_PREFIX_ACCEPTED.rstrip()):
-                    record = enforcer_record(packet, "allowed")
-                    if record is not None and self.learn_sink is not None:
-                        self.learn_sink(record)
-                    continue
-                record = enforcer_record(packet, "dropped" if self.refuse_with == "drop" else "rejected")
-                if record is not None and self.blocked_sink is not None:
-                    self.blocked_sink(record)
+        self._nflog = nflog.LogReader(self._nflog_sock, asyncio.get_running_loop(), self._with_senders,
+                                      lambda item: self._deliver_packet(*item), self.log)
+
+    def _with_senders(self, packets: list[nflog.LoggedPacket]) -> list[tuple]:
+        """Each packet of one NFLOG read with the process that sent it (in the reader's thread)."""
+        pids = None
+        items = []
+        for packet in packets:
+            if pids is None:  # once per read: the packets of one read come from the same moment
+                pids = sockowner.sandbox_pids(
+                    sorted({str(d) for d in self._cgroup.dirs.values()}) if self._cgroup is not None else (),
+                    str(NETNS_DIR / self.netns) if self.netns else None)
+            items.append((packet, self._sender(packet, pids)))
+        return items
+
+    def _deliver_packet(self, packet: nflog.LoggedPacket, process: dict | None) -> None:
+        """A refused packet, and who sent it, as a blocked-connection record (on the loop)."""
+        if packet.prefix.startswith(LOG_PREFIX_ACCEPTED.rstrip()):  # learn mode: let through
+            record = enforcer_record(packet, "allowed")
+            if record is not None and self.learn_sink is not None:
+                record["process"] = process if isinstance(process, dict) else None
+                self.learn_sink(record)
+            return
+        record = enforcer_record(packet, "dropped" if self.refuse_with == "drop" else "rejected")
+        if record is not None:
+            record["process"] = process if isinstance(process, dict) else None
+            self._report_blocked(record)
+
+    def _report_blocked(self, record: dict) -> None:
+        if self.blocked_sink is not None:
+            self.blocked_sink(record)
+
+    def _sender(self, packet: nflog.LoggedPacket, pids: list[int]) -> dict | None:
+        """The sandbox process that sent a refused packet (sockowner.py), looked up at once: the
+        process may close the socket soon. Retransmissions of one attempt reuse the first answer,
+        and at most OWNER_LOOKUPS_PER_S lookups run a second (a flood of refusals stays cheap)."""
+        now = time.monotonic()
+        key = (packet.protocol, packet.src, packet.sport)
+        cached = self._owners.get(key)
+        if cached is not None and now - cached[0] < 10 and cached[1] is not None:
+            return cached[1]
+        window, count = self._owner_budget
+        if now - window >= 1:
+            window, count = now, 0
+        if count >= OWNER_LOOKUPS_PER_S:
+            return None
+        self._owner_budget = (window, count + 1)
+        found = sockowner.owner(pids, packet.protocol, packet.src, packet.sport, packet.dst, packet.dport,
+                                diag=self._diag)
+        if len(self._owners) > 1000:
+            self._owners.clear()
+        self._owners[key] = (now, found)
+        return found
 
     async def _start_dns(self, policy: Any) -> None:
         """The sandbox's resolver (see dnsproxy.py); without an upstream, nothing resolves."""
@@ -401,15 +459,18 @@ class LocalBackend(Backend):
             raise PolicyError(f"nftables refused {script.strip()!r}: {result.stderr.strip()}")
 
     def drain_blocked(self) -> None:
-        self._on_nflog()
+        if self._nflog is not None:
+            self._nflog.drain()
 
     def _close_enforcer_log(self) -> None:
-        sock, self._nflog = self._nflog, None
+        reader, self._nflog = self._nflog, None
+        if reader is not None:
+            reader.close()
+        diag, self._diag = self._diag, None
+        if diag is not None:
+            diag.sock.close()
+        sock, self._nflog_sock = self._nflog_sock, None
         if sock is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(sock.fileno())
-            except RuntimeError:
-                pass
             sock.close()
 
     def _ruleset(self, policy: Any) -> tuple[str, dict]:
@@ -724,8 +785,13 @@ def _owner_alive(owner_file: Path) -> bool:
 
 
 def _netns_in_use(sandbox_id: str) -> bool:
+    """Processes run in the namespace, or it was made in the last minute (a kernel configured
+    with another state directory may be creating it: no process is in it yet)."""
     netns = f"{NETNS_PREFIX}{sandbox_id}"
-    if not (NETNS_DIR / netns).exists():
+    try:
+        if time.time() - (NETNS_DIR / netns).lstat().st_mtime < 60:
+            return True
+    except OSError:
         return False
     return bool(_run(["ip", "netns", "pids", netns], check=False).stdout.split())
 
