@@ -30,7 +30,14 @@ CELLS = (
 
 @pytest.fixture
 def upstream():
-    server = FakeUpstream()
+    for _ in range(10):  # its TCP port is the UDP one's: another process may hold it
+        try:
+            server = FakeUpstream()
+            break
+        except OSError:
+            continue
+    else:
+        raise OSError("no port free for the fake DNS upstream on both UDP and TCP")
     server.records[NAME] = NAME_ADDR
     yield server
     server.close()
