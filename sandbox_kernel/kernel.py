@@ -207,6 +207,7 @@ class SandboxKernel(Kernel):
                                      entries=[], presets=[], mode="deny", user_may_allow=[], max_entries=0)
             self.policy = EgressPolicy()
         self.sandbox_backend = self._make_backend()
+        self.admin.reserved = dict(self.sandbox_backend.reserved_ranges)
         self.sandbox_backend.always_blocked = [str(n) for n in self.admin.blocked_networks()]
         self.policy_applied_at: float | None = None
         self._policy_lock = asyncio.Lock()

@@ -112,6 +112,7 @@ def test_learned_under_deny_applied_and_inserted(fresh_kernel, test_host, upstre
     tried = {(t["host"] or t["ip"]): t for t in second["tried"]}
     assert {k: (t["verdict"], t["sources"]) for k, t in tried.items()} == {
         a.ip: ("allowed", ["enforcer"]), b.ip: ("allowed", ["enforcer"]), NAME: ("allowed", ["resolver"])}
+    assert tried[a.ip]["count"] == tried[b.ip]["count"] == 1  # a flow's first packet, not each packet
 
     # the inserted cell carries the policy: a fresh kernel running it first runs clean
     other = fresh_kernel(_env(upstream))
@@ -199,9 +200,12 @@ def test_accepted_connections_are_logged_only_in_learn_mode():
     args = {"resolved": {}, "resolver": "127.0.0.53", "always_blocked": ["169.254.0.0/16"]}
     assert LOG_PREFIX_ACCEPTED not in compile_nftables(policy, **args)
     learning = compile_nftables(policy, **args, log_accepted=True)
-    accept_rules = [line for line in learning.splitlines() if line.strip().startswith("ip daddr @allow_")]
-    assert accept_rules and all(f'log prefix "{LOG_PREFIX_ACCEPTED}" group 42 accept' in r for r in accept_rules)
-    assert learning.count(LOG_PREFIX_ACCEPTED) == 2  # the v4 and v6 rules of the one set; not the resolver
+    rules = [line.strip() for line in learning.splitlines() if " daddr @allow_" in line]
+    # each allow rule is preceded by one that logs a flow's first packet and decides nothing
+    assert len(rules) == 4 and [r.endswith(" accept") for r in rules] == [False, True, False, True]
+    for log_rule, accept in zip(rules[::2], rules[1::2]):
+        assert log_rule == accept.removesuffix(" accept") + f' ct state new counter log prefix "{LOG_PREFIX_ACCEPTED}" group 42'
+    assert learning.count(LOG_PREFIX_ACCEPTED) == 2  # v4 and v6 of the one set; not the resolver
 
 
 def test_the_panel_learns_applies_and_shows_the_lines(fresh_kernel, test_host):

@@ -127,6 +127,10 @@ class Backend(LoggingConfigurable):
     #: the policy says. ``None``: the backend's own default.
     always_blocked: list[str] | None = None
 
+    #: networks the backend's own plumbing uses (CIDR -> what it is), which no policy may open;
+    #: the kernel adds them to its ceiling so an entry inside them is refused with the reason
+    reserved_ranges: dict[str, str] = {}
+
     #: True when something behind the backend (the hub service) judges every policy change
     #: against the ceiling itself, so the kernel only advises and never refuses on its own
     enforces_ceiling: bool = False

@@ -79,6 +79,24 @@ def parse_question(query: bytes) -> tuple[int, str, int]:
     return qid, name, qtype
 
 
+def bind_here() -> tuple[socket.socket, socket.socket]:
+    """The proxy's UDP and TCP sockets on :data:`LISTEN` in the calling thread's namespace."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        udp.bind(LISTEN)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(LISTEN)
+        tcp.listen(16)
+    except BaseException:
+        udp.close()
+        tcp.close()
+        raise
+    udp.setblocking(False)
+    tcp.setblocking(False)
+    return udp, tcp
+
+
 def refused(query: bytes) -> bytes:
     """A REFUSED answer to ``query`` (same id and question, no records)."""
     qid, flags = struct.unpack("!HH", query[:4])
@@ -107,24 +125,14 @@ class DnsProxy(asyncio.DatagramProtocol):
         self.shed = 0  # queries dropped because MAX_INFLIGHT were in flight
 
     @classmethod
-    async def start(cls, netns_path: str, **kwargs) -> DnsProxy:
-        def bind() -> tuple[socket.socket, socket.socket]:
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                udp.bind(LISTEN)
-                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                tcp.bind(LISTEN)
-                tcp.listen(16)
-            except BaseException:
-                udp.close()
-                tcp.close()
-                raise
-            udp.setblocking(False)
-            tcp.setblocking(False)
-            return udp, tcp
-
-        udp, tcp = await asyncio.to_thread(in_netns, netns_path, bind)
+    async def start(cls, netns_path: str | None, *, sockets: tuple[socket.socket, socket.socket] | None = None,
+                    **kwargs) -> DnsProxy:
+        """Listen in the namespace at ``netns_path``, or on ``sockets`` made there already
+        (:func:`bind_here`, run by the rootless backend's helper)."""
+        if sockets is None:
+            assert netns_path is not None
+            sockets = await asyncio.to_thread(in_netns, netns_path, bind_here)
+        udp, tcp = sockets
         proxy = cls(**kwargs)
         try:
             await asyncio.get_running_loop().create_datagram_endpoint(lambda: proxy, sock=udp)
