@@ -117,6 +117,10 @@ class Backend(LoggingConfigurable):
     #: set by the Session: called with a blocked-connection record whenever the enforcer
     #: itself reports one (local: NFLOG). Records use the notice JSON field names.
     blocked_sink: Callable[[dict], None] | None = None
+    #: learn mode (sandbox_kernel/learn.py): where a backend that can see them reports the
+    #: destinations its enforcer ALLOWED (verdict "allowed") and the names its resolver answered
+    #: (protocol "dns", with "addresses"); None when nobody is learning
+    learn_sink: Callable[[dict], None] | None = None
 
     #: networks no policy may open (CIDR strings), set by the kernel or the hub service from
     #: the administrator's ceiling before :meth:`start`; the enforcer blocks them whatever

@@ -110,11 +110,12 @@ class DnsProxy(asyncio.DatagramProtocol):
     """Serves one sandbox. Created and closed by the local backend."""
 
     def __init__(self, *, policy: Callable[[], Any], upstream: str, add_addresses: Callable[[list[tuple[str, str]]], None],
-                 report: Callable[[dict], None], log):
+                 report: Callable[[dict], None], log, observe: Callable[[dict], None] | None = None):
         self._policy = policy
         self._upstream = parse_resolver(upstream)
         self._add = add_addresses
         self._report = report
+        self._observe = observe  # learn mode: names answered, with their addresses
         self._log = log
         self._transport: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
@@ -242,12 +243,18 @@ class DnsProxy(asyncio.DatagramProtocol):
             return None
         finally:
             self.inflight -= 1
-        if entries and qtype in (TYPE_A, TYPE_AAAA):
+        addresses = []
+        if qtype in (TYPE_A, TYPE_AAAA):
             try:
                 answer = parse_response(response)
                 addresses = [a for records in answer.addresses.values() for a, _ in records]
             except DNSFormatError:
                 addresses = []
+        if self._observe is not None:
+            now = time.time()
+            self._observe({"host": name, "ip": None, "port": None, "protocol": "dns", "verdict": "allowed",
+                           "addresses": addresses, "first_seen": now, "last_seen": now, "count": 1})
+        if entries and addresses:
             elements = [(set_for_entry(entry, a), a) for entry in entries for a in addresses]
             if elements:
                 try:

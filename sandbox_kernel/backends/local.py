@@ -40,7 +40,7 @@ from ..agent import protocol
 from ..agent.bundle import build_pyz
 from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
-from ..policy.compile_nftables import compile_nftables
+from ..policy.compile_nftables import LOG_PREFIX_ACCEPTED, compile_nftables
 from ..policy.resolve import resolve_policy
 from . import limits, nflog, rootless, seccomp, sockowner, userns
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
@@ -267,6 +267,8 @@ class LocalBackend(Backend):
         self._learned: dict[str, set[str]] = {}
         #: rootless mode: the namespaces the kernel's own user created
         self._ns: rootless.RootlessNamespaces | None = None
+        #: learn mode: log allowed connections too (sandbox_kernel/learn.py sets it, then re-applies)
+        self.log_accepted = False
 
     # -- checks -------------------------------------------------------------------
     def check(self) -> None:
@@ -503,6 +505,12 @@ class LocalBackend(Backend):
 
     def _deliver_packet(self, packet: nflog.LoggedPacket, process: dict | None) -> None:
         """A refused packet, and who sent it, as a blocked-connection record (on the loop)."""
+        if packet.prefix.startswith(LOG_PREFIX_ACCEPTED.rstrip()):  # learn mode: let through
+            record = enforcer_record(packet, "allowed")
+            if record is not None and self.learn_sink is not None:
+                record["process"] = process if isinstance(process, dict) else None
+                self.learn_sink(record)
+            return
         record = enforcer_record(packet, "dropped" if self.refuse_with == "drop" else "rejected")
         if record is not None:
             record["process"] = process if isinstance(process, dict) else None
@@ -542,7 +550,8 @@ class LocalBackend(Backend):
         self._dns = await DnsProxy.start(
             self._netns_path, sockets=await self._dns_sockets(), policy=lambda: self._policy,
             upstream=self.upstream_dns or "127.0.0.1:9", add_addresses=self._add_addresses,
-            report=lambda record: self.blocked_sink and self.blocked_sink(record), log=self.log)
+            report=lambda record: self.blocked_sink and self.blocked_sink(record), log=self.log,
+            observe=lambda record: self.learn_sink and self.learn_sink(record))
 
     async def _dns_sockets(self) -> Any:
         """Rootless: the DNS proxy's sockets, made inside the namespaces (else None: the proxy
@@ -590,7 +599,7 @@ class LocalBackend(Backend):
         ruleset = compile_nftables(
             policy, table=NFT_TABLE, resolved=resolved, resolver=SANDBOX_RESOLVER,
             always_blocked=self.always_blocked or _default_blocked(), nflog_group=self.nflog_group,
-            refuse_with=self.refuse_with,
+            refuse_with=self.refuse_with, log_accepted=self.log_accepted,
         )
         return ruleset, {"resolved": resolved, "expires_at": expires_at, "resolver": SANDBOX_RESOLVER}
 

@@ -49,6 +49,9 @@ from .model import EgressPolicy, Entry, IPNetwork, PortRange
 #: not-allowed one by these (they end with a space because the log text follows).
 LOG_PREFIX_ALWAYS_BLOCKED = "sandbox-kernel:always-blocked "
 LOG_PREFIX_DENIED = "sandbox-kernel:denied "
+#: learn mode (``log_accepted=True``): the first packet of each allowed connection is
+#: logged with this prefix, so the kernel learns what was reached, not only what was refused
+LOG_PREFIX_ACCEPTED = "sandbox-kernel:accepted "
 
 #: how a refused packet ends, for TCP and for everything else
 _REFUSALS = {
@@ -69,13 +72,15 @@ def compile_nftables(
     always_blocked: Sequence[str | IPNetwork],
     nflog_group: int = 42,
     refuse_with: str = "reject",
+    log_accepted: bool = False,
 ) -> str:
     """Return the ``nft -f`` script that enforces ``policy`` in one network namespace.
 
     ``resolved`` maps each exact domain to its addresses; ``resolver`` is the one DNS
     server the sandbox may query (allowlist mode only; None allows no DNS at all).
     ``refuse_with`` is ``"reject"`` (TCP reset / ICMP admin-prohibited: code fails at once)
-    or ``"drop"`` (silence, as a Kubernetes NetworkPolicy does).
+    or ``"drop"`` (silence, as a Kubernetes NetworkPolicy does). ``log_accepted`` logs the
+    first packet of every allowed connection with :data:`LOG_PREFIX_ACCEPTED` (learn mode).
     """
     if not _TABLE.match(table):
         raise PolicyError(f"nftables table name {table!r} must be a short identifier (letters, digits, _)")
@@ -129,7 +134,12 @@ def compile_nftables(
         blocked_log = log.format(prefix=LOG_PREFIX_ALWAYS_BLOCKED)
         out.append(f"\t\t{family} daddr @blocked_v{version} meta l4proto tcp {blocked_log} {reject_tcp}")
         out.append(f"\t\t{family} daddr @blocked_v{version} {blocked_log} {reject_other}")
+    # learn mode: a flow's first packet is logged (every packet passes these rules: no blanket
+    # "established: accept" above), by a rule of its own that does not decide anything
+    accepted_log = log.format(prefix=LOG_PREFIX_ACCEPTED)
     for name, family, protocol, ports in allows:
+        if log_accepted:
+            out.append(f"\t\t{family} daddr @{name}{_l4_match(protocol, ports)} ct state new {accepted_log}")
         out.append(f"\t\t{family} daddr @{name}{_l4_match(protocol, ports)} accept")
     denied_log = log.format(prefix=LOG_PREFIX_DENIED)
     out += [
