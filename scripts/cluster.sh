@@ -15,10 +15,10 @@
 # Environment (all optional):
 #   SANDBOX_KERNEL_CLUSTER_CACHE    builds, images, containerd's image store, logs, and the
 #                                   running cluster's state (default /var/cache/sandbox-kernel/cluster)
-#   SANDBOX_KERNEL_CLUSTER_NODE_IP  the node's address, put on a dummy interface (default 10.245.0.1)
+#   SANDBOX_KERNEL_CLUSTER_NODE_IP  the node's address, added to lo (default 10.245.0.1)
 #   SANDBOX_KERNEL_CLUSTER_TIMEOUT  seconds `up` waits for the cluster to be ready (default 300)
 #
-# Root only. Host changes are confined and undone by `down`: a dummy interface, the sysctls
+# Root only. Host changes are confined and undone by `down`: the node address on lo, the sysctls
 # listed in SAVED_SYSCTLS (restored), iptables-legacy chains named KUBE-*/CNI-* and ipsets
 # named KUBE-* (nothing in nftables), /var/lib/kubelet, the kubepods cgroups, pod netns/veths.
 set -euo pipefail
@@ -41,7 +41,7 @@ K8S_VERSION=v1.34.4
 COREDNS_VERSION=1.12.4
 NODE_NAME=sandbox-kernel-node
 NODE_IP="${SANDBOX_KERNEL_CLUSTER_NODE_IP:-10.245.0.1}"
-NODE_IFACE=skc-node0
+NODE_LABEL=lo:skcluster
 POD_CIDR=10.244.0.0/16
 NODE_POD_CIDR=10.244.0.0/24            # the first /24 the controller-manager gives the only node
 SERVICE_CIDR=10.96.0.0/16
@@ -53,6 +53,7 @@ ETCD_PEER_PORT=23800
 CNI_NETWORK=sk-pods
 PAUSE_IMAGE=sandbox-kernel.local/pause:1
 COREDNS_IMAGE="sandbox-kernel.local/coredns:$COREDNS_VERSION"
+PROBE_IMAGE=sandbox-kernel.local/probe:1   # busybox (Debian's static build), for tests that probe the network
 TIMEOUT="${SANDBOX_KERNEL_CLUSTER_TIMEOUT:-300}"
 SAVED_SYSCTLS="net.ipv4.ip_forward vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes"
 COMPONENTS="containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kube-router"
@@ -129,16 +130,28 @@ build_binaries() {
   fi
 }
 
+oci_image() {  # oci_image ARCHIVE-NAME OCIIMAGE-ARGS...: write $IMAGES/ARCHIVE-NAME.tar
+  local out="$IMAGES/$1.tar"; shift
+  python3 "$SRC/ociimage.py" --out "$out.new" "$@" || die "could not write the image archive $out"
+  mv -f "$out.new" "$out"
+}
+
 build_images() {
   mkdir -p "$IMAGES"
-  local py="$SRC/ociimage.py"
   if [ ! -s "$IMAGES/pause.tar" ] || [ "$BIN/pause" -nt "$IMAGES/pause.tar" ]; then
-    python3 "$py" --name "$PAUSE_IMAGE" --out "$IMAGES/pause.tar.new" --entrypoint '["/pause"]' \
-      --user 65535:65535 --file "$BIN/pause:/pause:0755" && mv -f "$IMAGES/pause.tar.new" "$IMAGES/pause.tar"
+    oci_image pause --name "$PAUSE_IMAGE" --entrypoint '["/pause"]' --user 65535:65535 --file "$BIN/pause:/pause:0755"
   fi
   if [ ! -s "$IMAGES/coredns.tar" ] || [ "$BIN/coredns" -nt "$IMAGES/coredns.tar" ]; then
-    python3 "$py" --name "$COREDNS_IMAGE" --out "$IMAGES/coredns.tar.new" --entrypoint '["/coredns"]' \
-      --file "$BIN/coredns:/coredns:0755" && mv -f "$IMAGES/coredns.tar.new" "$IMAGES/coredns.tar"
+    oci_image coredns --name "$COREDNS_IMAGE" --entrypoint '["/coredns"]' --file "$BIN/coredns:/coredns:0755"
+  fi
+  if [ ! -s "$IMAGES/probe.tar" ]; then
+    local debs="$CACHE/debs"
+    rm -rf "$debs" && mkdir -p "$debs/x"
+    (cd "$debs" && apt-get download busybox-static) >"$LOGS/probe-image.log" 2>&1 \
+      || die "apt-get download busybox-static failed (see $LOGS/probe-image.log)"
+    dpkg-deb -x "$debs"/busybox-static_*.deb "$debs/x"
+    oci_image probe --name "$PROBE_IMAGE" --entrypoint '["/bin/busybox"]' --file "$debs/x/bin/busybox:/bin/busybox:0755"
+    rm -rf "$debs"
   fi
 }
 
@@ -202,11 +215,8 @@ host_setup() {
   mkdir -p "$RUN" "$SOCKDIR"
   save_sysctls
   sysctl -qw net.ipv4.ip_forward=1
-  if ! ip link show "$NODE_IFACE" >/dev/null 2>&1; then
-    ip link add "$NODE_IFACE" type dummy
-    ip addr add "$NODE_IP/32" dev "$NODE_IFACE"
-    ip link set "$NODE_IFACE" up
-  fi
+  # on lo (this kernel has no dummy interfaces): an address no host route or test range uses
+  ip -4 addr show dev lo | grep -qF " $NODE_IP/32 " || ip addr add "$NODE_IP/32" dev lo label "$NODE_LABEL"
 }
 
 # ---------------------------------------------------------------- certificates and kubeconfigs
@@ -571,7 +581,7 @@ cmd_down() {
   clean_kubelet_dir
   clean_cgroups
   rm -rf "/var/lib/cni/networks/$CNI_NETWORK" /var/lib/cni/results/"$CNI_NETWORK"-* /var/log/pods /var/log/containers
-  ip link del "$NODE_IFACE" 2>/dev/null || true
+  ip addr del "$NODE_IP/32" dev lo 2>/dev/null || true
   restore_sysctls
   rm -rf "$RUN" "$SOCKDIR" "$ADMIN_KUBECONFIG" "$CACHE/env"
   log "cluster down"

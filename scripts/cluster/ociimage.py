@@ -57,7 +57,7 @@ def write_image(name: str, out: str, entrypoint: list[str], files: list[tuple[st
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(EPOCH)),
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Entrypoint": entrypoint, "User": user, "Env": ["PATH=/"]},
+        "config": {"Entrypoint": entrypoint, "User": user, "Env": ["PATH=/usr/local/bin:/usr/bin:/bin:/"]},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     }
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
