@@ -295,7 +295,7 @@ write_configs() {
   "cniVersion": "0.4.0",
   "name": "$CNI_NETWORK",
   "plugins": [
-    {"type": "ptp", "ipMasq": true, "mtu": 1500,
+    {"type": "ptp", "ipMasq": false, "mtu": 1500,
      "ipam": {"type": "host-local", "ranges": [[{"subnet": "$NODE_POD_CIDR"}]],
               "routes": [{"dst": "0.0.0.0/0"}]}},
     {"type": "portmap", "capabilities": {"portMappings": true}}
