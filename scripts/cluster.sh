@@ -9,8 +9,9 @@
 #
 # Components: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy,
 # kubectl, etcd (one multi-call binary built from the Go modules in scripts/cluster/kube),
-# kube-router's network policy controller (scripts/cluster/kube-router), CoreDNS (same
-# module, its own small image), containerd + runc + CNI plugins from Debian.
+# kube-router's network policy controller (scripts/cluster/kube-router; a DaemonSet), CoreDNS
+# (same module as kube-*, its own small image; a Deployment), containerd + runc + CNI plugins
+# from Debian.
 #
 # Environment (all optional):
 #   SANDBOX_KERNEL_CLUSTER_CACHE    builds, images, containerd's image store, logs, and the
@@ -53,10 +54,11 @@ ETCD_PEER_PORT=23800
 CNI_NETWORK=sk-pods
 PAUSE_IMAGE=sandbox-kernel.local/pause:1
 COREDNS_IMAGE="sandbox-kernel.local/coredns:$COREDNS_VERSION"
+KUBE_ROUTER_IMAGE=sandbox-kernel.local/kube-router:v2.1.0
 PROBE_IMAGE=sandbox-kernel.local/probe:1   # busybox (Debian's static build), for tests that probe the network
 TIMEOUT="${SANDBOX_KERNEL_CLUSTER_TIMEOUT:-300}"
 SAVED_SYSCTLS="net.ipv4.ip_forward vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes"
-COMPONENTS="containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kube-router"
+COMPONENTS="containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy"
 
 ADMIN_KUBECONFIG="$CACHE/admin.kubeconfig"
 
@@ -143,6 +145,23 @@ build_images() {
   fi
   if [ ! -s "$IMAGES/coredns.tar" ] || [ "$BIN/coredns" -nt "$IMAGES/coredns.tar" ]; then
     oci_image coredns --name "$COREDNS_IMAGE" --entrypoint '["/coredns"]' --file "$BIN/coredns:/coredns:0755"
+  fi
+  if [ ! -s "$IMAGES/kube-router.tar" ] || [ "$BIN/kube-router" -nt "$IMAGES/kube-router.tar" ]; then
+    # kube-router execs iptables(-save/-restore) and ipset: the host's legacy iptables and
+    # ipset with their libraries, so that the DaemonSet and kube-proxy share one iptables
+    local -A seen=() && local args=() f t
+    for f in /usr/sbin/xtables-legacy-multi /usr/sbin/ipset \
+             $(ldd /usr/sbin/xtables-legacy-multi /usr/sbin/ipset | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/lib/ {print $1}'); do
+      [ -n "${seen[$f]:-}" ] && continue
+      seen[$f]=1 && args+=(--file "$f:$f:0755")
+    done
+    for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
+      args+=(--link "xtables-legacy-multi:/usr/sbin/$t")
+    done
+    oci_image kube-router --name "$KUBE_ROUTER_IMAGE" --entrypoint '["/usr/local/bin/kube-router"]' \
+      --file "$BIN/kube-router:/usr/local/bin/kube-router:0755" \
+      --tree /usr/lib/x86_64-linux-gnu/xtables:/usr/lib/x86_64-linux-gnu/xtables \
+      --env LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu "${args[@]}"
   fi
   if [ ! -s "$IMAGES/probe.tar" ]; then
     local debs="$CACHE/debs"
@@ -278,9 +297,8 @@ make_pki() {
   sign scheduler "/CN=system:kube-scheduler" "$client_ext"
   sign kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" "$client_ext"
   sign kube-proxy "/CN=system:kube-proxy" "$client_ext"
-  sign kube-router "/CN=system:kube-router" "$client_ext"
   local c
-  for c in controller-manager scheduler kubelet kube-proxy kube-router; do
+  for c in controller-manager scheduler kubelet kube-proxy; do
     make_kubeconfig "$RUN/$c.kubeconfig" "$c"
   done
   make_kubeconfig "$ADMIN_KUBECONFIG" admin
@@ -435,11 +453,7 @@ start_node() {
   start kubelet "$BIN/kubelet" --config "$RUN/kubelet.yaml" --kubeconfig "$RUN/kubelet.kubeconfig" \
     --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" --root-dir "$KUBELET_DIR" --v=1
   start kube-proxy "$BIN/kube-proxy" --config "$RUN/kube-proxy.yaml" --v=1
-  # only the network policy controller: pods are wired by the ptp CNI plugin, services by kube-proxy
-  start kube-router "$BIN/kube-router" --kubeconfig "$RUN/kube-router.kubeconfig" \
-    --run-firewall=true --run-router=false --run-service-proxy=false --enable-cni=false \
-    --enable-ipv6=false --hostname-override "$NODE_NAME" \
-    --service-cluster-ip-range "$SERVICE_CIDR" --metrics-port 0 --health-port 20244 --v=1
+  # kube-router (network policies) and CoreDNS run as pods: scripts/cluster/addons.yaml
 }
 
 node_ready() {
@@ -450,8 +464,13 @@ dns_ready() {
   [ "$(kubectl -n kube-system get deploy coredns -o jsonpath='{.status.readyReplicas}')" = 1 ]
 }
 
+policy_ready() {
+  [ "$(kubectl -n kube-system get daemonset kube-router -o jsonpath='{.status.numberReady}')" = 1 ]
+}
+
 apply_addons() {
   sed -e "s|@DNS_SERVICE_IP@|$DNS_SERVICE_IP|g" -e "s|@COREDNS_IMAGE@|$COREDNS_IMAGE|g" \
+    -e "s|@KUBE_ROUTER_IMAGE@|$KUBE_ROUTER_IMAGE|g" -e "s|@SERVICE_CIDR@|$SERVICE_CIDR|g" \
     "$SRC/addons.yaml" | kubectl apply -f - >>"$LOGS/addons.log"
 }
 
@@ -490,6 +509,7 @@ cmd_up() {
   start_node
   wait_for "node $NODE_NAME Ready" "$TIMEOUT" node_ready
   wait_for "CoreDNS ready" "$TIMEOUT" dns_ready
+  wait_for "kube-router ready" "$TIMEOUT" policy_ready
   write_env
   log "cluster up in $((SECONDS - t0))s: export KUBECONFIG=$ADMIN_KUBECONFIG (or eval \"\$($0 env)\")"
 }
@@ -572,7 +592,7 @@ restore_sysctls() {
 cmd_down() {
   need_root
   local c
-  for c in kube-router kube-proxy kube-scheduler kube-controller-manager kubelet; do stop "$c"; done
+  for c in kube-proxy kube-scheduler kube-controller-manager kubelet; do stop "$c"; done
   remove_containers
   stop containerd
   kill_our_shims
@@ -594,6 +614,7 @@ cmd_status() {
   done
   if [ -f "$ADMIN_KUBECONFIG" ] && node_ready 2>/dev/null; then echo "node $NODE_NAME: Ready"; else echo "node: not ready"; ok=1; fi
   if [ -f "$ADMIN_KUBECONFIG" ] && dns_ready 2>/dev/null; then echo "coredns: ready"; else echo "coredns: not ready"; ok=1; fi
+  if [ -f "$ADMIN_KUBECONFIG" ] && policy_ready 2>/dev/null; then echo "kube-router: ready"; else echo "kube-router: not ready"; ok=1; fi
   [ $ok = 0 ] && echo "KUBECONFIG=$ADMIN_KUBECONFIG"
   return $ok
 }
