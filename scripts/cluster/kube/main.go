@@ -1,7 +1,7 @@
 // Command clusterbin is one binary holding the upstream components of the
-// test cluster (see scripts/cluster.sh). It only dispatches: the component is
-// the program name (a symlink such as kube-apiserver -> clusterbin) or the
-// first argument (clusterbin kubelet --flags...).
+// test cluster (see scripts/cluster.sh; CoreDNS is ./coredns, for its image).
+// It only dispatches: the component is the program name (a symlink such as
+// kube-apiserver -> clusterbin) or the first argument (clusterbin kubelet ...).
 package main
 
 import (
@@ -12,7 +12,6 @@ import (
 	"sort"
 	_ "time/tzdata"
 
-	"github.com/coredns/coredns/coremain"
 	"github.com/spf13/cobra"
 	"go.etcd.io/etcd/server/v3/etcdmain"
 	_ "k8s.io/client-go/plugin/pkg/client/auth"
@@ -28,25 +27,6 @@ import (
 	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
 	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
-
-	// The CoreDNS plugins the cluster DNS uses (not the cloud ones).
-	_ "github.com/coredns/coredns/core/dnsserver"
-	_ "github.com/coredns/coredns/plugin/cache"
-	_ "github.com/coredns/coredns/plugin/errors"
-	_ "github.com/coredns/coredns/plugin/file"
-	_ "github.com/coredns/coredns/plugin/forward"
-	_ "github.com/coredns/coredns/plugin/health"
-	_ "github.com/coredns/coredns/plugin/hosts"
-	_ "github.com/coredns/coredns/plugin/kubernetes"
-	_ "github.com/coredns/coredns/plugin/loadbalance"
-	_ "github.com/coredns/coredns/plugin/log"
-	_ "github.com/coredns/coredns/plugin/loop"
-	_ "github.com/coredns/coredns/plugin/metrics"
-	_ "github.com/coredns/coredns/plugin/ready"
-	_ "github.com/coredns/coredns/plugin/reload"
-	_ "github.com/coredns/coredns/plugin/rewrite"
-	_ "github.com/coredns/coredns/plugin/template"
-	_ "github.com/coredns/coredns/plugin/whoami"
 )
 
 func cobraMain(newCommand func() *cobra.Command) func() {
@@ -67,8 +47,7 @@ var components = map[string]func(){
 			kubectlutil.CheckErr(err)
 		}
 	},
-	"etcd":    func() { etcdmain.Main(os.Args) },
-	"coredns": coremain.Run,
+	"etcd": func() { etcdmain.Main(os.Args) },
 }
 
 func main() {
