@@ -307,9 +307,17 @@ make_pki() {
 
 # ---------------------------------------------------------------- configuration files
 
+put() {  # put FILE: stdin into FILE unless FILE has that content already (kube-proxy exits when its config changes)
+  local tmp="$1.new"
+  cat >"$tmp"
+  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; else mv -f "$tmp" "$1"; fi
+}
+
 write_configs() {
   mkdir -p "$RUN/cni" "$CACHE/containerd"
-  cat >"$RUN/cni/10-$CNI_NETWORK.conflist" <<EOF
+  local RESTRICT_OOM=false  # CAP_SYS_RESOURCE is bit 24 of the capability sets
+  (( (0x$(awk '/^CapEff/ {print $2}' /proc/self/status) >> 24) & 1 )) || RESTRICT_OOM=true
+  put "$RUN/cni/10-$CNI_NETWORK.conflist" <<EOF
 {
   "cniVersion": "0.4.0",
   "name": "$CNI_NETWORK",
@@ -321,7 +329,7 @@ write_configs() {
   ]
 }
 EOF
-  cat >"$RUN/containerd.toml" <<EOF
+  put "$RUN/containerd.toml" <<EOF
 version = 2
 root = "$CACHE/containerd"
 state = "$SOCKDIR/containerd"
@@ -333,6 +341,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   path = "$CACHE/containerd-opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
+  # this machine's root has no CAP_SYS_RESOURCE: no oom_score_adj below containerd's own
+  restrict_oom_score_adj = $RESTRICT_OOM
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -341,11 +351,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
         BinaryName = "$(command -v runc)"
+        Root = "$SOCKDIR/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$RUN/cni"
 EOF
-  cat >"$RUN/kubelet.yaml" <<EOF
+  put "$RUN/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 authentication:
@@ -370,7 +381,7 @@ imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
 serializeImagePulls: false
 EOF
-  cat >"$RUN/kube-proxy.yaml" <<EOF
+  put "$RUN/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: "$RUN/kube-proxy.kubeconfig"}
