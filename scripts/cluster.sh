@@ -540,7 +540,7 @@ for ns in (spec.get("linux") or {}).get("namespaces") or []:
 remove_containers() {
   [ -S "$CONTAINERD_SOCK" ] && ctr version >/dev/null 2>&1 || return 0
   local netns id
-  netns="$(pod_netns_paths)"
+  netns="$(pod_netns_paths || true)"
   for id in $(ctr tasks list -q 2>/dev/null); do ctr tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true; done
   sleep 1
   for id in $(ctr tasks list -q 2>/dev/null); do ctr tasks delete -f "$id" >/dev/null 2>&1 || true; done
@@ -559,9 +559,8 @@ clean_iptables() {  # chains named KUBE-*/CNI-* in the legacy tables (ours: noth
   for cmd in iptables-legacy ip6tables-legacy; do
     command -v "$cmd" >/dev/null || continue
     for table in filter nat mangle raw; do
-      "$cmd" -t "$table" -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j (KUBE|CNI)-' | grep -vE '^-A (KUBE|CNI)-' \
+      { "$cmd" -t "$table" -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j (KUBE|CNI)-' | grep -vE '^-A (KUBE|CNI)-' || true; } \
         | while read -r rule; do
-            # shellcheck disable=SC2086
             eval "$cmd -t $table -D ${rule#-A }" 2>/dev/null || true
           done
       for chain in $("$cmd" -t "$table" -S 2>/dev/null | awk '/^-N (KUBE|CNI)-/ {print $2}'); do
@@ -637,11 +636,17 @@ cmd_env() {
   echo "export PATH=\"$BIN:\$PATH\""
 }
 
+lock() {  # one up/down/build at a time on this machine (several people share it)
+  mkdir -p "$CACHE"
+  exec 9>"$CACHE/.lock"
+  flock -n 9 || { log "waiting for another cluster.sh up/down/build to finish"; flock 9; }
+}
+
 case "${1:-}" in
-  up) cmd_up ;;
-  down) cmd_down ;;
+  up) lock; cmd_up ;;
+  down) lock; cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  build) cmd_build ;;
+  build) lock; cmd_build ;;
   *) echo "usage: $0 up|down|status|env|build" >&2; exit 2 ;;
 esac
