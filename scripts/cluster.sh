@@ -198,7 +198,8 @@ start() {  # start NAME CMD ARGS... in the background, its log in $LOGS/NAME.log
   mkdir -p "$PIDS" "$LOGS"
   log "starting $name"
   # shellcheck disable=SC2094
-  PATH="$(component_path)" setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  # 9>&-: the lock of `lock` must not live on in the components
+  PATH="$(component_path)" setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$PIDS/$name"
 }
 
