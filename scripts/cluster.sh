@@ -587,6 +587,15 @@ clean_kubelet_dir() {
   rm -rf "$KUBELET_DIR"
 }
 
+unmount_under() {  # every mount point below the given directories, deepest first
+  local m d
+  for d in "$@"; do
+    for m in $(awk -v d="$d/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
+      umount -l "$m" 2>/dev/null || true
+    done
+  done
+}
+
 clean_cgroups() {  # the kubepods hierarchy the kubelet made under each cgroup v1 controller
   local d
   for d in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
@@ -615,6 +624,7 @@ cmd_down() {
   rm -rf "/var/lib/cni/networks/$CNI_NETWORK" /var/lib/cni/results/"$CNI_NETWORK"-* /var/log/pods /var/log/containers
   ip addr del "$NODE_IP/32" dev lo 2>/dev/null || true
   restore_sysctls
+  unmount_under "$SOCKDIR" "$CACHE"   # sandbox shm mounts, container rootfs overlays
   rm -rf "$RUN" "$SOCKDIR" "$ADMIN_KUBECONFIG" "$CACHE/env"
   log "cluster down"
 }
