@@ -5,6 +5,7 @@ through the hub's proxy."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
@@ -233,3 +234,34 @@ def test_a_real_sandbox_kernel_in_hub_mode(service):
         assert kernel.execute("value").of_type("execute_result")[0]["content"]["data"]["text/plain"] == "42"
     finally:
         kernel.shutdown()
+
+
+def test_an_interrupt_reaches_the_cell_once(kernels, service):
+    # A kernel in hub mode sent the interrupt in-band through the service's relay and then
+    # asked the service to interrupt too, which sent a second one: a cell that caught the
+    # first KeyboardInterrupt to clean up was interrupted again in its clean-up.
+    alice = kernels.open("alice")
+    code = ("import signal, time\n"
+            "hits = []\n"
+            "signal.signal(signal.SIGINT, lambda *a: hits.append(time.time()))\n"
+            "print('waiting', flush=True)\n"
+            "end = time.time() + 60\n"
+            "while not hits and time.time() < end:\n"
+            "    time.sleep(0.02)\n"
+            "time.sleep(3)  # room for a second interrupt to arrive\n"
+            "print('interrupts:', len(hits))\n")
+
+    async def run_and_interrupt():
+        from conftest import Sink
+
+        sink = Sink()
+        task = asyncio.ensure_future(alice.execute(code, sink))
+        while "waiting" not in sink.stdout():
+            assert not task.done(), sink.frames
+            await asyncio.sleep(0.02)
+        await alice.interrupt()
+        return await task, sink
+
+    result, sink = kernels.run(run_and_interrupt(), timeout=120)
+    assert result.exit_status == 0, sink.frames
+    assert "interrupts: 1" in sink.stdout(), sink.stdout()
