@@ -47,6 +47,10 @@ async def run_cell(transport, code, cell_id):
             return "".join(out), frame
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "on the local cluster (2026-12-02) the sandbox stays refused after apply_policy(allowlist host:port); "
+    "kube-router itself opens a plain ipBlock /32 allow within seconds (checked by hand), so the backend's "
+    "policy is the suspect; see issue 14 / the 'what breaks on real clusters' issue"))
 def test_sandbox_on_a_real_cluster(local_cluster, test_host, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(local_cluster.kubeconfig))
     images = local_cluster.kubectl("get", "node", local_cluster.node_name, "-o",
