@@ -55,11 +55,24 @@ def doctor(config=None) -> int:
             print(f"  - {item}")
         return 1
     print("local backend: ready")
+    print(f"  mode:                {'rootless (prototype)' if backend.rootless else 'root'}")
     print(f"  sandbox interpreter: {backend.python}")
     print(f"  state directory:     {backend.state_dir}")
     print(f"  sandbox uid:         {backend.uid}")
     uplink = shutil.which("slirp4netns")
-    print(f"  uplink (allowlist):  {uplink or 'slirp4netns missing: apt-get install slirp4netns (needed for allowlisted egress)'}")
+    if uplink and backend.rootless:
+        from .backends.rootless import tun_usable
+
+        if not tun_usable() and not tun_usable(backend.tun_device):
+            uplink = None
+            print("  uplink (allowlist):  unavailable: /dev/net/tun is not readable and writable by this user "
+                  "(chmod 0666 /dev/net/tun, the usual default, or give it a node of its own: "
+                  "c.LocalBackend.tun_device); only default-deny can be enforced")
+    if uplink or not backend.rootless:
+        print(f"  uplink (allowlist):  {uplink or 'slirp4netns missing: apt-get install slirp4netns (needed for allowlisted egress)'}")
+    if backend.rootless:
+        print("  resource limits:     none (cgroups are not delegated to this user): memory_limit, pids_limit "
+              "and work_size do not apply; run as root for them")
     return 0
 
 

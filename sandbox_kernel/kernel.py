@@ -23,6 +23,7 @@ from .backends.base import Backend
 from .config import env_bool, env_default
 from .errors import SandboxError
 from .grants import Grants
+from .learn import Learner
 from .history import CellHistory
 from .magics import SandboxMagics, split_cell
 from .notices import DISPLAY_ID_PREFIX, NOTICE_MIME, NoticeBoard
@@ -206,6 +207,7 @@ class SandboxKernel(Kernel):
                                      entries=[], presets=[], mode="deny", user_may_allow=[], max_entries=0)
             self.policy = EgressPolicy()
         self.sandbox_backend = self._make_backend()
+        self.admin.reserved = dict(self.sandbox_backend.reserved_ranges)
         self.sandbox_backend.always_blocked = [str(n) for n in self.admin.blocked_networks()]
         self.sandbox_backend.address_screen = self.admin.address_screen()
         self.policy_applied_at: float | None = None
@@ -225,6 +227,7 @@ class SandboxKernel(Kernel):
         self.recent_blocked: collections.deque = collections.deque(maxlen=200)
         self.magics = SandboxMagics(self)
         self.grants = Grants(self)
+        self.learner = Learner(self)
         self._init_comms()
         #: the cells' input history (history_request); outlives sandbox restarts
         self.history = CellHistory()
@@ -284,7 +287,8 @@ class SandboxKernel(Kernel):
 
     def agent_policy_view(self, policy) -> dict:
         """What the agent's guard needs to know about ``policy`` (plain JSON)."""
-        return agent_view(policy, self.admin, self.sandbox_backend.applied)
+        view = agent_view(policy, self.admin, self.sandbox_backend.applied)
+        return self.learner.agent_view(view) if hasattr(self, "learner") else view
 
     def _make_backend(self) -> Backend:
         if self.backend_name == "local":
@@ -409,6 +413,8 @@ class SandboxKernel(Kernel):
                 self._publish_error(content)
         elif kind == "blocked":
             self._on_blocked(frame.get("record"), frame.get("source") or "guard", late=bool(frame.get("late")))
+        elif kind == "reached":
+            self.learner.observe_reported(frame.get("record"))
         elif kind == "forged_done":
             if state is not None:
                 state["forged_done"] = state.get("forged_done", 0) + 1
@@ -477,6 +483,8 @@ class SandboxKernel(Kernel):
         if state is None or state.get("board") is None:
             self._blocked_between_cells(record, source)
             return
+        if not late:  # a late record was learned when it came, between cells
+            self.learner.observe(record, source)
         board = state["board"]
         merged = board.add(record, source)
         if merged is None:
@@ -564,6 +572,7 @@ class SandboxKernel(Kernel):
     def _blocked_between_cells(self, record, source: str) -> None:
         """A background process was blocked while no cell ran: keep it for %sandbox blocked
         (the Session also keeps it for the next cell)."""
+        self.learner.observe(record, source)
         # one board from one cell to the next (capped like a cell's): a flood between cells
         # costs a count, not a notice per frame
         if self._idle_board is None:
@@ -660,7 +669,7 @@ class SandboxKernel(Kernel):
                     "data": {"text/plain": out.text, "text/html": out.html}, "metadata": {}, "transient": {}})
             for bundle in out.displays:
                 self.send_response(self.iopub_socket, "display_data", {"data": bundle, "metadata": {}, "transient": {}})
-        return CellResult(status="ok", exit_status=0, duration_ms=0.0)
+        return CellResult(status="ok", exit_status=0, duration_ms=0.0, payload=out.payload)
 
     async def _run_code(self, code, silent, store_history, user_expressions, allow_stdin) -> CellResult:
         loop = asyncio.get_running_loop()

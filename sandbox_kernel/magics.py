@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING
 from .config import parse_duration
 from .errors import PolicyError, SandboxError
 from .grants import MAX_SECONDS, format_left
+from .learn import LEARN_MIME
 from .policy.model import MODES, parse_entry
 from .policy.presets import PRESETS
 
 if TYPE_CHECKING:
     from .kernel import SandboxKernel
 
-VERBS = ("status", "policy", "allow", "revoke", "mode", "preset", "blocked", "restart", "help")
+VERBS = ("status", "policy", "allow", "revoke", "mode", "preset", "blocked", "learn", "restart", "help")
+LEARN_VERBS = ("start", "stop", "status", "apply", "insert")
 
 HELP = """%sandbox — the sandbox and its egress policy (handled by the kernel, not the sandbox)
 
@@ -39,6 +41,11 @@ HELP = """%sandbox — the sandbox and its egress policy (handled by the kernel,
   %sandbox mode deny|allowlist default-deny, or only what is allowed
   %sandbox preset NAME         add a named set of destinations ({presets})
   %sandbox blocked             recent blocked connections
+  %sandbox learn               record every destination the next cells try (allowed and blocked)
+  %sandbox learn stop          stop; show the smallest allowlist for what they tried
+  %sandbox learn status        learning or not, destinations so far, the last proposal
+  %sandbox learn apply         allow what the proposal says you may (as %sandbox allow does)
+  %sandbox learn insert        put the proposal's %sandbox lines into a new cell
   %sandbox restart             replace the sandbox with a fresh one (the policy is kept)
   %sandbox help                this text
 """
@@ -58,6 +65,8 @@ class MagicOutput:
     html: str | None = None
     #: extra display_data bundles (e.g. the panel)
     displays: list[dict] = field(default_factory=list)
+    #: execute-reply payloads (e.g. set_next_input from %sandbox learn insert)
+    payload: list[dict] = field(default_factory=list)
 
 
 def is_sandbox_line(line: str) -> bool:
@@ -123,6 +132,7 @@ class SandboxMagics:
             ("applied", _when(k.policy_applied_at or applied.get("applied_at"))),
             ("changes", "locked by your administrator (exam mode)" if k.admin.locked else "allowed within your administrator's limits"),
             ("recent blocked", str(len(k.recent_blocked))),
+            ("learn mode", k.learner.status()),
         ]
         width = max(len(r[0]) for r in rows)
         text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -200,6 +210,26 @@ class SandboxMagics:
         if new.mode != "allowlist":
             new = new.with_mode("allowlist")
         return await self._apply(new)
+
+    async def do_learn(self, args) -> MagicOutput:
+        learner = self.kernel.learner
+        verb = args[0] if args else "start"
+        if verb not in LEARN_VERBS or len(args) > 1:
+            raise UsageError(f"%sandbox learn: say nothing (start) or one of {', '.join(LEARN_VERBS[1:])}")
+        if verb == "start":
+            return MagicOutput(await learner.start())
+        if verb == "status":
+            return MagicOutput(learner.status_text())
+        if verb == "stop":
+            proposal = await learner.stop()
+            from .learnview import learn_view_for
+
+            shown = {"text/plain": proposal.text(), "text/html": proposal.html(), LEARN_MIME: proposal.to_json()}
+            return MagicOutput(displays=[shown, learn_view_for(self.kernel).bundle()])
+        if verb == "apply":
+            return MagicOutput(await learner.apply())
+        payload = learner.insert_payload()
+        return MagicOutput(f"the next cell holds: {payload['text'].strip()}", payload=[payload])
 
     async def do_restart(self, args) -> MagicOutput:
         self._no_args("restart", args)

@@ -309,6 +309,15 @@ class Session:
                 pass
         return details
 
+    async def tell_policy(self) -> None:
+        """Send the agent its view of the policy in force again (learn mode changes what the
+        guard reports), without touching the enforcer."""
+        if self._transport is not None:
+            try:
+                await self._transport.send({"type": "policy", "policy": self.agent_view(self.policy)})
+            except (ConnectionError, OSError):
+                pass
+
     async def execute(self, code: str, sink: CellSink, *, silent: bool = False,
                       store_history: bool = True, user_expressions: dict | None = None,
                       allow_stdin: bool = False, execution_count: int = 0) -> CellResult:

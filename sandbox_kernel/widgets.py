@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import ipywidgets as w
 
 from .errors import SandboxError
+from .learnview import learn_view_for
 from .policy.model import EgressPolicy, parse_entry
 from .policy.presets import PRESETS
 
@@ -100,11 +101,12 @@ class PolicyPanel:
                                tooltip="Discard edits, or undo the last Apply", disabled=locked)
         self.status = w.HTML()
         self.blocked_box = w.VBox()
+        self.learn = learn_view_for(kernel)
         self.widget = w.VBox([
             self.title, self.mode, self.entries, self.validation,
             w.HBox([w.Label("Presets"), *self.preset_buttons]),
             w.HBox([self.apply, self.revert]), self.status,
-            w.HTML("<b>Recently blocked</b>"), self.blocked_box,
+            w.HTML("<b>Recently blocked</b>"), self.blocked_box, self.learn.widget,
         ], layout=w.Layout(border="1px solid #ccc", padding="6px", width="fit-content"))
 
         self.show_policy()

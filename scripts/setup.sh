@@ -16,10 +16,12 @@ fi
 
 need_apt=()
 for pair in ip:iproute2 nft:nftables bwrap:bubblewrap slirp4netns:slirp4netns nsenter:util-linux \
-            setpriv:util-linux ps:procps; do
+            setpriv:util-linux unshare:util-linux ps:procps; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# the sandbox's seccomp filter is built with libseccomp
+python3 -c 'import ctypes.util, sys; sys.exit(ctypes.util.find_library("seccomp") is None)' || need_apt+=(libseccomp2)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

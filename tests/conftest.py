@@ -18,6 +18,7 @@ import pytest
 
 from kerneltest import (_HOST_INDEX, _HOST_SERVER, KernelDriver, TestHost, _sh, reset_between_tests,
                         shared_kernel)
+from localcluster import local_cluster, pytest_collection_finish, pytest_sessionfinish  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 

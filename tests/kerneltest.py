@@ -164,7 +164,8 @@ class KernelDriver:
 @dataclass
 class TestHost:
     """A host in a network namespace of its own, reachable from the host: TCP on ``port``
-    and ``port + 1`` (IPv4 and IPv6), UDP on ``port``; it logs every contact."""
+    and ``port + 1`` (IPv4 and IPv6), UDP on ``port``; it logs every contact. TCP on
+    ``port + 2`` is a sink: it keeps each connection open and reads until the peer closes."""
 
     name: str
     ip: str
@@ -201,7 +202,17 @@ def udp():
     while True:
         data, peer = s.recvfrom(2048); note(f"udp {peer[0]}")
         s.sendto(b"pong", peer)
-targets = [udp]
+def sink():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port + 2)); s.listen(16)
+    def drain(c):
+        while c.recv(65536):
+            pass
+    while True:
+        c, peer = s.accept(); note(f"sink {peer[0]}")
+        threading.Thread(target=drain, args=(c,), daemon=True).start()
+targets = [udp, sink]
 for p in (port, port + 1):
     targets += [lambda p=p: tcp(socket.AF_INET, "0.0.0.0", p), lambda p=p: tcp(socket.AF_INET6, "::", p)]
 for target in targets:

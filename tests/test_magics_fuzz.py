@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sandbox_kernel.errors import SandboxError
+from sandbox_kernel.learn import Learner
 from sandbox_kernel.magics import SandboxMagics, is_sandbox_line, split_cell
 from sandbox_kernel.policy.admin import AdminPolicy
 from sandbox_kernel.policy.model import EgressPolicy
@@ -23,6 +24,7 @@ class StubKernel:
         self.sandbox = type("S", (), {"info": None})()
         self.sandbox_backend = type("B", (), {"name": "stub", "applied": {}})()
         self.applied = []
+        self.learner = Learner(self)
 
     async def set_policy(self, new, who="user"):
         self.admin.check_change(self.policy, new, who=who)
@@ -31,7 +33,7 @@ class StubKernel:
         return {"enforcer": "stub"}
 
 
-VERBS = st.sampled_from(["allow", "revoke", "mode", "preset", "status", "blocked", "help", "", "bogus"])
+VERBS = st.sampled_from(["allow", "revoke", "mode", "preset", "status", "blocked", "learn", "help", "", "bogus"])
 ARGS = st.lists(st.one_of(st.text(max_size=40), st.from_regex(r"[a-z0-9.*:/\[\]-]{1,30}", fullmatch=True)),
                 max_size=4)
 

@@ -39,8 +39,9 @@ _witnessing = threading.local()
 class Guard:
     """Decides, advisorily, whether the policy allows a destination; reports refusals."""
 
-    def __init__(self, report: Callable[[dict], None]):
+    def __init__(self, report: Callable[[dict], None], reached: Callable[[dict], None] | None = None):
         self._report = report
+        self._reached = reached  # learn mode: connections let through, when the policy asks
         self._policy: dict = {"mode": "deny", "label": "default-deny", "allow": [], "blocked": []}
         self._blocked: list = []
         self._allow: list = []
@@ -168,8 +169,23 @@ class Guard:
         if not _is_literal(ip):
             return  # connect() with a name: the getaddrinfo event covers it
         if self.allows(ip, port, proto):
+            if self._reached is not None and self._policy.get("report_allowed"):
+                self._tell_reached(ip, port, proto)
             return
         self._refuse(self._resolved.get(ip), ip, port, proto)
+
+    def _tell_reached(self, ip: str, port, proto: str) -> None:
+        """Learn mode on a backend whose enforcer cannot see allowed connections."""
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+            if any(addr in net for net in LOOPBACK) or (port == 53 and str(addr) == self._policy.get("resolver")):
+                return
+            now = time.time()
+            self._reached({"host": self._resolved.get(ip), "ip": ip, "port": port, "protocol": proto,
+                           "verdict": "allowed", "process": {"name": _process_name(), "pid": os.getpid()},
+                           "first_seen": now, "last_seen": now, "count": 1})
+        except Exception:  # noqa: BLE001 - reporting must never change the outcome
+            pass
 
     def _refuse(self, host, ip, port, proto, lookup: bool = False) -> None:
         __tracebackhide__ = True  # noqa: F841

@@ -23,6 +23,8 @@ Agent → kernel
 ``error``          {id, ename, evalue, traceback: [str]}
 ``input_request``  {id, prompt, password}
 ``blocked``        {id, record} — a connection the guard or watcher saw blocked
+``reached``        {id, record} — learn mode, when the kernel asks (``report_allowed`` in the
+                   policy): a connection the guard let through
 ``done``           {id, nonce, status: ok|error, exit_status, duration_ms, execution_count,
                     payload, user_expressions} — ``nonce`` is the one of the ``execute`` it ends
 ``reply``          {id, content} — answer to complete / inspect / is_complete
@@ -79,6 +81,7 @@ AGENT_TYPES = frozenset(
         "error",
         "input_request",
         "blocked",
+        "reached",
         "done",
         "reply",
         "pong",
@@ -145,6 +148,7 @@ _AGENT_FIELDS: dict[str, dict[str, tuple]] = {
     "error": {"ename": (str,), "evalue": (str,), "traceback": (list,)},
     "input_request": {"prompt": (str,), "password": (bool, type(None))},
     "blocked": {"record": (dict,)},
+    "reached": {"record": (dict,)},
     "done": {"nonce": (str, type(None)), "status": (str,), "exit_status": (int,), "duration_ms": _NUMBER,
              "payload": (list, type(None)), "user_expressions": (dict, type(None))},
     "reply": {"content": (dict,)},

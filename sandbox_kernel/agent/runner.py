@@ -186,7 +186,7 @@ class Agent:
         self.stdout = OutStream(self, "stdout", 1)
         self.stderr = OutStream(self, "stderr", 2)
         self.flusher = Flusher([self.stdout, self.stderr])
-        self.guard = guards.Guard(self.report_guarded)
+        self.guard = guards.Guard(self.report_guarded, self.report_reached)
         self.watcher = Watcher(self.report_blocked, host_of=self.guard.host_of)
         self.runner = _make_runner(self)
 
@@ -219,6 +219,12 @@ class Agent:
         self.stdout.flush()
         self.stderr.flush()
         self.report_blocked(record)
+
+    def report_reached(self, record: dict) -> None:
+        """Learn mode: a connection the guard let through (the cell's own thread)."""
+        self.stdout.flush()
+        self.stderr.flush()
+        self.send({"type": "reached", "id": self.cell_id, "record": record})
 
     def send_error(self, ename: str, evalue: str, tb: list[str]) -> None:
         self.flush_output()

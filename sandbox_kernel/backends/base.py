@@ -117,6 +117,10 @@ class Backend(LoggingConfigurable):
     #: set by the Session: called with a blocked-connection record whenever the enforcer
     #: itself reports one (local: NFLOG). Records use the notice JSON field names.
     blocked_sink: Callable[[dict], None] | None = None
+    #: learn mode (sandbox_kernel/learn.py): where a backend that can see them reports the
+    #: destinations its enforcer ALLOWED (verdict "allowed") and the names its resolver answered
+    #: (protocol "dns", with "addresses"); None when nobody is learning
+    learn_sink: Callable[[dict], None] | None = None
 
     #: networks no policy may open (CIDR strings), set by the kernel or the hub service from
     #: the administrator's ceiling before :meth:`start`; the enforcer blocks them whatever
@@ -127,6 +131,10 @@ class Backend(LoggingConfigurable):
     #: (:class:`~sandbox_kernel.policy.destinations.AddressScreen`), set with
     #: :attr:`always_blocked` from the same ceiling. ``None``: the default ceiling's.
     address_screen: Any = None
+
+    #: networks the backend's own plumbing uses (CIDR -> what it is), which no policy may open;
+    #: the kernel adds them to its ceiling so an entry inside them is refused with the reason
+    reserved_ranges: dict[str, str] = {}
 
     #: True when something behind the backend (the hub service) judges every policy change
     #: against the ceiling itself, so the kernel only advises and never refuses on its own

@@ -83,6 +83,24 @@ def parse_question(query: bytes) -> tuple[int, str, int]:
     return qid, name, qtype
 
 
+def bind_here() -> tuple[socket.socket, socket.socket]:
+    """The proxy's UDP and TCP sockets on :data:`LISTEN` in the calling thread's namespace."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        udp.bind(LISTEN)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(LISTEN)
+        tcp.listen(16)
+    except BaseException:
+        udp.close()
+        tcp.close()
+        raise
+    udp.setblocking(False)
+    tcp.setblocking(False)
+    return udp, tcp
+
+
 def refused(query: bytes) -> bytes:
     """A REFUSED answer to ``query`` (same id and question, no records)."""
     qid, flags = struct.unpack("!HH", query[:4])
@@ -96,11 +114,13 @@ class DnsProxy(asyncio.DatagramProtocol):
     """Serves one sandbox. Created and closed by the local backend."""
 
     def __init__(self, *, policy: Callable[[], Any], upstream: str, add_addresses: Callable[[list[tuple[str, str]]], None],
-                 report: Callable[[dict], None], log, screen: Any = None):
+                 report: Callable[[dict], None], log, observe: Callable[[dict], None] | None = None,
+                 screen: Any = None):
         self._policy = policy
         self._upstream = parse_resolver(upstream)
         self._add = add_addresses
         self._report = report
+        self._observe = observe  # learn mode: names answered, with their addresses
         self._log = log
         self._screen = screen
         self._transport: asyncio.DatagramTransport | None = None
@@ -111,24 +131,14 @@ class DnsProxy(asyncio.DatagramProtocol):
         self.shed = 0  # queries dropped because MAX_INFLIGHT were in flight
 
     @classmethod
-    async def start(cls, netns_path: str, **kwargs) -> DnsProxy:
-        def bind() -> tuple[socket.socket, socket.socket]:
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                udp.bind(LISTEN)
-                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                tcp.bind(LISTEN)
-                tcp.listen(16)
-            except BaseException:
-                udp.close()
-                tcp.close()
-                raise
-            udp.setblocking(False)
-            tcp.setblocking(False)
-            return udp, tcp
-
-        udp, tcp = await asyncio.to_thread(in_netns, netns_path, bind)
+    async def start(cls, netns_path: str | None, *, sockets: tuple[socket.socket, socket.socket] | None = None,
+                    **kwargs) -> DnsProxy:
+        """Listen in the namespace at ``netns_path``, or on ``sockets`` made there already
+        (:func:`bind_here`, run by the rootless backend's helper)."""
+        if sockets is None:
+            assert netns_path is not None
+            sockets = await asyncio.to_thread(in_netns, netns_path, bind_here)
+        udp, tcp = sockets
         proxy = cls(**kwargs)
         try:
             await asyncio.get_running_loop().create_datagram_endpoint(lambda: proxy, sock=udp)
@@ -239,12 +249,18 @@ class DnsProxy(asyncio.DatagramProtocol):
             return None
         finally:
             self.inflight -= 1
-        if entries and qtype in (TYPE_A, TYPE_AAAA):
+        addresses = []
+        if qtype in (TYPE_A, TYPE_AAAA):
             try:
                 answer = parse_response(response)
                 addresses = [a for records in answer.addresses.values() for a, _ in records]
             except DNSFormatError:
                 addresses = []
+        if self._observe is not None:
+            now = time.time()
+            self._observe({"host": name, "ip": None, "port": None, "protocol": "dns", "verdict": "allowed",
+                           "addresses": addresses, "first_seen": now, "last_seen": now, "count": 1})
+        if entries and addresses:
             addresses = self._screened(name, qtype, addresses)
             elements = [(set_for_entry(entry, a), a) for entry in entries for a in addresses]
             if elements:

@@ -76,28 +76,31 @@ def open_in_netns(netns_path: str, group: int) -> socket.socket:
     Called by the local backend when a sandbox starts. The returned socket is
     non-blocking; read it with :func:`parse`.
     """
-    def create() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            sock.bind((0, 0))
-            sock.send(_config(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
-            _expect_ack(sock)
-            mode = struct.pack(">IB", COPY_RANGE, NFULNL_COPY_PACKET) + b"\0"
-            sock.send(_config(group, _attr(NFULA_CFG_MODE, mode)))
-            _expect_ack(sock)
-            # deliver every packet at once: by default the kernel batches them for up to 1 s
-            sock.send(_config(group, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))))
-            _expect_ack(sock)
-            sock.send(_config(group, _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0))))
-            _expect_ack(sock)
-        except BaseException:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock
+    return in_netns(netns_path, lambda: open_here(group))
 
-    return in_netns(netns_path, create)
+
+def open_here(group: int) -> socket.socket:
+    """:func:`open_in_netns` for the calling thread's own namespace (the rootless backend's
+    helper runs it inside the sandbox's namespaces and hands the socket back)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((0, 0))
+        sock.send(_config(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
+        _expect_ack(sock)
+        mode = struct.pack(">IB", COPY_RANGE, NFULNL_COPY_PACKET) + b"\0"
+        sock.send(_config(group, _attr(NFULA_CFG_MODE, mode)))
+        _expect_ack(sock)
+        # deliver every packet at once: by default the kernel batches them for up to 1 s
+        sock.send(_config(group, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))))
+        _expect_ack(sock)
+        sock.send(_config(group, _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0))))
+        _expect_ack(sock)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _expect_ack(sock: socket.socket) -> None:

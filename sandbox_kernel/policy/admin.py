@@ -227,9 +227,14 @@ class AdminPolicy(Configurable):
         """The policy a new sandbox starts with."""
         return EgressPolicy(mode=self.mode, entries=tuple(self.entries), presets=tuple(self.presets))
 
+    #: ranges the backend itself uses (the local uplink's: CIDR -> what it is), set by the
+    #: kernel from ``Backend.reserved_ranges``; blocked like always_blocked, whatever the config
+    reserved: dict[str, str] = {}
+
     def blocked_networks(self) -> tuple[IPNetwork, ...]:
-        """Every range no entry may open: the floor, always_blocked, cluster_ranges."""
-        nets = parse_networks([*METADATA_FLOOR, *self.always_blocked, *self.cluster_ranges])
+        """Every range no entry may open: the floor, always_blocked, cluster_ranges, and the
+        backend's reserved ranges."""
+        nets = parse_networks([*METADATA_FLOOR, *self.always_blocked, *self.cluster_ranges, *self.reserved])
         return tuple(dict.fromkeys(nets))
 
     def address_screen(self) -> AddressScreen:
@@ -258,7 +263,7 @@ class AdminPolicy(Configurable):
         net = ipaddress.ip_network(address)
         for blocked in self.blocked_networks():
             if is_blocked(net, (blocked,)):
-                why = DEFAULT_ALWAYS_BLOCKED.get(str(blocked))
+                why = self.reserved.get(str(blocked)) or DEFAULT_ALWAYS_BLOCKED.get(str(blocked))
                 if why is None and str(blocked) in self.cluster_ranges:
                     why = "a cluster-internal range" + (
                         f": {DEFAULT_CLUSTER_RANGES[str(blocked)]}" if str(blocked) in DEFAULT_CLUSTER_RANGES else "")
@@ -278,6 +283,8 @@ class AdminPolicy(Configurable):
             return _refuse("the administrator has locked the egress policy (exam mode)", entry)
         if entry.kind == "cidr" and is_blocked(entry.network, self.blocked_networks()):
             why = self.blocked_reason(entry.network.network_address)
+            if any(is_blocked(entry.network, (net,)) for net in parse_networks(self.reserved)):
+                return _refuse(f"{why}, which the sandbox's own network uses: no policy may open it", entry)
             return _refuse(f"{why}, which your administrator always blocks", entry)
         if any(_permits(pattern, entry) for pattern in self.user_may_allow):
             return Decision(True, f"you may allow it: %sandbox allow {entry}", entry)
