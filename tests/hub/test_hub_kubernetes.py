@@ -70,7 +70,8 @@ def test_kubernetes_backend_per_user_pods_policy_and_adoption(k8s_kernels, k8s_s
         started = time.monotonic()
         await asyncio.to_thread(svc.restart)
         while alice.backend._transport._ws is stream:
-            assert time.monotonic() - started < 30, "the kernel did not re-open its stream"
+            # a bound for a hang, not a timing (a restart under CPU load took over 30 s)
+            assert time.monotonic() - started < 180, "the kernel did not re-open its stream"
             await asyncio.sleep(0.1)
         return time.monotonic() - started
 

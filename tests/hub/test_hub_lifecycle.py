@@ -70,7 +70,7 @@ def test_abandoned_sandboxes_are_collected_and_connected_ones_are_not(spare_serv
                 ws_blip.close()
 
         _wait(lambda: state(never["id"]) == "stopped" and state(dropped["id"]) == "stopped",
-              ABANDONED_AFTER + 10, "abandoned sandboxes were not collected")
+              ABANDONED_AFTER + 90, "abandoned sandboxes were not collected")  # a bound, not a timing
         assert time.monotonic() - started >= ABANDONED_AFTER - 1.5  # not before their time
         # connected kernels keep theirs, well past the window
         loop.run_until_complete(asyncio.sleep(ABANDONED_AFTER + 1.5))
