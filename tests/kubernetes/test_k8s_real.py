@@ -172,7 +172,7 @@ def test_pod_security_restricted_rejects_a_violating_pod(cluster_admin, kernel_k
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
-    assert kernel.execute("print('admitted')").stream() == "admitted\n"
+    assert kernel.execute("print('admitted')").stream().startswith("admitted\n")
     pod = the_pod(cluster_admin, kernel.user)
     namespace = pod["metadata"]["namespace"]
     labels = client.CoreV1Api(admin_client(cluster_admin)).read_namespace(namespace).metadata.labels
@@ -213,21 +213,21 @@ def test_kernel_end_to_end_on_a_real_pod(cluster_admin, kernel):
     shell = kernel.execute("!false")
     assert shell.sandbox["exit_status"] == 1, shell.sandbox
     # state kept, rich output
-    assert kernel.execute("print(x)").stream() == "20\n"
+    assert kernel.execute("print(x)").stream().startswith("20\n")
     rich = kernel.execute("from IPython.display import HTML, display\ndisplay(HTML('<b>bold</b>'))")
     assert rich.of_type("display_data")[0]["content"]["data"]["text/html"] == "<b>bold</b>"
     result = kernel.execute("{'a': 1}")
     assert result.of_type("execute_result")[0]["content"]["data"]["text/plain"] == "{'a': 1}"
     # input()
     asked = kernel.execute("name = input('who? ')\nprint('hi', name)", stdin=lambda prompt: "pod")
-    assert asked.stream().endswith("hi pod\n"), asked.outputs
+    assert "hi pod\n" in asked.stream(), asked.outputs
     # interrupt: a busy loop and a sleep both stop, the interpreter stays
     for code in ("while True: pass", "import time; time.sleep(100)"):
         timer = threading.Timer(1.0, kernel.km.interrupt_kernel)
         timer.start()
         cell = kernel.execute(code, timeout=30)
         assert cell.reply["content"].get("ename") == "KeyboardInterrupt", cell.reply["content"]
-    assert kernel.execute("print(x)").stream() == "20\n"
+    assert kernel.execute("print(x)").stream().startswith("20\n")
 
 
 def test_exec_connection_cut_from_outside_is_reattached_with_state(cluster_admin, kernel):
@@ -243,7 +243,7 @@ def test_exec_connection_cut_from_outside_is_reattached_with_state(cluster_admin
     out = admin_exec(cluster_admin, pod, ["python3", "-c", killer])
     assert "killed" in out, out
     after = kernel.execute("print(y + 1)", timeout=120)
-    assert after.stream().endswith("42\n"), after.outputs
+    assert after.stream().startswith("42\n"), after.outputs
     assert the_pod(cluster_admin, kernel.user)["metadata"]["name"] == pod["metadata"]["name"]
 
 
@@ -258,7 +258,7 @@ def test_pod_deleted_from_outside_then_next_cell_in_a_new_pod(cluster_admin, ker
     assert "deleted" in words, words
     if "after\n" not in said.stream():  # the loss was seen during this cell: the next one runs
         said = kernel.execute("print('after')", timeout=240)
-    assert said.stream().endswith("after\n"), said.outputs
+    assert "after\n" in said.stream(), said.outputs
     new = the_pod(cluster_admin, kernel.user)
     assert new["metadata"]["name"] != pod["metadata"]["name"]
 
@@ -338,10 +338,10 @@ def test_dns_through_coredns_on_udp_and_tcp_under_an_allowlist(kernel, test_host
     answer = wait_for("DNS answers through the policy's DNS rule",
                       lambda: (lambda out: out if "FAILED" not in out else None)(kernel.execute(code).stream()),
                       timeout=60, interval=0)
-    assert answer.splitlines()[-2:] == ["UDP 10.96.0.1", "TCP 10.96.0.1"], answer
+    assert "UDP 10.96.0.1\nTCP 10.96.0.1\n" in answer, answer
     # and the sandbox's own resolver (the pod's /etc/resolv.conf) finds cluster names
     cell = kernel.execute("import socket\nprint(socket.gethostbyname('kubernetes.default.svc.cluster.local'))")
-    assert cell.stream().strip().endswith("10.96.0.1"), cell.outputs
+    assert cell.stream().startswith("10.96.0.1\n"), cell.outputs
     kernel.execute("%sandbox mode deny")
 
 
@@ -378,7 +378,7 @@ def test_shutdown_removes_the_pod_and_the_kernels_objects(cluster_admin, kernel_
     user = f"ci-{uuid.uuid4().hex[:6]}"
     driver = KernelDriver(kernel_env(kernel_kubeconfig, user))
     try:
-        assert driver.execute("print('up')", timeout=240).stream().endswith("up\n")
+        assert "up\n" in driver.execute("print('up')", timeout=240).stream()
         pod = the_pod(cluster_admin, user)
         namespace = pod["metadata"]["namespace"]
         net = client.NetworkingV1Api(admin_client(cluster_admin))
@@ -404,12 +404,12 @@ def test_gc_removes_an_orphan_and_leaves_a_live_sandbox(cluster_admin, kernel_ku
     leaves the live kernel's pod alone."""
     from kubernetes import client
 
-    assert kernel.execute("print('live')").stream().endswith("live\n")
+    assert "live\n" in kernel.execute("print('live')").stream()
     live = the_pod(cluster_admin, kernel.user)
     user = f"ci-{uuid.uuid4().hex[:6]}"
     driver = KernelDriver(kernel_env(kernel_kubeconfig, user))
     try:
-        assert driver.execute("print('up')", timeout=240).stream().endswith("up\n")
+        assert "up\n" in driver.execute("print('up')", timeout=240).stream()
         orphan = the_pod(cluster_admin, user)
         os.kill(driver.pid, signal.SIGKILL)
         driver.km.wait_for_kernel = None
