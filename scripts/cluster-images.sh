@@ -24,6 +24,7 @@ SANDBOX_IMAGE="${SANDBOX_KERNEL_CLUSTER_SANDBOX_IMAGE:-sandbox-kernel.local/sand
 SUITE="bookworm"
 PACKAGES="python3-ipython"
 HELM_VERSION="v3.19.5"
+HELM_K8S_MINOR="34"  # the k8s.io modules helm v3.19 links (its default for `helm template`)
 export GOMODCACHE="${GOMODCACHE_OVERRIDE:-$CACHE/go/mod}" GOCACHE="${GOCACHE_OVERRIDE:-$CACHE/go/build}"
 export GOFLAGS="${GOFLAGS:-} -trimpath"
 
@@ -92,7 +93,7 @@ build_sandbox() {
 
 build_helm() {
   local bin="$CACHE/bin/helm"
-  if [ -x "$bin" ] && [ "$(cat "$bin.version" 2>/dev/null)" = "$HELM_VERSION" ]; then
+  if [ -x "$bin" ] && [ "$(cat "$bin.version" 2>/dev/null)" = "$HELM_VERSION 1.$HELM_K8S_MINOR" ]; then
     log "helm $HELM_VERSION is current ($bin)"
     return 0
   fi
@@ -101,8 +102,15 @@ build_helm() {
   started=$(date +%s)
   mkdir -p "$CACHE/bin"
   log "building helm $HELM_VERSION from helm.sh/helm/v3 (Go caches in $CACHE/go)"
-  (cd "$CACHE" && GOBIN="$CACHE/bin" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION")
-  echo "$HELM_VERSION" >"$bin.version"
+  # what helm's own Makefile stamps in: its version, and the Kubernetes version `helm template`
+  # and `helm lint` assume without a cluster (else v1.20, which the chart's kubeVersion refuses)
+  local ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  local pkg
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$HELM_K8S_MINOR"
+  done
+  (cd "$CACHE" && GOBIN="$CACHE/bin" go install -ldflags "$ldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION")
+  echo "$HELM_VERSION 1.$HELM_K8S_MINOR" >"$bin.version"
   log "helm $HELM_VERSION built in $(( $(date +%s) - started )) s"
 }
 

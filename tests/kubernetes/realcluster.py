@@ -28,6 +28,14 @@ CHART_NAMESPACE = "skci-chart"
 RELEASE = "skci"
 #: the chart's ServiceAccount for kernels: <release>-sandbox-kernel
 KERNEL_SA = f"{RELEASE}-sandbox-kernel"
+#: the chart's ServiceAccount of the gc CronJob
+GC_SA = f"{RELEASE}-sandbox-kernel-gc"
+#: what the tests install: gc on (its CronJob never fires during a run; the tests run
+#: `sandbox-kernel gc` themselves with the gc account's token)
+CHART_VALUES = {"gc.enabled": "true", "gc.schedule": "0 0 1 1 *",
+                "gc.image.name": SANDBOX_IMAGE.rpartition(":")[0], "gc.image.tag": SANDBOX_IMAGE.rpartition(":")[2]}
+#: the cluster's own ranges (scripts/cluster.sh): pods, services, the node address
+CLUSTER_RANGES = "10.244.0.0/16 10.96.0.0/16 10.245.0.1/32"
 
 
 def admin_client(admin_kubeconfig: str):
@@ -50,7 +58,7 @@ def install_chart(admin_kubeconfig: str, release: str = RELEASE, namespace: str 
                   values: dict | None = None, wait: bool = True) -> subprocess.CompletedProcess:
     """``helm upgrade --install`` the chart with the test cluster's sandbox image."""
     name, _, tag = SANDBOX_IMAGE.rpartition(":")
-    sets = {"sandbox.image.name": name, "sandbox.image.tag": tag, **(values or {})}
+    sets = {"sandbox.image.name": name, "sandbox.image.tag": tag, **(CHART_VALUES if values is None else values)}
     args = ["upgrade", "--install", release, str(CHART), "--namespace", namespace, "--create-namespace"]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]

@@ -23,7 +23,7 @@ import uuid
 import pytest
 
 from kerneltest import KernelDriver
-from realcluster import (CHART_NAMESPACE, HELM, KERNEL_SA, SANDBOX_IMAGE, admin_client, delete_namespace, may,
+from realcluster import (CHART_NAMESPACE, CLUSTER_RANGES, GC_SA, HELM, KERNEL_SA, SANDBOX_IMAGE, admin_client, delete_namespace, may,
                          pods, service_account_kubeconfig, wait_for, whoami)
 
 from sandbox_kernel.notices import NOTICE_MIME
@@ -61,7 +61,16 @@ def kernel_env(kubeconfig: str, user: str, **extra: str) -> dict:
             "SANDBOX_KERNEL_USER": user, "SANDBOX_KERNEL_K8S_IMAGE": SANDBOX_IMAGE,
             "SANDBOX_KERNEL_K8S_IMAGE_PULL_POLICY": "Never", "SANDBOX_KERNEL_K8S_START_TIMEOUT": "180",
             "SANDBOX_KERNEL_K8S_REQUESTS": json.dumps({"cpu": "50m", "memory": "128Mi"}),
-            "SANDBOX_KERNEL_PROGRESS_DELAY": "0", "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any", **extra}
+            "SANDBOX_KERNEL_PROGRESS_DELAY": "0", "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any",
+            # the cluster's own ranges stay blocked; the test hosts (10.231.0.0/16) may be allowed
+            "SANDBOX_KERNEL_POLICY_CLUSTER_RANGES": CLUSTER_RANGES, **extra}
+
+
+@pytest.fixture(scope="module")
+def gc_kubeconfig(cluster_admin, kernel_kubeconfig, tmp_path_factory):
+    """A kubeconfig with a token of the chart's gc ServiceAccount."""
+    return str(service_account_kubeconfig(cluster_admin, CHART_NAMESPACE, GC_SA,
+                                          tmp_path_factory.mktemp("sa") / "gc.kubeconfig"))
 
 
 @pytest.fixture(scope="module")
@@ -398,9 +407,9 @@ def test_shutdown_removes_the_pod_and_the_kernels_objects(cluster_admin, kernel_
             delete_namespace(cluster_admin, ns)
 
 
-def test_gc_removes_an_orphan_and_leaves_a_live_sandbox(cluster_admin, kernel_kubeconfig, kernel):
+def test_gc_removes_an_orphan_and_leaves_a_live_sandbox(cluster_admin, kernel_kubeconfig, gc_kubeconfig, kernel):
     """A kernel killed with SIGKILL leaves its pod; once that pod has ended, `sandbox-kernel gc`
-    (as the chart's identity, default max age) removes it and its policy objects, and
+    (as the chart's gc identity, default max age) removes it and its policy objects, and
     leaves the live kernel's pod alone."""
     from kubernetes import client
 
@@ -419,7 +428,7 @@ def test_gc_removes_an_orphan_and_leaves_a_live_sandbox(cluster_admin, kernel_ku
         core = client.CoreV1Api(admin_client(cluster_admin))
         wait_for("the orphan pod to end", lambda: core.read_namespaced_pod(name, ns).status.phase == "Failed",
                  timeout=60)
-        env = {**os.environ, "KUBECONFIG": kernel_kubeconfig, "KUBERNETES_SERVICE_HOST": ""}
+        env = {**os.environ, "KUBECONFIG": gc_kubeconfig, "KUBERNETES_SERVICE_HOST": ""}
         done = subprocess.run(["sandbox-kernel", "gc", "--backend", "kubernetes"], capture_output=True, text=True,
                               env=env, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
