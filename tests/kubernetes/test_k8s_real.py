@@ -364,10 +364,12 @@ def test_metadata_address_is_refused_even_when_routed_to_a_host(cluster_admin, k
     subprocess.run(["ip", "rule", "add", "from", "10.244.0.0/16", "to", "169.254.169.254/32",
                     "lookup", table, "priority", prio], check=True)
     try:
-        kernel.execute(f"%sandbox allow {host.ip}:80/tcp")
+        wide = kernel.execute("%sandbox allow 0.0.0.0/0:80/tcp")  # every IPv4 address on port 80 ...
+        assert wide.status == "ok", wide.reply["content"]
         wait_for("the test host to be reachable", lambda: connect(kernel, host.ip, 80, guard=False)[0], timeout=60,
                  interval=0)
         seen = host.seen()
+        # ... but the metadata address, routed to the same host, stays blocked by the network
         reached, cell = connect(kernel, "169.254.169.254", 80, guard=False)
         assert not reached, cell.stream()
         assert host.seen() == seen
@@ -484,3 +486,60 @@ def test_helm_install_in_hub_mode_binds_the_role_to_the_service(cluster_admin):
 def test_helm_cli_is_the_one_built_here():
     version = subprocess.run([str(HELM), "version", "--short"], capture_output=True, text=True, check=True).stdout
     assert version.startswith("v3."), version
+
+
+# -- start failures, in plain words --------------------------------------------------------------
+
+def _backend(kubeconfig: str, user: str, **kw):
+    from kubernetes import client, config
+
+    from sandbox_kernel.backends import kubernetes as kb
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    kw.setdefault("image", SANDBOX_IMAGE)
+    kw.setdefault("image_pull_policy", "Never")
+    kw.setdefault("requests", {"cpu": "50m", "memory": "128Mi"})
+    backend = kb.KubernetesBackend(client_configuration=configuration, user=user, start_timeout=120, **kw)
+    backend.always_blocked = ["169.254.0.0/16"]
+    return backend
+
+
+@pytest.mark.parametrize("case", ["image", "unschedulable", "quota"])
+def test_start_failures_say_what_happened(cluster_admin, kernel_kubeconfig, case):
+    import asyncio
+
+    from sandbox_kernel.backends import kubernetes as kb
+    from sandbox_kernel.policy.model import EgressPolicy
+
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    kw = {"image": {"image": "sandbox-kernel.local/no-such-image:1", "image_pull_policy": "IfNotPresent"},
+          "unschedulable": {"node_selector": {"sandbox-kernel.io/no-such-node": "x"}, "schedule_timeout": 3},
+          "quota": {"quota": {"pods": "1"}}}[case]
+    lines: list[str] = []
+
+    async def main():
+        first = _backend(kernel_kubeconfig, user, **kw)
+        if case != "quota":
+            await first.start(uuid.uuid4().hex, EgressPolicy(), lines.append)
+            return
+        await first.start(uuid.uuid4().hex, EgressPolicy(), lines.append)
+        try:
+            await _backend(kernel_kubeconfig, user, **kw).start(uuid.uuid4().hex, EgressPolicy(), lines.append)
+        finally:
+            await first.stop()
+
+    expected = {"image": kb.ImagePullFailed, "unschedulable": kb.Unschedulable, "quota": kb.QuotaExceeded}[case]
+    try:
+        with pytest.raises(expected) as err:
+            asyncio.run(main())
+        words = {"image": "could not be pulled", "unschedulable": "No node could run the sandbox",
+                 "quota": "quota in namespace user-sandbox-"}[case]
+        assert words in str(err.value), str(err.value)
+        assert "Kubernetes said:" in str(err.value)
+        # nothing of the failed start is left behind
+        for ns in _user_namespaces(cluster_admin, user):
+            wait_for("the failed pod to go", lambda: not pods(cluster_admin, ns), timeout=60)
+    finally:
+        for ns in _user_namespaces(cluster_admin, user):
+            delete_namespace(cluster_admin, ns)
