@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kerneltest import _HOST_INDEX, _HOST_SERVER, KernelDriver, TestHost, _sh
+from localcluster import local_cluster, pytest_collection_finish, pytest_sessionfinish  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,8 @@
-"""Against a REAL cluster (kind in CI, or GKE): skipped unless one is configured.
+"""The backend on the local cluster of scripts/cluster.sh (see tests/localcluster.py).
 
-Run with ``SANDBOX_KERNEL_TEST_CLUSTER=1 pytest -m cluster tests/kubernetes`` and a
-kubeconfig whose current context may create namespaces (see .github/workflows/kind.yml).
-The cluster's CNI must enforce NetworkPolicy (kind's kindnet does).
+Run with ``SANDBOX_KERNEL_TEST_CLUSTER=auto pytest -m cluster tests/kubernetes``. The sandbox
+image is the one scripts/cluster-images.sh builds (an archive in the cluster cache, imported
+by ``up``); egress goes to a test host in a network namespace on this machine.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -19,23 +18,16 @@ from sandbox_kernel.policy.model import EgressPolicy
 
 pytestmark = pytest.mark.cluster
 
-#: a public address outside any cluster (Cloudflare DNS over HTTPS), port 443
-OUTSIDE = "1.1.1.1"
+SANDBOX_IMAGE = os.environ.get("SANDBOX_KERNEL_CLUSTER_SANDBOX_IMAGE", "sandbox-kernel.local/sandbox:cluster")
 
-if os.environ.get("SANDBOX_KERNEL_TEST_CLUSTER") != "1":
-    pytest.skip("needs a real cluster: set SANDBOX_KERNEL_TEST_CLUSTER=1 with a kubeconfig (kind or GKE)",
-                allow_module_level=True)
-if not (os.environ.get("KUBECONFIG") or Path("~/.kube/config").expanduser().exists()
-        or os.environ.get("KUBERNETES_SERVICE_HOST")):
-    pytest.skip("SANDBOX_KERNEL_TEST_CLUSTER=1 but no kubeconfig or in-cluster credentials",
-                allow_module_level=True)
 
-CONNECT = f"""
+def connect(ip: str, port: int) -> str:
+    return f"""
 import socket
 s = socket.socket()
 s.settimeout(4)
 try:
-    s.connect(("{OUTSIDE}", 443))
+    s.connect(("{ip}", {port}))
     print("connected")
 except OSError as err:
     print("blocked", type(err).__name__)
@@ -55,9 +47,18 @@ async def run_cell(transport, code, cell_id):
             return "".join(out), frame
 
 
-def test_sandbox_on_a_real_cluster():
+def test_sandbox_on_a_real_cluster(local_cluster, test_host, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(local_cluster.kubeconfig))
+    images = local_cluster.kubectl("get", "node", local_cluster.node_name, "-o",
+                                   "jsonpath={.status.images[*].names}").stdout
+    if SANDBOX_IMAGE not in images:
+        pytest.fail(f"the sandbox image {SANDBOX_IMAGE} is not on the node: build it with "
+                    "scripts/cluster-images.sh sandbox, then scripts/cluster.sh up imports it", pytrace=False)
+    host = test_host()
+
     async def main():
-        backend = kb.KubernetesBackend(user=f"ci-{uuid.uuid4().hex[:6]}", start_timeout=300)
+        backend = kb.KubernetesBackend(user=f"ci-{uuid.uuid4().hex[:6]}", start_timeout=300,
+                                       image=SANDBOX_IMAGE, image_pull_policy="Never")
         backend.always_blocked = ["169.254.0.0/16"]
         lines = []
         try:
@@ -67,11 +68,14 @@ def test_sandbox_on_a_real_cluster():
             assert (await asyncio.wait_for(transport.recv(), 60))["type"] == "hello"
             out, done = await run_cell(transport, "print(1 + 1)", 1)
             assert out == "2\n" and done["exit_status"] == 0
-            out, _ = await run_cell(transport, CONNECT, 2)
+            out, _ = await run_cell(transport, connect(host.ip, host.port), 2)
             assert out.startswith("blocked"), out
-            await backend.apply_policy(EgressPolicy(mode="allowlist", entries=(f"{OUTSIDE}:443",)))
-            await asyncio.sleep(5)  # NetworkPolicy programming is asynchronous in every CNI
-            out, _ = await run_cell(transport, CONNECT, 3)
+            await backend.apply_policy(EgressPolicy(mode="allowlist", entries=(f"{host.ip}:{host.port}",)))
+            for cell in range(3, 60):  # NetworkPolicy programming is asynchronous in every enforcer
+                out, _ = await run_cell(transport, connect(host.ip, host.port), cell)
+                if out.startswith("connected"):
+                    break
+                await asyncio.sleep(1)
             assert out.startswith("connected"), out
             await transport.close()
         finally:
