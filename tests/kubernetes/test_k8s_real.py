@@ -34,14 +34,10 @@ pytestmark = pytest.mark.cluster
 # -- the cluster, the chart and the kernels' identity -----------------------------------------
 
 @pytest.fixture(scope="module")
-def cluster_admin():
-    """The admin kubeconfig of the running test cluster (set-up and inspection only)."""
-    from realcluster import CACHE
-
-    path = os.environ.get("SANDBOX_KERNEL_CLUSTER_KUBECONFIG") or str(CACHE / "admin.kubeconfig")
-    if not os.path.exists(path):
-        pytest.skip(f"no test cluster: {path} does not exist (bash scripts/cluster.sh up)")
-    return path
+def cluster_admin(local_cluster):
+    """The cluster administrator's kubeconfig (set-up and inspection only, never the identity
+    under test)."""
+    return str(local_cluster.kubeconfig)
 
 
 @pytest.fixture(scope="module")
