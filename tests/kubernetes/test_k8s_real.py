@@ -418,8 +418,7 @@ def test_gc_removes_an_orphan_and_leaves_a_live_sandbox(cluster_admin, kernel_ku
     try:
         assert "up\n" in driver.execute("print('up')", timeout=240).stream()
         orphan = the_pod(cluster_admin, user)
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.km.wait_for_kernel = None
+        os.kill(driver.pid, signal.SIGKILL)  # no shutdown: the pod is an orphan now
         # the orphan's agent ends (as a crashed one would): the pod is Failed, nobody deletes it
         admin_exec(cluster_admin, orphan, ["python3", "-c", "import os, signal; os.kill(1, signal.SIGKILL)"])
         ns, name = orphan["metadata"]["namespace"], orphan["metadata"]["name"]
@@ -437,6 +436,7 @@ def test_gc_removes_an_orphan_and_leaves_a_live_sandbox(cluster_admin, kernel_ku
     finally:
         try:
             driver.kc.stop_channels()
+            driver.km.shutdown_kernel(now=True)  # reaps the killed process, removes its files
         except Exception:  # noqa: BLE001 - the kernel process is gone
             pass
         for ns in _user_namespaces(cluster_admin, user):
