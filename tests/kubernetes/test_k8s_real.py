@@ -539,3 +539,59 @@ def test_start_failures_say_what_happened(cluster_admin, kernel_kubeconfig, case
     finally:
         for ns in _user_namespaces(cluster_admin, user):
             delete_namespace(cluster_admin, ns)
+
+
+# -- isolation between users ------------------------------------------------------------------------
+
+LISTEN = """
+import socket, threading
+accepted = []
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(('0.0.0.0', 8000)); srv.listen(8)
+def serve():
+    while True:
+        c, peer = srv.accept(); accepted.append(peer[0]); c.sendall(b'hi'); c.close()
+threading.Thread(target=serve, daemon=True).start()
+print('listening')
+"""
+
+
+def test_another_users_pod_is_unreachable_and_ingress_is_refused(cluster_admin, kernel_kubeconfig, kernel):
+    """User B's sandbox listens on 8000. User A's sandbox (guard off) and a pod in another
+    namespace cannot connect; the node itself can (NetworkPolicy never applies to the pod's own
+    node), which also shows the listener works."""
+    import socket
+
+    from kubernetes import client
+
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    other = KernelDriver(kernel_env(kernel_kubeconfig, user))
+    probe_ns = f"skci-probe-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(admin_client(cluster_admin))
+    try:
+        assert "listening\n" in other.execute(LISTEN, timeout=240).stream()
+        target = the_pod(cluster_admin, user)["status"]["podIP"]
+        # A -> B, with A's egress opened to B's address (the cluster range stays blocked)
+        reached, cell = connect(kernel, target, 8000, guard=False)
+        assert not reached, cell.stream()
+        # a pod in a namespace that is not a sandbox -> B (ingress)
+        core.create_namespace({"metadata": {"name": probe_ns}})
+        core.create_namespaced_pod(probe_ns, {"metadata": {"name": "probe"}, "spec": {
+            "restartPolicy": "Never", "containers": [{
+                "name": "probe", "image": "sandbox-kernel.local/probe:1", "imagePullPolicy": "Never",
+                "command": ["/bin/busybox", "sh", "-c",
+                            f"if /bin/busybox nc -w 3 {target} 8000 </dev/null; then echo OPEN; else echo CLOSED; fi"]}]}})
+        wait_for("the probe pod to finish",
+                 lambda: core.read_namespaced_pod("probe", probe_ns).status.phase in ("Succeeded", "Failed"),
+                 timeout=120)
+        assert core.read_namespaced_pod_log("probe", probe_ns).strip().endswith("CLOSED")
+        # the node (this machine) reaches the pod: the listener is up, and the exception is real
+        with socket.create_connection((target, 8000), timeout=5) as conn:
+            assert conn.recv(2) == b"hi"
+        count = other.execute("print(len(accepted))").stream().splitlines()[0]
+        assert count == "1", count  # only the node's connection got through
+    finally:
+        other.shutdown()
+        delete_namespace(cluster_admin, probe_ns)
+        for ns in _user_namespaces(cluster_admin, user):
+            delete_namespace(cluster_admin, ns)
