@@ -171,30 +171,6 @@ def test_rbac_denies_what_the_kernel_identity_must_not_do(kernel_kubeconfig):
     assert allowed == []
 
 
-def test_pod_security_restricted_rejects_a_violating_pod(cluster_admin, kernel_kubeconfig, kernel):
-    """The user namespace enforces restricted: the sandbox pod got in (the kernel started),
-    and a privileged spec sent by the same identity is refused by the real admission."""
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
-
-    assert kernel.execute("print('admitted')").stream().startswith("admitted\n")
-    pod = the_pod(cluster_admin, kernel.user)
-    namespace = pod["metadata"]["namespace"]
-    labels = client.CoreV1Api(admin_client(cluster_admin)).read_namespace(namespace).metadata.labels
-    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
-    from kubernetes import config
-
-    api = config.new_client_from_config(config_file=kernel_kubeconfig)
-    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "skci-privileged"},
-           "spec": {"containers": [{"name": "c", "image": SANDBOX_IMAGE, "imagePullPolicy": "Never",
-                                    "command": ["sleep", "1"], "securityContext": {"privileged": True}}]}}
-    with pytest.raises(ApiException) as err:
-        client.CoreV1Api(api).create_namespaced_pod(namespace, bad)
-    assert err.value.status == 403
-    assert 'violates PodSecurity "restricted:latest"' in err.value.body
-    assert "privileged" in err.value.body
-
-
 # -- the kernel end to end -------------------------------------------------------------------------
 
 def test_kernel_end_to_end_on_a_real_pod(cluster_admin, kernel):
@@ -266,6 +242,30 @@ def test_pod_deleted_from_outside_then_next_cell_in_a_new_pod(cluster_admin, ker
     assert "after\n" in said.stream(), said.outputs
     new = the_pod(cluster_admin, kernel.user)
     assert new["metadata"]["name"] != pod["metadata"]["name"]
+
+
+def test_pod_security_restricted_rejects_a_violating_pod(cluster_admin, kernel_kubeconfig, kernel):
+    """The user namespace enforces restricted: the sandbox pod got in (the kernel started),
+    and a privileged spec sent by the same identity is refused by the real admission."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    assert kernel.execute("print('admitted')").stream().startswith("admitted\n")
+    pod = the_pod(cluster_admin, kernel.user)
+    namespace = pod["metadata"]["namespace"]
+    labels = client.CoreV1Api(admin_client(cluster_admin)).read_namespace(namespace).metadata.labels
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    from kubernetes import config
+
+    api = config.new_client_from_config(config_file=kernel_kubeconfig)
+    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "skci-privileged"},
+           "spec": {"containers": [{"name": "c", "image": SANDBOX_IMAGE, "imagePullPolicy": "Never",
+                                    "command": ["sleep", "1"], "securityContext": {"privileged": True}}]}}
+    with pytest.raises(ApiException) as err:
+        client.CoreV1Api(api).create_namespaced_pod(namespace, bad)
+    assert err.value.status == 403
+    assert 'violates PodSecurity "restricted:latest"' in err.value.body
+    assert "privileged" in err.value.body
 
 
 # -- egress, enforced by kube-router ---------------------------------------------------------------
