@@ -54,7 +54,8 @@ ETCD_PEER_PORT=23800
 CNI_NETWORK=sk-pods
 PAUSE_IMAGE=sandbox-kernel.local/pause:1
 COREDNS_IMAGE="sandbox-kernel.local/coredns:$COREDNS_VERSION"
-KUBE_ROUTER_IMAGE=sandbox-kernel.local/kube-router:v2.1.0
+KUBE_ROUTER_VERSION=v2.1.0
+KUBE_ROUTER_IMAGE="sandbox-kernel.local/kube-router:$KUBE_ROUTER_VERSION"
 PROBE_IMAGE=sandbox-kernel.local/probe:1   # busybox (Debian's static build), for tests that probe the network
 TIMEOUT="${SANDBOX_KERNEL_CLUSTER_TIMEOUT:-300}"
 SAVED_SYSCTLS="net.ipv4.ip_forward vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes"
@@ -95,22 +96,21 @@ go_env() {
   export CGO_ENABLED=0 GOFLAGS="-buildvcs=false" GOTOOLCHAIN=local
 }
 
-# stamp of a build: the sources and the Go version; a binary is rebuilt when it changes
-build_stamp() { (cd "$1" && cat go.mod go.sum $(find . -name '*.go' | sort) && go version) | sha256sum | cut -c1-16; }
+# stamp of a build: the sources, the Go version and the flags; a binary is rebuilt when it changes
+build_stamp() { (cd "$1" && cat go.mod go.sum $(find . -name '*.go' | sort) && go version && echo "$2") | sha256sum | cut -c1-16; }
 
 build_binaries() {
   command -v go >/dev/null || die "needs Go (go not in PATH) to build the cluster's components"
   go_env
   mkdir -p "$BIN" "$LOGS"
-  local stamp v=k8s.io/component-base/version
-  stamp="$(build_stamp "$SRC/kube")"
+  local stamp v=k8s.io/component-base/version ldflags
+  ldflags="-s -w -X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $v.gitTreeState=clean -X $v.buildDate=1970-01-01T00:00:00Z"
+  stamp="$(build_stamp "$SRC/kube" "$ldflags")"
   if [ "$(cat "$BIN/.kube.stamp" 2>/dev/null)" != "$stamp" ] || [ ! -x "$BIN/clusterbin" ]; then
     log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl, etcd, coredns, pause (first time: long)"
     local t0=$SECONDS out="$BIN/.build"
     rm -rf "$out" && mkdir -p "$out"
-    (cd "$SRC/kube" && go build -trimpath -o "$out/" \
-      -ldflags="-s -w -X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=${K8S_VERSION#v1.} -X $v.gitTreeState=clean -X $v.buildDate=1970-01-01T00:00:00Z" \
-      . ./pause ./coredns) >"$LOGS/build-kube.log" 2>&1 || die "go build failed (see $LOGS/build-kube.log)"
+    (cd "$SRC/kube" && go build -trimpath -ldflags="$ldflags" -o "$out/" . ./pause ./coredns) >"$LOGS/build-kube.log" 2>&1 || die "go build failed (see $LOGS/build-kube.log)"
     mv -f "$out/clusterbin" "$out/pause" "$out/coredns" "$BIN/" && rmdir "$out"
     echo "$stamp" >"$BIN/.kube.stamp"
     log "built in $((SECONDS - t0))s"
@@ -119,11 +119,12 @@ build_binaries() {
   for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd; do
     ln -sfn clusterbin "$BIN/$c"
   done
-  stamp="$(build_stamp "$SRC/kube-router")"
+  ldflags="-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION"
+  stamp="$(build_stamp "$SRC/kube-router" "$ldflags")"
   if [ "$(cat "$BIN/.kube-router.stamp" 2>/dev/null)" != "$stamp" ] || [ ! -x "$BIN/kube-router" ]; then
     log "building kube-router"
     local t0=$SECONDS
-    (cd "$SRC/kube-router" && go build -trimpath -ldflags="-s -w" -o "$BIN/kube-router.new" \
+    (cd "$SRC/kube-router" && go build -trimpath -ldflags="$ldflags" -o "$BIN/kube-router.new" \
       github.com/cloudnativelabs/kube-router/v2/cmd/kube-router) >"$LOGS/build-kube-router.log" 2>&1 \
       || die "go build of kube-router failed (see $LOGS/build-kube-router.log)"
     mv -f "$BIN/kube-router.new" "$BIN/kube-router"
@@ -306,9 +307,17 @@ make_pki() {
 
 # ---------------------------------------------------------------- configuration files
 
+put() {  # put FILE: stdin into FILE unless FILE has that content already (kube-proxy exits when its config changes)
+  local tmp="$1.new"
+  cat >"$tmp"
+  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; else mv -f "$tmp" "$1"; fi
+}
+
 write_configs() {
   mkdir -p "$RUN/cni" "$CACHE/containerd"
-  cat >"$RUN/cni/10-$CNI_NETWORK.conflist" <<EOF
+  local RESTRICT_OOM=false  # CAP_SYS_RESOURCE is bit 24 of the capability sets
+  (( (0x$(awk '/^CapEff/ {print $2}' /proc/self/status) >> 24) & 1 )) || RESTRICT_OOM=true
+  put "$RUN/cni/10-$CNI_NETWORK.conflist" <<EOF
 {
   "cniVersion": "0.4.0",
   "name": "$CNI_NETWORK",
@@ -320,7 +329,7 @@ write_configs() {
   ]
 }
 EOF
-  cat >"$RUN/containerd.toml" <<EOF
+  put "$RUN/containerd.toml" <<EOF
 version = 2
 root = "$CACHE/containerd"
 state = "$SOCKDIR/containerd"
@@ -332,6 +341,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   path = "$CACHE/containerd-opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
+  # this machine's root has no CAP_SYS_RESOURCE: no oom_score_adj below containerd's own
+  restrict_oom_score_adj = $RESTRICT_OOM
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -340,11 +351,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
         BinaryName = "$(command -v runc)"
+        Root = "$SOCKDIR/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$RUN/cni"
 EOF
-  cat >"$RUN/kubelet.yaml" <<EOF
+  put "$RUN/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 authentication:
@@ -369,7 +381,7 @@ imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
 serializeImagePulls: false
 EOF
-  cat >"$RUN/kube-proxy.yaml" <<EOF
+  put "$RUN/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: "$RUN/kube-proxy.kubeconfig"}
