@@ -100,10 +100,8 @@ def whoami(kubeconfig: str) -> str:
     from kubernetes import client, config
 
     api = config.new_client_from_config(config_file=kubeconfig)
-    review = api.call_api("/apis/authentication.k8s.io/v1/selfsubjectreviews", "POST",
-                          body={"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
-                          response_type="object", _return_http_data_only=True, auth_settings=["BearerToken"])
-    return review["status"]["userInfo"]["username"]
+    review = client.AuthenticationV1Api(api).create_self_subject_review(client.V1SelfSubjectReview())
+    return review.status.user_info.username
 
 
 def may(kubeconfig: str, verb: str, resource: str, namespace: str | None = None, group: str = "",

@@ -139,19 +139,37 @@ def test_the_tests_run_as_the_charts_kernel_service_account(kernel_kubeconfig):
     assert whoami(kernel_kubeconfig) == f"system:serviceaccount:{CHART_NAMESPACE}:{KERNEL_SA}"
 
 
-def test_rbac_permits_every_call_of_backend_gc_and_doctor(kernel_kubeconfig):
-    from sandbox_kernel import doctor_k8s
+def _refused(kubeconfig: str, permissions, namespace: str = "user-sandbox-rbac-check") -> list:
+    refused = []
+    for group, resource, verb in sorted(set(permissions)):
+        name, _, sub = resource.partition("/")
+        cluster_scoped = name == "namespaces" or group in ("authorization.k8s.io", "apiextensions.k8s.io",
+                                                           "node.k8s.io")
+        where = None if cluster_scoped else ("kube-system" if name == "daemonsets" else namespace)
+        if not may(kubeconfig, verb, name, where, group, sub or None):
+            refused.append((group, resource, verb, where))
+    return refused
+
+
+def test_rbac_permits_every_call_of_the_backend_and_gc(kernel_kubeconfig, gc_kubeconfig):
     from sandbox_kernel.backends import kubernetes as kb
 
-    namespace = "user-sandbox-rbac-check"
-    wanted = set(kb.required_permissions(["networkpolicy"])) | set(doctor_k8s.DOCTOR_PERMISSIONS)
-    refused = []
-    for group, resource, verb in sorted(wanted):
-        name, _, sub = resource.partition("/")
-        scoped = name not in ("namespaces",) and not (group == "authorization.k8s.io")
-        if not may(kernel_kubeconfig, verb, name, namespace if scoped else None, group, sub or None):
-            refused.append((group, resource, verb))
-    assert refused == []
+    # the kernel identity: everything the backend calls except gc's cluster-wide lists
+    backend = [p for p in kb.required_permissions(["networkpolicy"]) if p[2] != "list"]
+    assert _refused(kernel_kubeconfig, backend) == []
+    # the gc identity: list everywhere, delete what it found
+    gc = [("", "pods", "list"), ("", "pods", "delete"), ("networking.k8s.io", "networkpolicies", "list"),
+          ("networking.k8s.io", "networkpolicies", "delete")]
+    assert _refused(gc_kubeconfig, gc) == []
+    assert _refused(gc_kubeconfig, gc, namespace=None) == []  # --all-namespaces lists
+
+
+@pytest.mark.xfail(strict=True, reason="the chart grants the kernel identity none of doctor's reads "
+                                        "(DaemonSets in kube-system, CRDs, RuntimeClasses): doctor cannot check them")
+def test_rbac_permits_doctors_reads(kernel_kubeconfig):
+    from sandbox_kernel import doctor_k8s
+
+    assert _refused(kernel_kubeconfig, doctor_k8s.DOCTOR_PERMISSIONS) == []
 
 
 @pytest.mark.xfail(strict=True, reason="issue 15 point 1: the chart binds the kernels' ClusterRole cluster-wide, "
