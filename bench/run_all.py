@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_apply  # noqa: E402
+import bench_floods  # noqa: E402
 import bench_kernel  # noqa: E402
 import bench_notices  # noqa: E402
 import bench_policy  # noqa: E402
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     rows += bench_kernel.rows(repeat=50 if args.quick else 200)
     rows += bench_apply.rows(repeat=20 if args.quick else 50)
     rows += bench_notices.rows(repeat=repeat)
+    rows += bench_floods.rows()
     rows += bench_policy.rows(count=500, repeat=5 if args.quick else 11)
     for name in OPTIONAL:
         try:

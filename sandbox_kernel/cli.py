@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .config import load_config
+
 KERNEL_NAME = "sandbox"
 
 
@@ -39,12 +41,12 @@ def install(user: bool = False, sys_prefix: bool = False, prefix: str | None = N
         return KernelSpecManager().install_kernel_spec(str(target), KERNEL_NAME, user=user, prefix=prefix)
 
 
-def doctor() -> int:
+def doctor(config=None) -> int:
     """Check that this machine can run local sandboxes; print what is missing and how to fix it."""
     from .backends.local import LocalBackend
     from .errors import IsolationUnavailable
 
-    backend = LocalBackend()
+    backend = LocalBackend(config=load_config() if config is None else config)
     try:
         backend.check()
     except IsolationUnavailable as err:
@@ -53,18 +55,34 @@ def doctor() -> int:
             print(f"  - {item}")
         return 1
     print("local backend: ready")
+    print(f"  mode:                {'rootless (prototype)' if backend.rootless else 'root'}")
     print(f"  sandbox interpreter: {backend.python}")
     print(f"  state directory:     {backend.state_dir}")
     print(f"  sandbox uid:         {backend.uid}")
     uplink = shutil.which("slirp4netns")
-    print(f"  uplink (allowlist):  {uplink or 'slirp4netns missing: apt-get install slirp4netns (needed for allowlisted egress)'}")
+    if uplink and backend.rootless:
+        from .backends.rootless import tun_usable
+
+        if not tun_usable() and not tun_usable(backend.tun_device):
+            uplink = None
+            print("  uplink (allowlist):  unavailable: /dev/net/tun is not readable and writable by this user "
+                  "(chmod 0666 /dev/net/tun, the usual default, or give it a node of its own: "
+                  "c.LocalBackend.tun_device); only default-deny can be enforced")
+    if uplink or not backend.rootless:
+        print(f"  uplink (allowlist):  {uplink or 'slirp4netns missing: apt-get install slirp4netns (needed for allowlisted egress)'}")
+    if backend.rootless:
+        print("  resource limits:     none (cgroups are not delegated to this user): memory_limit, pids_limit "
+              "and work_size do not apply; run as root for them")
     return 0
 
 
-def run_gc() -> int:
-    from .backends.local import gc
+def run_gc(config=None) -> int:
+    """Remove local sandboxes whose kernel is gone, looking in the state directory the
+    kernels use (``c.LocalBackend.state_dir`` in a config file, else the environment)."""
+    from .backends.local import LocalBackend, gc
 
-    removed = gc()
+    backend = LocalBackend(config=load_config() if config is None else config)
+    removed = gc(backend.state_dir)
     for line in removed:
         print(f"removed {line}")
     if not removed:
@@ -92,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "(seconds, or 30m, 1h, 2d; default 24h)")
     p_gc.add_argument("--enforcers", help="kubernetes: policy kinds to clean, comma-separated "
                                           "(default: SANDBOX_KERNEL_K8S_ENFORCERS, else networkpolicy)")
-    sub.add_parser("demo-host", help="start, stop or check the demo destination the notebooks use").add_argument(
-        "action", choices=("start", "stop", "status"))
+    p_demo = sub.add_parser("demo-host", help="start, stop or check the demo destination the notebooks use; "
+                                              "hold/release PID: keep it up while process PID runs (scripts/lab.sh)")
+    p_demo.add_argument("action", choices=("start", "stop", "status", "hold", "release"))
+    p_demo.add_argument("pid", nargs="?", help="hold/release: the process that uses the demo host")
 
     try:
         from .policy import cli as policy_cli
@@ -108,25 +128,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Installed kernelspec {KERNEL_NAME} in {path}")
         return 0
     if args.command in ("doctor", "gc"):
-        backend = args.backend or os.environ.get("SANDBOX_KERNEL_BACKEND") or "local"
+        # the same configuration the kernel reads: sandbox_kernel_config.py, then the environment
+        config = load_config()
+        configured = config.SandboxKernel.get("backend_name") if "SandboxKernel" in config else None
+        backend = args.backend or configured or os.environ.get("SANDBOX_KERNEL_BACKEND") or "local"
         if backend == "kubernetes":
             if args.command == "doctor":
+                from .backends.kubernetes import KubernetesBackend
                 from .doctor_k8s import main as doctor_k8s
 
-                return doctor_k8s()
+                return doctor_k8s(KubernetesBackend(config=config))
             from .backends.kubernetes import gc_command
 
             enforcers = [e.strip() for e in (args.enforcers or "").split(",") if e.strip()] or None
-            return gc_command(args.max_age or "24h", enforcers=enforcers)
+            return gc_command(args.max_age or "24h", enforcers=enforcers, config=config)
+        if backend != "local":
+            parser.error(f"{args.command} needs --backend local or kubernetes (configured backend: {backend!r})")
         if args.command == "doctor":
-            return doctor()
+            return doctor(config)
         if args.max_age or args.enforcers:
             parser.error("--max-age and --enforcers apply to the kubernetes backend only")
-        return run_gc()
+        return run_gc(config)
     if args.command == "demo-host":
         from .demohost import main as demo_host
 
-        return demo_host([args.action])
+        return demo_host([args.action, *([args.pid] if args.pid is not None else [])])
     handler = getattr(args, "handler", None)
     if handler is not None:
         return int(handler(args) or 0)

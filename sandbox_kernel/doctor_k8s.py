@@ -337,13 +337,9 @@ def format_table(rows: list[Check], width: int | None = None) -> str:
 def configured_backend() -> kb.KubernetesBackend:
     """A backend configured as the kernel's is: ``sandbox_kernel_config.py`` from the Jupyter
     config path (``c.KubernetesBackend.…``), then the environment variables."""
-    from jupyter_core.paths import jupyter_config_path
-    from traitlets.config.application import Application
+    from .config import load_config
 
-    app = Application()
-    for directory in reversed(jupyter_config_path()):  # the most specific one wins, as in the kernel
-        app.load_config_file("sandbox_kernel_config", path=[directory])
-    return kb.KubernetesBackend(config=app.config)
+    return kb.KubernetesBackend(config=load_config())
 
 
 def main(backend: kb.KubernetesBackend | None = None, out: Callable[[str], None] = print) -> int:

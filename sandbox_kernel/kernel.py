@@ -10,25 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
-import os
 import signal
 import sys
 import uuid
 
 import zmq
 from ipykernel.kernelbase import Kernel
-from traitlets import Enum, Float, Instance, Integer, TraitError, Unicode, default
+from traitlets import Bool, Enum, Float, Instance, Integer, TraitError, Unicode, default
 
 from . import __version__
 from .backends.base import Backend
-from .config import env_default
+from .config import env_bool, env_default
 from .errors import SandboxError
+from .grants import Grants
+from .history import CellHistory
 from .magics import SandboxMagics, split_cell
-from .notices import NOTICE_MIME, NoticeBoard
+from .notices import DISPLAY_ID_PREFIX, NOTICE_MIME, NoticeBoard
 from .policy.admin import AdminPolicy, agent_view
 from .policy.model import EgressPolicy
 from .session import CellResult, Session
+from .untrusted import screen_bundle
 
 FOOTER_MODES = ("always", "on-failure", "never")
 
@@ -138,6 +139,55 @@ class SandboxKernel(Kernel):
     def _progress_delay_default(self):
         return float(env_default("SANDBOX_KERNEL_PROGRESS_DELAY", 1.5))
 
+    interrupt_timeout = Float(
+        help="Seconds a cell has to end after an interrupt; a sandbox that does not answer in "
+        "time (wedged, or code that ignores interrupts) is killed and the cell says so. 0: wait "
+        "forever. Env: SANDBOX_KERNEL_INTERRUPT_TIMEOUT.",
+        config=True,
+    )
+
+    @default("interrupt_timeout")
+    def _interrupt_timeout_default(self):
+        return float(env_default("SANDBOX_KERNEL_INTERRUPT_TIMEOUT", 5.0))
+
+    notice_limit = Integer(
+        help="Most blocked-connection notices one cell shows of each kind (verified by the kernel, "
+        "reported by the sandbox); further destinations are counted in one line. Env: "
+        "SANDBOX_KERNEL_NOTICE_LIMIT.",
+        config=True,
+    )
+
+    @default("notice_limit")
+    def _notice_limit_default(self):
+        return max(1, int(env_default("SANDBOX_KERNEL_NOTICE_LIMIT", 20)))
+
+    notice_bytes_limit = Integer(
+        256 * 1024,
+        help="Most bytes of notice updates one cell sends while it runs (counts going up, notices "
+        "shown again after a clear_output); past it, the notices are brought up to date once, "
+        "when the cell ends.",
+        config=True,
+    )
+
+    #: seconds between two updates of the same cell's notices (counts, re-shows)
+    notice_update_interval = 0.25
+
+    trust_sandbox_output = Bool(
+        help="Publish rich output from the sandbox as it is, scripts included. Off by default: "
+        "HTML, Markdown and SVG are sanitised and MIME types that run code in the browser "
+        "(application/javascript, widget views, unknown application/* types) are dropped, "
+        "because a script in a cell's output acts in the user's Jupyter session with the "
+        "user's rights (docs/security.md, 'Untrusted output'). Turn it on only when every "
+        "piece of code the sandbox can run is trusted. Read once when the kernel starts; no "
+        "magic, panel or notebook metadata can change it. The kernel's own notice MIME type "
+        "is dropped from sandbox output either way. Env: SANDBOX_KERNEL_TRUST_SANDBOX_OUTPUT.",
+        config=True,
+    )
+
+    @default("trust_sandbox_output")
+    def _trust_sandbox_output_default(self):
+        return env_bool("SANDBOX_KERNEL_TRUST_SANDBOX_OUTPUT", False)
+
     sandbox = Instance(Session, allow_none=True)
     sandbox_backend = Instance(Backend, allow_none=True)
 
@@ -156,6 +206,7 @@ class SandboxKernel(Kernel):
                                      entries=[], presets=[], mode="deny", user_may_allow=[], max_entries=0)
             self.policy = EgressPolicy()
         self.sandbox_backend = self._make_backend()
+        self.admin.reserved = dict(self.sandbox_backend.reserved_ranges)
         self.sandbox_backend.always_blocked = [str(n) for n in self.admin.blocked_networks()]
         self.policy_applied_at: float | None = None
         self._policy_lock = asyncio.Lock()
@@ -164,15 +215,19 @@ class SandboxKernel(Kernel):
         self._progress_parent: dict = {}
         self.sandbox = Session(self.sandbox_backend, self.kernel_id, self.policy, self.log,
                                progress=self._on_progress, start_timeout=self.start_timeout,
-                               agent_view=self.agent_policy_view, on_blocked=self._blocked_between_cells)
+                               agent_view=self.agent_policy_view, on_blocked=self._blocked_between_cells,
+                               interrupt_timeout=self.interrupt_timeout)
         if self.backend_name == "hub" and self.config_error is None:
             self._adopt_service_ceiling()
         self._cell_state: dict | None = None
+        self._idle_board: NoticeBoard | None = None  # what was blocked since the last cell began
         self._last_sandbox_meta: dict = {}
         self.recent_blocked: collections.deque = collections.deque(maxlen=200)
         self.magics = SandboxMagics(self)
+        self.grants = Grants(self)
         self._init_comms()
-        self._cells = itertools.count(1)
+        #: the cells' input history (history_request); outlives sandbox restarts
+        self.history = CellHistory()
 
     def _adopt_service_ceiling(self) -> None:
         """Hub mode: the service's ceiling for this user is the one that counts (it enforces it
@@ -210,6 +265,7 @@ class SandboxKernel(Kernel):
             details = await self.sandbox.apply_policy(new)
             self.policy = new
             self.policy_applied_at = details.get("applied_at")
+            self.grants.policy_changed(new)
         panels = sys.modules.get("sandbox_kernel.widgets")
         if panels is not None:
             panels.refresh_all(self)
@@ -286,11 +342,21 @@ class SandboxKernel(Kernel):
     def _stream(self, name: str, text: str) -> None:
         self.send_response(self.iopub_socket, "stream", {"name": name, "text": text})
 
+    def show_in_running_cell(self, line: str) -> bool:
+        """Write ``line`` to the stderr of the cell running now (from a timer, outside any
+        request); False when no cell runs."""
+        state = self._cell_state
+        if state is None or state.get("silent") or not state.get("parent"):
+            return False
+        self.session.send(self.iopub_socket, "stream", {"name": "stderr", "text": line.rstrip("\n") + "\n"},
+                          parent=state["parent"], ident=self._topic("stream"))
+        return True
+
     def on_event(self, frame: dict) -> None:
         """Called by the Session for every event of the running cell."""
         state = self._cell_state
         kind = frame.get("type")
-        if state is not None and state.get("error") is not None and kind != "error":
+        if state is not None and state.get("error") is not None and kind != "error" and not frame.get("late"):
             self._publish_error(state.pop("error"))
             state["error"] = None
         if kind in ("stream", "display", "execute_result") and state is not None and not self._within_limit(state, frame):
@@ -302,34 +368,90 @@ class SandboxKernel(Kernel):
                 self._stream(name, text)
         elif kind == "display":
             msg_type = "update_display_data" if frame.get("update") else "display_data"
+            display_id = _dict(frame.get("transient")).get("display_id")
+            if isinstance(display_id, str) and display_id.startswith(DISPLAY_ID_PREFIX):
+                # the notices' ids are the kernel's: the sandbox may neither overwrite nor reuse one
+                self._stream("stderr", "[sandbox] output from the sandbox that used a notice's display id "
+                                       "was not shown\n")
+                return
+            data, metadata = self.screen(frame.get("data"), frame.get("metadata"))
             self.send_response(self.iopub_socket, msg_type, {
-                "data": _dict(frame.get("data")), "metadata": _dict(frame.get("metadata")),
-                "transient": _dict(frame.get("transient")),
+                "data": data, "metadata": metadata, "transient": _dict(frame.get("transient")),
             })
         elif kind == "execute_result":
             if state is not None and state.get("silent"):
                 return
+            data, metadata = self.screen(frame.get("data"), frame.get("metadata"))
+            if state is not None:
+                text = data.get("text/plain")
+                state["result_text"] = text if isinstance(text, str) else None
             self.send_response(self.iopub_socket, "execute_result", {
-                "data": _dict(frame.get("data")), "metadata": _dict(frame.get("metadata")),
-                "execution_count": self.execution_count,
+                "data": data, "metadata": metadata, "execution_count": self.execution_count,
             })
         elif kind == "clear_output":
+            if frame.get("late"):
+                return  # an earlier cell's: it may not clear this one
             self.send_response(self.iopub_socket, "clear_output", {"wait": bool(frame.get("wait"))})
+            if state is not None and state["board"].total():
+                # the sandbox may clear its own output, not the kernel's notices: show them again
+                state["cleared"] = True
+                self._schedule_notice_flush(state)
         elif kind == "error":
             content = {
                 "ename": str(frame.get("ename", "Error")),
                 "evalue": str(frame.get("evalue", "")),
                 "traceback": [str(line) for line in frame.get("traceback") or []],
             }
-            if state is not None:
+            if state is not None and not frame.get("late"):
                 # held until the cell ends so the footer can be its last line
                 state["error"] = content
             else:
                 self._publish_error(content)
         elif kind == "blocked":
-            self._on_blocked(frame.get("record"), frame.get("source") or "guard")
-        elif kind == "protocol_error":
-            self._stream("stderr", f"[sandbox] protocol error from the sandbox, ignored: {frame.get('message')}\n")
+            self._on_blocked(frame.get("record"), frame.get("source") or "guard", late=bool(frame.get("late")))
+        elif kind == "forged_done":
+            if state is not None:
+                state["forged_done"] = state.get("forged_done", 0) + 1
+                if state["forged_done"] == 1:
+                    self._stream("stderr", "[sandbox] code in the sandbox sent a false end-of-cell frame: ignored, "
+                                           "this cell's result is the agent's own\n")
+        elif kind == "late":
+            if frame.get("reason") == "between_cells":
+                dropped = frame.get("dropped") or 0
+                more = f" ({dropped} more frames were not kept)" if dropped else ""
+                self._stream("stderr", f"[sandbox] while no cell ran, the sandbox reported what follows{more}\n")
+            else:
+                self._stream("stderr", "[sandbox] what follows comes from an earlier cell that went on after "
+                                       "it had reported its end\n")
+        elif kind == "late_done":
+            if frame.get("real"):
+                if state is not None:
+                    state["late_end"] = True
+                self._stream("stderr", "[sandbox] an earlier cell really ended only now: code in the sandbox had "
+                                       "sent its end-of-cell early, so its reply (status, exit code, blocked list) "
+                                       "was not its real result\n")
+            else:
+                self._stream("stderr", "[sandbox] a false end-of-cell frame for an earlier cell was ignored\n")
+
+    def screen(self, data, metadata=None, *, note: bool = True) -> tuple[dict, dict]:
+        """A MIME bundle from the sandbox as it may be published (sanitised, code-running types
+        dropped: sandbox_kernel.untrusted); what was removed is said once per cell on stderr.
+        Called for every bundle that comes from the sandbox, never for the kernel's own."""
+        screened = screen_bundle(data, metadata, trusted=self.trust_sandbox_output)
+        line = screened.note() if note else None
+        if line:
+            state = self._cell_state
+            said = state.setdefault("screen_notes", set()) if state is not None else set()
+            if line not in said and not (state or {}).get("silent"):
+                said.add(line)
+                self._stream("stderr", line)
+        return screened.data, screened.metadata
+
+    def _screen_reply(self, content: dict) -> dict:
+        """Inspection replies and pager payloads carry bundles from the sandbox too."""
+        if isinstance(content.get("data"), dict):
+            content["data"], content["metadata"] = self.screen(content["data"], content.get("metadata"), note=False)
+        return content
 
     def _within_limit(self, state: dict, frame: dict) -> bool:
         """Count a cell's output; past ``output_limit`` drop it (the count goes on)."""
@@ -350,35 +472,104 @@ class SandboxKernel(Kernel):
         state["dropped"] = state.get("dropped", 0) + size
         return False
 
-    def _on_blocked(self, record, source: str) -> None:
+    def _on_blocked(self, record, source: str, late: bool = False) -> None:
         state = self._cell_state
         if state is None or state.get("board") is None:
             self._blocked_between_cells(record, source)
             return
-        merged = state["board"].add(record, source)
+        board = state["board"]
+        merged = board.add(record, source)
         if merged is None:
+            if board.more_changed and not state.get("silent"):
+                self._schedule_notice_flush(state)
             return
         conn, new = merged
         if new:
-            self.recent_blocked.append(conn)
+            if not late:  # a late one was kept for %sandbox blocked when it arrived
+                self.recent_blocked.append(conn)
             panels = sys.modules.get("sandbox_kernel.widgets")
             if panels is not None:
                 panels.blocked_everywhere(self, conn)
-        if not state.get("silent"):
-            self._publish_notice(conn, new)
+        if state.get("silent"):
+            return
+        if new and conn.verified:
+            self._publish_notice(conn, new=True)
+        elif new:
+            # reported by the sandbox: shown with the next update, so that the enforcer's record
+            # of the guard's witness packet usually arrives first and it is shown verified
+            state.setdefault("unshown", {})[conn.display_id] = conn
+            self._schedule_notice_flush(state)
+        elif conn.display_id in state.get("unshown", {}):
+            pass  # not shown yet: it will be, as it is then
+        else:
+            # counts going up: at most one update per interval (a flood is one line, not 20,000)
+            state.setdefault("dirty", {})[conn.display_id] = conn
+            self._schedule_notice_flush(state)
+
+    def _schedule_notice_flush(self, state: dict) -> None:
+        if state.get("flush") is None:
+            loop = asyncio.get_running_loop()
+            state["flush"] = loop.call_later(self.notice_update_interval, self._flush_notices, state)
+
+    def _flush_notices(self, state: dict, final: bool = False) -> None:
+        """Bring the cell's notices up to date: counts, the "and N more" line, a re-show after
+        the sandbox cleared the output. Called by a timer while the cell runs (within
+        ``notice_bytes_limit``) and once when it ends (always)."""
+        handle = state.pop("flush", None)
+        if final and handle is not None:
+            handle.cancel()
+        if self._cell_state is not state or state.get("silent"):
+            return
+        board = state["board"]
+        over = not final and state.get("notice_bytes", 0) > self.notice_bytes_limit
+        if state.get("cleared") and not over:
+            del state["cleared"]
+            state.pop("unshown", None)
+            state.pop("dirty", None)
+            for conn in board.connections():
+                self._publish_notice(conn, new=True)
+            if board.more:
+                self._publish_more(board, new=True)
+                state["more_shown"] = True
+            return
+        for conn in state.pop("unshown", {}).values():  # new notices are few (notice_limit)
+            self._publish_notice(conn, new=True)
+        if over:
+            return  # the rest waits for the cell's end
+        for conn in state.pop("dirty", {}).values():
+            if conn.to_json() != conn.published:
+                self._publish_notice(conn, new=False)
+        if board.more_changed:
+            self._publish_more(board, new=not state.get("more_shown"))
+            state["more_shown"] = True
+
+    def _publish_more(self, board: NoticeBoard, new: bool) -> None:
+        board.more_changed = False
+        self._publish_display(board.more_bundle(), board.more_display_id, new)
 
     def _publish_notice(self, conn, new: bool) -> None:
         bundle = conn.bundle()
         conn.published = bundle[NOTICE_MIME]
+        self._publish_display(bundle, conn.display_id, new)
+
+    def _publish_display(self, bundle: dict, display_id: str, new: bool) -> None:
+        state = self._cell_state
+        if state is not None:
+            state["notice_bytes"] = state.get("notice_bytes", 0) + sum(
+                len(v) if isinstance(v, str) else 256 for v in bundle.values())
         self.send_response(self.iopub_socket, "display_data" if new else "update_display_data", {
-            "data": bundle, "metadata": {}, "transient": {"display_id": conn.display_id},
+            "data": bundle, "metadata": {}, "transient": {"display_id": display_id},
         })
 
     def _blocked_between_cells(self, record, source: str) -> None:
-        """A background process was blocked while no cell ran: keep it for %sandbox blocked."""
-        board = NoticeBoard(self.policy, self.admin, "idle")
-        merged = board.add(record, source)
-        if merged is not None:
+        """A background process was blocked while no cell ran: keep it for %sandbox blocked
+        (the Session also keeps it for the next cell)."""
+        # one board from one cell to the next (capped like a cell's): a flood between cells
+        # costs a count, not a notice per frame
+        if self._idle_board is None:
+            self._idle_board = NoticeBoard(self.policy, self.admin, limit=self.notice_limit)
+        merged = self._idle_board.add(record, source)
+        if merged is not None and merged[1]:
             self.recent_blocked.append(merged[0])
 
     def _publish_error(self, content: dict) -> None:
@@ -415,11 +606,21 @@ class SandboxKernel(Kernel):
     # -- Jupyter handlers -----------------------------------------------------------
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, *, cell_meta=None, cell_id=None):
+        self._idle_board = None
         self._cell_state = {"error": None, "silent": silent, "allow_stdin": allow_stdin,
-                            "board": NoticeBoard(self.policy, self.admin, f"{os.getpid()}-{next(self._cells)}")}
+                            "board": NoticeBoard(self.policy, self.admin, limit=self.notice_limit),
+                            "parent": self.get_parent("shell")}
+        if not silent:
+            for line in self.grants.take_pending():  # said while no cell ran (a grant expired)
+                self._stream("stderr", line + "\n")
         try:
             return await self._execute(code, silent, store_history, user_expressions, allow_stdin)
         finally:
+            if store_history and not silent:
+                self.history.record(self.execution_count, code, self._cell_state.get("result_text"))
+            handle = self._cell_state.pop("flush", None)
+            if handle is not None:
+                handle.cancel()
             self._cell_state = None
 
     async def _execute(self, code, silent, store_history, user_expressions, allow_stdin):
@@ -522,16 +723,25 @@ class SandboxKernel(Kernel):
                                    f"(limit {format_bytes(self.output_limit)}: c.SandboxKernel.output_limit)\n")
         if not silent:
             for conn in board.connections():  # e.g. last_seen of a retransmitted SYN
-                if conn.to_json() != conn.published:
-                    self._publish_notice(conn, new=False)
+                state.setdefault("dirty", {})[conn.display_id] = conn
+            self._flush_notices(state, final=True)
+        panels = sys.modules.get("sandbox_kernel.widgets")
+        if panels is not None:
+            panels.flush_everywhere(self)
+        forged = result.forged_done or state.get("forged_done", 0)
         self._last_sandbox_meta = {
             "exit_status": result.exit_status,
             "duration_ms": round(result.duration_ms, 3),
             "blocked": board.records(),
+            "blocked_more": board.more,
+            # the sandbox wrote a done of its own for this cell (ignored: the result is the agent's)
+            "forged_done": forged,
+            # an earlier cell's real end arrived during this one (that cell's reply came too early)
+            "late_end": bool(state.get("late_end")),
         }
         footer = None
         if self.footer == "always" or (self.footer == "on-failure" and result.exit_status != 0):
-            footer = footer_line(result.exit_status, result.duration_ms, self.policy, len(board))
+            footer = footer_line(result.exit_status, result.duration_ms, self.policy, board.total())
         if error is not None:
             if footer and not silent:
                 error["traceback"] = [*error["traceback"], footer]
@@ -540,14 +750,38 @@ class SandboxKernel(Kernel):
             return {"status": "error", "execution_count": self.execution_count, **error}
         if footer and not silent:
             self._stream("stdout", footer + "\n")
-        return {"status": "ok", "execution_count": self.execution_count, "payload": result.payload,
-                "user_expressions": result.user_expressions}
+        return {"status": "ok", "execution_count": self.execution_count,
+                "payload": [self._screen_reply(dict(page)) for page in result.payload],
+                "user_expressions": {name: self._screen_reply(dict(value)) if isinstance(value, dict) else value
+                                     for name, value in _dict(result.user_expressions).items()}}
 
     def finish_metadata(self, parent, metadata, reply_content):
         metadata = super().finish_metadata(parent, metadata, reply_content)
         if parent.get("header", {}).get("msg_type") == "execute_request":
             metadata["sandbox"] = dict(self._last_sandbox_meta)
         return metadata
+
+    async def do_history(self, hist_access_type, output, raw, session=None, start=None, stop=None,
+                         n=None, pattern=None, unique=False):
+        """history_request, answered from this kernel's own record (see history.py): ``tail``,
+        ``range`` and ``search`` as ipykernel answers them; raw and translated input are the same
+        text here (the sandbox, not the kernel, translates ``!cmd`` and magics)."""
+        bad = [name for name, value, ok in (
+            ("n", n, n is None or _is_int(n)), ("start", start, start is None or _is_int(start)),
+            ("stop", stop, stop is None or _is_int(stop)), ("session", session, session is None or _is_int(session)),
+            ("pattern", pattern, pattern is None or isinstance(pattern, str))) if not ok]
+        if bad:
+            message = f"history_request: {', '.join(bad)} must be an integer (pattern: a string)"
+            return {"status": "error", "ename": "ValueError", "evalue": message, "traceback": [message], "history": []}
+        if hist_access_type == "tail":
+            rows = self.history.tail(n, output=output)
+        elif hist_access_type == "range":
+            rows = self.history.range(session, start, stop, output=output)
+        elif hist_access_type == "search":
+            rows = self.history.search(pattern, n=n, unique=unique, output=output)
+        else:
+            rows = []
+        return {"status": "ok", "history": rows}
 
     async def do_complete(self, code, cursor_pos):
         content = await self._ask({"type": "complete", "code": code, "cursor_pos": cursor_pos})
@@ -559,7 +793,9 @@ class SandboxKernel(Kernel):
     async def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
         content = await self._ask({"type": "inspect", "code": code, "cursor_pos": cursor_pos,
                                    "detail_level": detail_level})
-        return content or {"status": "ok", "found": False, "data": {}, "metadata": {}}
+        if content is None:
+            return {"status": "ok", "found": False, "data": {}, "metadata": {}}
+        return self._screen_reply(content)
 
     async def do_is_complete(self, code):
         content = await self._ask({"type": "is_complete", "code": code})
@@ -585,6 +821,10 @@ class SandboxKernel(Kernel):
         except Exception as err:  # noqa: BLE001 - shutting down regardless; gc removes leftovers
             self.log.warning("stopping the sandbox failed: %s", err)
         return {"status": "ok", "restart": restart}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _dict(value) -> dict:

@@ -16,6 +16,7 @@ from ipykernel.kernelapp import IPKernelApp
 from traitlets import Type
 
 from .backends.local import LocalBackend
+from .config import load_config
 from .kernel import SandboxKernel
 from .policy.admin import AdminPolicy
 
@@ -59,12 +60,7 @@ class SandboxKernelApp(IPKernelApp):
     def initialize(self, argv=None):
         """Also read ``sandbox_kernel_config.py`` from the Jupyter config path
         (``jupyter --paths``: e.g. /etc/jupyter, ~/.jupyter), not only from IPython's."""
-        from jupyter_core.paths import jupyter_config_path
-        from traitlets.config.application import Application
-
-        for directory in reversed(jupyter_config_path()):  # the most specific one wins
-            # traitlets' own loader: IPython's override takes no path
-            Application.load_config_file(self, "sandbox_kernel_config", path=[directory])
+        load_config(self)
         super().initialize(argv)
 
     def init_poller(self):

@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .config import parse_duration
 from .errors import PolicyError, SandboxError
+from .grants import MAX_SECONDS, format_left
 from .policy.model import MODES, parse_entry
 from .policy.presets import PRESETS
 
@@ -30,6 +32,8 @@ HELP = """%sandbox — the sandbox and its egress policy (handled by the kernel,
   %sandbox policy              the policy panel (toggle mode, edit entries, allow blocked)
   %sandbox allow ENTRY…        allow destinations, e.g. api.github.com:443  *.pythonhosted.org
                                10.1.2.0/24:5432/tcp  (switches a default-deny policy to allowlist)
+  %sandbox allow ENTRY… --for 10m
+                               allow them for a time (90s, 10m, 2h): then they are removed again
   %sandbox revoke ENTRY…       remove allowed destinations
   %sandbox revoke preset NAME… remove presets
   %sandbox mode deny|allowlist default-deny, or only what is allowed
@@ -113,7 +117,7 @@ class SandboxMagics:
             ("backend", k.sandbox_backend.name),
             ("sandbox", _describe_sandbox(info) if info else "not running (starts with the next cell)"),
             ("policy", k.policy.describe()),
-            ("entries", ", ".join(str(e) for e in k.policy.entries) or "none"),
+            ("entries", ", ".join(k.grants.describe(e) for e in k.policy.entries) or "none"),
             ("presets", ", ".join(k.policy.presets) or "none"),
             ("enforcer", applied.get("enforcer", "—")),
             ("applied", _when(k.policy_applied_at or applied.get("applied_at"))),
@@ -131,14 +135,12 @@ class SandboxMagics:
         conns = list(self.kernel.recent_blocked)[-50:]
         if not conns:
             return MagicOutput("no blocked connections yet")
-        lines = [f"{_when(c.last_seen)}  {c.headline()[2:]}  [{c.verdict}]  "
-                 + (c.remedy.get("command") if c.remedy.get("action") == "allow" else "not permitted by your administrator")
-                 for c in conns]
+        lines = [f"{_when(c.last_seen)}  {c.headline()[2:]}  [{c.verdict}]  {_what_to_do(c)}" for c in conns]
         head = "<tr><th>when</th><th>destination</th><th>process</th><th>verdict</th><th>count</th><th>what you can do</th></tr>"
         body = "".join(
             f"<tr><td>{_when(c.last_seen)}</td><td>{html.escape(c.destination())}</td>"
             f"<td>{html.escape((c.process or {}).get('name') or '')}</td><td>{c.verdict}</td><td>{c.count}</td>"
-            f"<td>{html.escape(c.remedy.get('command') or 'not permitted by your administrator')}</td></tr>"
+            f"<td>{html.escape(_what_to_do(c))}</td></tr>"
             for c in conns)
         return MagicOutput("\n".join(lines), f"<table class='sandbox-kernel-blocked'>{head}{body}</table>")
 
@@ -151,13 +153,30 @@ class SandboxMagics:
 
     # -- changing -----------------------------------------------------------------
     async def do_allow(self, args) -> MagicOutput:
+        args, seconds = _take_for(args)
         if not args:
             raise UsageError("%sandbox allow: name at least one destination, e.g. %sandbox allow pypi.org:443")
         entries = [parse_entry(a) for a in args]
-        new = self.kernel.policy.with_entries_added(*entries)
+        if seconds is not None and self.kernel.sandbox_backend.enforces_ceiling:
+            raise UsageError("%sandbox allow --for: timed access is not available in hub mode yet "
+                             "(the sandbox service would have to keep the clock); allow without --for")
+        before = self.kernel.policy
+        # an entry already allowed for good stays so: --for does not shorten it
+        permanent = [e for e in entries if e in before.entries and self.kernel.grants.left(e) is None]
+        new = before.with_entries_added(*entries)
         if new.mode != "allowlist":
             new = new.with_mode("allowlist")
-        return await self._apply(new)
+        out = await self._apply(new)
+        if seconds is None:
+            self.kernel.grants.make_permanent(entries)
+        else:
+            timed = [e for e in entries if e not in permanent]
+            self.kernel.grants.add(timed, seconds)
+            if timed:
+                out.text += f" · {', '.join(map(str, timed))} for {format_left(seconds)}"
+            if permanent:
+                out.text += f" · already allowed without a time limit: {', '.join(map(str, permanent))}"
+        return out
 
     async def do_revoke(self, args) -> MagicOutput:
         if not args:
@@ -200,6 +219,35 @@ class SandboxMagics:
             raise UsageError(f"%sandbox {verb} takes no arguments (got {' '.join(args)})")
 
 
+def _take_for(args: list[str]) -> tuple[list[str], float | None]:
+    """Split ``--for DURATION`` (or ``--for=DURATION``) off the arguments of ``allow``."""
+    rest, seconds, i = [], None, 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--for" or arg.startswith("--for="):
+            if seconds is not None:
+                raise UsageError("%sandbox allow: give --for once")
+            if arg == "--for":
+                if i + 1 >= len(args):
+                    raise UsageError("%sandbox allow --for: say for how long, e.g. --for 10m")
+                value, i = args[i + 1], i + 2
+            else:
+                value, i = arg.split("=", 1)[1], i + 1
+            try:
+                seconds = parse_duration(value)
+            except ValueError as err:
+                raise UsageError(f"%sandbox allow --for: {err}") from None
+            if not 0 < seconds <= MAX_SECONDS:
+                raise UsageError(f"%sandbox allow --for: between 1 s and {MAX_SECONDS // 86400} days "
+                                 f"(got {value}); to allow for good, leave out --for")
+            continue
+        if arg.startswith("--"):
+            raise UsageError(f"%sandbox allow: unknown option {arg} (the one option is --for DURATION)")
+        rest.append(arg)
+        i += 1
+    return rest, seconds
+
+
 def in_force(policy, details: dict, seconds: float) -> str:
     """``egress now: allowlist (1 entry): pypi.org:443 · enforced by nftables in 9 ms``."""
     entries = [*(f"preset {p}" for p in policy.presets), *(str(e) for e in policy.entries)]
@@ -212,6 +260,16 @@ def in_force(policy, details: dict, seconds: float) -> str:
 def _describe_sandbox(info) -> str:
     details = ", ".join(f"{k} {v}" for k, v in info.details.items() if k in ("netns", "namespace", "pod"))
     return f"{info.sandbox_id}" + (f" ({details})" if details else "")
+
+
+def _what_to_do(conn) -> str:
+    """The remedy column of ``%sandbox blocked``: only a verified notice names a command."""
+    action = conn.remedy.get("action")
+    if action == "allow":
+        return conn.remedy["command"]
+    if action == "unverified":
+        return "reported by the sandbox: nothing offered"
+    return "not permitted by your administrator"
 
 
 def _when(ts) -> str:

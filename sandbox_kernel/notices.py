@@ -4,20 +4,50 @@ Three sources report blocked connections (DESIGN.md, "Blocked-connection notices
 the agent's guard (``guarded``), the agent's SYN_SENT watcher (``dropped``) and the
 enforcer's own log (``rejected`` / ``dropped``). :class:`NoticeBoard` merges them per
 cell into one :class:`BlockedConnection` per destination, counts repeated attempts,
-and renders each as the notice the user sees. The kernel owns one board per cell.
+and renders each as the notice the user sees. The kernel owns one board per cell (and one
+for what is blocked between cells).
 
-The notice MIME type ``application/vnd.sandbox-kernel.notice+json`` is public API.
+Who reported a connection decides what the notice may offer. The enforcer's log, the DNS
+proxy and the kernel itself are outside the sandbox (*verified*): their notices name the
+remedy (``%sandbox allow …``) and the panel offers an Allow button. The guard and the watcher
+run inside the sandbox, next to the code they watch, so anything they say may be forged:
+their notices say "reported by the sandbox", offer no remedy and no button (an attacker
+could otherwise word a notice that talks the user into opening a host of its choosing).
+
+A cell shows at most ``limit`` notices of each kind (verified, reported by the sandbox);
+every further destination is counted in one line, "and N more destinations".
+
+The notice MIME type ``application/vnd.sandbox-kernel.notice+json`` is public API; only the
+kernel publishes it (bundles from the sandbox never carry it to the notebook).
 """
 
 from __future__ import annotations
 
 import html
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 NOTICE_MIME = "application/vnd.sandbox-kernel.notice+json"
 VERDICTS = ("rejected", "dropped", "guarded")
+#: sources outside the sandbox: only their notices may offer a remedy
+VERIFIED_SOURCES = frozenset({"enforcer", "dns", "kernel"})
+#: sources inside the sandbox (their word may be forged by the code they watch)
+SANDBOX_SOURCES = frozenset({"guard", "watcher"})
+#: every notice display id the kernel publishes starts with this; the sandbox may not use it
+DISPLAY_ID_PREFIX = "sandbox-notice-"
+#: notices of each kind one cell shows; further destinations are counted, not shown
+NOTICE_LIMIT = 20
+#: destinations counted beyond the limit, each once (past this, the count says "more than")
+MORE_KEYS = 50_000
+UNVERIFIED = ("reported by the sandbox (its guard or watcher), not confirmed by the enforcer: "
+              "no action is offered")
+
+
+def new_display_id() -> str:
+    """An unguessable id for one notice (the sandbox never sees IOPub, so it cannot learn it)."""
+    return DISPLAY_ID_PREFIX + secrets.token_hex(16)
 
 
 @dataclass
@@ -44,12 +74,18 @@ class BlockedConnection:
     def key(self) -> tuple:
         return (self.ip or self.host, self.port, self.protocol)
 
+    @property
+    def verified(self) -> bool:
+        """Seen by a source outside the sandbox (enforcer, DNS proxy, kernel)."""
+        return bool(self.sources & VERIFIED_SOURCES)
+
     def to_json(self) -> dict:
         return {
             "host": self.host, "ip": self.ip, "port": self.port, "protocol": self.protocol,
             "verdict": self.verdict, "process": self.process, "policy": self.policy,
             "count": self.count, "first_seen": self.first_seen, "last_seen": self.last_seen,
-            "remedy": self.remedy,
+            "remedy": self.remedy, "reported_by": "kernel" if self.verified else "sandbox",
+            "sources": sorted(self.sources),
         }
 
     # -- rendering --------------------------------------------------------------------
@@ -62,7 +98,8 @@ class BlockedConnection:
             details = "DNS lookup refused"
         else:
             details = ", ".join(x for x in (self.ip if self.host else None, self.protocol) if x)
-        text = f"⛔ egress blocked: {self.destination()}"
+        text = f"⛔ egress blocked: {self.destination()}" if self.verified else \
+            f"⚠ reported by the sandbox: egress blocked: {self.destination()}"
         if details:
             text += f" ({details})"
         if self.process and self.process.get("name"):
@@ -76,6 +113,8 @@ class BlockedConnection:
         label = self.policy.get("label") or self.policy.get("mode", "")
         if self.remedy.get("action") == "allow":
             return f"policy: {label} · you may allow it: {self.remedy['command']}"
+        if self.remedy.get("action") == "unverified":
+            return f"policy: {label} · {UNVERIFIED}"
         return f"policy: {label} · {forbidden_text(self.remedy.get('reason', ''))}"
 
     def text(self) -> str:
@@ -88,13 +127,19 @@ class BlockedConnection:
         if self.remedy.get("action") == "allow":
             tail = (f"policy: {html.escape(self.policy.get('label', ''))} · you may allow it: "
                     f"<code>{html.escape(self.remedy['command'])}</code>")
+        elif self.remedy.get("action") == "unverified":
+            tail = f"policy: {html.escape(self.policy.get('label', ''))} · <i>{html.escape(UNVERIFIED)}</i>"
         else:
             detail = forbidden_text(self.remedy.get("reason", ""))[len(FORBIDDEN):].lstrip(": ")
             tail = (f"policy: {html.escape(self.policy.get('label', ''))} · <b>{FORBIDDEN}</b>"
                     + (f": {html.escape(detail)}" if detail else ""))
+        # a notice the sandbox reported looks different: grey and dashed, never the red bar
+        kind, colours = (("sandbox-kernel-notice", "border-left:4px solid #c62828;background:#fff3f3") if self.verified
+                         else ("sandbox-kernel-notice sandbox-kernel-notice-unverified",
+                               "border-left:4px dashed #888;background:#f4f4f4"))
         return (
-            '<div class="sandbox-kernel-notice" style="border-left:4px solid #c62828;'
-            'background:#fff3f3;color:#222;padding:4px 8px;margin:2px 0;font-family:var(--jp-code-font-family,monospace);'
+            f'<div class="{kind}" style="{colours};'
+            'color:#222;padding:4px 8px;margin:2px 0;font-family:var(--jp-code-font-family,monospace);'
             f'font-size:12px" title="{html.escape(verdict)}">{head}<br>'
             f'<span style="color:#555">{tail}</span></div>'
         )
@@ -104,20 +149,34 @@ class BlockedConnection:
 
 
 class NoticeBoard:
-    """The notices of one cell: merge, de-duplicate, count.
+    """The notices of one cell: merge, de-duplicate, count, cap.
 
     ``add`` returns the connection and whether it is new (publish ``display_data``) or
-    changed (publish ``update_display_data``), or None when nothing visible changed.
+    changed (publish ``update_display_data``), or None when nothing visible changed. Past
+    ``limit`` connections of a kind (verified / reported by the sandbox), a destination is
+    only counted (:attr:`more`, :attr:`more_changed`): one line says how many.
     """
 
-    def __init__(self, policy: Any, admin: Any, cell_tag: str):
+    def __init__(self, policy: Any, admin: Any, limit: int = NOTICE_LIMIT):
         self._policy = policy_view(policy)
         self._admin = admin
-        self._tag = cell_tag
+        self._limit = limit
         self._by_key: dict[tuple, BlockedConnection] = {}
+        self._shown = {True: 0, False: 0}  # connections shown, by verified
+        self._more_keys: set = set()
+        #: destinations blocked beyond the limit (counted once each, up to MORE_KEYS)
+        self.more = 0
+        #: True when :attr:`more` grew since the kernel last showed it
+        self.more_changed = False
+        #: display id of the "and N more" line
+        self.more_display_id = new_display_id()
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+    def total(self) -> int:
+        """Destinations blocked in this cell, shown or counted."""
+        return len(self._by_key) + self.more
 
     def records(self) -> list[dict]:
         return [c.to_json() for c in self._by_key.values()]
@@ -125,11 +184,21 @@ class NoticeBoard:
     def connections(self) -> list[BlockedConnection]:
         return list(self._by_key.values())
 
+    def more_bundle(self) -> dict:
+        n = f"more than {self.more:,}" if self.more >= MORE_KEYS else f"{self.more:,}"
+        text = (f"⛔ and {n} more destination{'s' if self.more != 1 else ''} blocked in this cell, "
+                f"not shown one by one (at most {self._limit} notices of each kind per cell)")
+        return {"text/plain": text,
+                "text/html": ('<div class="sandbox-kernel-notice-more" style="border-left:4px solid #c62828;'
+                              'background:#fff3f3;color:#222;padding:4px 8px;margin:2px 0;font-size:12px">'
+                              f"{html.escape(text)}</div>")}
+
     def add(self, record: dict, source: str) -> tuple[BlockedConnection, bool] | None:
-        """Merge one report (from ``source``: guard, watcher, enforcer)."""
+        """Merge one report (from ``source``: guard, watcher, enforcer, dns, kernel)."""
         clean = _clean(record)
         if clean is None:
             return None
+        verified = source in VERIFIED_SOURCES
         key = (clean["ip"] or clean["host"], clean["port"], clean["protocol"])
         now = clean["last_seen"]
         existing = self._by_key.get(key)
@@ -140,18 +209,34 @@ class NoticeBoard:
                 existing.ip = clean["ip"]
                 self._by_key[key] = existing
         if existing is None:
+            if self._shown[verified] >= self._limit:
+                if key not in self._more_keys and len(self._more_keys) < MORE_KEYS:
+                    self._more_keys.add(key)
+                    self.more += 1
+                    self.more_changed = True
+                return None
+            self._shown[verified] += 1
             conn = BlockedConnection(
                 host=clean["host"], ip=clean["ip"], port=clean["port"], protocol=clean["protocol"],
                 verdict=clean["verdict"], process=clean["process"], policy=self._policy,
-                remedy=self._remedy(clean), first_seen=clean["first_seen"], last_seen=now,
-                sources={source}, display_id=f"sandbox-notice-{self._tag}-{len(self._by_key)}",
+                remedy=self._remedy(clean, verified),
+                first_seen=clean["first_seen"], last_seen=now,
+                sources={source}, display_id=new_display_id(),
             )
             if clean["attempt"] is not None:
                 conn.attempts.add(clean["attempt"])
             self._by_key[key] = conn
             return conn, True
         changed = False
-        if clean["host"] and not existing.host:
+        if verified and not existing.verified:
+            # the enforcer (or the DNS proxy) confirms what the sandbox reported: now it counts;
+            # a name only the sandbox gave goes (it may not label what the kernel shows)
+            existing.remedy, changed = self._remedy(clean, True), True
+            existing.host = clean["host"] if clean["host"] else (None if existing.ip else existing.host)
+        if clean["verdict"] == "guarded" and existing.verdict != "guarded":
+            existing.verdict, changed = "guarded", True  # the guard stopped the code's own call
+        if clean["host"] and not existing.host and (verified or not existing.verified):
+            # the sandbox may not put a name of its choosing on a notice the enforcer made
             existing.host, changed = clean["host"], True
         if clean["process"] and not existing.process:
             existing.process, changed = clean["process"], True
@@ -160,19 +245,23 @@ class NoticeBoard:
         same_attempt = (clean["attempt"] is not None and clean["attempt"] in existing.attempts) or (
             source == "watcher" and "enforcer" in existing.sources)
         if not same_attempt:
-            existing.count += max(1, clean["count"])
+            existing.count = min(existing.count + max(1, clean["count"]), 1_000_000_000)
             changed = True
-        if clean["attempt"] is not None:
+        if clean["attempt"] is not None and len(existing.attempts) < 1024:
             existing.attempts.add(clean["attempt"])
         existing.sources.add(source)
         return (existing, False) if changed else None
 
-    def _remedy(self, clean: dict) -> dict:
+    def _remedy(self, clean: dict, verified: bool) -> dict:
+        """What the user may do. Only a verified report may name a command; saying that the
+        administrator forbids a destination offers nothing, so any report may say it."""
         if self._admin is None:
             return {"action": "forbidden", "reason": "no administrator policy is configured"}
         decision = self._admin.decide_connection(clean["ip"] or clean["host"], clean["port"],
                                                  clean["protocol"], clean["host"])
         if decision.allowed and decision.entry is not None:
+            if not verified:
+                return {"action": "unverified", "reason": UNVERIFIED}
             return {"action": "allow", "command": f"%sandbox allow {decision.entry}", "entry": str(decision.entry)}
         return {"action": "forbidden", "reason": decision.reason}
 

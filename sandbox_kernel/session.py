@@ -8,7 +8,9 @@ routes the agent's frames: cell events to the running cell, replies to whoever a
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -37,6 +39,16 @@ class CellResult:
     user_expressions: dict = field(default_factory=dict)
     crashed: str | None = None  # plain-words reason when the sandbox died during the cell
     payload: list = field(default_factory=list)
+    #: ``done`` frames for this cell that did not carry its nonce (written by other code in
+    #: the sandbox): ignored as the cell's end, counted so that the reply can say so
+    forged_done: int = 0
+
+
+#: frames kept while no cell runs, shown by the next cell (the rest is counted)
+LATE_FRAMES = 1000
+LATE_BYTES = 1 << 20
+#: frames the reader handles before it lets other tasks (shell requests) run
+READER_BATCH = 64
 
 
 _END = object()
@@ -48,7 +60,8 @@ class Session:
     def __init__(self, backend: Backend, kernel_id: str, policy: Any, log,
                  progress: Callable[[str], None] | None = None, start_timeout: float = 60.0,
                  agent_view: Callable[[Any], dict] | None = None,
-                 on_blocked: Callable[[dict, str], None] | None = None):
+                 on_blocked: Callable[[dict, str], None] | None = None,
+                 interrupt_timeout: float = 5.0):
         self.backend = backend
         #: what the agent is told about the policy (for the guard and the notices)
         self.agent_view = agent_view or _policy_dict
@@ -59,12 +72,26 @@ class Session:
         self.policy = policy
         self.log = log
         self.start_timeout = start_timeout
+        #: seconds a cell has to end after an interrupt before its sandbox is killed (0: never)
+        self.interrupt_timeout = interrupt_timeout
         self._progress = progress or (lambda line: None)
         self._ids = itertools.count(1)
         self._transport: Transport | None = None
         self._reader: asyncio.Task | None = None
         self._starting: asyncio.Task | None = None
         self._cell: asyncio.Queue | None = None
+        self._fid: str | None = None  # id of the running cell
+        self._nonce: str | None = None  # its nonce, which only the agent's own done echoes
+        self._answered = False  # the reader saw the running cell's real done
+        self._ended: collections.deque = collections.deque(maxlen=32)  # ids of cells that ended
+        self._done_nonces: dict = {}  # their nonces (pruned with _ended)
+        #: what arrived while no cell ran (shown by the next cell), and how much was not kept
+        self._late: list = []
+        self._late_bytes = 0
+        self._late_dropped = 0
+        self._watchdog: asyncio.Task | None = None
+        #: why the link to the sandbox is broken (a protocol error, an unanswered interrupt)
+        self.broken: str | None = None
         self._replies: dict[Any, asyncio.Future] = {}
         self._input_task: asyncio.Task | None = None
         self.hello: dict = {}
@@ -87,7 +114,7 @@ class Session:
             return
         if self._reader is not None and self._reader.done() and self._transport is not None:
             # the sandbox ended between cells: clean it up, say why, then start a fresh one
-            self.lost = await self.backend.exit_reason()
+            self.lost = self.broken or await self.backend.exit_reason()
             self.log.warning("sandbox ended between cells: %s", self.lost)
             await self._teardown()
             self.restarts += 1
@@ -96,6 +123,7 @@ class Session:
 
     async def _start(self) -> None:
         self.start_error = None
+        self.broken = None
         try:
             self.info = await self.backend.start(self.kernel_id, self.policy, self._progress)
             self._transport = await self.backend.attach()
@@ -154,8 +182,13 @@ class Session:
 
     # -- the reader ---------------------------------------------------------------
     async def _read(self) -> None:
+        """The one reader of the agent's frames. A frame it cannot decode or check is a
+        protocol error that ends the link (see protocol.py): the cell gets a plain message
+        and the next cell a fresh sandbox. It never dies silently and never starves the
+        event loop (a flood yields to other tasks every :data:`READER_BATCH` frames)."""
         transport = self._transport
         assert transport is not None
+        handled = 0
         while True:
             try:
                 frame = await transport.recv()
@@ -163,11 +196,15 @@ class Session:
                     protocol.check_agent_frame(frame)
             except protocol.FrameError as err:
                 self.log.warning("protocol error from the sandbox: %s", err)
-                self._to_cell({"type": "protocol_error", "id": None, "message": str(err)})
-                continue
+                self.broken = f"the sandbox broke the protocol ({err}), so it was stopped"
+                break
             except (ConnectionError, OSError) as err:
                 self.log.warning("stream to the sandbox failed: %s", err)
                 frame = None
+            except Exception as err:  # noqa: BLE001 - a reader that dies silently wedges every cell
+                self.log.error("reading from the sandbox failed", exc_info=True)
+                self.broken = f"reading from the sandbox failed ({type(err).__name__}), so it was stopped"
+                break
             if frame is None:
                 break
             kind = frame["type"]
@@ -180,21 +217,36 @@ class Session:
                 if fut is not None and not fut.done():
                     fut.set_result(frame)
             else:
+                if kind == "done" and frame.get("id") == self._fid and self._is_real_done(frame):
+                    self._answered = True
                 self._to_cell(frame)
-        # the agent is gone: fail everything that waits on it
+            handled += 1
+            if handled % READER_BATCH == 0:
+                await asyncio.sleep(0)
+        self._link_ended()
+
+    def _link_ended(self) -> None:
+        """The agent is gone (or the link broken): fail everything that waits on it."""
         for fut in self._replies.values():
             if not fut.done():
                 fut.set_exception(SandboxCrashed("the sandbox stopped"))
         self._replies.clear()
         self._to_cell(_END)
 
+    def _is_real_done(self, frame: dict) -> bool:
+        return _same_nonce(frame.get("nonce"), self._nonce)
+
     def _to_cell(self, frame) -> None:
         if self._cell is not None:
             self._cell.put_nowait(frame)
-        elif isinstance(frame, dict) and frame.get("type") == "blocked":
+            return
+        if frame is _END or not isinstance(frame, dict):
+            return
+        if frame.get("type") == "blocked":
             self.on_blocked(frame.get("record"), _source(frame))
-        elif frame is not _END and isinstance(frame, dict):
-            self.log.debug("sandbox event outside a cell: %s", frame.get("type"))
+        # kept for the next cell: output of code that outlived its cell, or that wrote a
+        # false ``done`` (bounded: a flood between cells costs a count, not memory)
+        self._keep_late(frame)
 
     def _enforcer_blocked(self, record: dict) -> None:
         """Called by the backend (event loop) for each packet its enforcer refused."""
@@ -219,15 +271,32 @@ class Session:
         return content
 
     async def interrupt(self) -> None:
-        """Interrupt the running cell (and any pending input request)."""
+        """Interrupt the running cell (and any pending input request). A cell that has not
+        ended :attr:`interrupt_timeout` seconds later is ended by killing its sandbox (the
+        agent may be wedged, or the code may ignore interrupts): never a hang."""
         if self._input_task is not None and not self._input_task.done():
             self._input_task.cancel()
+        cell = self._cell
+        if cell is not None and self.interrupt_timeout > 0 and (self._watchdog is None or self._watchdog.done()):
+            self._watchdog = asyncio.ensure_future(self._escalate(cell))
         if self._transport is not None:
             try:
                 await self._transport.send({"type": "interrupt"})
+                return  # one interrupt: a second would hit the cell's own clean-up
             except (ConnectionError, OSError):
                 pass
-        await self.backend.interrupt()
+        await self.backend.interrupt()  # the in-band frame could not be sent
+
+    async def _escalate(self, cell: asyncio.Queue) -> None:
+        await asyncio.sleep(self.interrupt_timeout)
+        if self._cell is not cell or self._answered:
+            return
+        self.log.warning("the sandbox did not answer an interrupt within %g s: stopping it", self.interrupt_timeout)
+        self.broken = (f"the sandbox did not answer an interrupt within {self.interrupt_timeout:g} s, "
+                       "so it was stopped")
+        if self._reader is not None:
+            self._reader.cancel()
+        self._link_ended()
 
     async def apply_policy(self, policy: Any) -> dict:
         """Enforce a new policy (atomic in the backend), then tell the agent about it."""
@@ -248,32 +317,63 @@ class Session:
         A sandbox that dies during the cell gives a result with ``crashed`` set, and a
         fresh sandbox is started in the background for the next cell.
         """
+        # refused before it becomes the current cell: a refused cell must not leave a queue
+        # behind that swallows what arrives between cells
+        if len(code.encode("utf-8", "surrogatepass")) > protocol.MAX_FRAME - 4096:
+            raise ProtocolError(f"this cell is {len(code) / 2**20:.1f} MB of code; the most a cell may "
+                                f"send to the sandbox is {protocol.MAX_FRAME // 2**20} MB: load big data from a file")
         started = time.perf_counter()
         await self.ready()
         assert self._transport is not None
         fid = f"c{next(self._ids)}"
+        nonce = secrets.token_hex(16)
         cell: asyncio.Queue = asyncio.Queue()
-        self._cell = cell
-        if len(code.encode("utf-8", "surrogatepass")) > protocol.MAX_FRAME - 4096:
-            raise ProtocolError(f"this cell is {len(code) / 2**20:.1f} MB of code; the most a cell may "
-                                f"send to the sandbox is {protocol.MAX_FRAME // 2**20} MB: load big data from a file")
+        late = self._take_late() if not silent else []
+        self._cell, self._fid, self._nonce, self._answered = cell, fid, nonce, False
+        forged = 0
         try:
+            for frame in late:
+                sink.on_event(frame)
             await self._transport.send({
-                "type": "execute", "id": fid, "code": code, "silent": silent,
+                "type": "execute", "id": fid, "nonce": nonce, "code": code, "silent": silent,
                 "store_history": store_history, "user_expressions": user_expressions or {},
                 "allow_stdin": allow_stdin, "execution_count": execution_count,
             })
+            told_late = False
             while True:
                 frame = await cell.get()
                 if frame is _END:
-                    return await self._crashed(started)
+                    result = await self._crashed(started)
+                    result.forged_done = forged
+                    return result
                 kind = frame.get("type")
-                if kind == "done" and frame.get("id") == fid:
+                if frame.get("id") in self._ended:
+                    # an earlier cell, still running after its ``done`` (a false one that had the
+                    # nonce, or code that outlived its cell): shown here, marked
+                    if not told_late:
+                        told_late = True
+                        sink.on_event({"type": "late", "id": frame.get("id"), "reason": "after_done"})
+                    if kind == "done":
+                        sink.on_event({"type": "late_done", "id": frame.get("id"), "real": self._done_matches(frame)})
+                        continue
+                    if kind != "input_request":
+                        sink.on_event({**frame, "late": True})
+                        continue
+                elif kind == "done" and frame.get("id") == fid:
+                    if not _same_nonce(frame.get("nonce"), nonce):
+                        forged += 1  # not the agent's: the cell goes on until the real one
+                        sink.on_event({"type": "forged_done"})
+                        continue
+                    self._ended.append(fid)
+                    self._done_nonces = {i: self._done_nonces[i] for i in self._ended if i in self._done_nonces}
+                    self._done_nonces[fid] = nonce
                     self.backend.drain_blocked()
                     while not cell.empty():  # what the enforcer logged before the cell ended
-                        late = cell.get_nowait()
-                        if isinstance(late, dict) and late.get("type") == "blocked":
-                            sink.on_event(late)
+                        late_frame = cell.get_nowait()
+                        if isinstance(late_frame, dict) and late_frame.get("type") == "blocked":
+                            sink.on_event(late_frame)
+                        elif late_frame is not _END and isinstance(late_frame, dict):
+                            self._keep_late(late_frame)
                     return CellResult(
                         status="error" if frame.get("status") == "error" else "ok",
                         exit_status=_as_int(frame.get("exit_status"), 1),
@@ -282,16 +382,48 @@ class Session:
                         execution_count=_as_int(frame.get("execution_count"), None),
                         user_expressions=frame.get("user_expressions") or {},
                         payload=_pages(frame.get("payload")),
+                        forged_done=forged,
                     )
                 if kind == "input_request":
                     await self._answer_input(frame, sink)
                     continue
                 sink.on_event(frame)
         except (ConnectionError, OSError):
-            return await self._crashed(started)
+            result = await self._crashed(started)
+            result.forged_done = forged
+            return result
         finally:
             if self._cell is cell:
-                self._cell = None
+                self._cell, self._fid, self._nonce = None, None, None
+            if self._watchdog is not None and not self._watchdog.done():
+                self._watchdog.cancel()
+
+    def _done_matches(self, frame: dict) -> bool:
+        """Whether a ``done`` for an ended cell carries that cell's nonce (the agent's real end
+        after an early ``done`` that had it too) rather than being one more forgery."""
+        return _same_nonce(frame.get("nonce"), self._done_nonces.get(frame.get("id")))
+
+    def _keep_late(self, frame: dict) -> None:
+        size = _frame_size(frame)
+        if len(self._late) < LATE_FRAMES and self._late_bytes + size <= LATE_BYTES:
+            self._late.append(frame)
+            self._late_bytes += size
+        else:
+            self._late_dropped += 1
+
+    def _take_late(self) -> list:
+        """What arrived while no cell ran, as events for the next cell (headed by a marker)."""
+        if not self._late and not self._late_dropped:
+            return []
+        frames, dropped = self._late, self._late_dropped
+        self._late, self._late_bytes, self._late_dropped = [], 0, 0
+        out: list = [{"type": "late", "id": None, "reason": "between_cells", "dropped": dropped}]
+        for frame in frames:
+            if frame.get("type") == "done":
+                out.append({"type": "late_done", "id": frame.get("id"), "real": self._done_matches(frame)})
+            else:
+                out.append({**frame, "late": True})
+        return out
 
     async def _answer_input(self, frame: dict, sink: CellSink) -> None:
         self._input_task = asyncio.ensure_future(
@@ -307,7 +439,7 @@ class Session:
             await self._transport.send({"type": "input_reply", "id": frame.get("id"), "value": value})
 
     async def _crashed(self, started: float) -> CellResult:
-        reason = await self.backend.exit_reason()
+        reason = self.broken or await self.backend.exit_reason()
         self.log.warning("sandbox ended during a cell: %s", reason)
         code = _as_int(getattr(self.backend, "last_exit_status", None), None) or 1
         await self._teardown()
@@ -333,6 +465,24 @@ def _source(frame: dict) -> str:
     record = frame.get("record")
     verdict = record.get("verdict") if isinstance(record, dict) else None
     return "guard" if verdict == "guarded" else "watcher"
+
+
+def _same_nonce(sent, nonce: str | None) -> bool:
+    """Whether a frame's ``nonce`` (any JSON value from the sandbox) is ``nonce``."""
+    if nonce is None or not isinstance(sent, str):
+        return False
+    return secrets.compare_digest(sent.encode("utf-8", "surrogatepass"), nonce.encode("ascii"))
+
+
+def _frame_size(frame: dict) -> int:
+    """About how many bytes a frame holds (for the late-frame bound; no re-encoding)."""
+    size = 64
+    for value in frame.values():
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, (dict, list)):
+            size += len(str(value)) if len(value) < 64 else 1 << 16
+    return size
 
 
 def _pages(payload) -> list:

@@ -6,7 +6,13 @@ message from the notebook reaches the kernel, and every change still goes throug
 hand-crafted comm message gets no further than the UI would). The kernel is the one
 source of truth: every open panel is refreshed after any change, from a panel or a
 ``%sandbox`` line. A blocked connection's Allow button runs exactly the notice's remedy,
-``%sandbox allow …``.
+``%sandbox allow …``, and only a notice the kernel verified (enforcer, DNS proxy) has one:
+rows the sandbox reported show a disabled button.
+
+New rows are batched: a panel redraws its blocked list at most every
+:data:`PANEL_INTERVAL` seconds (and when the cell ends), with at most
+:data:`MAX_BLOCKED_ROWS` rows, so a flood of blocked connections costs a few comm
+messages, not one per connection.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ if TYPE_CHECKING:
 
 MODE_LABELS = {"deny": "Default-deny", "allowlist": "Allowlist"}
 MAX_BLOCKED_ROWS = 20
+PANEL_INTERVAL = 0.5
 
 _panels: weakref.WeakSet = weakref.WeakSet()
 
@@ -48,10 +55,18 @@ def refresh_all(kernel: SandboxKernel) -> None:
 
 
 def blocked_everywhere(kernel: SandboxKernel, conn: BlockedConnection) -> None:
-    """Add a blocked connection to every open panel's list (called by the kernel)."""
+    """Add a blocked connection to every open panel's list (called by the kernel); shown
+    with the panel's next batch."""
     for panel in list(_panels):
         if panel.kernel is kernel:
-            panel.add_blocked(conn)
+            panel.queue_blocked(conn)
+
+
+def flush_everywhere(kernel: SandboxKernel) -> None:
+    """Show the queued rows now (called by the kernel when a cell ends)."""
+    for panel in list(_panels):
+        if panel.kernel is kernel:
+            panel.flush_blocked()
 
 
 class PolicyPanel:
@@ -62,6 +77,9 @@ class PolicyPanel:
         self.kernel = kernel
         self._previous: EgressPolicy | None = None
         self._blocked_keys: set = set()
+        self._pending: dict = {}  # key -> connection, waiting for the next batch
+        self._row_keys: dict = {}  # key -> its row, for the rows shown
+        self._flush: asyncio.TimerHandle | None = None
         self._allow_buttons: list[tuple[w.Button, str]] = []  # (button, the entry it would add)
         locked = kernel.admin.locked
 
@@ -209,10 +227,51 @@ class PolicyPanel:
         self.status.value = f"<span class='sk-enforced'>enforced in {ms:.0f} ms</span>"
 
     # -- blocked connections ------------------------------------------------------------------
+    def queue_blocked(self, conn: BlockedConnection) -> None:
+        """Show ``conn`` with the next batch (at most one redraw per PANEL_INTERVAL)."""
+        if conn.key() in self._blocked_keys:
+            return
+        self._pending[conn.key()] = conn
+        while len(self._pending) > MAX_BLOCKED_ROWS:  # only the newest rows could be shown anyway
+            self._pending.pop(next(iter(self._pending)))
+        if self._flush is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush_blocked()
+                return
+            self._flush = loop.call_later(PANEL_INTERVAL, self.flush_blocked)
+
+    def flush_blocked(self) -> None:
+        """Add the queued rows in one redraw."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        pending, self._pending = list(self._pending.values()), {}
+        if not pending:
+            return
+        rows = [self._row(conn) for conn in pending if conn.key() not in self._blocked_keys]
+        self._add_rows([r for r in rows if r is not None])
+
     def add_blocked(self, conn: BlockedConnection) -> None:
+        """Add one row now (the panel's construction; tests)."""
+        row = self._row(conn)
+        if row is not None:
+            self._add_rows([row])
+
+    def _add_rows(self, new_rows: list) -> None:
+        rows = [*self.blocked_box.children, *new_rows][-MAX_BLOCKED_ROWS:]
+        self.blocked_box.children = tuple(rows)
+        shown = {id(r) for r in rows}
+        # forget what scrolled out, so the keys and buttons stay as few as the rows
+        self._row_keys = {k: r for k, r in self._row_keys.items() if id(r) in shown}
+        self._blocked_keys = set(self._row_keys)
+        self._allow_buttons = [(b, e) for b, e in self._allow_buttons if any(b in r.children for r in rows)]
+
+    def _row(self, conn: BlockedConnection):
         key = conn.key()
         if key in self._blocked_keys:
-            return
+            return None
         self._blocked_keys.add(key)
         label = w.HTML(f"<code>{html.escape(conn.destination())}</code> ({html.escape(conn.protocol)}, {conn.verdict})")
         if conn.remedy.get("action") == "allow":
@@ -225,8 +284,9 @@ class PolicyPanel:
             reason = conn.remedy.get("reason", "not permitted by your administrator")
             button = w.Button(description="Allow", icon="ban", disabled=True, tooltip=reason)
             label.value += f" <span style='color:#888'>— {html.escape(reason)}</span>"
-        rows = [*self.blocked_box.children, w.HBox([button, label])]
-        self.blocked_box.children = tuple(rows[-MAX_BLOCKED_ROWS:])
+        row = w.HBox([button, label])
+        self._row_keys[key] = row
+        return row
 
     async def _allow(self, command: str) -> None:
         """The Allow button: exactly the notice's remedy, ``%sandbox allow …``."""

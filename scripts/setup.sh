@@ -16,10 +16,12 @@ fi
 
 need_apt=()
 for pair in ip:iproute2 nft:nftables bwrap:bubblewrap slirp4netns:slirp4netns nsenter:util-linux \
-            setpriv:util-linux ps:procps; do
+            setpriv:util-linux unshare:util-linux ps:procps; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# the sandbox's seccomp filter is built with libseccomp
+python3 -c 'import ctypes.util, sys; sys.exit(ctypes.util.find_library("seccomp") is None)' || need_apt+=(libseccomp2)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -31,8 +33,17 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "setup: creating $venv"
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e "$repo[$extras]"
+# pip only when pyproject.toml changed or these extras are new since the last run (the install
+# is editable: code changes need nothing), so a second run only checks and needs no network
+stamp="$venv/.sandbox-kernel-setup"
+want="$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1) $extras"
+# the test extras include the lab extras (jupyterlab, nbclient): the suite runs lab.sh after test.sh
+covered="${want% *} test"
+if [ ! -x "$venv/bin/sandbox-kernel" ] || ! { grep -qxF "$want" "$stamp" || { [ "$extras" = lab ] && grep -qxF "$covered" "$stamp"; }; } 2>/dev/null; then
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -e "$repo[$extras]"
+  { grep -F "${want%% *} " "$stamp" 2>/dev/null || true; echo "$want"; } > "$stamp.new" && mv "$stamp.new" "$stamp"
+fi
 
 # The browser test (tests/browser) and the hub tests (tests/hub) when the extras include "test":
 # Chromium from Debian (/usr/bin/chromium; playwright never downloads a browser), an emoji font

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kerneltest import _HOST_INDEX, _HOST_SERVER, KernelDriver, TestHost, _sh
+from kerneltest import (_HOST_INDEX, _HOST_SERVER, KernelDriver, TestHost, _sh, reset_between_tests,
+                        shared_kernel)
 from localcluster import local_cluster, pytest_collection_finish, pytest_sessionfinish  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +46,14 @@ def kernelspec_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    """One Sandbox kernel shared by a test module (state carries between its tests)."""
-    driver = KernelDriver()
-    yield driver
-    driver.shutdown()
+def _module_kernel():
+    yield from shared_kernel()
+
+
+@pytest.fixture
+def kernel(_module_kernel):
+    """A Sandbox kernel shared by a test module, reset before each test (see reset_between_tests)."""
+    return reset_between_tests(_module_kernel)
 
 
 @pytest.fixture

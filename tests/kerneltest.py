@@ -113,6 +113,41 @@ class KernelDriver:
     def pid(self) -> int:
         return self.km.provisioner.process.pid
 
+    def policy_state(self) -> dict[str, list[str] | str]:
+        """The policy rows of ``%sandbox status``: mode, entries, presets."""
+        text = self.execute("%sandbox status").outputs[0]["content"]["data"]["text/plain"]
+        rows = dict(line.split(None, 1) for line in text.splitlines() if len(line.split(None, 1)) == 2)
+
+        def items(row: str) -> list[str]:
+            value = rows.get(row, "none")
+            return [] if value == "none" else [v.split(" (expires")[0] for v in value.split(", ")]
+
+        return {"mode": "allowlist" if rows["policy"].startswith("allowlist") else "deny",
+                "entries": items("entries"), "presets": items("presets")}
+
+    def reset(self, policy: dict | None = None) -> None:
+        """Between tests that share this kernel: back to ``policy`` (as policy_state gives it)
+        and no user variables, so no test depends on what an earlier one left behind."""
+        if policy is not None:
+            now = self.policy_state()
+            extra = [e for e in now["entries"] if e not in policy["entries"]]
+            missing = [e for e in policy["entries"] if e not in now["entries"]]
+            lines = []
+            if extra:
+                lines.append("%sandbox revoke " + " ".join(extra))
+            if [p for p in now["presets"] if p not in policy["presets"]]:
+                lines.append("%sandbox revoke preset " + " ".join(p for p in now["presets"] if p not in policy["presets"]))
+            if missing:
+                lines.append("%sandbox allow " + " ".join(missing))
+            if now["mode"] != policy["mode"] or lines:
+                lines.append(f"%sandbox mode {policy['mode']}")
+            for line in lines:
+                cell = self.execute(line)
+                assert cell.status == "ok", (line, cell.outputs)
+            assert self.policy_state() == policy
+        cell = self.execute("%reset -f")
+        assert cell.status == "ok", cell.outputs
+
     def namespaces(self) -> set[str]:
         """This kernel's sandbox namespaces."""
         return namespaces_of(self.pid)
@@ -129,7 +164,8 @@ class KernelDriver:
 @dataclass
 class TestHost:
     """A host in a network namespace of its own, reachable from the host: TCP on ``port``
-    and ``port + 1`` (IPv4 and IPv6), UDP on ``port``; it logs every contact."""
+    and ``port + 1`` (IPv4 and IPv6), UDP on ``port``; it logs every contact. TCP on
+    ``port + 2`` is a sink: it keeps each connection open and reads until the peer closes."""
 
     name: str
     ip: str
@@ -166,7 +202,17 @@ def udp():
     while True:
         data, peer = s.recvfrom(2048); note(f"udp {peer[0]}")
         s.sendto(b"pong", peer)
-targets = [udp]
+def sink():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port + 2)); s.listen(16)
+    def drain(c):
+        while c.recv(65536):
+            pass
+    while True:
+        c, peer = s.accept(); note(f"sink {peer[0]}")
+        threading.Thread(target=drain, args=(c,), daemon=True).start()
+targets = [udp, sink]
 for p in (port, port + 1):
     targets += [lambda p=p: tcp(socket.AF_INET, "0.0.0.0", p), lambda p=p: tcp(socket.AF_INET6, "::", p)]
 for target in targets:
@@ -240,3 +286,18 @@ class Panel:
 
     def click(self, comm_id):
         self.send(comm_id, {"method": "custom", "content": {"event": "click"}})
+
+
+def shared_kernel(env: dict | None = None):
+    """A module-scoped fixture body: one kernel for the module's tests (cheaper than one each)."""
+    driver = KernelDriver(env)
+    driver.initial_policy = driver.policy_state()
+    yield driver
+    driver.shutdown()
+
+
+def reset_between_tests(driver: KernelDriver):
+    """The function-scoped face of a shared kernel: each test starts from the kernel's initial
+    policy and no user variables, whatever ran before it (order of tests does not matter)."""
+    driver.reset(driver.initial_policy)
+    return driver

@@ -6,11 +6,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from kerneltest import KernelDriver, sandbox_namespaces
+from kerneltest import KernelDriver, namespaces_of, sandbox_namespaces
 
 
 def _processes_of(namespaces: set[str]) -> set[int]:
-    """Every process of these sandboxes: those inside the namespaces, and their slirp4netns."""
+    """Every process of these sandboxes: those inside the namespaces, their slirp4netns and
+    the kernel's enforcer log reader (enforcerlog.py)."""
     pids = set()
     for ns in namespaces:
         pids |= {int(p) for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
@@ -21,7 +22,8 @@ def _processes_of(namespaces: set[str]) -> set[int]:
                 cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if "slirp4netns" in cmdline and any(f"/run/netns/{ns}" in cmdline for ns in namespaces):
+            if ("slirp4netns" in cmdline or "sandbox_kernel.backends.enforcerlog" in cmdline) and any(
+                    f"/run/netns/{ns}" in cmdline for ns in namespaces):
                 pids.add(int(proc.name))
     return pids
 
@@ -46,7 +48,7 @@ def test_shutdown_removes_namespace_processes_and_state():
     created = driver.namespaces()
     assert len(created) == 1
     procs = _processes_of(created)
-    assert len(procs) >= 3  # bubblewrap, the agent, the background sleep (and slirp4netns)
+    assert len(procs) >= 5  # bubblewrap, the agent, the background sleep, slirp4netns, the log reader
     state = Path("/run/sandbox-kernel") / next(iter(created))[len("sbx-"):]
     assert state.exists()
     driver.shutdown()
@@ -65,16 +67,20 @@ def test_sigkilled_kernel_leaves_nothing_after_gc():
     driver.km.provisioner.process.wait()
     # bubblewrap and slirp4netns die with the kernel; the namespace needs gc
     assert _wait_for(lambda: not _alive(procs)), _alive(procs)
-    result = subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, check=True)
-    assert "removed network namespace" in result.stdout
+    state = Path("/run/sandbox-kernel") / next(iter(created))[len("sbx-"):]
+    subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, check=True)
+    # every kernel that starts runs the same gc, so on a shared machine another one may have
+    # removed the namespace before this one (its output then says nothing of it): what counts
+    # is that nothing of the sandbox is left
     assert not (sandbox_namespaces() & created)
+    assert not state.exists()
     driver.kc.stop_channels()
     driver.km.cleanup_resources()
 
 
 def test_gc_keeps_sandboxes_of_live_kernels(kernel):
     kernel.execute("1")
-    mine = sandbox_namespaces()
+    mine = kernel.namespaces()  # only this kernel's: others come and go meanwhile
     assert mine
     subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, check=True)
     assert mine <= sandbox_namespaces()
@@ -98,7 +104,6 @@ def test_a_kernel_whose_parent_died_stops_its_sandbox_first():
     nothing is left for gc."""
     import sys
 
-    before = sandbox_namespaces()
     parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
     try:
         line = ""
@@ -106,7 +111,7 @@ def test_a_kernel_whose_parent_died_stops_its_sandbox_first():
             line = parent.stdout.readline()
             assert line, "the parent process ended before its kernel ran a cell"
         kernel_pid = int(line.split()[1])
-        created = sandbox_namespaces() - before
+        created = namespaces_of(kernel_pid)  # its own: other kernels may start meanwhile
         assert len(created) == 1, created
         procs = _processes_of(created)
     finally:
@@ -169,3 +174,54 @@ def test_start_up_gc_reads_the_configured_state_dir(tmp_path):
         for driver in (second, first):
             if driver is not None:
                 driver.shutdown()
+
+
+def test_gc_command_reads_the_kernels_config_file(tmp_path):
+    # `sandbox-kernel gc` parsed only argv and the environment: with the state directory set
+    # in sandbox_kernel_config.py it looked for owner records in the default directory and
+    # removed a running kernel's namespace as an orphan.
+    config = tmp_path / "config"
+    config.mkdir()
+    state = tmp_path / "state"
+    (config / "sandbox_kernel_config.py").write_text(f"c.LocalBackend.state_dir = {str(state)!r}\n")
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config)}
+    driver = KernelDriver({"JUPYTER_CONFIG_DIR": str(config)})
+    try:
+        assert driver.execute("kept = 41").reply["content"]["status"] == "ok"
+        netns = {f"sbx-{p.parent.name}" for p in state.glob("*/owner.json")}
+        assert len(netns) == 1 and netns <= sandbox_namespaces()
+        for command in (["sandbox-kernel", "gc"], ["sandbox-kernel", "doctor"]):
+            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+            assert result.returncode == 0, result.stdout + result.stderr
+            if command[1] == "doctor":  # doctor reports the configured directory, not the default
+                assert f"state directory:     {state}" in result.stdout
+            else:
+                assert not any(ns.removeprefix("sbx-") in result.stdout for ns in netns), result.stdout
+        assert netns <= sandbox_namespaces()
+        assert driver.execute("print(kept + 1)").stream().startswith("42\n")
+    finally:
+        driver.shutdown()
+
+
+def test_gc_with_another_state_dir_leaves_a_running_sandbox_alone(tmp_path):
+    # Two kernels configured with different state directories on one machine: the gc of
+    # the one (at its start, or `sandbox-kernel gc`) found the other's namespace with no
+    # owner record in its own directory and deleted it under the running sandbox.
+    config = tmp_path / "config"
+    config.mkdir()
+    state = tmp_path / "state"
+    (config / "sandbox_kernel_config.py").write_text(f"c.LocalBackend.state_dir = {str(state)!r}\n")
+    driver = KernelDriver({"JUPYTER_CONFIG_DIR": str(config)})
+    try:
+        assert driver.execute("kept = 41").reply["content"]["status"] == "ok"
+        netns = {f"sbx-{p.parent.name}" for p in state.glob("*/owner.json")}
+        assert len(netns) == 1 and netns <= sandbox_namespaces()
+        other = tmp_path / "other-state"
+        result = subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "SANDBOX_KERNEL_STATE_DIR": str(other)})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert not any(ns in result.stdout for ns in netns), result.stdout
+        assert netns <= sandbox_namespaces()
+        assert driver.execute("print(kept + 1)").stream().startswith("42\n")
+    finally:
+        driver.shutdown()

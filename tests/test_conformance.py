@@ -28,6 +28,6 @@ class SandboxKernelConformance(jupyter_kernel_test.KernelTests):
     code_clear_output = "from IPython.display import clear_output; clear_output()"
     code_generate_error = "raise ValueError('boom')"
     code_page_something = "zip?"
-    # history is not recorded in the sandbox (the kernel keeps no history database):
-    # test_history is skipped by the suite because supported_history_operations is empty
-    supported_history_operations = ()
+    # the kernel keeps the history of its cells (sandbox_kernel/history.py)
+    supported_history_operations = ("tail", "range", "search")
+    code_history_pattern = "6*7"

@@ -159,3 +159,107 @@ def test_dns_over_tcp_is_answered_by_the_same_rules(kernel, upstream, test_host)
     assert "ANSWER (5, None)" in cell.stream()  # REFUSED, never forwarded
     assert "outside.test" not in upstream.queries
     assert [(n["host"], n["protocol"]) for n in cell.sandbox["blocked"]] == [("outside.test", "dns")]
+
+
+def test_a_wildcards_learned_addresses_survive_a_reapply_and_go_with_the_wildcard(kernel, upstream, test_host):
+    """Every packet is judged by the policy in force (issue 20, point 4), so a re-apply that
+    keeps a wildcard keeps the addresses its names opened, and revoking it closes exactly them."""
+    a, b = test_host(8080), test_host(8080)
+    upstream.records.update({"one.keep.test": a.ip, "one.other.test": b.ip})
+    assert kernel.execute("%sandbox allow *.keep.test:8080/tcp *.other.test:8080/tcp").status == "ok"
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name="one.keep.test")).stream()
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name="one.other.test")).stream()
+    # an unrelated change re-applies the whole ruleset: the learned address stays open
+    assert kernel.execute(f"%sandbox allow {b.ip}:9/udp").status == "ok"
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name=a.ip)).stream()
+    # revoking one wildcard (same protocol and port as the other) closes only its addresses
+    assert kernel.execute("%sandbox revoke *.keep.test:8080/tcp").status == "ok"
+    assert "REPLY" not in kernel.execute(SUBPROCESS.format(name=a.ip) + " 2>&1").stream()
+    assert "REPLY" in kernel.execute(SUBPROCESS.format(name=b.ip)).stream()
+
+
+UPLINK_PROBE = """
+import socket
+import sandbox_agent.guard as guard
+guard.enabled = False  # advisory only: this probes the network rules
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+try:
+    s.connect(({target!r}, 53))
+    s.send(b"probe")
+    s.recv(512); print("ANSWERED")
+except socket.timeout:
+    print("TIMEOUT")
+except OSError as err:
+    print("REFUSED", type(err).__name__)
+finally:
+    guard.enabled = True
+"""
+
+
+def test_the_uplinks_own_ranges_stay_closed_whatever_the_policy(kernel, upstream):
+    """slirp4netns's resolver (10.0.2.3) would forward to the host's resolver, past the DNS
+    proxy: no entry opens the uplink's ranges, neither a name resolving there nor a CIDR
+    (issue 20, point 5). The probe is refused inside the sandbox's namespace: nothing leaves."""
+    upstream.records["slirpdns.test"] = "10.0.2.3"
+    # the ceiling knows the uplink's ranges: an entry inside them is refused, saying why
+    for entry in ("10.0.2.0/24", "10.0.2.3:53/udp", "[fd00::3]:53"):
+        refused = kernel.execute(f"%sandbox allow {entry}")
+        assert refused.reply["content"]["ename"] == "CeilingRefused", (entry, refused.reply["content"])
+        assert "the sandbox's own" in refused.reply["content"]["evalue"]
+    # a name cannot be judged before it resolves: the enforcer drops its uplink address
+    change = kernel.execute("%sandbox allow slirpdns.test:53/udp")
+    assert change.status == "ok", change.outputs
+    for target, ip in (("slirpdns.test", "10.0.2.3"), ("10.0.2.3", "10.0.2.3"), ("10.0.2.2", "10.0.2.2")):
+        cell = kernel.execute(UPLINK_PROBE.format(target=target), timeout=30)
+        assert "REFUSED" in cell.stream(), (target, cell.stream(), cell.outputs)
+        assert [(n["ip"], n["port"], n["protocol"]) for n in cell.sandbox["blocked"]] == [(ip, 53, "udp")]
+    cell = kernel.execute(UPLINK_PROBE.format(target="fd00::3").replace("AF_INET,", "AF_INET6,"), timeout=30)
+    assert "REFUSED" in cell.stream(), cell.stream()
+    kernel.execute("%sandbox mode deny")
+
+
+def test_a_flood_against_a_slow_upstream_holds_few_descriptors(fresh_kernel):
+    """Queries for an allowed name while the upstream never answers: the proxy (in the kernel
+    process) forwards at most MAX_INFLIGHT at once and drops the rest; a refusal is still
+    answered at once meanwhile."""
+    import os
+
+    from sandbox_kernel.backends.dnsproxy import MAX_INFLIGHT
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # an upstream that never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        kernel = fresh_kernel({"SANDBOX_KERNEL_UPSTREAM_DNS": f"127.0.0.1:{silent.getsockname()[1]}",
+                               "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
+        assert kernel.execute("%sandbox allow slow.test:443").status == "ok"
+        fds = f"/proc/{kernel.pid}/fd"
+        before = len(os.listdir(fds))
+        peak = [before]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak.append(len(os.listdir(fds)))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            cell = kernel.execute(
+                "import socket, struct, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "def query(name, qid):\n    return struct.pack('!HHHHHH', qid, 0x0100, 1, 0, 0, 0) + "
+                "b''.join(bytes([len(l)]) + l.encode() for l in name.split('.')) + b'\\0\\0\\1\\0\\1'\n"
+                "for i in range(3000):\n    s.sendto(query('slow.test', i), ('127.0.0.53', 53))\n"
+                # while the flood waits upstream, a name outside the policy is still refused (asked
+                # again as a resolver would: the flood may overrun the socket's buffer)
+                "s.settimeout(0.5)\nanswer = b''\n"
+                "for attempt in range(40):\n    s.sendto(query('other.test', 65000), ('127.0.0.53', 53))\n"
+                "    try:\n        while answer[:2] != struct.pack('!H', 65000):\n            answer = s.recv(512)\n"
+                "        break\n    except OSError:\n        pass\n"
+                "print('RCODE', answer[3] & 15)\ntime.sleep(1)", timeout=60)
+        finally:
+            done.set()
+            sampler.join()
+        assert "RCODE 5" in cell.stream(), cell.outputs
+        assert max(peak) - before <= MAX_INFLIGHT + 16, (before, max(peak))
+    finally:
+        silent.close()

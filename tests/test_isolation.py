@@ -54,3 +54,64 @@ def test_cannot_change_the_firewall(kernel):
     assert cell.status == "error"
     cell = kernel.execute("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)")
     assert cell.reply["content"]["ename"] == "PermissionError"
+
+
+# -- each sandbox has a user namespace of its own (issue 20, point 2) ---------------------
+
+KEYS = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+KEY_SPEC_USER_KEYRING, KEYCTL_SEARCH = -4, 10
+action, desc = sys.argv[1], sys.argv[2].encode()
+if action == "add":
+    rc = libc.syscall(248, b"user", desc, b"secret", 6, KEY_SPEC_USER_KEYRING)
+else:
+    rc = libc.syscall(250, KEYCTL_SEARCH, KEY_SPEC_USER_KEYRING, b"user", desc, 0)
+print("FOUND" if rc > 0 else f"NONE {ctypes.get_errno()}")
+"""
+
+
+def _agent_pid(kernel) -> int:
+    from kerneltest import _sh
+
+    (netns,) = kernel.namespaces()
+    for pid in _sh("ip", "netns", "pids", netns).stdout.split():
+        try:
+            if b"agent.pyz" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+        except OSError:
+            continue
+    raise AssertionError(f"no agent process in {netns}")
+
+
+def _keys_as_sandbox_user(pid: int, *args: str) -> str:
+    """Run the keyring probe as the sandbox's uid in the sandbox's user namespace, without
+    its seccomp filter (which refuses keyctl anyway): this tests the namespaces themselves."""
+    import subprocess
+
+    if os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user"):
+        enter = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    else:
+        enter = ["nsenter", f"--target={pid}", "--user", "--setuid=65534", "--setgid=65534"]
+    result = subprocess.run([*enter, "/usr/bin/python3", "-c", KEYS, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_sandboxes_share_no_user_namespace_and_no_keyring(fresh_kernel):
+    import uuid
+
+    a, b = fresh_kernel(), fresh_kernel()
+    ns = [kernel.execute("import os\nos.readlink('/proc/self/ns/user'), open('/proc/self/uid_map').read().split()")
+          for kernel in (a, b)]
+    (ns_a, map_a), (ns_b, map_b) = (_result(cell) for cell in ns)
+    assert ns_a != ns_b and os.readlink("/proc/self/ns/user") not in (ns_a, ns_b)
+    assert map_a == map_b == ["0", "0", "1", "65534", "65534", "1"]  # root (for bwrap) and the sandbox uid only
+    pid_a, pid_b = _agent_pid(a), _agent_pid(b)
+    desc = f"sandbox-kernel-test-{uuid.uuid4().hex[:8]}"
+    assert _keys_as_sandbox_user(pid_a, "add", desc) == "FOUND"
+    assert _keys_as_sandbox_user(pid_a, "search", desc) == "FOUND"  # the probe does find keys
+    assert _keys_as_sandbox_user(pid_b, "search", desc).startswith("NONE")
+    # nor does uid 65534 of the host: the key lives in sandbox A's namespace only
+    assert _keys_as_sandbox_user(os.getpid(), "search", desc).startswith("NONE")

@@ -246,8 +246,8 @@ def test_administrators_notebook_shows_what_the_cli_prints(tmp_path):
 
 # -- sandbox-kernel demo-host ---------------------------------------------------------------
 
-def _demo_host(action: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["sandbox-kernel", "demo-host", action], capture_output=True, text=True, timeout=60)
+def _demo_host(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(["sandbox-kernel", "demo-host", *map(str, args)], capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture
@@ -297,3 +297,216 @@ def test_demo_host_is_reachable_from_a_sandbox_only_when_allowed(demo_host, fres
     assert kernel.execute(code).status == "error"
     assert kernel.execute(f"%sandbox allow {DEMO_ADDR}:8080").status == "ok"
     assert kernel.execute(code).stream().startswith("hello from the demo host\n")
+
+
+def test_demo_host_hold_release(demo_host):
+    """Two commands hold the demo host: it stops when the last one releases it; a demo host
+    started by hand outlives its holders."""
+    first = subprocess.Popen(["sleep", "300"])
+    second = subprocess.Popen(["sleep", "300"])
+    try:
+        held = demo_host("hold", first.pid)
+        assert held.returncode == 0, held.stderr
+        assert "stopped when this command ends" in held.stdout
+        assert "shared with 1 other command(s)" in demo_host("hold", second.pid).stdout
+        assert "left running for 1 other command(s)" in demo_host("release", first.pid).stdout
+        assert demo_host("status").returncode == 0
+        # a holder that died without releasing is not waited for
+        second.kill()
+        second.wait()
+        assert "removed network namespace skdemo" in demo_host("release", 999_999_999).stdout
+        assert demo_host("status").returncode == 1
+
+        assert demo_host("start").returncode == 0  # by hand: persistent
+        assert "started by hand" in demo_host("hold", first.pid).stdout
+        assert "left running" in demo_host("release", first.pid).stdout
+        assert demo_host("status").returncode == 0
+        assert demo_host("hold", 0).returncode == 2 and demo_host("release", "x").returncode == 2
+    finally:
+        for proc in (first, second):
+            proc.kill()
+            proc.wait()
+
+
+# -- scripts/lab.sh: the README's command --------------------------------------------------
+
+LAB = ROOT / "scripts" / "lab.sh"
+
+
+def _demo_host_running() -> bool:
+    return _demo_host("status").returncode == 0
+
+
+def test_every_notebook_runs_through_lab_sh_with_only_the_errors_it_expects(tmp_path):
+    """``bash scripts/lab.sh NOTEBOOK…``, the real script (set-up, demo host, demo ceiling): every
+    notebook under notebooks/ shows error output only where it says it expects it."""
+    from sandbox_kernel.notebookrun import check
+
+    notebooks = sorted(NOTEBOOKS.glob("*.ipynb"))
+    running_before = _demo_host_running()
+    out = tmp_path / "executed"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_KERNEL_POLICY_")}
+    result = subprocess.run(["bash", str(LAB), *map(str, notebooks)], capture_output=True, text=True,
+                            timeout=900, env={**env, "SANDBOX_LAB_OUTPUT_DIR": str(out)}, cwd=tmp_path)
+    assert "notebook problem" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    # it said what it runs with
+    assert "demo ceiling (this command only): users may allow public 10.231.254.2" in result.stderr
+    assert "demo host: running at 10.231.254.2:8080" in result.stderr
+    assert "03-exam-mode.ipynb: run in exam mode (locked), as its metadata asks" in result.stderr
+    assert "ok: 4 notebook(s) ran" in result.stderr
+    # the tutorials work: the central cell of the egress notebook reached the demo host
+    assert "'hello from the demo host'" in result.stdout
+    assert "10.231.254.2:8080/tcp is outside what your administrator" not in result.stdout
+    for path in notebooks:
+        nb = nbformat.read(out / path.name, as_version=4)
+        assert check(nb, path.name) == []
+        assert sum(1 for c in nb.cells if c.cell_type == "code" and c.outputs) >= 3, path.name
+    egress = nbformat.read(out / "02-egress-policies.ipynb", as_version=4)
+    allow = next(c for c in egress.cells if c.source.startswith("%sandbox allow"))
+    assert "egress now: allowlist (1 entry): 10.231.254.2:8080/tcp" in text_of(allow)
+    exam = nbformat.read(out / "03-exam-mode.ipynb", as_version=4)
+    refused = next(c for c in exam.cells if c.source.startswith("%sandbox allow"))
+    assert [o["ename"] for o in refused.outputs if o.get("output_type") == "error"] == ["CeilingRefused"]
+    # the demo host ends with the command (unless it ran before it: then it is someone's)
+    assert _demo_host_running() == running_before
+
+
+def test_a_notebook_with_unexpected_errors_fails_lab_sh(tmp_path):
+    """The check has teeth: an error where the notebook expects none, and a tagged cell that
+    does not fail, make lab.sh exit 1 and say which cells."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "sandbox", "display_name": "Sandbox", "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("%sandbox allow 10.0.2.2:8888/tcp"),
+                nbformat.v4.new_code_cell("1 + 1", metadata={"tags": ["raises-exception"]}),
+                nbformat.v4.new_code_cell("import sys; print('oops', file=sys.stderr)"),
+                nbformat.v4.new_code_cell("1/0", metadata={"tags": ["raises-exception"],
+                                                           "sandbox_kernel": {"expected_error": "ZeroDivisionError"}})]
+    path = tmp_path / "bad.ipynb"
+    nbformat.write(nb, path)
+    result = subprocess.run(["bash", str(LAB), str(path)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "SANDBOX_LAB_OUTPUT_DIR": str(tmp_path / "out")})
+    assert result.returncode == 1
+    problems = [line for line in result.stderr.splitlines() if line.startswith("notebook problem: ")]
+    assert len(problems) == 3, result.stderr
+    assert "cell 0" in problems[0] and "unexpected error CeilingRefused" in problems[0]
+    assert "cell 1" in problems[1] and "ended without an error" in problems[1]
+    assert "cell 2" in problems[2] and "unexpected output on stderr: 'oops'" in problems[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _lab_execute(port: int, token: str, codes: list[str]) -> list[str]:
+    """Start a kernel through JupyterLab's REST API (its default: sandbox), run ``codes`` over the
+    kernel websocket as JupyterLab does, return each cell's text output; the kernel is deleted."""
+    import asyncio
+    import json
+    import urllib.request
+    import uuid
+
+    from tornado.websocket import websocket_connect
+
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"token {token}"}
+    request = urllib.request.Request(f"{base}/api/kernels", data=b"{}", headers=headers, method="POST")
+    kernel_id = json.loads(urllib.request.urlopen(request, timeout=60).read())["id"]
+
+    async def run() -> list[str]:
+        ws = await websocket_connect(f"ws://127.0.0.1:{port}/api/kernels/{kernel_id}/channels?token={token}")
+        session, texts = uuid.uuid4().hex, []
+        for code in codes:
+            msg_id = uuid.uuid4().hex
+            await ws.write_message(json.dumps({
+                "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test",
+                           "session": session, "date": "", "version": "5.3"},
+                "parent_header": {}, "metadata": {}, "channel": "shell",
+                "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                            "allow_stdin": False, "stop_on_error": True}}))
+            text = ""
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.read_message(), 120))
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] == "stream":
+                    text += msg["content"]["text"]
+                elif msg["msg_type"] in ("execute_result", "display_data"):
+                    text += msg["content"]["data"].get("text/plain", "") + "\n"
+                elif msg["msg_type"] == "error":
+                    text += "\n".join(msg["content"]["traceback"]) + "\n"
+                elif msg["msg_type"] == "execute_reply":
+                    break
+            texts.append(text)
+        ws.close()
+        return texts
+
+    try:
+        return asyncio.run(run())
+    finally:
+        delete = urllib.request.Request(f"{base}/api/kernels/{kernel_id}", headers=headers, method="DELETE")
+        urllib.request.urlopen(delete, timeout=60).read()
+
+
+def test_lab_sh_jupyterlab_mode_runs_the_demo_and_stops_it_on_ctrl_c(tmp_path):
+    """``bash scripts/lab.sh``: JupyterLab's kernels get the demo ceiling and reach the demo host;
+    Ctrl-C ends JupyterLab and the demo host."""
+    import re
+    import signal
+
+    running_before = _demo_host_running()
+    port = _free_port()
+    proc = subprocess.Popen(["bash", str(LAB)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "SANDBOX_LAB_PORT": str(port), "JUPYTER_RUNTIME_DIR": str(tmp_path)})
+    try:
+        said = []
+        for line in proc.stdout:
+            said.append(line)
+            if re.search(rf"http://127\.0\.0\.1:{port}/lab\?token=\w+", line):
+                break
+        text = "".join(said)
+        assert "demo ceiling (this command only)" in text and "Ctrl-C stops it and the demo host" in text, text
+        assert _demo_host_running()
+        token = re.search(r"token=(\w+)", said[-1]).group(1)
+        allow, hello = _lab_execute(port, token, [
+            f"%sandbox allow {DEMO_ADDR}:8080/tcp",
+            f"import socket\nprint(socket.create_connection(({DEMO_ADDR!r}, 8080), timeout=5).recv(100).decode())"])
+        assert f"egress now: allowlist (1 entry): {DEMO_ADDR}:8080/tcp" in allow, allow
+        assert "hello from the demo host" in hello, hello
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    if not running_before:
+        assert "demo host: removed network namespace skdemo" in rest, rest
+    assert _demo_host_running() == running_before
+
+
+def test_demo_ceiling_permits_the_demo_host_and_nothing_else(monkeypatch):
+    """lab.sh's ceiling (demohost.demo_ceiling): the demo host is added to what users may allow;
+    built-in cluster ranges that cover it (private ranges, if the defaults have them) leave out
+    that one address; a variable the administrator set is kept as it is."""
+    import ipaddress
+
+    from sandbox_kernel import demohost
+    from sandbox_kernel.policy import admin
+
+    assert demohost.demo_ceiling({})["SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW"] == f"public {DEMO_ADDR}"
+    assert demohost.demo_ceiling({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "pypi.org"}) == {
+        "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": f"pypi.org {DEMO_ADDR}"}
+    monkeypatch.setattr(admin, "DEFAULT_CLUSTER_RANGES", {"10.0.0.0/8": "private", "fc00::/7": "ula"}, raising=False)
+    env = demohost.demo_ceiling({})
+    ranges = [ipaddress.ip_network(t) for t in env["SANDBOX_KERNEL_POLICY_CLUSTER_RANGES"].split()]
+    demo = ipaddress.ip_address(DEMO_ADDR)
+    assert not any(demo in net for net in ranges)
+    v4 = [n for n in ranges if n.version == 4]
+    assert sum(n.num_addresses for n in v4) == 2**24 - 1  # all of 10/8 but the demo host
+    assert ipaddress.ip_network("fc00::/7") in ranges
+    assert "SANDBOX_KERNEL_POLICY_CLUSTER_RANGES" not in demohost.demo_ceiling(
+        {"SANDBOX_KERNEL_POLICY_CLUSTER_RANGES": "10.0.0.0/8"})
+    assert admin.AdminPolicy(cluster_ranges=env["SANDBOX_KERNEL_POLICY_CLUSTER_RANGES"].split()).blocked_reason(DEMO_ADDR) is None

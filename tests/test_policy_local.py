@@ -1,17 +1,23 @@
 """Egress policy end to end on the local backend: allowlist exactly, switch back to deny."""
 
 import re
+import subprocess
 
 import pytest
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    from kerneltest import KernelDriver
+def _module_kernel():
+    from kerneltest import shared_kernel
 
-    driver = KernelDriver({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
-    yield driver
-    driver.shutdown()
+    yield from shared_kernel({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
+
+
+@pytest.fixture
+def kernel(_module_kernel):
+    from kerneltest import reset_between_tests
+
+    return reset_between_tests(_module_kernel)
 
 
 def connect(kernel, ip, port, family="AF_INET", kind="SOCK_STREAM"):
@@ -124,3 +130,85 @@ def test_exam_mode_refuses_every_change(fresh_kernel):
         assert "exam mode" in cell.reply["content"]["evalue"]
     assert "locked by your administrator" in kernel.execute("%sandbox status").of_type(
         "display_data")[0]["content"]["data"]["text/plain"]
+
+
+# -- narrowing cuts flows that are already open (issue 20, point 4) ----------------------
+
+FLOWS = r"""
+import socket, threading, time
+flows = {"tcp_sent": 0, "tcp_error": None, "udp_sent": 0, "udp_error": None, "stop": False}
+tcp = socket.create_connection((IP, SINK), timeout=3)
+tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.connect((IP, PORT))
+udp.send(b"hello"); udp.settimeout(3); udp.recv(10)   # a reply: the flow is established
+def pump(sock, key):
+    while not flows["stop"]:
+        try:
+            sock.send(b"x" * 64)
+            flows[key + "_sent"] += 1
+        except OSError as err:
+            flows[key + "_error"] = type(err).__name__
+            flows[key + "_sent"] += 1  # an attempt all the same
+        time.sleep(0.005)
+for sock, key in ((tcp, "tcp"), (udp, "udp")):
+    threading.Thread(target=pump, args=(sock, key), daemon=True).start()
+print("FLOWS UP")
+"""
+
+
+def _host_counters(host) -> dict[str, int]:
+    """Packets of the flows that reached the test host (its own nftables input counters)."""
+    from kerneltest import _sh
+
+    out = _sh("ip", "netns", "exec", host.name, "nft", "-j", "list", "table", "inet", "sktcount").stdout
+    import json
+
+    counts = {}
+    for item in json.loads(out)["nftables"]:
+        rule = item.get("rule")
+        if rule:
+            counter = next(e["counter"] for e in rule["expr"] if "counter" in e)
+            counts[rule["comment"]] = counter["packets"]
+    return counts
+
+
+def test_narrowing_cuts_open_tcp_and_udp_flows(kernel, test_host):
+    """A TCP connection and a UDP flow opened under an allowlist stop at the apply of
+    ``%sandbox mode deny``: once the apply has returned, no packet of theirs reaches the host."""
+    a = test_host(8080)
+    sink = a.port + 2
+    script = (
+        "table inet sktcount {\n chain input {\n  type filter hook input priority -10; policy accept;\n"
+        f'  tcp dport {sink} counter comment "tcp"\n'
+        f'  udp dport {a.port} counter comment "udp"\n }}\n}}\n'
+    )
+    subprocess.run(["ip", "netns", "exec", a.name, "nft", "-f", "-"], input=script, text=True, check=True)
+    change = kernel.execute(f"%sandbox allow {a.ip}:{sink}/tcp {a.ip}:{a.port}/udp")
+    assert change.status == "ok", change.outputs
+    cell = kernel.execute(f'IP, SINK, PORT = {a.ip!r}, {sink}, {a.port}\n' + FLOWS, timeout=30)
+    assert "FLOWS UP" in cell.stream(), cell.outputs
+    try:
+        # both flows are alive: packets keep arriving under the allowlist
+        first = _host_counters(a)
+        kernel.execute("import time\nn = flows['tcp_sent'], flows['udp_sent']\n"
+                       "while min(flows['tcp_sent'] - n[0], flows['udp_sent'] - n[1]) < 20: time.sleep(0.01)")
+        alive = _host_counters(a)
+        assert alive["tcp"] > first["tcp"] and alive["udp"] > first["udp"], (first, alive)
+
+        deny = kernel.execute("%sandbox mode deny")
+        assert "egress now: default-deny" in deny.stream()
+        # the apply has returned: from here on nothing of either flow may reach the host
+        after_apply = _host_counters(a)
+        # the sandbox keeps trying on both flows (at least 40 more attempts each)
+        tries = kernel.execute(
+            "import time\nn = flows['tcp_sent'], flows['udp_sent']\ndeadline = time.monotonic() + 20\n"
+            "while min(flows['tcp_sent'] - n[0], flows['udp_sent'] - n[1]) < 40 and "
+            "(flows['tcp_error'] is None or time.monotonic() < deadline): time.sleep(0.01)\n"
+            "print('ERRORS', flows['tcp_error'], flows['udp_error'])", timeout=60)
+        later = _host_counters(a)
+        assert later == after_apply, (after_apply, later)
+        # the TCP connection was reset, not left hanging
+        assert "ERRORS ConnectionResetError" in tries.stream() or "ERRORS BrokenPipeError" in tries.stream(), \
+            tries.stream()
+    finally:
+        kernel.execute("flows['stop'] = True\ntcp.close(); udp.close()")

@@ -107,3 +107,17 @@ def test_forbidden_destination_has_a_disabled_allow_button(kernel):
     buttons = [s for s in panel.models.values() if s.get("_model_name") == "ButtonModel" and s.get("description") == "Allow"]
     assert buttons and all(b["disabled"] for b in buttons)
     assert "always blocked" in buttons[0]["tooltip"]
+
+
+def test_a_flood_of_blocked_reports_redraws_the_panel_a_few_times(kernel):
+    """500 destinations in one cell: the panel gets its rows in batches (and at most
+    MAX_BLOCKED_ROWS of them), not a redraw and three new widgets per destination."""
+    Panel(kernel, kernel.execute("%sandbox policy"))
+    cell = kernel.execute(
+        "import gc\nagent = next(o for o in gc.get_objects() if type(o).__name__ == 'Agent')\n"
+        "for i in range(500):\n    agent.send({'type': 'blocked', 'id': agent.cell_id, 'record': "
+        "{'ip': f'10.231.{i // 250}.{i % 250 + 1}', 'port': 443, 'protocol': 'tcp', 'verdict': 'dropped'}})")
+    comms = [o for o in cell.outputs if o["msg_type"].startswith("comm_")]
+    assert 0 < len(comms) < 200, len(comms)
+    rows = [o for o in comms if o["msg_type"] == "comm_open" and o["content"]["data"]["state"].get("_model_name") == "HBoxModel"]
+    assert len(rows) <= 20

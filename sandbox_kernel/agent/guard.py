@@ -8,6 +8,12 @@ remembers which hostname each address came from, so notices can name hosts.
 
 Advisory only: the network (nftables, NetworkPolicy) is the enforcer. The guard never
 allows anything the network blocks, and user code that disables it gains nothing.
+
+The kernel does not believe the guard (it runs next to the code it watches, so its reports
+could be forged). So that a refused connection still gets a notice the kernel can verify,
+the guard lets the network see the attempt: one packet to the same destination (a SYN it
+abandons at once, or an empty datagram), which the enforcer refuses and logs. The record
+names that packet's source port (``attempt``), so the kernel counts the two reports once.
 Standard library only (runs inside the sandbox).
 """
 
@@ -26,6 +32,8 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
 
 #: set to False to turn the guard off (enforcement does not change)
 enabled = True
+#: the guard's own witness packet is being sent (this thread): the hook lets it through
+_witnessing = threading.local()
 
 
 class Guard:
@@ -136,6 +144,8 @@ class Guard:
         __tracebackhide__ = True  # noqa: F841 - IPython leaves the guard's frames out of tracebacks
         if event not in ("socket.connect", "socket.sendto", "socket.getaddrinfo") or not enabled:
             return
+        if getattr(_witnessing, "active", False):
+            return
         if event == "socket.getaddrinfo":
             host = args[0]
             if isinstance(host, bytes):
@@ -169,6 +179,10 @@ class Guard:
             "process": {"name": _process_name(), "pid": os.getpid()},
             "first_seen": now, "last_seen": now, "count": 1,
         }
+        if ip is not None and isinstance(port, int):
+            attempt = witness(ip, port, proto)
+            if attempt is not None:
+                record["attempt"] = attempt
         try:
             self._report(record)
         except Exception:  # noqa: BLE001 - reporting must never change the outcome
@@ -179,6 +193,32 @@ class Guard:
         if lookup:
             raise socket.gaierror(socket.EAI_NONAME, f"DNS lookup refused: {message}")
         raise ConnectionRefusedError(errno.ECONNREFUSED, message)
+
+
+def witness(ip: str, port: int, proto: str) -> str | None:
+    """Send the one packet that lets the enforcer see a refused attempt: a SYN abandoned at
+    once (non-blocking connect, then close) or an empty datagram. Returns the attempt's id
+    as the enforcer's log names it (``tcp:<source port>``), None when it has none."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    _witnessing.active = True
+    try:
+        with socket.socket(family, kind) as sock:
+            sock.setblocking(False)
+            if kind == socket.SOCK_DGRAM:
+                try:
+                    sock.sendto(b"", (ip, port))
+                except OSError:
+                    pass  # EPERM: the rules refused it, which is what was to be logged
+                return None
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            source = sock.getsockname()[1]
+            sock.connect_ex((ip, port))
+            return f"tcp:{source}"
+    except OSError:
+        return None
+    finally:
+        _witnessing.active = False
 
 
 def _is_literal(host: str) -> bool:

@@ -23,14 +23,17 @@ Agent → kernel
 ``error``          {id, ename, evalue, traceback: [str]}
 ``input_request``  {id, prompt, password}
 ``blocked``        {id, record} — a connection the guard or watcher saw blocked
-``done``           {id, status: ok|error, exit_status, duration_ms, execution_count,
-                    payload, user_expressions}
+``done``           {id, nonce, status: ok|error, exit_status, duration_ms, execution_count,
+                    payload, user_expressions} — ``nonce`` is the one of the ``execute`` it ends
 ``reply``          {id, content} — answer to complete / inspect / is_complete
 ``pong``           {id}
 
 Kernel → agent
 --------------
-``execute``        {id, code, silent, store_history, user_expressions, allow_stdin}
+``execute``        {id, nonce, code, silent, store_history, user_expressions, allow_stdin}
+                   (``nonce``: a fresh secret per cell that the agent's ``done`` echoes, so a
+                   ``done`` written by other code in the sandbox is told apart; see
+                   docs/security.md for what it does and does not prove)
 ``input_reply``    {id, value} (value ``None`` means the user interrupted)
 ``interrupt``      {} — raise KeyboardInterrupt in the running cell and its processes
 ``complete``       {id, code, cursor_pos}
@@ -48,6 +51,11 @@ After a dropped stream the kernel re-attaches, sends ``resume {client, since: <l
 seq it received>}`` and resends its frames the agent has not
 acknowledged; each side drops what it already has by ``seq``. Nothing in flight is lost.
 
+Errors: a frame the kernel cannot decode or check (bad JSON, nesting too deep, a wrong field
+type, a frame longer than :data:`MAX_FRAME`, a stream that ends inside a frame) is a protocol
+error. The kernel does not guess what a broken stream meant: it ends that sandbox, says so in
+plain words, and starts a fresh one for the next cell.
+
 Exit status (the contract the kernel relies on): 0 when a cell completed, 1 when it
 raised, ``n`` for ``SystemExit(n)``, and for a cell whose last action was a shell
 command (``!cmd``, ``%%bash``) that command's exit status.
@@ -57,7 +65,7 @@ from __future__ import annotations
 
 import json
 
-VERSION = 1
+VERSION = 2  # 2: execute/done carry the cell's nonce
 MAX_FRAME = 16 * 1024 * 1024
 STREAM_CHUNK = 64 * 1024
 
@@ -114,6 +122,9 @@ def decode(line: bytes, allowed: frozenset[str]) -> dict:
         frame = json.loads(line.decode("utf-8", "surrogatepass"))
     except (UnicodeDecodeError, ValueError) as err:
         raise FrameError(f"not a JSON frame: {err}") from None
+    except RecursionError:
+        # b"[" * 200000: json's decoder recurses once per level
+        raise FrameError("not a JSON frame: nested too deeply") from None
     if not isinstance(frame, dict):
         raise FrameError(f"frame is a {type(frame).__name__}, not an object")
     kind = frame.get("type")
@@ -134,12 +145,12 @@ _AGENT_FIELDS: dict[str, dict[str, tuple]] = {
     "error": {"ename": (str,), "evalue": (str,), "traceback": (list,)},
     "input_request": {"prompt": (str,), "password": (bool, type(None))},
     "blocked": {"record": (dict,)},
-    "done": {"status": (str,), "exit_status": (int,), "duration_ms": _NUMBER,
+    "done": {"nonce": (str, type(None)), "status": (str,), "exit_status": (int,), "duration_ms": _NUMBER,
              "payload": (list, type(None)), "user_expressions": (dict, type(None))},
     "reply": {"content": (dict,)},
     "pong": {},
 }
-_OPTIONAL = {"metadata", "transient", "update", "wait", "password", "payload", "user_expressions"}
+_OPTIONAL = {"nonce", "metadata", "transient", "update", "wait", "password", "payload", "user_expressions"}
 
 
 def check_agent_frame(frame: dict) -> dict:

@@ -317,6 +317,9 @@ class Agent:
         code = frame.get("code")
         if not isinstance(code, str):
             code = ""
+        # a local, not an attribute, and taken out of the frame: code in the cell has to dig
+        # through the interpreter's frames to find it (see docs/security.md for the limits)
+        nonce = frame.pop("nonce", None)
         self.cell_id = frame.get("id")
         self.allow_stdin = bool(frame.get("allow_stdin", False))
         self.shell_status = None
@@ -354,7 +357,7 @@ class Agent:
         if exit_status != 0:
             status = "error"
         reap_forgotten_children()
-        self.send({"type": "done", "id": self.cell_id, "status": status, "exit_status": exit_status,
+        self.send({"type": "done", "id": self.cell_id, "nonce": nonce, "status": status, "exit_status": exit_status,
                    "duration_ms": round((time.perf_counter() - start) * 1000, 3),
                    "execution_count": count, "payload": self.payload, "user_expressions": user_expressions})
         self.cell_id = None

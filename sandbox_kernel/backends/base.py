@@ -123,6 +123,10 @@ class Backend(LoggingConfigurable):
     #: the policy says. ``None``: the backend's own default.
     always_blocked: list[str] | None = None
 
+    #: networks the backend's own plumbing uses (CIDR -> what it is), which no policy may open;
+    #: the kernel adds them to its ceiling so an entry inside them is refused with the reason
+    reserved_ranges: dict[str, str] = {}
+
     #: True when something behind the backend (the hub service) judges every policy change
     #: against the ceiling itself, so the kernel only advises and never refuses on its own
     enforces_ceiling: bool = False
@@ -165,8 +169,9 @@ class Backend(LoggingConfigurable):
         raise NotImplementedError
 
     async def interrupt(self) -> None:
-        """Interrupt the running cell out of band, if the backend can (the in-band
-        ``interrupt`` frame is sent by the Session as well)."""
+        """Interrupt the running cell out of band, if the backend can. The Session calls
+        it only when the in-band ``interrupt`` frame could not be sent: the agent acts on
+        every interrupt it gets, so sending both interrupted a cell twice."""
         raise NotImplementedError
 
     async def exit_reason(self) -> str:

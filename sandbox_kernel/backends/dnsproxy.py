@@ -12,7 +12,9 @@ outside the sandbox. For each query it decides with the policy in force:
 - any other name gets REFUSED at once, and is reported as a blocked lookup (a notice).
 
 This also closes the simplest DNS exfiltration path: names outside the policy never reach
-an outside resolver. Queries come over UDP and TCP (a client retries over TCP when a UDP
+an outside resolver. The sandbox cannot make the proxy (a task of the kernel process) hold
+more than :data:`MAX_INFLIGHT` upstream queries at once: past that, a query is dropped (the
+client retries), so a flood against a slow upstream costs neither descriptors nor memory. Queries come over UDP and TCP (a client retries over TCP when a UDP
 answer was truncated); each is forwarded upstream over the transport it came on.
 """
 
@@ -32,6 +34,7 @@ from .netns import in_netns
 LISTEN = ("127.0.0.53", 53)
 TCP_IDLE = 10.0  # seconds a TCP client may keep a connection without a query
 TCP_MAX_CLIENTS = 64
+MAX_INFLIGHT = 64  # upstream queries (UDP and TCP) waiting for an answer at once
 RCODE_REFUSED = 5
 TYPE_A, TYPE_AAAA = 1, 28
 
@@ -76,6 +79,24 @@ def parse_question(query: bytes) -> tuple[int, str, int]:
     return qid, name, qtype
 
 
+def bind_here() -> tuple[socket.socket, socket.socket]:
+    """The proxy's UDP and TCP sockets on :data:`LISTEN` in the calling thread's namespace."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        udp.bind(LISTEN)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(LISTEN)
+        tcp.listen(16)
+    except BaseException:
+        udp.close()
+        tcp.close()
+        raise
+    udp.setblocking(False)
+    tcp.setblocking(False)
+    return udp, tcp
+
+
 def refused(query: bytes) -> bytes:
     """A REFUSED answer to ``query`` (same id and question, no records)."""
     qid, flags = struct.unpack("!HH", query[:4])
@@ -98,26 +119,19 @@ class DnsProxy(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._tcp_clients: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self.inflight = 0  # upstream queries waiting for an answer
+        self.shed = 0  # queries dropped because MAX_INFLIGHT were in flight
 
     @classmethod
-    async def start(cls, netns_path: str, **kwargs) -> DnsProxy:
-        def bind() -> tuple[socket.socket, socket.socket]:
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                udp.bind(LISTEN)
-                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                tcp.bind(LISTEN)
-                tcp.listen(16)
-            except BaseException:
-                udp.close()
-                tcp.close()
-                raise
-            udp.setblocking(False)
-            tcp.setblocking(False)
-            return udp, tcp
-
-        udp, tcp = await asyncio.to_thread(in_netns, netns_path, bind)
+    async def start(cls, netns_path: str | None, *, sockets: tuple[socket.socket, socket.socket] | None = None,
+                    **kwargs) -> DnsProxy:
+        """Listen in the namespace at ``netns_path``, or on ``sockets`` made there already
+        (:func:`bind_here`, run by the rootless backend's helper)."""
+        if sockets is None:
+            assert netns_path is not None
+            sockets = await asyncio.to_thread(in_netns, netns_path, bind_here)
+        udp, tcp = sockets
         proxy = cls(**kwargs)
         try:
             await asyncio.get_running_loop().create_datagram_endpoint(lambda: proxy, sock=udp)
@@ -139,11 +153,33 @@ class DnsProxy(asyncio.DatagramProtocol):
         if self._tcp is not None:
             self._tcp.close()
             self._tcp = None
-        for task in list(self._tcp_clients):
+        for task in list(self._tcp_clients) + list(self._tasks):
             task.cancel()
 
     def datagram_received(self, data: bytes, addr) -> None:
-        asyncio.ensure_future(self._answer_udp(data, addr))
+        # a refusal is answered here and now; only an allowed name becomes a task, and only
+        # while fewer than MAX_INFLIGHT are waiting for the upstream
+        try:
+            _, name, _ = parse_question(data)
+        except DNSFormatError:
+            return
+        if not self.decide(name)[0]:
+            response = self._refuse(data, name)
+            if self._transport is not None:
+                self._transport.sendto(response, addr)
+            return
+        if len(self._tasks) >= MAX_INFLIGHT:
+            self._shed()
+            return
+        task = asyncio.ensure_future(self._answer_udp(data, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _shed(self) -> None:
+        self.shed += 1
+        if self.shed in (1, 1000) or self.shed % 100_000 == 0:
+            self._log.warning("DNS proxy: %d queries dropped, %d already waiting for the upstream",
+                              self.shed, MAX_INFLIGHT)
 
     async def _answer_udp(self, query: bytes, addr) -> None:
         response = await self._answer(query, self._forward)
@@ -189,21 +225,23 @@ class DnsProxy(asyncio.DatagramProtocol):
     async def _answer(self, query: bytes, forward: Callable[[bytes], Any]) -> bytes | None:
         """The response to relay (None: none, e.g. a malformed query or upstream down)."""
         try:
-            qid, name, qtype = parse_question(query)
+            _, name, qtype = parse_question(query)
         except DNSFormatError:
             return None
         allowed, entries = self.decide(name)
         if not allowed:
-            now = time.time()
-            self._report({"host": name, "ip": None, "port": None, "protocol": "dns", "verdict": "rejected",
-                          "process": None, "first_seen": now, "last_seen": now, "count": 1,
-                          "attempt": f"dns:{qid}:{qtype}"})
-            return refused(query)
+            return self._refuse(query, name)
+        if self.inflight >= MAX_INFLIGHT:
+            self._shed()
+            return None
+        self.inflight += 1
         try:
             response = await forward(query)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as err:
             self._log.warning("DNS upstream %s failed for %s: %s", self._upstream, name, err)
             return None
+        finally:
+            self.inflight -= 1
         if entries and qtype in (TYPE_A, TYPE_AAAA):
             try:
                 answer = parse_response(response)
@@ -217,6 +255,15 @@ class DnsProxy(asyncio.DatagramProtocol):
                 except Exception as err:  # noqa: BLE001 - the answer still goes out; connect is refused
                     self._log.warning("could not open %s for %s: %s", addresses, name, err)
         return response
+
+    def _refuse(self, query: bytes, name: str) -> bytes:
+        """REFUSED for a name outside the policy, reported as a blocked lookup."""
+        qid, _, qtype = parse_question(query)
+        now = time.time()
+        self._report({"host": name, "ip": None, "port": None, "protocol": "dns", "verdict": "rejected",
+                      "process": None, "first_seen": now, "last_seen": now, "count": 1,
+                      "attempt": f"dns:{qid}:{qtype}"})
+        return refused(query)
 
     async def _forward(self, query: bytes) -> bytes:
         loop = asyncio.get_running_loop()

@@ -42,7 +42,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Dict, Float, List, Unicode, default
 
 from ..agent import protocol
-from ..config import env_default
+from ..config import env_default, parse_duration
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from . import objects
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
@@ -1031,17 +1031,32 @@ class ExecTransport(LineTransport):
         reader = asyncio.StreamReader(limit=protocol.MAX_FRAME + 1)
         super().__init__(reader, _ExecWriter(ws))
         self._client = secrets.token_hex(8)  # names this transport's numbering to the agent
-        # before any other frame: a new client, which gets what no client was sent yet
-        ws.write_stdin(protocol.encode({"type": "resume", "client": self._client, "since": None}))
+        # Before any other frame: a new client, which gets what no client was sent yet. The
+        # reader thread writes it (a websocket write blocks when the stream is slow, and
+        # nothing may block the event loop); sends wait for it as they wait for a re-attach.
+        self._writer.reattaching.set()
         self._thread = threading.Thread(target=self._pump, daemon=True, name="sandbox-exec-reader")
         self._thread.start()
 
     def _feed(self, data: bytes) -> None:
         self.loop.call_soon_threadsafe(self._reader.feed_data, data)
 
+    def _greet(self) -> bool:
+        """Write the opening ``resume`` frame (reader thread); False when the stream is dead."""
+        try:
+            self.ws.write_stdin(protocol.encode({"type": "resume", "client": self._client, "since": None}))
+            return True
+        except Exception as err:  # noqa: BLE001 - websocket-client raises several types
+            self.log.info("the exec stream failed at once: %s", err)
+            return False
+        finally:
+            self._writer.reattaching.clear()
+
     def _pump(self) -> None:
         partial = b""
         try:
+            if not self._greet():
+                return
             while True:
                 ws = self.ws
                 try:
@@ -1163,7 +1178,8 @@ class ExecTransport(LineTransport):
 
 # --- garbage collection ---------------------------------------------------------------------
 
-def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now: float | None = None) -> list[str]:
+def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now: float | None = None,
+       config=None) -> list[str]:
     """Remove orphans by label and age; return what was removed ("pods ns/name", …).
 
     Called by ``sandbox-kernel gc`` (a CronJob in the Helm chart). Removes sandbox pods
@@ -1173,8 +1189,10 @@ def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now:
     """
     from kubernetes import client
 
-    # enforcers: given, else the configured ones (SANDBOX_KERNEL_K8S_ENFORCERS)
-    backend = KubernetesBackend(enforcers=enforcers) if enforcers else KubernetesBackend()
+    # settings from the kernels' config files (``config``), enforcers given on the command
+    # line win over the configured ones (c.KubernetesBackend.enforcers, SANDBOX_KERNEL_K8S_ENFORCERS)
+    extra = {"enforcers": enforcers} if enforcers else {}
+    backend = KubernetesBackend(config=config, **extra) if config is not None else KubernetesBackend(**extra)
     if api_client is not None:
         backend._api_client = api_client
     api = backend.api_client()
@@ -1223,18 +1241,8 @@ def gc(max_age: float, api_client=None, enforcers: list[str] | None = None, now:
     return removed
 
 
-def parse_duration(text: str | float) -> float:
-    """``"1h"``, ``"30m"``, ``"90s"``, ``"2d"``, ``"86400"`` → seconds. ValueError otherwise."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(text))
-    if not m:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 3600, 90s, 30m, 1h, 2d)")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
 def gc_command(max_age: str | float = "24h", enforcers: list[str] | None = None, api_client=None,
-               out: Callable[[str], None] = print) -> int:
+               out: Callable[[str], None] = print, config=None) -> int:
     """``sandbox-kernel gc --backend kubernetes [--max-age 1h]`` (the Helm chart's CronJob).
 
     Prints one ``removed …`` line per object; returns 0, or 1 with the reason when the
@@ -1245,7 +1253,7 @@ def gc_command(max_age: str | float = "24h", enforcers: list[str] | None = None,
         out(f"sandbox-kernel gc: {err}")
         return 2
     try:
-        removed = gc(seconds, api_client=api_client, enforcers=enforcers)
+        removed = gc(seconds, api_client=api_client, enforcers=enforcers, config=config)
     except SandboxError as err:
         out(f"sandbox-kernel gc: {err}")
         return 1

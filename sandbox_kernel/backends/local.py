@@ -11,8 +11,9 @@ How a local sandbox is built (all undone by :meth:`LocalBackend.stop`, and by
    the namespace a route out through the host's own sockets: no veth, no NAT rule and
    no ``ip_forward`` change on the host. Host loopback is not reachable through it;
 4. the agent runs under bubblewrap inside the namespace: read-only system directories,
-   a private ``/tmp``, a private writable working directory, its own PID/IPC/UTS
-   namespaces, no capabilities, an unprivileged uid, and it dies with the kernel.
+   a private ``/tmp``, a private writable working directory, its own user (``userns.py``),
+   PID, IPC and UTS namespaces, no capabilities, an unprivileged uid, a seccomp filter
+   (``seccomp.py``), and it dies with the kernel.
 
 The kernel process must run as root (it creates namespaces and nftables rules); the
 code in the sandbox never does.
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Enum, Integer, List, Unicode, default
+from traitlets import Bool, Enum, Integer, List, Unicode, default
 
 from ..agent import protocol
 from ..agent.bundle import build_pyz
@@ -41,17 +42,28 @@ from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ..policy.compile_nftables import compile_nftables
 from ..policy.resolve import resolve_policy
-from . import limits, nflog
+from . import limits, nflog, rootless, seccomp, sockowner, userns
 from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
 from .dnsproxy import DnsProxy, upstream_from_resolv_conf
+from .enforcerlog import EnforcerLogProcess
 
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "sbx-"
 NFT_TABLE = "sandbox_kernel"
 #: the sandbox's resolver: the kernel's DNS proxy, listening on the sandbox's own loopback
 SANDBOX_RESOLVER = "127.0.0.53"
+#: most lookups of a refused packet's sender a second (sockowner.py); beyond, notices name no process
+OWNER_LOOKUPS_PER_S = 200
 SANDBOX_HOME = "/home/sandbox"
 AGENT_PATH = "/opt/sandbox-agent/agent.pyz"
+#: the uplink's own networks (slirp4netns: gateway .2 = the host, resolver .3, the sandbox .100;
+#: IPv6 fd00::/64 likewise). The kernel needs none of them from inside the sandbox (its DNS
+#: proxy forwards from the host side), so no policy may open them: they are always blocked.
+UPLINK_CIDR = "10.0.2.0/24"
+UPLINK_RANGES = {
+    UPLINK_CIDR: "the sandbox's uplink: slirp4netns's gateway to the host and its DNS forwarder",
+    "fd00::/64": "the sandbox's IPv6 uplink (slirp4netns)",
+}
 
 
 def _signal_name(num: int) -> str:
@@ -94,15 +106,43 @@ class LocalBackend(Backend):
     """Sandboxes on this machine: netns + nftables + bubblewrap."""
 
     name = "local"
+    reserved_ranges = UPLINK_RANGES
 
     state_dir = Unicode(
-        help="Where sandbox state lives (owner records, working directories). "
-        "Env: SANDBOX_KERNEL_STATE_DIR."
+        help="Where sandbox state lives (owner records, working directories). Default: "
+        "/run/sandbox-kernel; rootless: $XDG_RUNTIME_DIR/sandbox-kernel (or /tmp/sandbox-kernel-UID/"
+        "sandbox-kernel). Env: SANDBOX_KERNEL_STATE_DIR."
     ).tag(config=True)
 
     @default("state_dir")
     def _state_dir_default(self):
+        if self.rootless:
+            runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandbox-kernel-{os.geteuid()}"
+            return env_default("SANDBOX_KERNEL_STATE_DIR", os.path.join(runtime, "sandbox-kernel"))
         return env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel")
+
+    rootless = Bool(
+        help="Run without root (prototype): the kernel creates each sandbox's user and network "
+        "namespaces as its own user, programs nftables and reads NFLOG inside them, and starts "
+        "the agent under bubblewrap in a further user namespace. No cgroups: pids_limit becomes "
+        "an RLIMIT_NPROC counted in the sandbox's namespace, memory_limit and work_size do not "
+        "apply; allowlists need a /dev/net/tun the user may open (slirp4netns), else only deny "
+        "is enforced. Env: SANDBOX_KERNEL_ROOTLESS (true/false)."
+    ).tag(config=True)
+
+    tun_device = Unicode(
+        help="Rootless mode, when /dev/net/tun is closed to the Jupyter user: a tun device node "
+        "the administrator made for that user (mknod PATH c 10 200; chown USER PATH), which "
+        "slirp4netns then uses. Env: SANDBOX_KERNEL_TUN_DEVICE."
+    ).tag(config=True)
+
+    @default("tun_device")
+    def _tun_device_default(self):
+        return env_default("SANDBOX_KERNEL_TUN_DEVICE", "")
+
+    @default("rootless")
+    def _rootless_default(self):
+        return env_default("SANDBOX_KERNEL_ROOTLESS", "false").lower() in ("1", "true", "yes")
 
     python = Unicode(
         help="The Python interpreter that runs the agent inside the sandbox (its install "
@@ -193,7 +233,17 @@ class LocalBackend(Backend):
         value = env_default("SANDBOX_KERNEL_REFUSE_WITH", "reject")
         return value if value in ("reject", "drop") else "reject"
 
+    @property
+    def always_blocked(self) -> list[str]:
+        """The ceiling's ranges (set by the kernel; else the default ones) and the uplink's own."""
+        return [*(self._always_blocked or _default_blocked()), *UPLINK_RANGES]
+
+    @always_blocked.setter
+    def always_blocked(self, ranges: list[str] | None) -> None:
+        self._always_blocked = list(ranges) if ranges else None
+
     def __init__(self, **kwargs: Any):
+        self._always_blocked: list[str] | None = None
         super().__init__(**kwargs)
         self._sandbox_id: str | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -203,29 +253,48 @@ class LocalBackend(Backend):
         self._applied: dict[str, Any] = {}
         self._uplink: subprocess.Popen | None = None
         self._nflog = None
+        #: (protocol, src, sport) -> (when, process) of refused packets' senders, and the lookup budget
+        self._owners: dict[tuple, tuple[float, dict | None]] = {}
+        self._owner_budget: tuple[float, int] = (0.0, 0)
+        self._diag: sockowner.SocketDiag | None = None
+        self._nflog_sock = None
         self._refresh: asyncio.Task | None = None
         self._dns: DnsProxy | None = None
         self._policy: Any = None
         self._cgroup: limits.SandboxCgroup | None = None
-        #: set by the kernel from its AdminPolicy: ranges no policy may open
-        self.always_blocked: list[str] = []
         self._uplink_exit_fd: int | None = None
+        #: wildcard set name -> addresses the DNS proxy opened in it
+        self._learned: dict[str, set[str]] = {}
+        #: rootless mode: the namespaces the kernel's own user created
+        self._ns: rootless.RootlessNamespaces | None = None
 
     # -- checks -------------------------------------------------------------------
     def check(self) -> None:
         missing = []
         if not sys.platform.startswith("linux"):
             raise IsolationUnavailable([f"the local backend needs Linux (this is {sys.platform})"])
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 and not self.rootless:
             missing.append(
                 "root privileges: the kernel creates network namespaces and nftables rules "
-                "(run Jupyter as root, or use the kubernetes backend)"
+                "(run Jupyter as root, set c.LocalBackend.rootless = True, or use the kubernetes backend)"
             )
-        for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("bwrap", "bubblewrap"),
-                              ("nsenter", "util-linux"), ("setpriv", "util-linux"),
-                              ("slirp4netns", "slirp4netns")):
+        tools = [("ip", "iproute2"), ("nft", "nftables"), ("bwrap", "bubblewrap"), ("nsenter", "util-linux"),
+                 ("unshare", "util-linux"), ("slirp4netns", "slirp4netns")]
+        if self.rootless:
+            tools.append(("prlimit", "util-linux"))
+        else:
+            tools.append(("setpriv", "util-linux"))
+        for tool, package in tools:
             if shutil.which(tool) is None:
                 missing.append(f"the `{tool}` command: apt-get install {package}")
+        if self.rootless and not missing and shutil.which("unshare"):
+            probe = _run(["unshare", "--user", "--map-root-user", "--net", "true"], check=False)
+            if probe.returncode != 0:
+                missing.append("unprivileged user namespaces (rootless mode creates one per sandbox): "
+                               f"`unshare --user --net` said: {probe.stderr.strip()} (sysctl "
+                               "user.max_user_namespaces, kernel.apparmor_restrict_unprivileged_userns)")
+        if not seccomp.available():
+            missing.append("libseccomp, which builds the sandbox's seccomp filter: apt-get install libseccomp2")
         if not os.path.exists(self.python):
             missing.append(f"the sandbox interpreter {self.python} (c.LocalBackend.python)")
         if missing:
@@ -249,6 +318,8 @@ class LocalBackend(Backend):
             self._listen_enforcer_log()
             await self._start_dns(policy)
             await self._spawn_agent()
+            if isinstance(self._nflog, EnforcerLogProcess):  # while the agent starts
+                await self._nflog.wait_ready()
         except BaseException as err:
             await self.stop()
             if isinstance(err, (SandboxStartError, PolicyError)):
@@ -264,7 +335,7 @@ class LocalBackend(Backend):
             backend=self.name,
             sandbox_id=self._sandbox_id,
             details={
-                "netns": self.netns,
+                "netns": self._netns_path if self._ns is not None else self.netns,
                 "enforcer": "nftables",
                 "workdir": str(self._dir() / "work"),
                 "start_ms": round((time.monotonic() - started) * 1000, 1),
@@ -278,12 +349,13 @@ class LocalBackend(Backend):
         Path(self.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # host users must not walk into sandboxes' files
         (root / "work").mkdir(parents=True)
-        work_size = limits.parse_size(self.work_size)
+        work_size = 0 if self.rootless else limits.parse_size(self.work_size)
         if work_size:
             # bounded: a cell filling its disk fills this, not the host's
             _run(["mount", "-t", "tmpfs", "-o", f"size={work_size},mode=0755,nosuid,nodev",
                   "sandbox-work", str(root / "work")])
-        os.chown(root / "work", self.uid, self.uid)
+        if not self.rootless:  # rootless: the kernel's user is the sandbox's uid outside
+            os.chown(root / "work", self.uid, self.uid)
         # 0755: bwrap enters it (as root without capabilities) after dropping privileges
         os.chmod(root / "work", 0o755)
         (root / "agent.pyz").write_bytes(build_pyz())
@@ -299,6 +371,8 @@ class LocalBackend(Backend):
             f"# names the egress policy allows\nnameserver {SANDBOX_RESOLVER}\noptions timeout:2 attempts:1\n")
         self._cgroup = limits.SandboxCgroup(self._sandbox_id)
         memory, pids = limits.parse_size(self.memory_limit), self.pids_limit
+        if self.rootless:  # cgroups are not delegated to an unprivileged user here
+            memory = pids = 0
         if memory or pids:
             try:
                 self._cgroup.create(memory, pids)
@@ -309,11 +383,31 @@ class LocalBackend(Backend):
                 ) from None
         else:
             self._cgroup = None
-        _run(["ip", "netns", "add", self.netns])
-        _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        if self.rootless:
+            self._ns = rootless.RootlessNamespaces()
+            self._ns.create()
+        else:
+            _run(["ip", "netns", "add", self.netns])
+        _run([*self._in_netns(), "ip", "link", "set", "lo", "up"])
         # rules first: the uplink must never be up without the policy in force
         self._apply_rules(self._ruleset(policy))
         self._start_uplink()
+        if self._ns is not None and self._uplink is None and policy is not None and policy.mode == "allowlist":
+            raise SandboxStartError(
+                "the sandbox's policy is an allowlist but it has no way out: rootless mode needs a tun "
+                "device the Jupyter user may open for slirp4netns (/dev/net/tun at mode 0666, or "
+                "c.LocalBackend.tun_device)")
+
+    @property
+    def _netns_path(self) -> str:
+        return self._ns.net_path if self._ns is not None else str(NETNS_DIR / self.netns)
+
+    def _in_netns(self) -> list[str]:
+        """The argv prefix that runs a command in the sandbox's network namespace with the
+        rights to change it."""
+        if self._ns is not None:
+            return self._ns.enter()
+        return ["ip", "netns", "exec", self.netns]
 
     def _start_uplink(self) -> None:
         """Give the namespace a route out through slirp4netns (userspace, no host changes).
@@ -322,13 +416,32 @@ class LocalBackend(Backend):
         makes refused connections fail fast and be logged (no route = no packet = no notice).
         slirp4netns exits when the kernel dies: it watches the read end of a pipe we hold.
         """
+        slirp = ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+                 # --disable-dns: the sandbox resolves through the kernel's DNS proxy only, never
+                 # through slirp4netns's forwarder at 10.0.2.3 (which would ask the host's resolver)
+                 "--disable-dns", f"--cidr={UPLINK_CIDR}", "--enable-ipv6"]
+        if self._ns is not None:
+            command = self._ns.uplink_argv(slirp, self.tun_device)
+        else:
+            command = [*slirp, "--netns-type=path", self._netns_path, "tap0"]
+        if command is None:
+            # no uplink: a route to nowhere, so refused packets still cross the rules and are logged
+            # (a veth pair with both ends inside: the dummy module may not be loaded, and an
+            # unprivileged user cannot load it)
+            for argv in (["ip", "link", "add", "nowhere0", "type", "veth", "peer", "name", "nowhere1"],
+                         ["ip", "addr", "add", "10.0.2.100/24", "dev", "nowhere0"],
+                         ["ip", "link", "set", "nowhere0", "up"],
+                         ["ip", "link", "set", "nowhere1", "up"],
+                         ["ip", "route", "add", "default", "dev", "nowhere0"],
+                         ["ip", "-6", "route", "add", "default", "dev", "nowhere0"]):
+                _run([*self._in_netns(), *argv])
+            return
         ready_r, ready_w = os.pipe()
         exit_r, exit_w = os.pipe()
         try:
+            tail = command.index("--netns-type=path")
             self._uplink = subprocess.Popen(
-                ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
-                 "--enable-ipv6", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
-                 "--netns-type=path", str(NETNS_DIR / self.netns), "tap0"],
+                [*command[:tail], f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", *command[tail:]],
                 pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
             )
@@ -347,29 +460,79 @@ class LocalBackend(Backend):
     def _listen_enforcer_log(self) -> None:
         """Read the packets our nftables rules refuse (NFLOG) and report them as notices."""
         try:
-            sock = nflog.open_in_netns(str(NETNS_DIR / self.netns), self.nflog_group)
+            if self._ns is not None:
+                (sock,) = self._ns.sockets("nflog", str(self.nflog_group), count=1)
+            else:
+                sock = nflog.open_in_netns(self._netns_path, self.nflog_group)
         except OSError as err:
             self.log.warning("no enforcer log for sandbox %s: %s", self._sandbox_id, err)
             return
-        self._nflog = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_nflog)
+        diag = None
+        try:
+            diag = sockowner.SocketDiag.open(self._netns_path)
+        except OSError as err:  # senders are then found from /proc/net alone (slower)
+            self.log.warning("no socket lookups in sandbox %s: %s", self._sandbox_id, err)
+        self._nflog_sock, self._diag = sock, diag
+        cgroups = sorted({str(d) for d in self._cgroup.dirs.values()}) if self._cgroup is not None else []
+        try:
+            self._nflog = EnforcerLogProcess(sock, diag.sock if diag else None, self._netns_path,
+                                             cgroups, asyncio.get_running_loop(), self._deliver_packet,
+                                             self._read_log_here, self.log)
+        except OSError as err:
+            self.log.warning("no enforcer log reader process for sandbox %s: %s", self._sandbox_id, err)
+            self._read_log_here()
 
-    def _on_nflog(self) -> None:
-        sock = self._nflog
-        if sock is None:
+    def _read_log_here(self) -> None:
+        """Read the enforcer's log in the kernel (a thread): the reader process could not run."""
+        if self._nflog_sock is None:
             return
-        while True:
-            try:
-                data = sock.recv(1 << 16)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:  # ENOBUFS: the kernel dropped log messages; keep reading
-                self.log.debug("NFLOG read: %s", err)
-                return
-            for packet in nflog.parse(data):
-                record = enforcer_record(packet, "dropped" if self.refuse_with == "drop" else "rejected")
-                if record is not None and self.blocked_sink is not None:
-                    self.blocked_sink(record)
+        self._nflog = nflog.LogReader(self._nflog_sock, asyncio.get_running_loop(), self._with_senders,
+                                      lambda item: self._deliver_packet(*item), self.log)
+
+    def _with_senders(self, packets: list[nflog.LoggedPacket]) -> list[tuple]:
+        """Each packet of one NFLOG read with the process that sent it (in the reader's thread)."""
+        pids = None
+        items = []
+        for packet in packets:
+            if pids is None:  # once per read: the packets of one read come from the same moment
+                pids = sockowner.sandbox_pids(
+                    sorted({str(d) for d in self._cgroup.dirs.values()}) if self._cgroup is not None else (),
+                    self._netns_path if self.netns else None)
+            items.append((packet, self._sender(packet, pids)))
+        return items
+
+    def _deliver_packet(self, packet: nflog.LoggedPacket, process: dict | None) -> None:
+        """A refused packet, and who sent it, as a blocked-connection record (on the loop)."""
+        record = enforcer_record(packet, "dropped" if self.refuse_with == "drop" else "rejected")
+        if record is not None:
+            record["process"] = process if isinstance(process, dict) else None
+            self._report_blocked(record)
+
+    def _report_blocked(self, record: dict) -> None:
+        if self.blocked_sink is not None:
+            self.blocked_sink(record)
+
+    def _sender(self, packet: nflog.LoggedPacket, pids: list[int]) -> dict | None:
+        """The sandbox process that sent a refused packet (sockowner.py), looked up at once: the
+        process may close the socket soon. Retransmissions of one attempt reuse the first answer,
+        and at most OWNER_LOOKUPS_PER_S lookups run a second (a flood of refusals stays cheap)."""
+        now = time.monotonic()
+        key = (packet.protocol, packet.src, packet.sport)
+        cached = self._owners.get(key)
+        if cached is not None and now - cached[0] < 10 and cached[1] is not None:
+            return cached[1]
+        window, count = self._owner_budget
+        if now - window >= 1:
+            window, count = now, 0
+        if count >= OWNER_LOOKUPS_PER_S:
+            return None
+        self._owner_budget = (window, count + 1)
+        found = sockowner.owner(pids, packet.protocol, packet.src, packet.sport, packet.dst, packet.dport,
+                                diag=self._diag)
+        if len(self._owners) > 1000:
+            self._owners.clear()
+        self._owners[key] = (now, found)
+        return found
 
     async def _start_dns(self, policy: Any) -> None:
         """The sandbox's resolver (see dnsproxy.py); without an upstream, nothing resolves."""
@@ -377,31 +540,42 @@ class LocalBackend(Backend):
         if not self.upstream_dns:
             self.log.warning("no upstream DNS resolver (c.LocalBackend.upstream_dns): names will not resolve")
         self._dns = await DnsProxy.start(
-            str(NETNS_DIR / self.netns), policy=lambda: self._policy,
+            self._netns_path, sockets=await self._dns_sockets(), policy=lambda: self._policy,
             upstream=self.upstream_dns or "127.0.0.1:9", add_addresses=self._add_addresses,
             report=lambda record: self.blocked_sink and self.blocked_sink(record), log=self.log)
+
+    async def _dns_sockets(self) -> Any:
+        """Rootless: the DNS proxy's sockets, made inside the namespaces (else None: the proxy
+        makes them itself)."""
+        if self._ns is None:
+            return None
+        return tuple(await asyncio.to_thread(self._ns.sockets, "dns", count=2))
 
     def _add_addresses(self, elements: list[tuple[str, str]]) -> None:
         """Open addresses a wildcard's names resolved to (runs in a worker thread)."""
         by_set: dict[str, list[str]] = {}
         for set_name, address in elements:
             by_set.setdefault(set_name, []).append(address)
-        script = "".join(f"add element inet {NFT_TABLE} {name} {{ {', '.join(sorted(set(addrs)))} }}\n"
-                         for name, addrs in by_set.items())
-        result = _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=script, check=False)
+        script = _add_elements_script(by_set)
+        result = _run([*self._in_netns(), "nft", "-f", "-"], input=script, check=False)
         if result.returncode != 0:
             raise PolicyError(f"nftables refused {script.strip()!r}: {result.stderr.strip()}")
+        for name, addrs in by_set.items():
+            self._learned.setdefault(name, set()).update(addrs)
 
     def drain_blocked(self) -> None:
-        self._on_nflog()
+        if self._nflog is not None:
+            self._nflog.drain()
 
     def _close_enforcer_log(self) -> None:
-        sock, self._nflog = self._nflog, None
+        reader, self._nflog = self._nflog, None
+        if reader is not None:
+            reader.close()
+        diag, self._diag = self._diag, None
+        if diag is not None:
+            diag.sock.close()
+        sock, self._nflog_sock = self._nflog_sock, None
         if sock is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(sock.fileno())
-            except RuntimeError:
-                pass
             sock.close()
 
     def _ruleset(self, policy: Any) -> tuple[str, dict]:
@@ -423,8 +597,14 @@ class LocalBackend(Backend):
     def _apply_rules(self, compiled: tuple[str, dict]) -> None:
         """Replace the whole table in one ``nft -f`` transaction: all or nothing."""
         ruleset, details = compiled
+        # a wildcard's addresses learned from DNS answers stay open while the wildcard is in
+        # the policy (every packet is judged by the new ruleset: without them a re-apply
+        # would cut its open connections); a revoked wildcard's set is gone, and so are they
+        self._learned = {name: addrs for name, addrs in self._learned.items()
+                         if f"\tset {name} {{" in ruleset}
+        ruleset += _add_elements_script(self._learned)
         started = time.monotonic()
-        result = _run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=ruleset, check=False)
+        result = _run([*self._in_netns(), "nft", "-f", "-"], input=ruleset, check=False)
         if result.returncode != 0:
             raise PolicyError(f"nftables refused the ruleset; the previous one stays in force: "
                               f"{result.stderr.strip()}")
@@ -450,12 +630,33 @@ class LocalBackend(Backend):
 
         self._refresh = asyncio.ensure_future(refresh())
 
-    def _bwrap_argv(self) -> list[str]:
+    def _bwrap_argv(self, fds: list[int]) -> list[str]:
+        """The command that starts the agent. ``fds[0]`` is the sandbox's user namespace
+        (:func:`userns.create`); the seccomp filter's descriptor is appended. The caller
+        passes them to the command and closes them."""
         root = self._dir()
         prefixes = _python_prefixes(self.python)
-        argv = [
-            "nsenter", f"--net={NETNS_DIR / self.netns}",
-            "bwrap",
+        seccomp_fd = seccomp.filter_fd()
+        fds.append(seccomp_fd)
+        if self._ns is not None:
+            # rootless: bwrap starts as root of the kernel's own namespaces and puts the code
+            # in a further user namespace (uid 65534 there, the kernel's user outside), with
+            # no capabilities and no way to create another one
+            argv = self._ns.enter()
+            if self.pids_limit:
+                # no cgroup: RLIMIT_NPROC, which bwrap's new user namespace records as its own
+                # ceiling, so it counts the sandbox's processes and threads only
+                argv += ["prlimit", f"--nproc={self.pids_limit}"]
+            argv += ["bwrap", "--unshare-user", "--uid", str(self.uid),
+                     "--gid", str(self.uid), "--disable-userns"]
+        else:
+            argv = [
+                # the network namespace first: joining it needs root of the host's user namespace
+                "nsenter", f"--net={NETNS_DIR / self.netns}",
+                "nsenter", f"--user=/proc/self/fd/{fds[0]}",
+                "bwrap",
+            ]
+        argv += [
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--hostname", "sandbox",
             "--ro-bind", "/usr", "/usr",
@@ -497,13 +698,21 @@ class LocalBackend(Backend):
             "--setenv", "LANG", "C.UTF-8",
             "--setenv", "PYTHONUNBUFFERED", "1",
             "--setenv", "TERM", "xterm-256color",
-            "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
-            "--cap-add", "CAP_SETPCAP",
-            # bwrap needs root to build the mounts; the code runs as an unprivileged uid
-            "setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all",
-            self.python, "-s", AGENT_PATH,
         ]
+        if self._ns is not None:
+            argv += ["--cap-drop", "ALL", "--seccomp", str(seccomp_fd)]
+        else:
+            argv += [
+                "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+                "--cap-add", "CAP_SETPCAP",
+                # loaded just before bwrap runs setpriv: its own set-up is not filtered, everything
+                # after is (no new user namespaces, keyring, io_uring, bpf, ptrace, mount, modules…)
+                "--seccomp", str(seccomp_fd),
+                # bwrap needs root to build the mounts; the code runs as an unprivileged uid
+                "setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all",
+            ]
+        argv += [self.python, "-s", AGENT_PATH]
         return argv
 
     async def _spawn_agent(self) -> None:
@@ -514,15 +723,23 @@ class LocalBackend(Backend):
                 with open(path, "w") as f:
                     f.write(str(os.getpid()))
 
-        self._proc = await asyncio.create_subprocess_exec(
-            *self._bwrap_argv(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            limit=protocol.MAX_FRAME + 1,
-            start_new_session=True,
-            preexec_fn=join_cgroup if procs_files else None,
-        )
+        fds: list[int] = []
+        try:
+            if self._ns is None:  # rootless: bwrap makes the user namespace itself
+                fds.append(await asyncio.to_thread(userns.create, self.uid))
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._bwrap_argv(fds),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=protocol.MAX_FRAME + 1,
+                start_new_session=True,
+                pass_fds=fds,
+                preexec_fn=join_cgroup if procs_files else None,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
         self._stderr_tail = []
         self._stderr_task = asyncio.create_task(self._read_stderr(self._proc))
 
@@ -546,6 +763,11 @@ class LocalBackend(Backend):
     async def apply_policy(self, policy: Any) -> dict[str, Any]:
         if not self._sandbox_id:
             raise PolicyError("no sandbox is running")
+        if self._ns is not None and self._uplink is None and policy is not None and policy.mode == "allowlist":
+            raise PolicyError(
+                "this sandbox has no way out: rootless mode needs a tun device the Jupyter user may open "
+                "for slirp4netns (chmod 0666 /dev/net/tun, the usual default, or a node of its own: "
+                "c.LocalBackend.tun_device); until then only default-deny can be enforced")
         compiled = await asyncio.to_thread(self._ruleset, policy)
         await asyncio.to_thread(self._apply_rules, compiled)
         self._policy = policy  # the DNS proxy answers by the policy in force
@@ -601,10 +823,14 @@ class LocalBackend(Backend):
             self._stderr_task.cancel()
             self._stderr_task = None
         await asyncio.to_thread(self._stop_uplink)
+        if self._ns is not None:
+            await asyncio.to_thread(self._ns.close)
+            self._ns = None
         if self._sandbox_id:
             await asyncio.to_thread(remove_sandbox, self._sandbox_id, self.state_dir)
         self._cgroup = None
         self._sandbox_id = None
+        self._learned = {}
         self._info = None
 
     def _stop_uplink(self) -> None:
@@ -623,6 +849,11 @@ class LocalBackend(Backend):
 
     def info(self) -> SandboxInfo | None:
         return self._info
+
+
+def _add_elements_script(by_set: dict[str, Any]) -> str:
+    return "".join(f"add element inet {NFT_TABLE} {name} {{ {', '.join(sorted(set(addrs)))} }}\n"
+                   for name, addrs in sorted(by_set.items()) if addrs)
 
 
 def _default_blocked() -> list[str]:
@@ -715,16 +946,42 @@ def _owner_alive(owner_file: Path) -> bool:
     return _proc_start_time(pid) is not None and _proc_start_time(pid) == owner.get("kernel_pid_start")
 
 
+def _netns_in_use(sandbox_id: str) -> bool:
+    """Processes run in the namespace, or it was made in the last minute (a kernel configured
+    with another state directory may be creating it: no process is in it yet)."""
+    netns = f"{NETNS_PREFIX}{sandbox_id}"
+    try:
+        if time.time() - (NETNS_DIR / netns).lstat().st_mtime < 60:
+            return True
+    except OSError:
+        return False
+    return bool(_run(["ip", "netns", "pids", netns], check=False).stdout.split())
+
+
+def _cgroups_in_use(directories: list[Path]) -> bool:
+    """A sandbox's cgroup holds processes or was made in the last minute (being set up)."""
+    for directory in directories:
+        try:
+            if time.time() - directory.stat().st_mtime < 60 or (directory / "cgroup.procs").read_text().split():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def gc(state_dir: str | None = None) -> list[str]:
     """Remove local sandboxes whose kernel process is gone. Called by ``sandbox-kernel gc``
     and by every local kernel when it starts."""
     state = Path(state_dir or env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel"))
     ids: set[str] = set()
-    if NETNS_DIR.exists():
+    privileged = os.geteuid() == 0  # rootless kernels own nothing but their state directory
+    if NETNS_DIR.exists() and privileged:
         ids |= {p.name[len(NETNS_PREFIX):] for p in NETNS_DIR.iterdir() if p.name.startswith(NETNS_PREFIX)}
     if state.exists():
         ids |= {p.name for p in state.iterdir() if p.is_dir()}
-    ids |= set(limits.leftover_cgroups())
+    if privileged:
+        cgroups = limits.leftover_cgroups()
+    ids |= set(cgroups)
     removed: list[str] = []
     for sandbox_id in sorted(ids):
         owner = state / sandbox_id / "owner.json"
@@ -737,5 +994,9 @@ def gc(state_dir: str | None = None) -> list[str]:
                     continue
             except OSError:
                 continue
+        if not (state / sandbox_id).exists() and (_netns_in_use(sandbox_id) or _cgroups_in_use(cgroups.get(sandbox_id, []))):
+            # no record here, but processes run in it: a kernel configured with another state
+            # directory owns it (its own gc, or its agent's idle exit, ends it), not us
+            continue
         removed += remove_sandbox(sandbox_id, str(state))
     return removed

@@ -14,6 +14,7 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
@@ -75,28 +76,31 @@ def open_in_netns(netns_path: str, group: int) -> socket.socket:
     Called by the local backend when a sandbox starts. The returned socket is
     non-blocking; read it with :func:`parse`.
     """
-    def create() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            sock.bind((0, 0))
-            sock.send(_config(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
-            _expect_ack(sock)
-            mode = struct.pack(">IB", COPY_RANGE, NFULNL_COPY_PACKET) + b"\0"
-            sock.send(_config(group, _attr(NFULA_CFG_MODE, mode)))
-            _expect_ack(sock)
-            # deliver every packet at once: by default the kernel batches them for up to 1 s
-            sock.send(_config(group, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))))
-            _expect_ack(sock)
-            sock.send(_config(group, _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0))))
-            _expect_ack(sock)
-        except BaseException:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock
+    return in_netns(netns_path, lambda: open_here(group))
 
-    return in_netns(netns_path, create)
+
+def open_here(group: int) -> socket.socket:
+    """:func:`open_in_netns` for the calling thread's own namespace (the rootless backend's
+    helper runs it inside the sandbox's namespaces and hands the socket back)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((0, 0))
+        sock.send(_config(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
+        _expect_ack(sock)
+        mode = struct.pack(">IB", COPY_RANGE, NFULNL_COPY_PACKET) + b"\0"
+        sock.send(_config(group, _attr(NFULA_CFG_MODE, mode)))
+        _expect_ack(sock)
+        # deliver every packet at once: by default the kernel batches them for up to 1 s
+        sock.send(_config(group, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))))
+        _expect_ack(sock)
+        sock.send(_config(group, _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0))))
+        _expect_ack(sock)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _expect_ack(sock: socket.socket) -> None:
@@ -168,3 +172,76 @@ def _decode_ip(payload: bytes, prefix: str, uid: int | None) -> LoggedPacket | N
         sport, dport = struct.unpack(">HH", transport[:4])
     return LoggedPacket(prefix=prefix, family=version, protocol=_PROTOCOLS.get(proto, "other"),
                         src=src, dst=dst, sport=sport, dport=dport, uid=uid, at=time.time())
+
+
+class LogReader:
+    """Reads an NFLOG socket in a thread of the kernel and hands what it made of each read to
+    the event loop: the local backend's fallback when its reader process (enforcerlog.py) cannot
+    run. A thread rather than an event-loop reader, so the per-packet work (``on_packets``: naming
+    the sender) does not wait for a busy loop — though it does wait for the kernel's GIL.
+
+    ``deliver`` is called on ``loop`` for each item, in order; :meth:`drain` (on the loop)
+    delivers everything logged so far at once (a cell's end).
+    """
+
+    def __init__(self, sock: socket.socket, loop, on_packets, deliver, log):
+        self._sock = sock
+        self._loop = loop
+        self._on_packets = on_packets
+        self._deliver = deliver
+        self._log = log
+        self._lock = threading.Lock()
+        self._pending: list = []
+        self._stopped = threading.Event()
+        sock.settimeout(0.2)  # the thread looks at _stopped this often
+        self._thread = threading.Thread(target=self._run, name="sandbox-nflog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                data = self._sock.recv(1 << 16)
+            except (TimeoutError, socket.timeout, InterruptedError):
+                continue
+            except OSError as err:  # ENOBUFS: the kernel dropped log messages; keep reading
+                if self._stopped.is_set() or err.errno == 9:  # EBADF: closed
+                    return
+                self._log.debug("NFLOG read: %s", err)
+                continue
+            self._take(data)
+            try:
+                self._loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # the loop is closed: the kernel is going away
+                return
+
+    def _take(self, data: bytes) -> None:
+        with self._lock:
+            try:
+                self._pending.extend(self._on_packets(parse(data)))
+            except Exception:  # noqa: BLE001 - one bad read must not end the reader
+                self._log.warning("NFLOG packet handling failed", exc_info=True)
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        for item in items:
+            self._deliver(item)
+
+    def drain(self) -> None:
+        """Deliver what was logged up to now, including reads the thread has not made yet."""
+        with self._lock:
+            while True:
+                try:
+                    data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                except OSError:
+                    break
+                try:
+                    self._pending.extend(self._on_packets(parse(data)))
+                except Exception:  # noqa: BLE001
+                    self._log.warning("NFLOG packet handling failed", exc_info=True)
+        self._flush()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(1)
+        self._sock.close()

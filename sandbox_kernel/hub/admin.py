@@ -12,9 +12,10 @@ names, policy entries, audit fields) is escaped.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
-from collections import Counter
+from urllib.parse import urlparse
 from html import escape
 from typing import Any
 
@@ -47,6 +48,15 @@ def _when(ts: Any) -> str:
     if not isinstance(ts, (int, float)):
         return ""
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _conformed(sb) -> str:
+    """When a ceiling change last forced the sandbox's policy, by whom and why (escaped)."""
+    c = sb.conformed if isinstance(sb.conformed, dict) else None
+    if not c:
+        return ""
+    return (f"{_when(c.get('time'))} by {escape(str(c.get('by')))}"
+            f"<br><span class=muted>{escape(str(c.get('reason') or ''))}</span>")
 
 
 def _summary(event: dict) -> str:
@@ -86,12 +96,40 @@ class _AdminHandler(HubOAuthenticated, web.RequestHandler):
         return self.service.manager
 
     def set_default_headers(self):
-        # also on error pages: nothing loads, nothing runs, no framing, nothing cached
+        # also on error pages: nothing loads, nothing runs, no framing, nothing cached; a window
+        # that opened this page keeps no handle on it, other origins cannot embed it
         self.set_header("Content-Security-Policy",
                         "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'")
         self.set_header("X-Frame-Options", "DENY")
         self.set_header("Referrer-Policy", "no-referrer")
         self.set_header("Cache-Control", "no-store")
+        self.set_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.set_header("Cross-Origin-Resource-Policy", "same-origin")
+
+    #: what a request must be, by its Fetch Metadata (sent by every current browser; a page's
+    #: script cannot forge it): the page and the login only as a top-level navigation
+    navigation_only = True
+
+    def prepare(self):
+        """The page exists only on ``admin_origin``: on any other origin (the hub's, shared with
+        users' servers) it answers with a link and nothing else, before any login, so no
+        cookie of the service is ever set there and no script there can read or drive it. On
+        its origin it refuses what only a script does: fetch/XHR or a frame (``Sec-Fetch-Mode``
+        / ``Sec-Fetch-Dest``), and a form post from another origin (``Sec-Fetch-Site``)."""
+        origin = self.service.admin_origin
+        if not origin:
+            raise web.HTTPError(403, "the admin page is off: on the hub's own address it would share its origin with "
+                                     "users' servers, whose pages could read and drive it. The hub's administrator "
+                                     "gives it an origin of its own: c.SandboxService.admin_origin (docs/hub.md)")
+        if self.request.host.lower() != urlparse(origin).netloc.lower():
+            self._elsewhere = origin + self.service.url_prefix + "admin"
+            raise web.HTTPError(403, "the admin page is not served on this origin, which users' servers share")
+        headers = self.request.headers
+        mode, dest, site = (headers.get(f"Sec-Fetch-{h}") for h in ("Mode", "Dest", "Site"))
+        if mode is not None and self.navigation_only and (mode != "navigate" or dest not in ("document", None)):
+            raise web.HTTPError(403, f"the admin page is only opened as a page (this request: {mode}, {dest})")
+        if site is not None and self.request.method == "POST" and site != "same-origin":
+            raise web.HTTPError(403, f"a change must come from the admin page itself (this one is {site})")
 
     def admin_caller(self) -> str:
         user = self.current_user
@@ -105,18 +143,23 @@ class _AdminHandler(HubOAuthenticated, web.RequestHandler):
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         message = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else self._reason
+        elsewhere = getattr(self, "_elsewhere", None)
+        link = (f"<p>The admin page is at <a href='{escape(elsewhere)}'>{escape(elsewhere)}</a>.</p>"
+                if elsewhere else "")
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(f"<!doctype html><title>{status_code}</title><style>{STYLE}</style>"
-                    f"<h1>{status_code} {escape(self._reason)}</h1><p>{escape(message)}</p>")
+                    f"<h1>{status_code} {escape(self._reason)}</h1><p>{escape(message)}</p>{link}")
 
 
 class AdminPageHandler(_AdminHandler):
     @web.authenticated
-    def get(self):
+    async def get(self):
         me = self.admin_caller()
-        user_filter = self.get_query_argument("user", "") or ""
+        user_filter = (self.get_query_argument("user", "") or "")[:200]
+        # the newest records only, read in a thread: the log may be large, the loop serves kernels
+        audit = await asyncio.to_thread(self.manager.audit.tail, AUDIT_ROWS, user_filter or None)
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.finish(self.render_page(me, user_filter, self.change_message()))
+        self.finish(self.render_page(me, user_filter, self.change_message(), audit))
 
     def change_message(self) -> str:
         """What the last form did (its flash cookie, signed with the service's secret: a link or
@@ -127,7 +170,7 @@ class AdminPageHandler(_AdminHandler):
         self.clear_cookie(FLASH_COOKIE, path=self.service.url_prefix + "admin")
         return raw.decode("utf-8", "replace")
 
-    def render_page(self, me: str, user_filter: str, message: str) -> str:
+    def render_page(self, me: str, user_filter: str, message: str, audit: tuple[list[dict], int]) -> str:
         m, prefix = self.manager, self.service.url_prefix
         xsrf = self.xsrf_form_html()
         user = self.current_user
@@ -169,10 +212,9 @@ class AdminPageHandler(_AdminHandler):
             "<button name=action value=clear>Clear override</button></form>")
 
         # sandboxes
-        records = m.audit.read()
-        blocked = Counter(e.get("sandbox") for e in records if e.get("event") == "blocked")
         out.append("<h2>Sandboxes</h2><table id=sandboxes><tr><th>user</th><th>sandbox</th><th>state</th>"
-                   "<th>backend</th><th>policy</th><th>started</th><th>blocked</th><th>kernel attached</th></tr>")
+                   "<th>backend</th><th>policy</th><th>started</th><th>blocked</th><th>kernel attached</th>"
+                   "<th>conformed</th></tr>")
         boxes = sorted(m.sandboxes.values(), key=lambda sb: (sb.user, sb.created))
         for sb in boxes:
             entries = ", ".join(str(e) for e in sb.policy.entries) + \
@@ -182,21 +224,37 @@ class AdminPageHandler(_AdminHandler):
                 f"<tr><td>{escape(sb.user)}</td><td><code>{escape(sb.id)}</code></td>"
                 f"<td class={state_class}>{escape(sb.state)}</td><td>{escape(sb.backend_name)}</td>"
                 f"<td>{escape(sb.policy.describe())}<br><span class=muted>{escape(entries)}</span></td>"
-                f"<td>{_when(sb.started)}</td><td class=blocked>{blocked[sb.id]}</td>"
-                f"<td>{'yes' if sb.subscriber is not None else 'no'}</td></tr>")
+                f"<td>{_when(sb.started)}</td><td class=blocked>{sb.blocked}</td>"
+                f"<td>{'yes' if sb.subscriber is not None else 'no'}</td><td class=conformed>{_conformed(sb)}</td></tr>")
         if not boxes:
-            out.append("<tr><td colspan=8 class=muted>no sandboxes</td></tr>")
+            out.append("<tr><td colspan=9 class=muted>no sandboxes</td></tr>")
+        out.append("</table>")
+
+        # users: what each has running against the per-user limit, and the groups the hub says
+        limit = m.max_per_user
+        out.append(f"<h2>Users</h2><p class=muted>at most {limit if limit > 0 else 'any number of'} "
+                   "sandboxes starting or running per user</p><table id=users><tr><th>user</th><th>groups</th>"
+                   "<th>starting or running</th><th>records</th></tr>")
+        names = sorted({sb.user for sb in m.sandboxes.values()} | set(m.user_groups))
+        for name in names:
+            active = len(m.active(name))
+            full = limit > 0 and active >= limit
+            out.append(f"<tr><td>{escape(name)}</td><td>{escape(', '.join(m.user_groups.get(name, [])))}</td>"
+                       f"<td class='{'bad' if full else ''} active'>{active}{f' of {limit}' if limit > 0 else ''}</td>"
+                       f"<td>{len(m.list(name))}</td></tr>")
+        if not names:
+            out.append("<tr><td colspan=4 class=muted>nobody yet</td></tr>")
         out.append("</table>")
 
         # audit log
-        events = records
-        if user_filter:
-            events = [e for e in events if user_filter in (e.get("user"), e.get("by"))]
-        events = events[-AUDIT_ROWS:][::-1]
+        events, skipped = audit
+        events = events[::-1]
         out.append(f"<h2>Audit log</h2><form method=get action='{escape(prefix)}admin'>"
                    f"<input name=user value='{escape(user_filter)}' placeholder='user'> "
                    f"<button>Filter</button></form>"
-                   f"<p class=muted>the newest {AUDIT_ROWS} records; all of them: <code>GET api/audit</code></p>"
+                   f"<p class=muted>the newest {AUDIT_ROWS} records; more: <code>GET api/audit?limit=N</code>"
+                   + (f"; <span class=bad id=skipped>{skipped} unreadable line(s) skipped</span>" if skipped else "")
+                   + "</p>"
                    "<table id=audit><tr><th>time</th><th>user</th><th>by</th><th>result</th><th>what</th></tr>")
         for event in events:
             result = str(event.get("result") or "")
@@ -222,7 +280,13 @@ class AdminCeilingHandler(_AdminHandler):
         except (PolicyError, NotFound) as err:
             raise web.HTTPError(400, str(err)) from None
         what = "exam mode" if action == "exam" else "the base ceiling"
-        message = f"{kind[:-1]} {name}: {what} now; {len(result['conformed'])} running sandbox(es) brought under it"
+        conformed = result["conformed"]
+        message = (f"{kind[:-1]} {name}: {what} now; {len(conformed)} running sandbox(es) brought under it"
+                   + (f": {', '.join(conformed)}" if conformed else ""))
+        if result.get("members") is not None:
+            message += f"; members: {', '.join(result['members']) or 'none'}"
+        if result.get("warning"):
+            message += f" (warning: {result['warning']})"
         self.set_signed_cookie(FLASH_COOKIE, message, expires_days=None, path=self.service.url_prefix + "admin",
                                httponly=True, samesite="Strict",
                                secure=self.request.protocol == "https")
@@ -230,9 +294,18 @@ class AdminCeilingHandler(_AdminHandler):
 
 
 class OAuthCallbackHandler(HubOAuthCallbackHandler):
+    """The hub's login comes back here, on the admin origin only (the same checks as the
+    page: a login completed on the shared origin would leave a cookie there)."""
+
     def initialize(self, hub_auth=None):
         if hub_auth is not None:
             self.hub_auth = hub_auth
+
+    service = _AdminHandler.service
+    set_default_headers = _AdminHandler.set_default_headers
+    navigation_only = True
+    prepare = _AdminHandler.prepare
+    write_error = _AdminHandler.write_error
 
 
 def admin_routes(prefix: str, hub_auth) -> list[tuple]:
@@ -240,5 +313,5 @@ def admin_routes(prefix: str, hub_auth) -> list[tuple]:
         (prefix + "admin", AdminPageHandler, {"hub_auth": hub_auth}),
         (prefix + "admin/ceilings", AdminCeilingHandler, {"hub_auth": hub_auth}),
         (prefix + "oauth_callback", OAuthCallbackHandler, {"hub_auth": hub_auth}),
-        (prefix, web.RedirectHandler, {"url": prefix + "admin"}),
+        (prefix, web.RedirectHandler, {"url": prefix + "admin"}),  # there: the origin is checked
     ]

@@ -12,7 +12,9 @@ who the caller is, only what the caller (a user name, maybe an admin) may do:
   changes nothing and is audited;
 * :meth:`Manager.set_ceiling` (admins only, checked by the handler) changes a user's or a
   group's ceiling and brings running sandboxes under it at once (exam mode resets them to
-  the ceiling's default policy);
+  the ceiling's default policy); a group's members are asked of the hub then
+  (``group_source``, see groups.py) and on the service's schedule (:meth:`refresh_groups`),
+  and whenever a user's groups change their running sandboxes are conformed too;
 * everything durable (ceilings, users' groups, sandboxes and their policies) is in
   ``state.json`` and every change and refusal in ``audit.jsonl`` (store.py).
 """
@@ -25,7 +27,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from traitlets import TraitError
 
@@ -64,6 +66,16 @@ class NotRunning(SandboxError):
     ename = "NotRunning"
 
 
+class TooManySandboxes(SandboxError):
+    """The user already has the most sandboxes (starting or running) one user may have."""
+
+    ename = "TooManySandboxes"
+
+    def __init__(self, message: str, limit: int, active: list[str]):
+        super().__init__(message)
+        self.limit, self.active = limit, active
+
+
 @dataclass
 class Sandbox:
     """One kernel's sandbox, owned by one hub user."""
@@ -84,6 +96,10 @@ class Sandbox:
     started: float | None = None
     #: when it stopped, failed or exited (records are dropped ``keep_stopped`` seconds later)
     ended: float | None = None
+    #: the last time a ceiling change forced its policy: {"time", "by", "reason"}
+    conformed: dict | None = None
+    #: connections blocked so far (the admin page counts them without reading the audit log)
+    blocked: int = 0
     # -- runtime only
     #: since when no kernel is attached (monotonic; None while one is)
     detached_since: float | None = None
@@ -105,7 +121,7 @@ class Sandbox:
                 "policy": self.policy.to_dict(), "state": self.state, "created": self.created,
                 "exit_reason": self.exit_reason, "exit_status": self.exit_status,
                 "details": jsonable(self.details), "restarts": self.restarts, "started": self.started,
-                "ended": self.ended}
+                "ended": self.ended, "conformed": self.conformed, "blocked": self.blocked}
 
     @classmethod
     def from_state(cls, data: dict) -> Sandbox:
@@ -113,7 +129,8 @@ class Sandbox:
                    policy=EgressPolicy.parse(data["policy"]), state=data.get("state", "stopped"),
                    created=data.get("created", time.time()), exit_reason=data.get("exit_reason"),
                    exit_status=data.get("exit_status"), details=data.get("details") or {},
-                   restarts=data.get("restarts", 0), started=data.get("started"), ended=data.get("ended"))
+                   restarts=data.get("restarts", 0), started=data.get("started"), ended=data.get("ended"),
+                   conformed=data.get("conformed"), blocked=data.get("blocked") or 0)
 
     def public(self) -> dict:
         """What the owner sees (``GET api/sandboxes[/id]``)."""
@@ -127,8 +144,18 @@ class Manager:
     """Sandboxes, ceilings, durable state and the audit log of one sandbox service."""
 
     def __init__(self, state_dir: str, base: AdminPolicy, make_backend: Callable[[str, str], Backend],
-                 backend_name: str, log, start_timeout: float = 120.0):
+                 backend_name: str, log, start_timeout: float = 120.0,
+                 group_source: Callable[[str], Awaitable[list[str]]] | None = None,
+                 max_per_user: int = 0):
         self.base = base
+        #: most sandboxes (starting or running) one user may have; 0: no limit
+        self.max_per_user = max_per_user
+        #: ``async (group) -> member names``, the hub's answer (HubGroups.members); None: only
+        #: what users' own requests say
+        self.group_source = group_source
+        #: the hub's latest answer per group (runtime): a user's own (cached, maybe older)
+        #: identity cannot take a group away before the hub's list does
+        self.group_members: dict[str, set[str]] = {}
         self.make_backend = make_backend
         self.backend_name = backend_name
         self.log = log
@@ -151,12 +178,61 @@ class Manager:
                          "sandboxes": {sid: sb.to_state() for sid, sb in self.sandboxes.items()}})
 
     # -- ceilings -------------------------------------------------------------------
-    def note_groups(self, user: str, groups: list[str]) -> None:
-        """Remember the user's hub groups (as the hub said on their last request)."""
-        groups = sorted(set(groups))
+    def note_groups(self, user: str, groups: list[str]) -> bool:
+        """Remember the user's hub groups (as the hub said on their last request), plus the
+        groups the hub's group list last named them in. Returns whether they changed (the
+        caller then conforms the user's sandboxes: :meth:`conform_users`)."""
+        groups = sorted(set(groups) | {g for g, members in self.group_members.items() if user in members})
         if self.user_groups.get(user) != groups:
             self.user_groups[user] = groups
             self.save()
+            return True
+        return False
+
+    async def set_group_members(self, group: str, members: list[str], by: str = "service",
+                                conform: bool = True) -> list[str]:
+        """The hub's list of ``group``'s members: every user is in the group exactly when
+        listed. Running sandboxes of users who joined (or left) are conformed at once
+        (unless ``conform`` is false: the caller does it); returns their ids."""
+        members_set = set(members)
+        self.group_members[group] = members_set
+        changed = []
+        for user in sorted(members_set | set(self.user_groups)):
+            groups = set(self.user_groups.get(user, []))
+            new = groups | {group} if user in members_set else groups - {group}
+            if new != groups:
+                self.user_groups[user] = sorted(new)
+                changed.append((user, "joined" if user in members_set else "left"))
+        if changed:
+            self.save()
+            self.log.info("group %s: %s", group, ", ".join(f"{u} {how}" for u, how in changed))
+        conformed = []
+        for user, how in changed if conform else ():
+            conformed += await self.conform_users({user}, by, f"{user} {how} group {group}")
+        return conformed
+
+    async def refresh_groups(self) -> list[str]:
+        """Ask the hub for the members of every group that has a ceiling (the service's
+        schedule); returns the ids of sandboxes conformed. A group the hub will not list is
+        logged and left as it was."""
+        if self.group_source is None:
+            return []
+        conformed = []
+        for group in sorted(self.ceilings["groups"]):
+            try:
+                members = await self.group_source(group)
+            except SandboxError as err:
+                self.log.warning("group %s: %s", group, err)
+                continue
+            conformed += await self.set_group_members(group, members)
+        return conformed
+
+    async def conform_users(self, users: set[str], by: str, why: str) -> list[str]:
+        """Bring every running (or starting) sandbox of ``users`` under its owner's ceiling,
+        all at once; returns the ids of those whose policy changed."""
+        boxes = [sb for sb in list(self.sandboxes.values()) if sb.user in users and sb.state in RUNNING]
+        done = await asyncio.gather(*(self._conform(sb, by, why) for sb in boxes))
+        return [sb.id for sb, changed in zip(boxes, done) if changed]
 
     def ceiling_for(self, user: str) -> AdminPolicy:
         """The user's effective ceiling: the service's AdminPolicy, then each of the user's
@@ -182,7 +258,9 @@ class Manager:
 
         The caller must be an admin (checked by the handler). Raises PolicyError for an
         invalid ceiling (nothing changed). Running sandboxes of the users concerned are
-        brought under the new ceiling at once."""
+        brought under the new ceiling at once; for a group, the hub is asked who its members
+        are first (``group_source``), so members who sent no request yet are concerned too
+        (when the hub cannot say, ``warning`` says why and the members known so far count)."""
         if kind not in ("users", "groups"):
             raise NotFound(f"no such ceiling kind {kind!r}")
         if overrides is not None:
@@ -206,14 +284,23 @@ class Manager:
         self.save()
         self.audit.write("ceiling", by=by, target={kind[:-1]: name}, **{"from": old}, to=overrides,
                          result="accepted")
+        result: dict[str, Any] = {"ceiling": overrides}
+        if kind == "groups" and self.group_source is not None:
+            try:
+                members = await self.group_source(name)
+            except SandboxError as err:
+                result["warning"] = str(err)
+                self.log.warning("group %s: %s", name, err)
+            else:
+                await self.set_group_members(name, members, by, conform=False)  # all conformed below
         users = {name} if kind == "users" else {u for u, gs in self.user_groups.items() if name in gs}
-        changed = []
-        for sb in list(self.sandboxes.values()):
-            if sb.user in users and await self._conform(sb, by):
-                changed.append(sb.id)
-        return {"ceiling": overrides, "conformed": changed}
+        what = f"the ceiling of {kind[:-1]} {name} changed"
+        result["conformed"] = await self.conform_users(users, by, what)
+        if kind == "groups":
+            result["members"] = sorted(users)
+        return result
 
-    async def _conform(self, sb: Sandbox, by: str) -> bool:
+    async def _conform(self, sb: Sandbox, by: str, why: str = "ceiling changed") -> bool:
         """Bring ``sb``'s policy under its owner's ceiling: the ceiling's default policy
         replaces one the ceiling no longer permits. Returns whether it changed."""
         async with sb.lock:
@@ -234,10 +321,11 @@ class Manager:
                     await self._halt(sb, "stopped")
                     reason += f"; enforcing it failed ({err}), so the sandbox was stopped"
             sb.policy = target
+            sb.conformed = {"time": time.time(), "by": by, "reason": f"{why}: {reason}"}
             self.save()
             self.audit.write("policy", user=sb.user, by=by, sandbox=sb.id, kernel_id=sb.kernel_id,
                              **{"from": old.to_dict()}, to=target.to_dict(), result="accepted",
-                             forced=True, reason=f"ceiling changed: {reason}")
+                             forced=True, reason=f"{why}: {reason}")
             self._tell_agent(sb)
             self._deliver(sb, {"type": POLICY_FRAME, "policy": target.to_dict(),
                                "reason": f"your administrator changed your ceiling: {reason}"})
@@ -254,6 +342,24 @@ class Manager:
     def list(self, user: str) -> list[Sandbox]:
         return [sb for sb in self.sandboxes.values() if sb.user == user]
 
+    def active(self, user: str) -> list[Sandbox]:
+        """The user's sandboxes that are starting or running (what the per-user limit counts)."""
+        return [sb for sb in self.list(user) if sb.state in RUNNING]
+
+    def _check_limit(self, user: str, kernel_id: str, restarting: Sandbox | None) -> None:
+        """Raise TooManySandboxes (audited) when starting one more would exceed max_per_user."""
+        if self.max_per_user <= 0:
+            return
+        active = [sb for sb in self.active(user) if sb is not restarting]
+        if len(active) < self.max_per_user:
+            return
+        reason = (f"{user} already has {len(active)} sandboxes starting or running, the most one user may "
+                  f"have ({self.max_per_user}); shut down a kernel you no longer need and try again")
+        self.audit.write("sandbox", user=user, by=user, sandbox=restarting.id if restarting else None,
+                         kernel_id=kernel_id, action="start", result="refused", reason=reason,
+                         active=[sb.id for sb in active])
+        raise TooManySandboxes(reason, self.max_per_user, [sb.id for sb in active])
+
     async def create(self, user: str, kernel_id: str, requested: Any = None, wait: bool = True) -> Sandbox:
         """Start (or return the running) sandbox of the user's kernel ``kernel_id``.
 
@@ -268,6 +374,8 @@ class Manager:
         if not isinstance(kernel_id, str) or not kernel_id or len(kernel_id) > 128:
             raise PolicyError("kernel_id must be a non-empty string of at most 128 characters")
         existing = next((sb for sb in self.list(user) if sb.kernel_id == kernel_id), None)
+        if existing is None or existing.state not in RUNNING:
+            self._check_limit(user, kernel_id, existing)
         if existing is None:
             ceiling = self.ceiling_for(user)
             policy = ceiling.default_policy()
@@ -422,6 +530,7 @@ class Manager:
 
     def _audit_blocked(self, sb: Sandbox, record: dict, source: str) -> None:
         fields = {k: record.get(k) for k in ("host", "ip", "port", "protocol", "verdict", "process")}
+        sb.blocked += 1
         self.audit.write("blocked", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id, source=source,
                          policy=sb.policy.describe(), **fields)
 

@@ -19,7 +19,8 @@ API (under the service prefix, e.g. ``/services/sandbox/``), all JSON:
 GET      api/health                           no token needed: ``{"ok": true}``
 GET      api/sandboxes                        the caller's sandboxes
 POST     api/sandboxes                        ``{kernel_id, policy?, wait?}``: start (or return) a sandbox;
-                                              ``"wait": false``: 202 at once, state "starting"
+                                              ``"wait": false``: 202 at once, state "starting";
+                                              429 ``limit``: the user has max_sandboxes_per_user
 GET      api/sandboxes/ID                     one of the caller's sandboxes (``state``, ``progress`` lines)
 DELETE   api/sandboxes/ID[?forget=1]          stop it (``forget``: and drop its record)
 GET/PUT  api/sandboxes/ID/policy              the policy; PUT ``{policy}`` checks the ceiling
@@ -29,7 +30,7 @@ GET      api/ceiling                          the caller's effective ceiling
 GET      api/ceilings                         admins: every per-user and per-group override
 PUT      api/ceilings/users|groups/NAME       admins: set overrides (``{"locked": true}`` …)
 DELETE   api/ceilings/users|groups/NAME       admins: remove them
-GET      api/audit[?user=NAME]                admins: the audit log
+GET      api/audit[?user=NAME&limit=N]       admins: the newest N (1000) audit records, ``skipped_lines``
 GET      admin (and the prefix itself)        admins, in a browser: the admin page (admin.py)
 =======  ===================================  ==============================================
 
@@ -53,10 +54,18 @@ from ..agent import protocol
 from ..config import env_default
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import AdminPolicy, CeilingRefused
-from .manager import Forbidden, Manager, NotFound, NotRunning, jsonable
+from .manager import Forbidden, Manager, NotFound, NotRunning, TooManySandboxes, jsonable
 
 _TOKEN = re.compile(r"(?:token|bearer)\s+(\S+)\s*$", re.IGNORECASE)
 WS_MAX_MESSAGE = protocol.MAX_FRAME + 1024
+#: most entries a policy in a request may have before it is parsed at all (parsing tens of
+#: thousands would hold the event loop; a ceiling's max_entries is far below this)
+MAX_REQUEST_ENTRIES = 1000
+#: the longest error message a reply carries (an error may quote the input)
+MAX_MESSAGE = 500
+#: a refused body up to this size is read and dropped after the 413 (so the client, and the
+#: hub's proxy in between, receive the answer instead of a reset); a larger one is cut off
+DRAIN_MAX = 128 * 1024 * 1024
 
 
 class Caller:
@@ -80,13 +89,21 @@ async def identify(handler: web.RequestHandler) -> Caller:
         raise web.HTTPError(403, f"this token lacks {' or '.join(sorted(service.hub_auth.access_scopes))}")
     groups = [g for g in model.get("groups") or [] if isinstance(g, str)]
     name = model["name"]
-    service.manager.note_groups(name, groups)
+    if service.manager.note_groups(name, groups):
+        # joined (or left) a group: a group's ceiling reaches their running sandboxes now
+        await service.manager.conform_users({name}, "service", f"{name}'s groups changed")
     admin = bool(model.get("admin")) or bool(set(groups) & set(service.admin_groups))
     return Caller(name, admin, groups)
 
 
 class _Handler(web.RequestHandler):
+    """The token API. Bodies are streamed (``_stream_request_body``) so that one whose
+    declared length is over ``max_body_size`` is refused (413, audited as a summary) before
+    any of it is read or parsed; the HTTP server closes a longer chunked body on its own."""
+
     caller: Caller
+    _stream_request_body = True
+    _received: bytearray | None = None
 
     @property
     def service(self) -> SandboxService:
@@ -97,14 +114,80 @@ class _Handler(web.RequestHandler):
         return self.service.manager
 
     async def prepare(self):
-        self.caller = await identify(self)
+        try:
+            declared = int(self.request.headers.get("Content-Length", "0"))
+        except ValueError:
+            declared = 0  # tornado refuses a malformed length itself
+        limit = self.service.max_body_size
+        try:
+            self.caller = await identify(self)
+        except Exception as err:  # noqa: BLE001 - answered below
+            if declared <= limit:
+                # answer once the (small or empty) request is read, as tornado does for a
+                # request it has read: an answer from prepare() makes tornado close the
+                # connection after it, and the hub's proxy, reusing it, answers 503
+                self._deferred, self._draining = err, True
+                setattr(self, self.request.method.lower(), self._raise_deferred)
+                return
+            if isinstance(err, web.HTTPError) and declared <= DRAIN_MAX:
+                self._answer_now(err.status_code, {"status": err.status_code, "message": err.log_message})
+                return
+            raise
+        if declared > limit:
+            self.manager.audit.write("request", by=self.caller.name, result="refused",
+                                     request=f"{self.request.method} {self.request.path}", bytes=declared,
+                                     content_type=self.request.headers.get("Content-Type", ""),
+                                     reason=f"body of {declared} bytes is over the limit of {limit}")
+            message = f"the request body ({declared} bytes) is larger than the service accepts ({limit} bytes)"
+            self.set_header("Connection", "close")
+            if declared > DRAIN_MAX:  # answered, then the connection is closed mid-body
+                self._error_extra = {"error": "too-large", "limit": limit}
+                raise web.HTTPError(413, message)
+            self._answer_now(413, {"status": 413, "message": message, "error": "too-large", "limit": limit})
+            return
+        self._received = bytearray()
+
+    _draining = False
+
+    def _answer_now(self, status: int, data: dict) -> None:
+        """Answer a request refused before its body was read, then read and drop the body
+        (never kept or parsed; body_timeout bounds a slow sender): closing mid-body would
+        reach the client, through the hub's proxy, as a reset instead of the answer."""
+        payload = json.dumps(data).encode()
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Content-Length", str(len(payload)))
+        self.set_header("Connection", "close")
+        self.write(payload)
+        self.flush()
+        declared = int(self.request.headers.get("Content-Length", "0"))
+        self.request.connection.set_max_body_size(max(declared, self.service.max_body_size))
+        self._draining = True
+        setattr(self, self.request.method.lower(), self._end_refused)  # the method never runs
+
+    def _end_refused(self, *args) -> None:
+        self.finish()
+
+    def _raise_deferred(self, *args) -> None:
+        raise self._deferred
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._draining:
+            return
+        if self._received is not None and len(self._received) + len(chunk) <= self.service.max_body_size:
+            self._received += chunk
+        else:
+            self._received = None  # over the limit (the server closes the connection anyway)
 
     def check_xsrf_cookie(self):
         """Token authentication only: no cookies, so no cross-site request forgery."""
 
     def body(self) -> dict:
+        if self._received is None:
+            raise web.HTTPError(413, f"the request body is larger than the service accepts "
+                                     f"({self.service.max_body_size} bytes)")
         try:
-            data = json.loads(self.request.body or b"{}")
+            data = json.loads(bytes(self._received) or b"{}")
         except ValueError:
             raise web.HTTPError(400, "the body is not JSON") from None
         if not isinstance(data, dict):
@@ -132,6 +215,8 @@ class _Handler(web.RequestHandler):
         if isinstance(exc, web.HTTPError) and exc.log_message:
             message = exc.log_message % exc.args if exc.args else exc.log_message
         extra = getattr(self, "_error_extra", {})
+        if message and len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE - 40] + f"… ({len(message)} characters, cut)"
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"status": status_code, "message": message, **extra}))
 
@@ -144,7 +229,7 @@ class _Handler(web.RequestHandler):
         self.send_error(status, exc_info=(type(e), web.HTTPError(status, str(e)), None))
 
     def log_exception_quietly(self, status, e):
-        self.service.log.info("%s %s → %s: %s", self.request.method, self.request.path, status, e)
+        self.service.log.info("%s %s → %s: %.300s", self.request.method, self.request.path, status, e)
 
     def require_admin(self, what: str) -> None:
         if not self.caller.admin:
@@ -152,6 +237,13 @@ class _Handler(web.RequestHandler):
                                      request=f"{self.request.method} {self.request.path}",
                                      result="refused", reason="not an admin")
             raise Forbidden(f"only hub admins (or members of {', '.join(self.service.admin_groups) or 'no group'}) may {what}")
+
+
+def check_policy_size(policy) -> None:
+    """Refuse a policy with more entries than any ceiling allows before parsing it."""
+    if isinstance(policy, dict) and isinstance(policy.get("entries"), list) \
+            and len(policy["entries"]) > MAX_REQUEST_ENTRIES:
+        raise PolicyError(f"a policy has at most {MAX_REQUEST_ENTRIES} entries; this one has {len(policy['entries'])}")
 
 
 def error_status(e: BaseException) -> tuple[int | None, dict]:
@@ -163,6 +255,8 @@ def error_status(e: BaseException) -> tuple[int | None, dict]:
         return 403, {"error": "forbidden"}
     if isinstance(e, NotRunning):
         return 409, {"error": "not-running"}
+    if isinstance(e, TooManySandboxes):
+        return 429, {"error": "limit", "limit": e.limit, "active": e.active}
     if isinstance(e, PolicyError):
         return 400, {"error": "policy", "ename": e.ename}
     if isinstance(e, SandboxStartError):
@@ -184,6 +278,7 @@ class SandboxesHandler(_Handler):
 
     async def post(self):
         body = self.body()
+        check_policy_size(body.get("policy"))
         wait = body.get("wait", True) is not False
         sb = await self.manager.create(self.caller.name, body.get("kernel_id"), body.get("policy"), wait=wait)
         self.reply(sb.public(), 201 if sb.state == "running" else 202)
@@ -212,6 +307,7 @@ class PolicyHandler(_Handler):
         body = self.body()
         if "policy" not in body:
             raise web.HTTPError(400, "the body must have a 'policy'")
+        check_policy_size(body["policy"])
         details = await self.manager.apply_policy(sb, self.caller.name, body["policy"])
         self.reply({"policy": sb.policy.to_dict(), "label": sb.policy.describe(), "applied": details})
 
@@ -247,13 +343,18 @@ class CeilingOverrideHandler(_Handler):
 
 
 class AuditHandler(_Handler):
-    def get(self):
+    async def get(self):
         self.require_admin("read the audit log")
-        user = self.get_query_argument("user", None)
-        events = self.manager.audit.read()
-        if user:
-            events = [e for e in events if user in (e.get("user"), e.get("by"))]
-        self.reply({"events": events})
+        user = self.get_query_argument("user", None) or None
+        try:
+            limit = int(self.get_query_argument("limit", "1000"))
+        except ValueError:
+            raise web.HTTPError(400, "limit must be a number") from None
+        if not 1 <= limit <= 100_000:
+            raise web.HTTPError(400, "limit must be between 1 and 100000")
+        # read in a thread: the log may be large, the event loop serves everyone's kernels
+        events, skipped = await asyncio.to_thread(self.manager.audit.tail, limit, user)
+        self.reply({"events": events, "skipped_lines": skipped})
 
 
 class StreamHandler(_Handler, websocket.WebSocketHandler):
@@ -300,6 +401,22 @@ class StreamHandler(_Handler, websocket.WebSocketHandler):
     def check_origin(self, origin):
         return True  # token-authenticated, no cookies: a browser page cannot borrow a session
 
+    _stream_request_body = False  # an upgrade has no body
+
+
+def keep_alive_hint(seconds: float) -> type[web.OutputTransform]:
+    """An output transform adding ``Keep-Alive: timeout=N`` (the idle timeout) to every answer:
+    a keep-alive client (the hub's proxy, Node's agent) stops reusing a connection before the
+    service closes it, instead of sending a request into the close (a 503 from the proxy)."""
+
+    class KeepAliveHint(web.OutputTransform):
+        def transform_first_chunk(self, status_code, headers, chunk, finishing):
+            if seconds > 0:
+                headers.setdefault("Keep-Alive", f"timeout={int(seconds)}")
+            return status_code, headers, chunk
+
+    return KeepAliveHint
+
 
 class SandboxService(Application):
     """The sandbox service (a JupyterHub service)."""
@@ -317,12 +434,40 @@ class SandboxService(Application):
     admin_groups = List(Unicode(), help="Hub groups whose members may set ceilings, besides hub admins. "
                         "Env: SANDBOX_HUB_ADMIN_GROUPS (comma separated).").tag(config=True)
     start_timeout = Float(300.0, help="Seconds a sandbox may take to start.").tag(config=True)
+    max_sandboxes_per_user = Integer(help="Most sandboxes one user may have starting or running at once "
+                                     "(each is a namespace or pod and an agent); one more is refused with "
+                                     "429 and audited; 0: no limit. Env: SANDBOX_HUB_MAX_SANDBOXES_PER_USER. "
+                                     "Default 4.").tag(config=True)
     abandoned_after = Float(help="Stop a sandbox no kernel has been connected to for this many seconds "
                             "(its kernel was killed, or its server died with it); 0: never. "
                             "Env: SANDBOX_HUB_ABANDONED_AFTER. Default 600.").tag(config=True)
     keep_stopped = Float(help="Forget stopped, failed and exited sandboxes this many seconds after they "
                          "ended; 0: keep them. Env: SANDBOX_HUB_KEEP_STOPPED. Default 86400 (a day).").tag(config=True)
     auth_cache_max_age = Integer(30, help="Seconds the hub's answer about a token is cached.").tag(config=True)
+    group_refresh_interval = Float(help="Seconds between asking the hub who is in each group that has a "
+                                   "ceiling (members who joined or left have their running sandboxes "
+                                   "conformed); 0: only when a group's ceiling is set and on users' own "
+                                   "requests. Needs the scope read:groups. Env: SANDBOX_HUB_GROUP_REFRESH_INTERVAL. "
+                                   "Default 30.").tag(config=True)
+    max_body_size = Integer(1024 * 1024, help="Largest request body in bytes; a larger one is refused "
+                            "before it is read (413, audited as a summary). Env: SANDBOX_HUB_MAX_BODY_SIZE.").tag(config=True)
+    idle_timeout = Float(help="Seconds a connection may take to send a request's headers, and may stay open "
+                         "idle between requests; then it is closed. Env: SANDBOX_HUB_IDLE_TIMEOUT. "
+                         "Default 60.").tag(config=True)
+    body_timeout = Float(help="Seconds a client may take to send a request's body; then the connection is "
+                         "closed. Env: SANDBOX_HUB_BODY_TIMEOUT. Default 60.").tag(config=True)
+    audit_max_bytes = Integer(help="audit.jsonl is rotated (to audit.jsonl.1, .2, …) when it would grow past "
+                              "this many bytes; 0: never. Env: SANDBOX_HUB_AUDIT_MAX_BYTES. "
+                              "Default 10 MiB.").tag(config=True)
+    audit_backups = Integer(help="Rotated audit files kept (the oldest beyond is removed). "
+                            "Env: SANDBOX_HUB_AUDIT_BACKUPS. Default 5.").tag(config=True)
+    admin_origin = Unicode(help="The origin (scheme://host[:port]) the admin page is served at, e.g. "
+                           "https://sandbox.hub.example.org: one where no user server is served, since a script on "
+                           "a page of the same origin (/user/NAME/…) could read and drive the page. Requests for the "
+                           "page on any other origin get a link to it and nothing else; empty: the page is off. "
+                           "Default: the service's own public URL when the hub gives it its own subdomain "
+                           "($JUPYTERHUB_PUBLIC_URL with c.JupyterHub.subdomain_host), else empty. "
+                           "Env: SANDBOX_HUB_ADMIN_ORIGIN.").tag(config=True)
     config_file = Unicode("", help="A Python config file (c.SandboxService…, c.AdminPolicy…, "
                           "c.LocalBackend…, c.KubernetesBackend…).").tag(config=True)
 
@@ -362,6 +507,45 @@ class SandboxService(Application):
     @default("keep_stopped")
     def _keep_stopped_default(self):
         return float(env_default("SANDBOX_HUB_KEEP_STOPPED", 86400))
+
+    @default("admin_origin")
+    def _admin_origin_default(self):
+        explicit = os.environ.get("SANDBOX_HUB_ADMIN_ORIGIN")
+        if explicit is not None:
+            return explicit.rstrip("/")
+        own, hub = urlparse(os.environ.get("JUPYTERHUB_PUBLIC_URL", "")), urlparse(
+            os.environ.get("JUPYTERHUB_PUBLIC_HUB_URL", ""))
+        if own.hostname and hub.hostname and own.hostname != hub.hostname:
+            return f"{own.scheme}://{own.netloc}"  # a subdomain of its own: no user server there
+        return ""
+
+    @default("idle_timeout")
+    def _idle_timeout_default(self):
+        return float(env_default("SANDBOX_HUB_IDLE_TIMEOUT", 60))
+
+    @default("body_timeout")
+    def _body_timeout_default(self):
+        return float(env_default("SANDBOX_HUB_BODY_TIMEOUT", 60))
+
+    @default("audit_max_bytes")
+    def _audit_max_bytes_default(self):
+        return int(env_default("SANDBOX_HUB_AUDIT_MAX_BYTES", 10 * 1024 * 1024))
+
+    @default("audit_backups")
+    def _audit_backups_default(self):
+        return int(env_default("SANDBOX_HUB_AUDIT_BACKUPS", 5))
+
+    @default("max_body_size")
+    def _max_body_size_default(self):
+        return int(env_default("SANDBOX_HUB_MAX_BODY_SIZE", 1024 * 1024))
+
+    @default("max_sandboxes_per_user")
+    def _max_sandboxes_per_user_default(self):
+        return int(env_default("SANDBOX_HUB_MAX_SANDBOXES_PER_USER", 4))
+
+    @default("group_refresh_interval")
+    def _group_refresh_interval_default(self):
+        return float(env_default("SANDBOX_HUB_GROUP_REFRESH_INTERVAL", 30))
 
     @default("admin_groups")
     def _admin_groups_default(self):
@@ -411,22 +595,32 @@ class SandboxService(Application):
             *admin_routes(p, self.hub_auth),  # the admin page (browser login; see admin.py)
         ]
         # xsrf_cookies: the admin page's forms; the token API opts out (no cookies, see _Handler)
-        return web.Application(routes, sandbox_service=self, websocket_max_message_size=WS_MAX_MESSAGE,
+        return web.Application(routes, transforms=[keep_alive_hint(self.idle_timeout)],
+                               sandbox_service=self, websocket_max_message_size=WS_MAX_MESSAGE,
                                websocket_ping_interval=30, xsrf_cookies=True,
+                               # the page has no script: no page's script needs to read the token
+                               xsrf_cookie_kwargs={"httponly": True},
                                cookie_secret=os.urandom(32))
 
     async def run(self) -> None:
         from jupyterhub.services.auth import HubOAuth
 
         # HubOAuth: tokens for the API (as HubAuth), and the hub's login for the admin page
+        # the admin page's login comes back to the admin origin (the hub's entry for the service
+        # names the same oauth_redirect_uri); the hub's own pages are at JUPYTERHUB_HOST
+        callback = (self.admin_origin + self.url_prefix if self.admin_origin else self.url_prefix) + "oauth_callback"
         self.hub_auth = HubOAuth(parent=self, cache_max_age=self.auth_cache_max_age,
                                  oauth_client_id=env_default("JUPYTERHUB_CLIENT_ID", f"service-{self.service_name}"),
-                                 oauth_redirect_uri=env_default("JUPYTERHUB_OAUTH_CALLBACK_URL",
-                                                         self.url_prefix + "oauth_callback"))
+                                 oauth_redirect_uri=env_default("JUPYTERHUB_OAUTH_CALLBACK_URL", callback))
         base = AdminPolicy(parent=self)
         base.blocked_networks()  # a bad base ceiling stops the service here, naming the setting
+        from .groups import HubGroups
+
+        groups = HubGroups(self.hub_auth.api_url, self.hub_auth.api_token)
         self.manager = Manager(self.state_dir, base, self.make_backend, self.backend_name, self.log,
-                               start_timeout=self.start_timeout)
+                               start_timeout=self.start_timeout, group_source=groups.members,
+                               max_per_user=self.max_sandboxes_per_user)
+        self.manager.audit.max_bytes, self.manager.audit.backups = self.audit_max_bytes, self.audit_backups
         if self.backend_name == "local":
             from ..backends.local import LocalBackend, gc
 
@@ -434,7 +628,11 @@ class SandboxService(Application):
             removed = await asyncio.to_thread(gc, LocalBackend(parent=self).state_dir)
             if removed:
                 self.log.info("removed leftovers of a previous run: %s", "; ".join(removed))
-        server = self.make_app().listen(self.port, self.ip, xheaders=True)
+        # bounded bodies and headers; slow or idle clients are cut off (a connection upgraded to
+        # a websocket is the stream's own: pinged, not timed out here)
+        server = self.make_app().listen(self.port, self.ip, xheaders=True, max_body_size=self.max_body_size,
+                                        max_header_size=64 * 1024, idle_connection_timeout=self.idle_timeout,
+                                        body_timeout=self.body_timeout)
         self.log.info("sandbox service on http://%s:%s%s (backend %s, state in %s)", self.ip, self.port,
                       self.prefix, self.backend_name, self.state_dir)
         stop = asyncio.Event()
@@ -443,11 +641,13 @@ class SandboxService(Application):
             loop.add_signal_handler(sig, stop.set)
         restoring = asyncio.ensure_future(self.manager.restore())
         collecting = asyncio.ensure_future(self._collect_forever())
+        refreshing = asyncio.ensure_future(self._refresh_groups_forever(restoring))
         await stop.wait()
         self.log.info("shutting down")
         server.stop()
         restoring.cancel()
         collecting.cancel()
+        refreshing.cancel()
         await self.manager.shutdown()
 
     async def _collect_forever(self) -> None:
@@ -462,6 +662,24 @@ class SandboxService(Application):
                     self.log.info("collect: %s", line)
             except Exception:  # noqa: BLE001 - try again next time
                 self.log.exception("collecting abandoned sandboxes failed")
+
+    async def _refresh_groups_forever(self, restoring: asyncio.Future) -> None:
+        """Manager.refresh_groups() once the sandboxes are restored, then every
+        ``group_refresh_interval`` seconds."""
+        try:
+            await asyncio.shield(restoring)
+        except Exception:  # noqa: BLE001 - restore logs its own failures
+            pass
+        while True:
+            try:
+                conformed = await self.manager.refresh_groups()
+                if conformed:
+                    self.log.info("group refresh: conformed %s", ", ".join(conformed))
+            except Exception:  # noqa: BLE001 - try again next time
+                self.log.exception("refreshing group members failed")
+            if self.group_refresh_interval <= 0:
+                return
+            await asyncio.sleep(self.group_refresh_interval)
 
     def start(self):
         asyncio.run(self.run())

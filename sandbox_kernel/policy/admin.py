@@ -222,9 +222,14 @@ class AdminPolicy(Configurable):
         """The policy a new sandbox starts with."""
         return EgressPolicy(mode=self.mode, entries=tuple(self.entries), presets=tuple(self.presets))
 
+    #: ranges the backend itself uses (the local uplink's: CIDR -> what it is), set by the
+    #: kernel from ``Backend.reserved_ranges``; blocked like always_blocked, whatever the config
+    reserved: dict[str, str] = {}
+
     def blocked_networks(self) -> tuple[IPNetwork, ...]:
-        """Every range no entry may open: the floor, always_blocked, cluster_ranges."""
-        nets = parse_networks([*METADATA_FLOOR, *self.always_blocked, *self.cluster_ranges])
+        """Every range no entry may open: the floor, always_blocked, cluster_ranges, and the
+        backend's reserved ranges."""
+        nets = parse_networks([*METADATA_FLOOR, *self.always_blocked, *self.cluster_ranges, *self.reserved])
         return tuple(dict.fromkeys(nets))
 
     def blocked_reason(self, ip: Any) -> str | None:
@@ -236,7 +241,7 @@ class AdminPolicy(Configurable):
         net = ipaddress.ip_network(address)
         for blocked in self.blocked_networks():
             if is_blocked(net, (blocked,)):
-                why = DEFAULT_ALWAYS_BLOCKED.get(str(blocked))
+                why = self.reserved.get(str(blocked)) or DEFAULT_ALWAYS_BLOCKED.get(str(blocked))
                 if why is None and str(blocked) in self.cluster_ranges:
                     why = "a cluster-internal range"
                 return f"{address} is in {blocked}" + (f" ({why})" if why else "")
@@ -255,6 +260,8 @@ class AdminPolicy(Configurable):
             return _refuse("the administrator has locked the egress policy (exam mode)", entry)
         if entry.kind == "cidr" and is_blocked(entry.network, self.blocked_networks()):
             why = self.blocked_reason(entry.network.network_address)
+            if any(is_blocked(entry.network, (net,)) for net in parse_networks(self.reserved)):
+                return _refuse(f"{why}, which the sandbox's own network uses: no policy may open it", entry)
             return _refuse(f"{why}, which your administrator always blocks", entry)
         if any(_permits(pattern, entry) for pattern in self.user_may_allow):
             return Decision(True, f"you may allow it: %sandbox allow {entry}", entry)
@@ -280,12 +287,17 @@ class AdminPolicy(Configurable):
         """Raise :class:`CeilingRefused` if ``who`` may not go from ``old`` to ``new``.
 
         Called before every apply. ``who="admin"`` (the kernel applying the configured
-        default) is not limited. A user may always remove entries or switch to deny
+        default) is not limited; ``who="expiry"`` (a timed entry ending) may only remove
+        entries, and may do so even when the policy is locked. A user may always remove entries or switch to deny
         unless the policy is locked; every entry that would newly be enforced must be
         permitted (entries of the administrator's default policy always are).
         """
         if who == "admin" or old == new:
             return
+        if who == "expiry":  # a timed entry ending: only ever removes what was in force
+            if new.mode == old.mode and new.presets == old.presets and set(new.entries) <= set(old.entries):
+                return
+            raise CeilingRefused("an expiry may only remove entries")
         if self.locked:
             raise CeilingRefused("the administrator has locked the egress policy (exam mode)")
         count = len(new.expanded_entries())

@@ -8,16 +8,23 @@ namespace. The script creates the table, deletes it, and defines it again, all i
 The output chain (``policy drop``), in order:
 
 1. ``oif lo``: the sandbox's own loopback (it is not the host's: separate namespace);
-2. established/related: replies and ICMP errors of allowed connections;
+2. ICMP errors related to a tracked connection (never data);
 3. IPv6 neighbour discovery (hop limit 255, so only on-link), without which no IPv6
    destination is reachable at all;
 4. allowlist mode only: DNS (udp and tcp 53) to ``resolver`` and nowhere else, ahead of
    the always-blocked rule so a link-local resolver (169.254.x) still answers on port 53;
 5. always-blocked destinations: counted, logged to NFLOG with
    :data:`LOG_PREFIX_ALWAYS_BLOCKED`, rejected (tcp reset / icmpx admin-prohibited);
-6. allowlist mode only: the allowed destinations, as interval sets per (protocol, ports);
+6. allowlist mode only: the allowed destinations, as interval sets per (protocol, ports),
+   and one set pair per wildcard entry (filled at run time);
 7. everything else: counted, logged with :data:`LOG_PREFIX_DENIED`, rejected. Rejecting
    rather than dropping makes a refused connect fail at once instead of hanging.
+
+There is deliberately no blanket ``ct state established accept``: every packet of every
+flow, new or long established, is judged by the policy in force, so narrowing the policy
+cuts flows it no longer allows at the next packet (TCP gets a reset, UDP an ICMP error).
+The input chain mirrors the allow rules (the reply's source is the flow's destination), so
+a flow cut on the way out is cut on the way in too.
 
 IPv4 and IPv6 go through the same rules (``inet`` family): nothing is left open on v6.
 
@@ -95,27 +102,35 @@ def compile_nftables(
     for (protocol, ports), nets in groups.items():
         for version, _, addr_type in _FAMILIES:
             out += _set(set_name(version, protocol, ports), addr_type, [n for n in nets if n.version == version])
+    wildcards = list(dict.fromkeys(plan.wildcards))
+    for entry in wildcards:
+        for version, _, addr_type in _FAMILIES:
+            out += _set(wildcard_set_name(version, entry), addr_type, [])
+    # (set name, protocol, ports) of every allow rule, in order
+    allows = [(set_name(version, protocol, ports), family, protocol, ports)
+              for protocol, ports in groups for version, family, _ in _FAMILIES]
+    allows += [(wildcard_set_name(version, entry), family, entry.protocol, entry.ports)
+               for entry in wildcards for version, family, _ in _FAMILIES]
 
     log = f"counter log prefix \"{{prefix}}\" group {nflog_group}"
     out += [
         "\tchain output {",
         "\t\ttype filter hook output priority filter; policy drop;",
         '\t\toif "lo" accept',
-        "\t\tct state established,related accept",
         "\t\tct state invalid drop",
+        "\t\tct state related meta l4proto { icmp, ipv6-icmp } accept",
         "\t\tip6 hoplimit 255 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept",
     ]
+    resolver_family = None
     if policy.mode == "allowlist" and resolver_ip is not None:
-        family = "ip" if resolver_ip.version == 4 else "ip6"
-        out.append(f"\t\t{family} daddr {resolver_ip} meta l4proto {{ tcp, udp }} th dport 53 accept")
+        resolver_family = "ip" if resolver_ip.version == 4 else "ip6"
+        out.append(f"\t\t{resolver_family} daddr {resolver_ip} meta l4proto {{ tcp, udp }} th dport 53 accept")
     for version, family, _ in _FAMILIES:
         blocked_log = log.format(prefix=LOG_PREFIX_ALWAYS_BLOCKED)
         out.append(f"\t\t{family} daddr @blocked_v{version} meta l4proto tcp {blocked_log} {reject_tcp}")
         out.append(f"\t\t{family} daddr @blocked_v{version} {blocked_log} {reject_other}")
-    for protocol, ports in groups:
-        for version, family, _ in _FAMILIES:
-            match = _l4_match(protocol, ports)
-            out.append(f"\t\t{family} daddr @{set_name(version, protocol, ports)}{match} accept")
+    for name, family, protocol, ports in allows:
+        out.append(f"\t\t{family} daddr @{name}{_l4_match(protocol, ports)} accept")
     denied_log = log.format(prefix=LOG_PREFIX_DENIED)
     out += [
         f"\t\tmeta l4proto tcp {denied_log} {reject_tcp}",
@@ -124,11 +139,19 @@ def compile_nftables(
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy drop;",
         '\t\tiif "lo" accept',
-        "\t\tct state established,related accept",
+        "\t\tct state invalid drop",
+        "\t\tct state related meta l4proto { icmp, ipv6-icmp } accept",
         "\t\tip6 hoplimit 255 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept",
-        "\t}",
-        "}",
     ]
+    # replies of flows the output rules allow now, and nothing else: what a narrowing cut
+    # on the way out stays cut on the way in
+    if resolver_family is not None:
+        out.append(f"\t\tct state established {resolver_family} saddr {resolver_ip} "
+                   "meta l4proto { tcp, udp } th sport 53 accept")
+    for name, family, protocol, ports in allows:
+        out.append(f"\t\tct state established {family} saddr @{name}"
+                   f"{_l4_match(protocol, ports, 'sport')} accept")
+    out += ["\t}", "}"]
     return "\n".join(out) + "\n"
 
 
@@ -146,14 +169,26 @@ def set_name(version: int, protocol: str | None, ports: tuple[PortRange, ...]) -
     return name
 
 
+def wildcard_set_name(version: int, entry: Entry) -> str:
+    """Name of a wildcard entry's own set: its addresses are learned one answer at a time,
+    and revoking the entry must close exactly them, not another wildcard's."""
+    digest = hashlib.sha256(str(entry).encode()).hexdigest()[:12]
+    return f"wild_v{version}_{digest}"
+
+
 def set_for_entry(entry: Entry, address: str) -> str:
     """The set an address of ``entry`` belongs in (for wildcard addresses learned later)."""
-    return set_name(ipaddress.ip_address(address).version, entry.protocol, entry.ports)
+    version = ipaddress.ip_address(address).version
+    if entry.kind == "wildcard":
+        return wildcard_set_name(version, entry)
+    return set_name(version, entry.protocol, entry.ports)
 
 
 def _group(plan: Plan) -> dict[tuple[str | None, tuple[PortRange, ...]], list[IPNetwork]]:
     groups: dict[tuple[str | None, tuple[PortRange, ...]], list[IPNetwork]] = {}
     for dest in plan.destinations:
+        if dest.entry.kind == "wildcard":  # own sets: see wildcard_set_name
+            continue
         nets = groups.setdefault((dest.protocol, dest.ports), [])
         for block in dest.blocks:
             nets.extend(block.networks())
@@ -172,22 +207,22 @@ def _element(net: IPNetwork) -> str:
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
-def _l4_match(protocol: str | None, ports: tuple[PortRange, ...]) -> str:
+def _l4_match(protocol: str | None, ports: tuple[PortRange, ...], field: str = "dport") -> str:
     port_set = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports)
     port_expr = port_set if len(ports) == 1 and "," not in port_set else f"{{ {port_set} }}"
     if protocol and ports:
-        return f" {protocol} dport {port_expr}"
+        return f" {protocol} {field} {port_expr}"
     if protocol:
         return f" meta l4proto {protocol}"
     if ports:
-        return f" meta l4proto {{ tcp, udp }} th dport {port_expr}"
+        return f" meta l4proto {{ tcp, udp }} th {field} {port_expr}"
     return ""
 
 
 def _notes(plan: Plan) -> list[str]:
     notes = []
     for entry in plan.wildcards:
-        sets = ", ".join(set_name(v, entry.protocol, entry.ports) for v in (4, 6))
+        sets = ", ".join(wildcard_set_name(v, entry) for v in (4, 6))
         notes.append(f"# deferred wildcard {entry}: addresses are added at run time to {sets}")
     notes += [f"# unresolved {name}: no address, nothing opened" for name in plan.unresolved]
     notes += [f"# dropped {what}: {why}" for what, why in plan.dropped]

@@ -66,7 +66,9 @@ MATRIX: dict[str, dict] = {
     "enforcer-istio": {"sandbox": {"enforcers": ["istio"]}, "gc": {"enabled": True, "image": GC_IMAGE}},
     "hub": {"hub": HUB},
     "hub-exam": {"hub": {**HUB, "adminGroups": ["teachers", "class-b"], "serviceName": "sbx", "port": 8080,
-                         "abandonedAfter": 1800, "keepStopped": 0,
+                         "abandonedAfter": 1800, "keepStopped": 0, "groupRefreshInterval": 120,
+                         "maxSandboxesPerUser": 2, "auditMaxBytes": 52428800, "auditBackups": 3,
+                         "adminOrigin": "https://sbx.example.org", "hubPublicUrl": "https://hub.example.org/",
                          "stateVolume": {"size": "5Gi", "storageClass": "standard-rwo"}},
                  "policy": {"locked": True, "userMayAllow": []}},
     "everything": {

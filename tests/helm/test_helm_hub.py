@@ -97,6 +97,11 @@ def test_the_service_reads_back_what_the_chart_renders(render, merged_values, tm
     assert app.state_dir in {m["mountPath"] for m in container["volumeMounts"]}
     assert app.admin_groups == hub["adminGroups"] == ["teachers", "class-b"]
     assert (app.abandoned_after, app.keep_stopped) == (hub["abandonedAfter"], hub["keepStopped"]) == (1800, 0)
+    assert app.group_refresh_interval == hub["groupRefreshInterval"] == 120
+    assert app.max_sandboxes_per_user == hub["maxSandboxesPerUser"] == 2
+    assert (app.audit_max_bytes, app.audit_backups) == (hub["auditMaxBytes"], hub["auditBackups"]) == (52428800, 3)
+    assert app.admin_origin == hub["adminOrigin"] == "https://sbx.example.org"
+    assert os.environ["JUPYTERHUB_HOST"] == "https://hub.example.org"
     sandbox = values["sandbox"]
     backend = KubernetesBackend(parent=app, user="alice")
     assert backend.image == f"{sandbox['image']['name']}:{sandbox['image']['tag']}"
@@ -139,6 +144,10 @@ HUB_BAD_VALUES = [
     ("group name with a comma", {"hub": {"adminGroups": ["a,b"]}}),
     ("groups as a string", {"hub": {"adminGroups": "teachers"}}),
     ("port as a string", {"hub": {"port": "10101"}}),
+    ("negative sandbox limit", {"hub": {"maxSandboxesPerUser": -1}}),
+    ("admin origin with a path", {"hub": {"adminOrigin": "https://sbx.example.org/services/sandbox/"}}),
+    ("admin origin without a scheme", {"hub": {"adminOrigin": "sbx.example.org"}}),
+    ("sandbox limit as a string", {"hub": {"maxSandboxesPerUser": "4"}}),
     ("port out of range", {"hub": {"port": 70000}}),
     ("size without a number", {"hub": {"stateVolume": {"size": "big"}}}),
     ("hub URL without a scheme", {"hub": {"hubApiUrl": "hub:8081"}}),
@@ -165,7 +174,14 @@ def test_notes_say_users_need_no_account(render_files):
     assert f"hub.services.sandbox.url:      http://{RELEASE}-sandbox-kernel-hub:10101" in notes
     assert "kubectl create secret generic sandbox-hub-token" in notes
     assert f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-sandbox-kernel-hub" in notes
-    assert "https://<your hub>/services/sandbox/admin" in notes
+    assert "It is OFF (hub.adminOrigin is empty)" in notes
+    (on,) = [t for p, t in render_files({"hub": {**HUB, "adminOrigin": "https://sbx.example.org/",
+                                                 "hubPublicUrl": "https://hub.example.org"}}).items()
+             if p.endswith("NOTES.txt")]
+    assert "It is at https://sbx.example.org/services/sandbox/admin" in on
+    assert "oauth_redirect_uri: https://sbx.example.org/services/sandbox/oauth_callback" in on
+    assert "never proxy-public" in on and "WARNING: set hub.hubPublicUrl" not in on
+    assert "hub.loadRoles.sandbox-service: scopes [read:groups, list:groups], services [sandbox]" in notes
 
 
 # --- helm/examples/z2jh-hub-values.yaml -------------------------------------------------
@@ -195,6 +211,9 @@ def test_hub_example_registers_the_service_the_chart_deploys(helm_chart, merged_
     scope = f"access:services!service={name}"
     assert scope in example["hub"]["loadRoles"]["user"]["scopes"]
     assert scope in example["hub"]["config"]["Spawner"]["server_token_scopes"]
+    # the service reads group members (exam mode for a class reaches running sandboxes)
+    role = example["hub"]["loadRoles"]["sandbox-service"]
+    assert role == {"scopes": ["read:groups", "list:groups"], "services": [name]}
     env = example["singleuser"]["extraEnv"]
     assert env == {"SANDBOX_KERNEL_BACKEND": "hub", "SANDBOX_KERNEL_HUB_URL": f"http://proxy-public/services/{name}/"}
     # the prefix the kernel calls is the one the service serves

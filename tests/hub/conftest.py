@@ -43,6 +43,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def admin_origin(port: int) -> str:
+    """Where a test service's admin page is served: its own port under the name localhost, a
+    different host from the hub's 127.0.0.1 (so no cookie is shared with users' pages)."""
+    return f"http://localhost:{port}"
+
+
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 40) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -103,6 +109,7 @@ class Hub:
         self.service_token = uuid.uuid4().hex
         self.admin_token = uuid.uuid4().hex
         self.password = uuid.uuid4().hex  # the dummy authenticator's, for browser logins
+        self.proxy_token = uuid.uuid4().hex  # configurable-http-proxy's REST API
         self.tokens: dict[str, str] = {}
         self.proc: subprocess.Popen | None = None
         self.log = tmp / "hub.log"
@@ -116,7 +123,7 @@ c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = {self.hub_port}
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.proxy_api_port}"
 c.ConfigurableHTTPProxy.command = [{chp!r}]
-c.ConfigurableHTTPProxy.auth_token = {uuid.uuid4().hex!r}
+c.ConfigurableHTTPProxy.auth_token = {self.proxy_token!r}
 c.JupyterHub.db_url = "sqlite:///{self.dir / 'hub.sqlite'}"
 c.JupyterHub.cookie_secret = bytes.fromhex({os.urandom(32).hex()!r})
 c.JupyterHub.pid_file = {str(self.dir / 'hub.pid')!r}
@@ -126,12 +133,18 @@ c.Authenticator.allowed_users = {{"alice", "bob"}}
 c.Authenticator.admin_users = {{"teacher"}}
 c.JupyterHub.load_groups = {{"class-b": {{"users": ["bob"]}}}}
 c.JupyterHub.services = [
-    {{"name": {SERVICE!r}, "url": "http://127.0.0.1:{self.service_port}", "api_token": {self.service_token!r}}},
+    # each service's admin page has an origin of its own, http://localhost:<its port>, where
+    # no user server is served (the hub's is http://127.0.0.1:<public port>): its login
+    # comes back there
+    {{"name": {SERVICE!r}, "url": "http://127.0.0.1:{self.service_port}", "api_token": {self.service_token!r},
+      "oauth_redirect_uri": "{admin_origin(self.service_port)}/services/{SERVICE}/oauth_callback"}},
     {{"name": {K8S_SERVICE!r}, "url": "http://127.0.0.1:{self.k8s_service_port}",
       # started per test (k8s_service): the hub must not wait for it at start-up
-      "api_token": {self.k8s_service_token!r}, "timeout": 1}},
+      "api_token": {self.k8s_service_token!r}, "timeout": 1,
+      "oauth_redirect_uri": "{admin_origin(self.k8s_service_port)}/services/{K8S_SERVICE}/oauth_callback"}},
     {{"name": {SPARE_SERVICE!r}, "url": "http://127.0.0.1:{self.spare_service_port}",
-      "api_token": {self.spare_service_token!r}, "timeout": 1}},
+      "api_token": {self.spare_service_token!r}, "timeout": 1,
+      "oauth_redirect_uri": "{admin_origin(self.spare_service_port)}/services/{SPARE_SERVICE}/oauth_callback"}},
     {{"name": "test-admin", "api_token": {self.admin_token!r}}},
 ]
 c.JupyterHub.load_roles = [
@@ -139,6 +152,8 @@ c.JupyterHub.load_roles = [
     {{"name": "user", "scopes": ["self", *{[f"access:services!service={n}" for n in SERVICES]!r}]}},
     {{"name": "test-admin", "scopes": ["admin:users", "admin:servers", "tokens", "admin:groups"],
       "services": ["test-admin"]}},
+    # the sandbox services ask the hub who is in a group that has a ceiling (docs/hub.md)
+    {{"name": "sandbox-service", "scopes": ["read:groups", "list:groups"], "services": {list(SERVICES)!r}}},
 ]
 # user servers, as a small class on one machine would run them: local processes of the hub's
 # user, each with its own home; their Sandbox kernels use the service (backend "hub") and hold
@@ -216,6 +231,7 @@ class Service:
         self.state_dir = tmp / f"{name}-state" if name != SERVICE else tmp / "service-state"
         self.log = tmp / f"{name}.log" if name != SERVICE else tmp / "service.log"
         self.url = f"http://127.0.0.1:{self.port}/services/{name}/"
+        self.admin_url = f"{admin_origin(self.port)}/services/{name}/admin"
         self.proxied_url = f"{hub.public_url}/services/{name}/"
         self.proc: subprocess.Popen | None = None
         self.pids: list[int] = []
@@ -228,7 +244,11 @@ class Service:
                "SANDBOX_HUB_STATE_DIR": str(self.state_dir),
                # users may open the tests' hosts (10.231.0.0/16) and public addresses, nothing else
                "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16 public",
-               "SANDBOX_HUB_ADMIN_GROUPS": "staff", **self.env}
+               "SANDBOX_HUB_ADMIN_GROUPS": "staff",
+               # the admin page on its own origin; the hub's pages (its login) are elsewhere
+               "SANDBOX_HUB_ADMIN_ORIGIN": admin_origin(self.port), "JUPYTERHUB_HOST": self.hub.public_url,
+               # a group's new members are conformed within this (a class's exam mode)
+               "SANDBOX_HUB_GROUP_REFRESH_INTERVAL": "2", **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "sandbox_kernel.hub", "--log-level=DEBUG", *self.args],
                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

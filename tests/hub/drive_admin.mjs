@@ -5,7 +5,7 @@
 // sent to the hub's login page.
 //
 // Started by tests/hub/test_hub_admin.py with one JSON argument:
-//   {hub, service, admin, student, password, group, shot, executablePath}
+//   {hub, adminUrl, admin, student, password, group, shot, executablePath}
 // Prints one JSON object (what it saw; "ok": false and "error" on failure).
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
@@ -31,7 +31,7 @@ async function browser() {
     viewport: { width: 1280, height: 900 },
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
            '--disable-component-update', '--disable-sync', '--no-proxy-server',
-           '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1'],
+           '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost'],
   });
   report.offLoopback = report.offLoopback ?? [];
   context.on('request', (req) => { if (!isLoopback(req.url())) report.offLoopback.push(req.url()); });
@@ -40,13 +40,14 @@ async function browser() {
 
 async function login(page, user) {
   // with ?next= the hub sends the browser there after login instead of spawning a server
-  await page.goto(`${cfg.hub}/hub/login?next=${encodeURIComponent(cfg.service + 'admin')}`, { timeout });
+  await page.goto(`${cfg.hub}/hub/login?next=${encodeURIComponent('/hub/home')}`, { timeout });
   await page.fill('input[name=username]', user);
   await page.fill('input[name=password]', cfg.password);
   await Promise.all([page.waitForLoadState('load'), page.click('input[type=submit], button[type=submit]')]);
 }
 
-const adminUrl = `${cfg.hub}${cfg.service}admin`;
+// the admin page's own origin (not the hub's, which users' servers share)
+const adminUrl = cfg.adminUrl;
 
 // The hub asks once whether the service may know who you are (its OAuth consent page).
 async function open(page, url) {
@@ -82,6 +83,8 @@ try {
   await Promise.all([page.waitForNavigation({ timeout }), page.click('#set-ceiling button[value=exam]')]);
   report.message = await page.textContent('#message');
   report.overridesText = await page.textContent('#overrides');
+  report.sandboxRowsAfter = await page.$$eval('#sandboxes tr', (rows) =>
+    rows.map((row) => [...row.cells].map((cell) => cell.textContent.trim())));
   report.steps.push('exam mode set');
   if (cfg.shot) await page.screenshot({ path: cfg.shot, fullPage: true });
 

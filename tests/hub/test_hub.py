@@ -5,7 +5,9 @@ through the hub's proxy."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import sys
 import time
 
 import pytest
@@ -169,6 +171,70 @@ def test_a_group_ceiling_applies_to_its_members(kernels, service, hub):
         service.api("DELETE", "api/ceilings/groups/class-b", hub.tokens["teacher"])
 
 
+def _wait_for(what: str, check, bound: float = 60.0):
+    """Poll ``check()`` until it returns something true; the bound is generous (a loaded
+    machine), the test asserts what happened, not how fast."""
+    deadline = time.monotonic() + bound
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {bound:.0f} s"
+        time.sleep(0.3)
+
+
+def test_exam_mode_for_a_group_reaches_running_sandboxes(kernels, service, hub, test_host):
+    """The class's sequence: alice has an allowlist; the hub admin puts her in group exam1;
+    the teacher sets exam1's ceiling to exam mode. Her running sandbox is closed at once,
+    though she sent no request since joining. Then bob, running too, is added to exam1: the
+    service's refresh of the group's members closes his without any action of his."""
+    host = test_host()
+    alice, bob = kernels.open("alice"), kernels.open("bob")
+    entry = f"{host.ip}:{host.port}/tcp"
+    for session in (alice, bob):
+        kernels.run(session.apply_policy(EgressPolicy(mode="allowlist", entries=(entry,),
+                                                      presets=("github", "pypi", "conda", "huggingface"))))
+        result, out = kernels.execute(session, CONNECT.format(ip=host.ip, port=host.port))
+        assert "connected" in out.stdout(), out.frames
+    teacher = hub.tokens["teacher"]
+    exam = {"locked": True, "mode": "deny", "entries": [], "presets": []}
+    try:
+        assert hub.admin("POST", "/groups/exam1", json={"users": ["alice"]}).status_code == 201
+        r = service.api("PUT", "api/ceilings/groups/exam1", teacher, json={"ceiling": exam})
+        assert r.status_code == 200, r.text
+        assert r.json()["conformed"] == [alice.backend.sandbox_id], r.json()
+        assert r.json()["members"] == ["alice"] and "warning" not in r.json()
+        # no request of hers in between: her next cell (on the open stream) is refused
+        result, out = kernels.execute(alice, CONNECT.format(ip=host.ip, port=host.port))
+        assert "refused" in out.stdout(), out.frames
+        forced = [e for e in service.audit() if e.get("event") == "policy" and e.get("forced")
+                  and e.get("sandbox") == alice.backend.sandbox_id]
+        assert forced and forced[-1]["by"] == "teacher" and forced[-1]["to"]["mode"] == "deny"
+        assert "group exam1" in forced[-1]["reason"]
+        # bob is not in exam1 (yet): still connected
+        result, out = kernels.execute(bob, CONNECT.format(ip=host.ip, port=host.port))
+        assert "connected" in out.stdout(), out.frames
+
+        # bob joins exam1 at the hub; the service's refresh conforms his running sandbox
+        assert hub.admin("POST", "/groups/exam1/users", json={"users": ["bob"]}).status_code == 200
+        bob_sid = bob.backend.sandbox_id
+
+        def bob_conformed():
+            return [e for e in service.audit() if e.get("event") == "policy" and e.get("forced")
+                    and e.get("sandbox") == bob_sid]
+        forced = _wait_for("bob's sandbox conformed by the group refresh", bob_conformed)
+        assert forced[-1]["by"] == "service" and "bob joined group exam1" in forced[-1]["reason"]
+        result, out = kernels.execute(bob, CONNECT.format(ip=host.ip, port=host.port))
+        assert "refused" in out.stdout(), out.frames
+        for user, sid in (("alice", alice.backend.sandbox_id), ("bob", bob_sid)):
+            state = service.api("GET", f"api/sandboxes/{sid}", hub.tokens[user]).json()
+            assert state["policy"]["mode"] == "deny" and state["conformed"]["reason"], state
+            assert service.api("GET", "api/ceiling", hub.tokens[user]).json()["ceiling"]["locked"] is True
+    finally:
+        service.api("DELETE", "api/ceilings/groups/exam1", teacher)
+        hub.admin("DELETE", "/groups/exam1")
+
+
 def test_the_service_restarting_keeps_sandboxes_and_policies(kernels, service, hub, test_host):
     host = test_host()
     alice = kernels.open("alice")
@@ -233,3 +299,63 @@ def test_a_real_sandbox_kernel_in_hub_mode(service):
         assert kernel.execute("value").of_type("execute_result")[0]["content"]["data"]["text/plain"] == "42"
     finally:
         kernel.shutdown()
+
+
+def test_an_interrupt_reaches_the_cell_once(kernels, service):
+    # A kernel in hub mode sent the interrupt in-band through the service's relay and then
+    # asked the service to interrupt too, which sent a second one: a cell that caught the
+    # first KeyboardInterrupt to clean up was interrupted again in its clean-up.
+    alice = kernels.open("alice")
+    code = ("import signal, time\n"
+            "hits = []\n"
+            "signal.signal(signal.SIGINT, lambda *a: hits.append(time.time()))\n"
+            "print('waiting', flush=True)\n"
+            "end = time.time() + 60\n"
+            "while not hits and time.time() < end:\n"
+            "    time.sleep(0.02)\n"
+            "time.sleep(3)  # room for a second interrupt to arrive\n"
+            "print('interrupts:', len(hits))\n")
+
+    async def run_and_interrupt():
+        # the Sink of the hub tests' conftest, found through the fixture's own module
+        # (``from conftest import`` picks whichever conftest pytest loaded last)
+        sink = sys.modules[type(kernels).__module__].Sink()
+        task = asyncio.ensure_future(alice.execute(code, sink))
+        while "waiting" not in sink.stdout():
+            assert not task.done(), sink.frames
+            await asyncio.sleep(0.02)
+        await alice.interrupt()
+        return await task, sink
+
+    result, sink = kernels.run(run_and_interrupt(), timeout=120)
+    assert result.exit_status == 0, sink.frames
+    assert "interrupts: 1" in sink.stdout(), sink.stdout()
+
+
+def test_a_users_own_request_with_new_groups_conforms_their_sandboxes(spare_service, kernels_for, hub, test_host):
+    """With no refresh schedule, the hub's identity on a user's own request is how the service
+    learns that they joined a group with a ceiling: their running sandbox is conformed then,
+    before the request is answered."""
+    svc = spare_service(env={"SANDBOX_HUB_GROUP_REFRESH_INTERVAL": "0"})
+    kernels = kernels_for(svc)
+    host = test_host()
+    bob = kernels.open("bob")
+    kernels.run(bob.apply_policy(EgressPolicy(mode="allowlist", entries=(f"{host.ip}:{host.port}/tcp",))))
+    exam = {"locked": True, "mode": "deny", "entries": [], "presets": []}
+    try:
+        r = svc.api("PUT", "api/ceilings/groups/exam2", hub.tokens["teacher"], json={"ceiling": exam})
+        assert r.status_code == 200 and r.json()["conformed"] == [], r.text  # no such group at the hub yet
+        assert hub.admin("POST", "/groups/exam2", json={"users": ["bob"]}).status_code == 201
+        result, out = kernels.execute(bob, CONNECT.format(ip=host.ip, port=host.port))
+        assert "connected" in out.stdout(), out.frames  # nobody told the service yet
+        # a request of bob's with a token the service has not seen (no cached identity)
+        token = hub.new_token("bob", [f"access:services!service={svc.name}"])
+        ceiling = svc.api("GET", "api/ceiling", token).json()["ceiling"]
+        assert ceiling["locked"] is True
+        forced = [e for e in svc.audit() if e.get("event") == "policy" and e.get("forced")
+                  and e.get("sandbox") == bob.backend.sandbox_id]
+        assert forced and forced[-1]["by"] == "service" and "bob's groups changed" in forced[-1]["reason"]
+        result, out = kernels.execute(bob, CONNECT.format(ip=host.ip, port=host.port))
+        assert "refused" in out.stdout(), out.frames
+    finally:
+        hub.admin("DELETE", "/groups/exam2")

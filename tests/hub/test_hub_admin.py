@@ -58,6 +58,10 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
     result, out = kernels.execute(alice, f"import socket\ntry:\n    socket.create_connection(({host.ip!r}, "
                                   f"{host.port}), timeout=3)\nexcept OSError as e:\n    print('refused')")
     assert "refused" in out.stdout() and out.blocked(), out.frames
+    # bob has an allowlist (within the ceiling): exam mode for his class must close it
+    bob_policy = {"mode": "allowlist", "entries": [f"{host.ip}:{host.port}/tcp"]}
+    assert service.api("PUT", f"api/sandboxes/{bob.backend.sandbox_id}/policy", hub.tokens["bob"],
+                       json={"policy": bob_policy}).status_code == 200
     # a hostile-looking entry: the page must show it as text
     hostile = "<script>alert(1)</script>.example"
     assert service.api("PUT", f"api/sandboxes/{bob.backend.sandbox_id}/policy", hub.tokens["bob"],
@@ -65,7 +69,7 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
 
     shots = os.environ.get("SANDBOX_KERNEL_SCREENSHOTS")
     shot = str(Path(shots) / "hub-admin.png") if shots else str(tmp_path / "hub-admin.png")
-    cfg = {"hub": hub.public_url, "service": f"/services/{service.name}/", "admin": "teacher",
+    cfg = {"hub": hub.public_url, "adminUrl": service.admin_url, "admin": "teacher",
            "student": "alice", "password": hub.password, "group": "class-b", "shot": shot,
            "executablePath": CHROMIUM}
     run = subprocess.run(["node", str(SCRIPT), json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True,
@@ -75,9 +79,10 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
     assert report["offLoopback"] == []
 
     # the teacher saw the page (through the hub's OAuth) with bob's sandbox and the audit log
-    assert report["adminStatus"] == 200 and report["adminUrl"].startswith(f"{hub.public_url}/services/")
+    assert report["adminStatus"] == 200 and report["adminUrl"] == service.admin_url
     header, *rows = report["sandboxRows"]
-    assert header == ["user", "sandbox", "state", "backend", "policy", "started", "blocked", "kernel attached"]
+    assert header == ["user", "sandbox", "state", "backend", "policy", "started", "blocked", "kernel attached",
+                      "conformed"]
     shown = {row[1]: dict(zip(header, row)) for row in rows}
     for user, session in (("alice", alice), ("bob", bob)):
         row = shown[session.backend.sandbox_id]
@@ -87,6 +92,13 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
     assert "refused" in report["auditText"]
     assert hostile in report["auditText"]  # shown as text (as markup it would not read like this)
     assert "group class-b: exam mode now" in report["message"]
+    # the page says which running sandboxes exam mode closed: bob's, by the teacher
+    assert f"1 running sandbox(es) brought under it: {bob.backend.sandbox_id}" in report["message"]
+    assert "members: bob" in report["message"]
+    after = {row[1]: dict(zip(header, row)) for row in report["sandboxRowsAfter"][1:]}
+    assert "by teacher" in after[bob.backend.sandbox_id]["conformed"]
+    assert "group class-b" in after[bob.backend.sandbox_id]["conformed"]
+    assert after[alice.backend.sandbox_id]["conformed"] == ""
     assert "class-b" in report["overridesText"] and "exam mode" in report["overridesText"]
     assert Path(shot).stat().st_size > 10_000
 
@@ -110,13 +122,13 @@ def _open_admin_page(hub, service, user: str) -> tuple[requests.Session, request
     """Log in to the hub as ``user`` (a cookie session, as a browser) and open the admin page
     through the hub's OAuth, answering its consent form as "Authorize" does."""
     session = requests.Session()
-    login_url = f"{hub.public_url}/hub/login?next=" + requests.utils.quote(f"/services/{service.name}/admin", safe="")
+    login_url = f"{hub.public_url}/hub/login?next=" + requests.utils.quote("/hub/home", safe="")
     form = session.get(login_url, timeout=30)
     login_xsrf = re.search(r'name="_xsrf" value="([^"]+)"', form.text).group(1)
     login = session.post(login_url, timeout=30, allow_redirects=True,
                          data={"username": user, "password": hub.password, "_xsrf": login_xsrf})
     assert login.status_code == 200
-    page = session.get(f"{service.proxied_url}admin", timeout=30)  # the OAuth round trip, up to consent
+    page = session.get(service.admin_url, timeout=30)  # the OAuth round trip, up to consent
     if "/hub/api/oauth2/authorize" in page.url:
         form = dict(re.findall(r'<input type="hidden" name="(_xsrf)" value="([^"]*)"', page.text))
         scopes = re.findall(r'<input type="hidden" name="scopes" value="([^"]*)"', page.text)
@@ -131,13 +143,15 @@ def test_the_admin_form_needs_its_xsrf_token_and_escapes_what_users_control(serv
     assert page.status_code == 200 and "Sandbox service" in page.text, page.text[:500]
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
     # the service's XSRF cookie lives under its own prefix, next to the hub's, not over it
-    xsrf_paths = sorted(c.path for c in session.cookies if c.name == "_xsrf")
-    assert xsrf_paths == ["/hub/", f"/services/{service.name}/"], xsrf_paths
+    xsrf = {c.domain.split(".")[0]: c for c in session.cookies if c.name == "_xsrf"}
+    assert sorted((host, c.path) for host, c in xsrf.items()) == [("127", "/hub/"),
+                                                                  ("localhost", f"/services/{service.name}/")]
+    assert xsrf["localhost"].has_nonstandard_attr("HttpOnly")  # no script needs it, none can read it
 
     before = service.api("GET", "api/ceilings", hub.tokens["teacher"]).json()
     audited = len(service.audit())
     for token in (None, "forged"):  # no token, or one the service never issued
-        forged = session.post(f"{service.proxied_url}admin/ceilings", timeout=30, allow_redirects=False,
+        forged = session.post(service.admin_url + "/ceilings", timeout=30, allow_redirects=False,
                               data={"kind": "groups", "name": "class-b", "action": "exam",
                                     **({"_xsrf": token} if token else {})})
         assert forged.status_code == 403, forged.text[:300]
@@ -147,7 +161,7 @@ def test_the_admin_form_needs_its_xsrf_token_and_escapes_what_users_control(serv
     # with the form's token it works; a name that looks like markup comes back escaped
     xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
     name = "<b>x</b>"
-    done = session.post(f"{service.proxied_url}admin/ceilings", timeout=30, allow_redirects=True,
+    done = session.post(service.admin_url + "/ceilings", timeout=30, allow_redirects=True,
                         data={"kind": "users", "name": name, "action": "exam", "_xsrf": xsrf})
     assert done.status_code == 200
     assert "&lt;b&gt;x&lt;/b&gt;" in done.text and "<b>x</b>" not in done.text
@@ -155,11 +169,11 @@ def test_the_admin_form_needs_its_xsrf_token_and_escapes_what_users_control(serv
         name: {"locked": True, "mode": "deny", "entries": [], "presets": []}}
 
     # the override's Clear button: back to the base ceiling, audited as the teacher's
-    cleared = session.post(f"{service.proxied_url}admin/ceilings", timeout=30, allow_redirects=True,
+    cleared = session.post(service.admin_url + "/ceilings", timeout=30, allow_redirects=True,
                            data={"kind": "users", "name": name, "action": "clear", "_xsrf": xsrf})
     assert cleared.status_code == 200 and "the base ceiling now" in cleared.text
     # that message was the form's own (a signed cookie, shown once); a link cannot write one
-    again = session.get(f"{service.proxied_url}admin?message=Session+expired&changed=groups/x", timeout=30)
+    again = session.get(service.admin_url + "?message=Session+expired&changed=groups/x", timeout=30)
     assert again.status_code == 200 and 'id=message' not in again.text and "expired" not in again.text
     assert service.api("GET", "api/ceilings", hub.tokens["teacher"]).json() == before
     changes = [e for e in service.audit()[audited:] if e.get("event") == "ceiling"]

@@ -146,3 +146,18 @@ def test_locked_refuses_every_change():
         admin.check_change(policy, policy.with_mode("deny"))
     admin.check_change(policy, policy)
     assert not admin.decide("api.github.com").allowed
+
+
+def test_a_backends_reserved_ranges_are_refused_with_their_reason():
+    """The local uplink's own ranges (issue 20, point 5) join the ceiling: no entry inside them
+    is accepted, even where users may allow anything, and notices say what the range is."""
+    from sandbox_kernel.backends.local import LocalBackend
+
+    admin = AdminPolicy(user_may_allow=["any"])
+    assert admin.decide("10.0.2.3:53/udp").allowed
+    admin.reserved = dict(LocalBackend.reserved_ranges)
+    for entry in ("10.0.2.3:53/udp", "10.0.2.0/24", "[fd00::2]:80"):
+        decision = admin.decide(entry)
+        assert not decision.allowed and "the sandbox's own network" in decision.reason, (entry, decision)
+    assert "uplink" in admin.blocked_reason("10.0.2.2")
+    assert admin.decide("10.0.3.1:53/udp").allowed
