@@ -6,6 +6,14 @@ through the fake server's exec WebSocket vs the local backend's pipes, in the sa
 The fake is on loopback: a real API server adds its network and kubelet hops.
 
     python bench/bench_kubernetes.py [--repeat 50]
+    python bench/bench_kubernetes.py --cluster [--starts 10]    # the real test cluster (root)
+
+``--cluster`` measures on the one-node cluster of scripts/cluster.sh instead (it must be up;
+the chart is installed and every call is made with a token of the chart's kernel
+ServiceAccount, see tests/kubernetes/realcluster.py): API requests per start counted in the
+client, start → first ``1+1`` result (median and p95 of ``--starts``, image present), the exec
+round trip, and ``apply_policy`` (allow a test host) → first connection that succeeds through
+kube-router's enforcement (the agent's guard off, so only the network decides).
 
 The local-backend baseline needs root (network namespaces); without it that row has no
 baseline.
@@ -129,10 +137,181 @@ def rows(repeat: int = 50) -> list[dict]:
     ]
 
 
+# --- the real cluster ------------------------------------------------------------------------
+
+def _counting(api_client) -> list[str]:
+    """Count every REST request ``api_client`` sends (watches included)."""
+    seen: list[str] = []
+    request = api_client.rest_client.request
+
+    def counted(method, url, *args, **kwargs):
+        seen.append(f"{method} {url.split('?')[0].split('/api', 1)[-1]}")
+        return request(method, url, *args, **kwargs)
+
+    api_client.rest_client.request = counted
+    return seen
+
+
+def _test_host():
+    """A netns test host (10.231.250.2:8080, TCP) routed from the node; returns (ip, cleanup)."""
+    import subprocess
+
+    from kerneltest import _HOST_SERVER
+
+    name = f"skb-{os.getpid() % 10000}"
+    ip, gw = "10.231.250.2", "10.231.250.1"
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("ip", "netns", "add", name)
+    run("ip", "link", "add", f"{name}h", "type", "veth", "peer", "name", f"{name}p")
+    run("ip", "link", "set", f"{name}p", "netns", name)
+    run("ip", "addr", "add", f"{gw}/24", "dev", f"{name}h")
+    run("ip", "link", "set", f"{name}h", "up")
+    run("ip", "-n", name, "addr", "add", f"{ip}/24", "dev", f"{name}p")
+    run("ip", "-n", name, "link", "set", f"{name}p", "up")
+    run("ip", "-n", name, "link", "set", "lo", "up")
+    run("ip", "-n", name, "route", "add", "default", "via", gw)
+    proc = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", _HOST_SERVER, "8080",
+                             f"/tmp/{name}.log"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+
+    def cleanup():
+        proc.kill()
+        proc.wait()
+        subprocess.run(["ip", "link", "del", f"{name}h"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        Path(f"/tmp/{name}.log").unlink(missing_ok=True)
+
+    return ip, cleanup
+
+
+async def _cell(transport, n: int, code: str) -> str:
+    await transport.send({**_frame(n), "code": code})
+    out = []
+    while True:
+        frame = await asyncio.wait_for(transport.recv(), 60)
+        if frame is None:
+            raise RuntimeError("the sandbox stream ended")
+        if frame["type"] == "stream":
+            out.append(frame["text"])
+        if frame["type"] == "done":
+            return "".join(out)
+
+
+def measure_cluster(starts: int = 10, repeat: int = 50) -> dict:
+    import tempfile
+    import uuid
+
+    sys.path.append(str(ROOT / "tests" / "kubernetes"))
+    import realcluster as rc
+
+    admin = os.environ.get("SANDBOX_KERNEL_CLUSTER_KUBECONFIG") or str(rc.CACHE / "admin.kubeconfig")
+    rc.install_chart(admin)
+    tmp = Path(tempfile.mkdtemp(prefix="skbench-"))
+    kubeconfig = str(rc.service_account_kubeconfig(admin, rc.CHART_NAMESPACE, rc.KERNEL_SA, tmp / "kc"))
+    user = f"bench-{uuid.uuid4().hex[:6]}"
+    ip, cleanup = _test_host()
+
+    def make():
+        backend = kb.KubernetesBackend(client_configuration=_config(kubeconfig), user=user, image=rc.SANDBOX_IMAGE, image_pull_policy="Never",
+                                       requests={"cpu": "50m", "memory": "128Mi"}, start_timeout=180)
+        backend.always_blocked = ["169.254.0.0/16"]
+        return backend
+
+    async def main():
+        result: dict = {"requests": {}, "start_ms": [], "times": [], "enforce_ms": None}
+        for n in range(starts + 1):  # the first start sets the namespace up
+            backend = make()
+            seen = _counting(backend.api_client())
+            started = time.perf_counter()
+            await backend.start(f"bench-{n}-{uuid.uuid4().hex[:4]}", EgressPolicy(), lambda line: None)
+            calls = list(seen)
+            transport = await backend.attach()
+            hello = await asyncio.wait_for(transport.recv(), 60)
+            assert hello and hello["type"] == "hello", hello
+            await _cell(transport, 0, "1+1")
+            elapsed = (time.perf_counter() - started) * 1000
+            if n == 0:
+                result["requests"]["new"] = calls
+            else:
+                result["requests"].setdefault("existing", calls)
+                result["start_ms"].append(elapsed)
+            if n == starts:
+                times = []
+                for i in range(repeat + 5):
+                    t0 = time.perf_counter()
+                    await _cell(transport, i + 1, "1+1")
+                    if i >= 5:
+                        times.append((time.perf_counter() - t0) * 1000)
+                result["times"] = times
+                await _cell(transport, 900, "import sandbox_agent.guard as g\ng.enabled = False")
+                probe = (f"import socket\ntry:\n    socket.create_connection(({ip!r}, 8080), timeout=0.5).recv(5)"
+                         "\n    print('OK')\nexcept OSError:\n    print('NO')")
+                assert (await _cell(transport, 901, probe)).strip() == "NO"
+                t0 = time.perf_counter()
+                await backend.apply_policy(EgressPolicy(mode="allowlist", entries=(f"{ip}:8080/tcp",)))
+                for k in range(600):
+                    if (await _cell(transport, 1000 + k, probe)).strip() == "OK":
+                        result["enforce_ms"] = (time.perf_counter() - t0) * 1000
+                        break
+            await transport.close()
+            await backend.stop()
+        return result
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        cleanup()
+        for ns in [f"user-sandbox-{user}"] + _namespaces_of(admin, user):
+            rc.delete_namespace(admin, ns)
+    result["local_times"] = _local(repeat)
+    return result
+
+
+def _config(kubeconfig: str):
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    return configuration
+
+
+def _namespaces_of(admin: str, user: str) -> list[str]:
+    from kubernetes import client
+
+    import realcluster as rc
+
+    items = client.CoreV1Api(rc.admin_client(admin)).list_namespace(
+        label_selector=f"sandbox-kernel.io/user={user}").items
+    return [n.metadata.name for n in items]
+
+
+def main_cluster(starts: int, repeat: int) -> int:
+    m = measure_cluster(starts, repeat)
+    start = sorted(m["start_ms"])
+    p95 = statistics.quantiles(start, n=20)[-1] if len(start) >= 2 else start[0]
+    exec_ms = statistics.median(m["times"])
+    local = f"{statistics.median(m['local_times']):.2f} ms, local backend" if m["local_times"] else "—"
+    print("| metric (real one-node cluster, kube-router) | ours | baseline | target |")
+    print("|---|---:|---:|---|")
+    print(f"| API requests to start, namespace exists | {len(m['requests']['existing'])} | — | ≤ 6 |")
+    print(f"| API requests to start, new namespace | {len(m['requests']['new'])} | — | report |")
+    print(f"| start → first 1+1 result, image present (median / p95 of {len(start)}) | "
+          f"{statistics.median(start) / 1000:.2f} s / {p95 / 1000:.2f} s | — | report |")
+    print(f"| exec round trip of 1+1 (median, {len(m['times'])} cells) | {exec_ms:.2f} ms | {local} | report |")
+    enforce = f"{m['enforce_ms'] / 1000:.2f} s" if m["enforce_ms"] is not None else "not enforced in 600 tries"
+    print(f"| apply_policy (allow HOST:PORT/tcp) → connection succeeds | {enforce} | — | report |")
+    print(f"\nstart with the namespace set up: {', '.join(m['requests']['existing'])}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=50, help="cells per round-trip measurement")
+    parser.add_argument("--cluster", action="store_true", help="measure on the real test cluster")
+    parser.add_argument("--starts", type=int, default=10, help="--cluster: sandbox starts to time")
     args = parser.parse_args(argv)
+    if args.cluster:
+        return main_cluster(args.starts, args.repeat)
     m = measure(args.repeat)
     exec_ms = statistics.median(m["times"])
     p90 = statistics.quantiles(m["times"], n=10)[-1]

@@ -261,7 +261,7 @@ class Agent:
             return
         try:
             # the whole process group: the cell (main thread) and the shell commands it started
-            os.killpg(os.getpgrp(), signal.SIGINT)
+            signal_group(signal.SIGINT)
         except OSError:
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -406,6 +406,30 @@ class Agent:
         status = 128 - status if status < 0 else status
         self.shell_status = status
         return status
+
+
+def signal_group(sig: int) -> None:
+    """Send ``sig`` to every process of our process group.
+
+    As PID 1 of a container (the Kubernetes backend's pod), the group is 1, and
+    ``killpg(1, sig)`` is ``kill(-1, sig)``: every process in the PID namespace, including
+    the exec'd ``attach`` that carries the kernel's stream, which then dies. There the
+    members of group 1 are found in /proc and signalled one by one."""
+    group = os.getpgrp()
+    if group > 1:
+        os.killpg(group, sig)
+        return
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+            # after "(comm)": state, ppid, pgrp, ...
+            if int(stat[stat.rindex(")") + 2:].split()[2]) == group:
+                os.kill(int(name), sig)
+        except (OSError, ValueError, IndexError):
+            continue
 
 
 def reap_forgotten_children() -> None:
