@@ -497,8 +497,8 @@ def test_demo_ceiling_permits_the_demo_host_and_nothing_else(monkeypatch):
     from sandbox_kernel.policy import admin
 
     assert demohost.demo_ceiling({})["SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW"] == f"public {DEMO_ADDR}"
-    assert demohost.demo_ceiling({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "pypi.org"}) == {
-        "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": f"pypi.org {DEMO_ADDR}"}
+    assert demohost.demo_ceiling({"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "pypi.org"})[
+        "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW"] == f"pypi.org {DEMO_ADDR}"
     monkeypatch.setattr(admin, "DEFAULT_CLUSTER_RANGES", {"10.0.0.0/8": "private", "fc00::/7": "ula"}, raising=False)
     env = demohost.demo_ceiling({})
     ranges = [ipaddress.ip_network(t) for t in env["SANDBOX_KERNEL_POLICY_CLUSTER_RANGES"].split()]

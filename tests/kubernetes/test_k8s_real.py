@@ -18,6 +18,7 @@ import signal
 import subprocess
 import threading
 import time
+import asyncio
 import uuid
 
 import pytest
@@ -58,6 +59,10 @@ def kernel_env(kubeconfig: str, user: str, **extra: str) -> dict:
             "SANDBOX_KERNEL_K8S_IMAGE_PULL_POLICY": "Never", "SANDBOX_KERNEL_K8S_START_TIMEOUT": "180",
             "SANDBOX_KERNEL_K8S_REQUESTS": json.dumps({"cpu": "50m", "memory": "128Mi"}),
             "SANDBOX_KERNEL_PROGRESS_DELAY": "0", "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any",
+            # as the chart configures its kernels: namespaced rights through a RoleBinding per
+            # user namespace, to the chart's sandbox role (issue 15 point 1)
+            "SANDBOX_KERNEL_K8S_NAMESPACE_ROLE": f"{KERNEL_SA}-sandbox",
+            "SANDBOX_KERNEL_K8S_ROLE_SUBJECT": f"ServiceAccount:{CHART_NAMESPACE}:{KERNEL_SA}",
             # the cluster's own ranges stay blocked; the test hosts (10.231.0.0/16) may be allowed
             "SANDBOX_KERNEL_POLICY_CLUSTER_RANGES": CLUSTER_RANGES, **extra}
 
@@ -154,7 +159,16 @@ def _refused(kubeconfig: str, permissions, namespace: str = "user-sandbox-rbac-c
 def test_rbac_permits_every_call_of_the_backend_and_gc(kernel_kubeconfig, gc_kubeconfig):
     from sandbox_kernel.backends import kubernetes as kb
 
-    # the kernel identity: everything the backend calls except gc's cluster-wide lists
+    # the kernel identity: everything the backend calls except gc's cluster-wide lists, in a
+    # user namespace the backend prepared (namespaced rights come with its RoleBinding there)
+    from sandbox_kernel.policy.model import EgressPolicy
+
+    async def prepare():
+        prepared = _backend(kernel_kubeconfig, "rbac-check")
+        await prepared.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
+        await prepared.stop()
+
+    asyncio.run(prepare())
     backend = [p for p in kb.required_permissions(["networkpolicy"]) if p[2] != "list"]
     assert _refused(kernel_kubeconfig, backend) == []
     # the gc identity: list everywhere, delete what it found
@@ -172,8 +186,6 @@ def test_rbac_permits_doctors_reads(kernel_kubeconfig):
     assert _refused(kernel_kubeconfig, doctor_k8s.DOCTOR_PERMISSIONS) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 point 1: the chart binds the kernels' ClusterRole cluster-wide, "
-                                        "so the token may create pods in kube-system and exec anywhere")
 def test_rbac_denies_what_the_kernel_identity_must_not_do(kernel_kubeconfig):
     must_not = [
         ("create", "pods", "kube-system", "", None),
@@ -580,6 +592,8 @@ def _backend(kubeconfig: str, user: str, **kw):
     kw.setdefault("image", SANDBOX_IMAGE)
     kw.setdefault("image_pull_policy", "Never")
     kw.setdefault("requests", {"cpu": "50m", "memory": "128Mi"})
+    kw.setdefault("namespace_role", f"{KERNEL_SA}-sandbox")  # as the chart configures its kernels
+    kw.setdefault("role_subject", f"ServiceAccount:{CHART_NAMESPACE}:{KERNEL_SA}")
     backend = kb.KubernetesBackend(client_configuration=configuration, user=user, start_timeout=120, **kw)
     backend.always_blocked = ["169.254.0.0/16"]
     return backend
