@@ -81,7 +81,9 @@ def unprivileged_home():
             "argv": [SYSTEM_PYTHON, "-m", "sandbox_kernel", "-f", "{connection_file}"],
             "display_name": "Sandbox (rootless)", "language": "python", "interrupt_mode": "message",
             "env": {"SANDBOX_KERNEL_ROOTLESS": "true", "SANDBOX_KERNEL_PYTHON": SYSTEM_PYTHON,
-                    "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"},
+                    "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any",
+                    # the test run's cluster ranges (conftest: the defaults minus the test hosts)
+                    "SANDBOX_KERNEL_POLICY_CLUSTER_RANGES": os.environ.get("SANDBOX_KERNEL_POLICY_CLUSTER_RANGES", "")},
         }))
         for path in [home, *home.rglob("*")]:
             os.chown(path, 65534, 65534)

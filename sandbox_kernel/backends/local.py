@@ -1003,8 +1003,7 @@ def gc(state_dir: str | None = None) -> list[str]:
         ids |= {p.name[len(NETNS_PREFIX):] for p in NETNS_DIR.iterdir() if p.name.startswith(NETNS_PREFIX)}
     if state.exists():
         ids |= {p.name for p in state.iterdir() if p.is_dir()}
-    if privileged:
-        cgroups = limits.leftover_cgroups()
+    cgroups = limits.leftover_cgroups() if privileged else {}
     ids |= set(cgroups)
     removed: list[str] = []
     for sandbox_id in sorted(ids):
