@@ -64,12 +64,23 @@ class KernelDriver:
     def __init__(self, env: dict | None = None):
         from jupyter_client.manager import KernelManager
 
-        self.km = KernelManager(kernel_name="sandbox")
         kernel_env = {**os.environ, **(env or {})}
-        self.km.start_kernel(env=kernel_env)
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
+        for attempt in range(3):
+            self.km = KernelManager(kernel_name="sandbox")
+            self.km.start_kernel(env=kernel_env)
+            self.kc = self.km.client()
+            self.kc.start_channels()
+            try:
+                self.kc.wait_for_ready(timeout=60)
+                break
+            except RuntimeError as err:
+                # jupyter_client picks the five ports before the kernel binds them: with many
+                # kernels starting at once another process can take one first ("Address already
+                # in use"), and the kernel dies at start. Start it again with new ports.
+                self.kc.stop_channels()
+                self.km.shutdown_kernel(now=True)
+                if attempt == 2 or "died" not in str(err):
+                    raise
 
     def execute(self, code: str, timeout: float = 60, stdin=None, on_output=None, **kwargs) -> Cell:
         """Run ``code``; answer input requests with ``stdin(prompt)``; return the Cell."""

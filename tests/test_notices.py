@@ -45,7 +45,7 @@ def only_notice(cell):
     return found[0]
 
 
-def _until_named(run, attempts: int = 3):
+def _until_named(run, attempts: int = 5):
     """Run a cell (``run()`` returns it) until its notice names the process, at most
     ``attempts`` times. Naming is best effort (docs/notices.md): the lookup races the program
     closing its socket, and lost that race now and then (about one run of this file in three

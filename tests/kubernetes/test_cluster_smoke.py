@@ -129,7 +129,8 @@ def test_pod_dns_and_network_policy(local_cluster, smoke_namespaces, test_host):
     assert client.resolves("kubernetes.default.svc.cluster.local") == "10.96.0.1"
     service_ip = json.loads(cluster.kubectl("get", "-n", server_ns, "svc/web", "-o", "json").stdout)["spec"]["clusterIP"]
     assert client.resolves(service) == service_ip
-    assert client.web(service)
+    # the Service's endpoints reach kube-proxy's rules a moment after the pod is Ready
+    _eventually("the server through its Service", lambda: client.web(service))
     seen = host.seen()
     assert client.tcp(host.ip, host.port)
     assert host.seen() == seen + 1
