@@ -335,6 +335,9 @@ class Kernels:
     """Acts as Sandbox kernels in hub mode: a Session over a HubBackend per kernel, each with
     its user's token, all on one event loop; everything is stopped at the end."""
 
+    #: for tests that run a cell themselves (``from conftest import`` is ambiguous in a whole-suite run)
+    Sink = Sink
+
     def __init__(self, service: Service):
         self.service = service
         self.loop = asyncio.new_event_loop()

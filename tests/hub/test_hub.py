@@ -305,23 +305,6 @@ def test_a_real_sandbox_kernel_in_hub_mode(service):
         kernel.shutdown()
 
 
-class _Sink:
-    """What a kernel does with a cell's events, for this module's own cells (the hub conftest
-    has one too, but ``conftest`` is not importable by name in a whole-suite run)."""
-
-    def __init__(self):
-        self.frames: list[dict] = []
-
-    def on_event(self, frame: dict) -> None:
-        self.frames.append(frame)
-
-    async def on_input_request(self, prompt, password):
-        return None
-
-    def stdout(self) -> str:
-        return "".join(f.get("text", "") for f in self.frames if f.get("type") == "stream" and f.get("name") == "stdout")
-
-
 def test_an_interrupt_reaches_the_cell_once(kernels, service):
     # A kernel in hub mode sent the interrupt in-band through the service's relay and then
     # asked the service to interrupt too, which sent a second one: a cell that caught the
@@ -338,7 +321,7 @@ def test_an_interrupt_reaches_the_cell_once(kernels, service):
             "print('interrupts:', len(hits))\n")
 
     async def run_and_interrupt():
-        sink = _Sink()
+        sink = kernels.Sink()
         task = asyncio.ensure_future(alice.execute(code, sink))
         while "waiting" not in sink.stdout():
             assert not task.done(), sink.frames
