@@ -2,12 +2,13 @@
 (issue 15, point 1). SelfSubjectAccessReviews for the authorizer's answer, real requests
 for what admission (the chart's ValidatingAdmissionPolicy) adds.
 
-Needs ``SANDBOX_KERNEL_TEST_CLUSTER=1``, an admin kubeconfig
-(``SANDBOX_KERNEL_CLUSTER_KUBECONFIG``, default the project cluster's
-``/var/cache/sandbox-kernel/cluster/admin.kubeconfig``) used only to install the chart's
-RBAC objects and mint a token, and ``kubectl`` on PATH or next to that kubeconfig. Every
-check then runs as the chart's kernel ServiceAccount. Names carry a random tag; everything
-is deleted afterwards.
+Marked ``cluster``: runs on the local cluster of scripts/cluster.sh through the
+``local_cluster`` fixture (tests/localcluster.py), like every real-cluster test:
+``SANDBOX_KERNEL_TEST_CLUSTER=auto`` runs it when this machine can start the cluster (and
+skips saying what is missing otherwise), ``=1`` or ``CI=true`` makes a cluster that cannot
+start a failure. The cluster administrator's kubeconfig only installs the chart's RBAC
+objects and mints a token; every check then runs as the chart's kernel ServiceAccount.
+Names carry a random tag; everything is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import asyncio
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import yaml
@@ -29,27 +28,26 @@ from helm_testlib import _chart
 
 pytestmark = pytest.mark.cluster
 
-ADMIN = Path(os.environ.get("SANDBOX_KERNEL_CLUSTER_KUBECONFIG",
-                            "/var/cache/sandbox-kernel/cluster/admin.kubeconfig"))
-IMAGE = os.environ.get("SANDBOX_KERNEL_TEST_CLUSTER_IMAGE", "sandbox-kernel.local/sandbox:cluster")
-
-if os.environ.get("SANDBOX_KERNEL_TEST_CLUSTER") != "1":
-    pytest.skip("needs a real cluster: set SANDBOX_KERNEL_TEST_CLUSTER=1", allow_module_level=True)
-if not ADMIN.is_file():
-    pytest.fail(f"SANDBOX_KERNEL_TEST_CLUSTER=1 but no admin kubeconfig at {ADMIN}", pytrace=False)
-KUBECTL = shutil.which("kubectl") or str(ADMIN.parent / "bin" / "kubectl")
-
-
-def kubectl(*args, input=None, check=True) -> str:
-    result = subprocess.run([KUBECTL, f"--kubeconfig={ADMIN}", *args], input=input, capture_output=True,
-                            text=True, timeout=120)
-    if check and result.returncode:
-        raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
-    return result.stdout
+#: the sandbox image scripts/cluster-images.sh builds (as tests/kubernetes/realcluster.py names it)
+IMAGE = os.environ.get("SANDBOX_KERNEL_CLUSTER_SANDBOX_IMAGE", "sandbox-kernel.local/sandbox:cluster")
 
 
 @pytest.fixture(scope="module")
-def chart_identity():
+def kubectl(local_cluster):
+    """kubectl as the cluster administrator (set-up and clean-up only); returns stdout."""
+
+    def run(*args, input=None, check=True) -> str:
+        result = subprocess.run([str(local_cluster.bin / "kubectl"), f"--kubeconfig={local_cluster.kubeconfig}",
+                                 *args], input=input, capture_output=True, text=True, timeout=120)
+        if check and result.returncode:
+            raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
+        return result.stdout
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def chart_identity(local_cluster, kubectl):
     """The chart's RBAC objects installed under a random name; yields (client Configuration
     as the kernel ServiceAccount, names)."""
     from kubernetes import client, config
@@ -67,7 +65,7 @@ def chart_identity():
         kubectl("apply", "-f", "-", input=yaml.safe_dump_all(wanted))
         token = kubectl("create", "token", tag, "-n", tag, "--duration", "1h").strip()
         admin = client.Configuration()
-        config.load_kube_config(config_file=str(ADMIN), client_configuration=admin)
+        config.load_kube_config(config_file=str(local_cluster.kubeconfig), client_configuration=admin)
         as_sa = client.Configuration(host=admin.host)
         as_sa.ssl_ca_cert = admin.ssl_ca_cert
         as_sa.api_key = {"BearerToken": token, "authorization": token}

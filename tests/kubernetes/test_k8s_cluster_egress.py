@@ -1,20 +1,31 @@
-"""Egress, ingress and the node against a REAL cluster (kind in CI, the project's one-node
-cluster, or GKE), through any kubeconfig (test_k8s_cluster.py uses the local cluster's fixture).
+"""Egress, ingress and the node against a REAL cluster: the project's one-node cluster
+(scripts/cluster.sh), or any other through a kubeconfig (kind, GKE).
 
-Run with ``SANDBOX_KERNEL_TEST_CLUSTER=1 pytest -m cluster tests/kubernetes`` and a
-kubeconfig whose current context may create namespaces (see .github/workflows/kind.yml).
-The cluster's CNI must enforce NetworkPolicy (kind's kindnet from kind 0.24 does). Without
-``SANDBOX_KERNEL_TEST_CLUSTER=1`` the module is skipped; with it but no kubeconfig file
-(a ``KUBECONFIG`` naming nothing counts as none) it fails, saying so.
+**On the local cluster** (the default): marked ``cluster``, it runs through the
+``local_cluster`` fixture like every real-cluster test (``SANDBOX_KERNEL_TEST_CLUSTER=auto``
+runs it when this machine can start the cluster, ``=1`` or ``CI=true`` turns a cluster that
+cannot start into a failure). The chart is installed as test_k8s_real.py installs it, and the
+backend authenticates as the chart's kernel ServiceAccount; the administrator's kubeconfig only
+installs, names the target and cleans up. The target of every test is a **test host the test
+creates**: a network namespace with a name of the run's own (``skt-<random>``, the
+``test_host`` fixture), routed from the pods, listening on TCP 8080 and 8081; the name that
+resolves to it is a selector-less headless Service (and its EndpointSlice) in a namespace of
+the test's own, served by the cluster's CoreDNS, which the kernel asks too
+(``resolver``). Nothing else is a target, and everything is removed afterwards.
 
-What a pod may reach is configurable, because a test machine may not reach the internet:
+**On another cluster**: set ``SANDBOX_KERNEL_TEST_CLUSTER=1``, a kubeconfig whose current
+context may create and delete namespaces, and (no default: the tests never pick an address)
 
-* ``SANDBOX_KERNEL_TEST_CLUSTER_TARGET``: ``ip:port`` of a TCP listener outside the
-  cluster that pods can reach (required: no default, the tests never pick an address);
+* ``SANDBOX_KERNEL_TEST_CLUSTER_TARGET``: ``ip:port`` of a TCP listener outside the cluster
+  that pods can reach, whose ``port + 1`` nothing answers on or is closed to pods;
 * ``SANDBOX_KERNEL_TEST_CLUSTER_NAME``: a name that resolves to that ip, through the
   kernel's resolver (``SANDBOX_KERNEL_K8S_RESOLVER``) and the cluster DNS;
 * ``SANDBOX_KERNEL_TEST_CLUSTER_PERMIT``: CIDRs the test ceiling lets users open although
   they are private (e.g. ``10.231.0.0/16`` for a test host), empty by default.
+
+With ``_TARGET`` set but not ``SANDBOX_KERNEL_TEST_CLUSTER=1`` the module is skipped; with
+both but no kubeconfig file (a ``KUBECONFIG`` naming nothing counts as none) it fails, saying
+so. The cluster's CNI must enforce NetworkPolicy (kind's kindnet from kind 0.24 does).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import asyncio
 import os
 import socket
 import uuid
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -32,23 +44,94 @@ from sandbox_kernel.policy.model import EgressPolicy
 
 pytestmark = pytest.mark.cluster
 
-#: no default: the tests send traffic only to a host the person running them names (never a
-#: public address of ours); on the local test cluster the same ground is covered by
-#: test_k8s_real.py, against hosts in network namespaces the tests create
 TARGET = os.environ.get("SANDBOX_KERNEL_TEST_CLUSTER_TARGET", "")
-TARGET_IP, _, TARGET_PORT = TARGET.rpartition(":")
-TARGET_NAME = os.environ.get("SANDBOX_KERNEL_TEST_CLUSTER_NAME", "")
-PERMIT = os.environ.get("SANDBOX_KERNEL_TEST_CLUSTER_PERMIT", "").split()
+#: another cluster, named by the environment, instead of the local one
+EXTERNAL = bool(TARGET)
 #: what programming a NetworkPolicy may take on any CNI, at most
 SETTLE = 20.0
+#: the test hosts' range (tests/conftest.py): private, so the local runs' ceiling permits it
+TEST_HOSTS = "10.231.0.0/16"
 
-if os.environ.get("SANDBOX_KERNEL_TEST_CLUSTER") != "1" or not TARGET:
-    pytest.skip("the external-cluster suite (kind, GKE): set SANDBOX_KERNEL_TEST_CLUSTER=1, a KUBECONFIG and "
-                "SANDBOX_KERNEL_TEST_CLUSTER_TARGET=ip:port (+ _NAME) of a test listener; on the local "
-                "cluster tests/kubernetes/test_k8s_real.py covers egress", allow_module_level=True)
-if not credentials_present():
-    pytest.fail("SANDBOX_KERNEL_TEST_CLUSTER=1 but no kubeconfig file exists (KUBECONFIG="
-                f"{os.environ.get('KUBECONFIG')!r}) and no in-cluster credentials", pytrace=False)
+if EXTERNAL:
+    if os.environ.get("SANDBOX_KERNEL_TEST_CLUSTER") != "1":
+        pytest.skip("SANDBOX_KERNEL_TEST_CLUSTER_TARGET names another cluster's test listener: set "
+                    "SANDBOX_KERNEL_TEST_CLUSTER=1 and a KUBECONFIG to run against it", allow_module_level=True)
+    if not credentials_present():
+        pytest.fail("SANDBOX_KERNEL_TEST_CLUSTER=1 but no kubeconfig file exists (KUBECONFIG="
+                    f"{os.environ.get('KUBECONFIG')!r}) and no in-cluster credentials", pytrace=False)
+
+
+@dataclass
+class Cluster:
+    """How the tests reach the cluster: the backend's settings (as the kernel identity on the
+    local cluster) and an administrator's client for set-up and clean-up."""
+
+    backend_kw: dict
+    admin: object  # kubernetes.client.ApiClient
+    permit: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Target:
+    ip: str
+    port: int
+    name: str
+
+
+@pytest.fixture(scope="module")
+def cluster(request, tmp_path_factory) -> Cluster:
+    from kubernetes import client, config
+
+    if EXTERNAL:
+        api = config.new_client_from_config()
+        return Cluster(backend_kw={}, admin=api,
+                       permit=os.environ.get("SANDBOX_KERNEL_TEST_CLUSTER_PERMIT", "").split())
+    local = request.getfixturevalue("local_cluster")
+    from realcluster import (CHART_NAMESPACE, KERNEL_SA, SANDBOX_IMAGE, install_chart,
+                             service_account_kubeconfig)
+
+    admin_kubeconfig = str(local.kubeconfig)
+    install_chart(admin_kubeconfig)
+    kernel_kubeconfig = service_account_kubeconfig(admin_kubeconfig, CHART_NAMESPACE, KERNEL_SA,
+                                                   tmp_path_factory.mktemp("sa") / "kernel.kubeconfig")
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=str(kernel_kubeconfig), client_configuration=configuration)
+    return Cluster(backend_kw={
+        "client_configuration": configuration, "image": SANDBOX_IMAGE, "image_pull_policy": "Never",
+        "requests": {"cpu": "50m", "memory": "128Mi"},
+        # as the chart configures its kernels: namespaced rights by a RoleBinding per user namespace
+        "namespace_role": f"{KERNEL_SA}-sandbox", "role_subject": f"ServiceAccount:{CHART_NAMESPACE}:{KERNEL_SA}",
+        # names of the policy are resolved where the pods resolve them: the cluster's CoreDNS
+        "resolver": local.dns_ip,
+    }, admin=config.new_client_from_config(config_file=admin_kubeconfig), permit=[TEST_HOSTS])
+
+
+@pytest.fixture
+def target(cluster, request):
+    """The test's target: the environment's (another cluster), or a test host made for this
+    test with a cluster DNS name of its own."""
+    if EXTERNAL:
+        ip, _, port = TARGET.rpartition(":")
+        yield Target(ip, int(port), os.environ.get("SANDBOX_KERNEL_TEST_CLUSTER_NAME", ""))
+        return
+    from kubernetes import client
+
+    host = request.getfixturevalue("test_host")(8080)
+    core = client.CoreV1Api(cluster.admin)
+    namespace = f"skci-egress-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    try:
+        # a headless Service without a selector, and its one endpoint: the test host
+        core.create_namespaced_service(namespace, client.V1Service(
+            metadata=client.V1ObjectMeta(name="host"),
+            spec=client.V1ServiceSpec(cluster_ip="None", ports=[client.V1ServicePort(port=8080, protocol="TCP")])))
+        client.DiscoveryV1Api(cluster.admin).create_namespaced_endpoint_slice(namespace, client.V1EndpointSlice(
+            metadata=client.V1ObjectMeta(name="host-1", labels={"kubernetes.io/service-name": "host"}),
+            address_type="IPv4", ports=[client.DiscoveryV1EndpointPort(port=8080, protocol="TCP")],
+            endpoints=[client.V1Endpoint(addresses=[host.ip], conditions=client.V1EndpointConditions(ready=True))]))
+        yield Target(host.ip, 8080, f"host.{namespace}.svc.cluster.local")
+    finally:
+        core.delete_namespace(namespace)
 
 
 #: first line of every probing cell: the agent's guard refuses at once what it believes the
@@ -107,33 +190,33 @@ async def until(transport, code, want: str, cell_ids) -> str:
         await asyncio.sleep(1)
 
 
-def make_backend(tag: str) -> kb.KubernetesBackend:
+def make_backend(cluster: Cluster, tag: str) -> kb.KubernetesBackend:
     from sandbox_kernel.policy.admin import AdminPolicy
 
-    admin = AdminPolicy(user_may_allow=["public", *PERMIT])
-    backend = kb.KubernetesBackend(user=f"ci-{tag}-{uuid.uuid4().hex[:6]}", start_timeout=300)
+    admin = AdminPolicy(user_may_allow=["public", *cluster.permit])
+    backend = kb.KubernetesBackend(user=f"ci-{tag}-{uuid.uuid4().hex[:6]}", start_timeout=300, **cluster.backend_kw)
     backend.always_blocked = [str(n) for n in admin.blocked_networks()]
     backend.address_screen = admin.address_screen()
     return backend
 
 
-async def cleanup(backend) -> None:
+async def cleanup(cluster: Cluster, backend) -> None:
     await backend.stop()
     from kubernetes import client
 
-    core = client.CoreV1Api(backend.api_client())
+    core = client.CoreV1Api(cluster.admin)
     pods = core.list_namespaced_pod(backend.namespace, label_selector=kb.objects.MANAGED_BY_LABEL).items
     assert [p for p in pods if not p.metadata.deletion_timestamp] == []
     core.delete_namespace(backend.namespace)
 
 
-def test_sandbox_on_a_real_cluster():
+def test_sandbox_on_a_real_cluster(cluster, target):
     """Deny, one CIDR, DNS, a domain entry, the metadata and cluster-range blocks, and a
     re-attach after the exec stream is cut, in one sandbox."""
     cells = iter(range(1, 1000))
 
     async def main():
-        backend = make_backend("egress")
+        backend = make_backend(cluster, "egress")
         lines = []
         try:
             await backend.start(uuid.uuid4().hex, EgressPolicy(), lines.append)
@@ -143,27 +226,27 @@ def test_sandbox_on_a_real_cluster():
             out, done = await run_cell(transport, "print(1 + 1)\nkept = 'state'", next(cells))
             assert out == "2\n" and done["exit_status"] == 0
             # deny: nothing leaves, not even DNS
-            out, _ = await run_cell(transport, connect(TARGET_IP, TARGET_PORT), next(cells))
+            out, _ = await run_cell(transport, connect(target.ip, target.port), next(cells))
             assert out.startswith("blocked"), out
             out, _ = await run_cell(transport, resolve("kubernetes.default.svc.cluster.local"), next(cells))
             assert out.startswith("unresolved"), out
             # one CIDR: that address and port, and DNS to the cluster resolvers
-            await backend.apply_policy(EgressPolicy(mode="allowlist", entries=(f"{TARGET_IP}/32:{TARGET_PORT}/tcp",)))
-            assert (await until(transport, connect(TARGET_IP, TARGET_PORT), "connected", cells)).startswith("connected")
+            await backend.apply_policy(EgressPolicy(mode="allowlist", entries=(f"{target.ip}/32:{target.port}/tcp",)))
+            assert (await until(transport, connect(target.ip, target.port), "connected", cells)).startswith("connected")
             out = await until(transport, resolve("kubernetes.default.svc.cluster.local"), "resolved", cells)
             assert out.startswith("resolved"), out
             # the metadata server and the cluster's own ranges stay closed under 0.0.0.0/0
             await backend.apply_policy(EgressPolicy(mode="allowlist", entries=("0.0.0.0/0",)))
-            assert (await until(transport, connect(TARGET_IP, TARGET_PORT), "connected", cells)).startswith("connected")
+            assert (await until(transport, connect(target.ip, target.port), "connected", cells)).startswith("connected")
             out, _ = await run_cell(transport, connect("169.254.169.254", 80), next(cells))
             assert out.startswith("blocked"), out
             out, _ = await run_cell(transport, connect("kubernetes.default.svc.cluster.local", 443), next(cells))
             assert out.startswith("blocked"), out  # the API server's endpoint is in a cluster range
             # a domain entry: its resolved address, only on its port
-            await backend.apply_policy(EgressPolicy(mode="allowlist", entries=(f"{TARGET_NAME}:{TARGET_PORT}/tcp",)))
-            assert TARGET_IP in backend.applied["resolved"].get(TARGET_NAME, []), backend.applied
-            assert (await until(transport, connect(TARGET_NAME, TARGET_PORT), "connected", cells)).startswith("connected")
-            out = await until(transport, connect(TARGET_IP, int(TARGET_PORT) + 1, timeout=2), "blocked", cells)
+            await backend.apply_policy(EgressPolicy(mode="allowlist", entries=(f"{target.name}:{target.port}/tcp",)))
+            assert target.ip in backend.applied["resolved"].get(target.name, []), backend.applied
+            assert (await until(transport, connect(target.name, target.port), "connected", cells)).startswith("connected")
+            out = await until(transport, connect(target.ip, int(target.port) + 1, timeout=2), "blocked", cells)
             assert out.startswith("blocked"), out
             # the exec stream cut under the kernel (a load balancer, an API server restart):
             # the transport re-attaches and the interpreter kept its state
@@ -172,12 +255,12 @@ def test_sandbox_on_a_real_cluster():
             assert out == "state\n" and transport.reattached >= 1
             await transport.close()
         finally:
-            await cleanup(backend)
+            await cleanup(cluster, backend)
 
     asyncio.run(main())
 
 
-def test_ingress_is_denied_between_sandboxes():
+def test_ingress_is_denied_between_sandboxes(cluster):
     """A sandbox pod accepts no connection, even from a pod whose egress allows it."""
     cells = iter(range(1, 1000))
     serve = """
@@ -190,7 +273,7 @@ print("listening")
 """
 
     async def main():
-        listener, caller = make_backend("in"), make_backend("out")
+        listener, caller = make_backend(cluster, "in"), make_backend(cluster, "out")
         try:
             await listener.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
             await caller.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
@@ -212,8 +295,8 @@ print("listening")
             await t_listen.close()
             await t_call.close()
         finally:
-            await cleanup(listener)
-            await cleanup(caller)
+            await cleanup(cluster, listener)
+            await cleanup(cluster, caller)
 
     asyncio.run(main())
 
@@ -221,7 +304,7 @@ print("listening")
 NODE_PORTS = (10250, 6443)  # the kubelet, and the API server where it runs on the node (kind, this project's cluster)
 
 
-def test_the_node_under_a_deny_policy():
+def test_the_node_under_a_deny_policy(cluster):
     """Issue 15 point 3: Kubernetes leaves it to the CNI whether a pod's own node is subject
     to NetworkPolicy. Measured here: a pod without policy reaches its node's kubelet (and
     API server, where it runs on the node); a sandbox under deny must not. On a CNI that
@@ -231,34 +314,42 @@ def test_the_node_under_a_deny_policy():
     cells = iter(range(1, 1000))
 
     async def main():
-        backend = make_backend("node")
+        backend = make_backend(cluster, "node")
         try:
             await backend.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
-            core = client.CoreV1Api(backend.api_client())
-            node_ip = core.read_namespaced_pod(backend.pod, backend.namespace).status.host_ip
-            # control: a plain pod in a namespace without policy, same node, same image
-            control_ns = f"{backend.namespace}-open"
+            node_ip = client.CoreV1Api(backend.api_client()).read_namespaced_pod(
+                backend.pod, backend.namespace).status.host_ip
+            # control: a plain pod in a namespace without policy, same node, same image (made
+            # by the administrator: the kernel identity may create pods in sandbox namespaces only)
+            core = client.CoreV1Api(cluster.admin)
+            control_ns = f"skci-open-{uuid.uuid4().hex[:8]}"
             core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
                 name=control_ns, labels={"pod-security.kubernetes.io/enforce": "restricted"})))
-            probe = "\n".join(f"print({p}, 'connected' if __import__('socket').socket().connect_ex(({node_ip!r}, {p})) == 0 else 'blocked')"
-                              for p in NODE_PORTS)
-            pod = kb.objects.to_dict(kb.objects.make_pod("control", control_ns, kernel_id="control", user="control",
-                                                         image=backend.image, agent_configmap="none", requests={},
-                                                         limits={}, image_pull_policy=backend.image_pull_policy))
-            pod["spec"]["containers"][0]["command"] = ["python3", "-c", probe]
-            pod["spec"]["volumes"] = [v for v in pod["spec"]["volumes"] if v["name"] != "agent"]
-            pod["spec"]["containers"][0]["volumeMounts"] = [m for m in pod["spec"]["containers"][0]["volumeMounts"]
-                                                            if m["name"] != "agent"]
-            pod["spec"]["containers"][0].pop("readinessProbe", None)
-            pod["spec"]["serviceAccountName"] = "default"
-            core.create_namespaced_pod(control_ns, pod)
-            for _ in range(120):
-                phase = core.read_namespaced_pod("control", control_ns).status.phase
-                if phase in ("Succeeded", "Failed"):
-                    break
-                await asyncio.sleep(1)
-            control = core.read_namespaced_pod_log("control", control_ns)
-            core.delete_namespace(control_ns)
+            try:
+                probe = "\n".join(f"print({p}, 'connected' if __import__('socket').socket().connect_ex(({node_ip!r}, {p})) == 0 else 'blocked')"
+                                  for p in NODE_PORTS)
+                pod = kb.objects.to_dict(kb.objects.make_pod("control", control_ns, kernel_id="control", user="control",
+                                                             image=backend.image, agent_configmap="none", requests={},
+                                                             limits={}, image_pull_policy=backend.image_pull_policy))
+                pod["spec"]["containers"][0]["command"] = ["python3", "-c", probe]
+                pod["spec"]["volumes"] = [v for v in pod["spec"]["volumes"] if v["name"] != "agent"]
+                pod["spec"]["containers"][0]["volumeMounts"] = [m for m in pod["spec"]["containers"][0]["volumeMounts"]
+                                                                if m["name"] != "agent"]
+                pod["spec"]["containers"][0].pop("readinessProbe", None)
+                pod["spec"]["serviceAccountName"] = "default"
+                for _ in range(60):  # the controller-manager makes the new namespace's "default" account
+                    if core.list_namespaced_service_account(control_ns, field_selector="metadata.name=default").items:
+                        break
+                    await asyncio.sleep(0.5)
+                core.create_namespaced_pod(control_ns, pod)
+                for _ in range(120):
+                    phase = core.read_namespaced_pod("control", control_ns).status.phase
+                    if phase in ("Succeeded", "Failed"):
+                        break
+                    await asyncio.sleep(1)
+                control = core.read_namespaced_pod_log("control", control_ns)
+            finally:
+                core.delete_namespace(control_ns)
             transport = await backend.attach()
             assert (await asyncio.wait_for(transport.recv(), 60))["type"] == "hello"
             seen = {}
@@ -268,7 +359,7 @@ def test_the_node_under_a_deny_policy():
             await transport.close()
             return node_ip, control, seen
         finally:
-            await cleanup(backend)
+            await cleanup(cluster, backend)
 
     node_ip, control, seen = asyncio.run(main())
     print(f"node {node_ip}: without policy {control.strip()!r}; sandbox under deny {seen}")
