@@ -347,7 +347,7 @@ class Kernels:
     def run(self, coro, timeout: float = 60):
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
-    def open(self, user: str, token: str | None = None, proxied: bool = True):
+    def open(self, user: str, token: str | None = None, proxied: bool = True, timeout: float = 60):
         from sandbox_kernel.hub.backend import HubBackend
         from sandbox_kernel.policy.model import EgressPolicy
         from sandbox_kernel.session import Session
@@ -360,7 +360,7 @@ class Kernels:
             await session.ready()
             return session
 
-        return self.run(make())
+        return self.run(make(), timeout)
 
     def execute(self, session, code: str, timeout: float = 60):
         sink = Sink()
@@ -375,6 +375,15 @@ class Kernels:
                 self.log.warning("stopping a session: %s", err)
         self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def hub_kit():
+    """The classes behind these fixtures, for a module that runs a hub of its own
+    (tests/hub/test_hub_k8s_cluster.py: the service in a pod of the real cluster)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(Hub=Hub, Kernels=Kernels, Sink=Sink, chp=_chp, free_port=_free_port, SERVICE=SERVICE)
 
 
 @pytest.fixture
