@@ -181,8 +181,10 @@ def _api(ch, method: str, path: str, user: str, **kw) -> requests.Response:
                             headers={"Authorization": f"token {ch.hub.tokens[user]}"}, **kw)
 
 
-def test_helm_install_in_hub_mode_ends_with_the_service_ready(cluster_hub):
+def test_helm_install_in_hub_mode_ends_with_the_service_ready(cluster_hub, tmp_path):
     from kubernetes import client
+
+    from realcluster import may, service_account_kubeconfig, whoami
 
     ch = cluster_hub
     print(f"helm install (hub mode) → Ready in {ch.install_took:.1f} s")
@@ -197,6 +199,13 @@ def test_helm_install_in_hub_mode_ends_with_the_service_ready(cluster_hub):
     # the kernels' role is bound to the service's account, and to nothing else
     binding = client.RbacAuthorizationV1Api(ch.api).read_cluster_role_binding(f"{FULLNAME}-kernel")
     assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [("ServiceAccount", HUB_SA, NAMESPACE)]
+    # what that account may do: create user namespaces, and nothing namespaced outside them
+    as_service = str(service_account_kubeconfig(ch.admin, NAMESPACE, HUB_SA, tmp_path / "hub.kubeconfig", 600))
+    assert whoami(as_service) == f"system:serviceaccount:{NAMESPACE}:{HUB_SA}"
+    assert may(as_service, "create", "namespaces")
+    for verb, resource, namespace, sub in [("create", "pods", "kube-system", None), ("get", "secrets", NAMESPACE, None),
+                                           ("create", "pods", "default", "exec"), ("list", "pods", None, None)]:
+        assert not may(as_service, verb, resource, namespace, subresource=sub), (verb, resource, namespace, sub)
     # answered through the hub's proxy, and the service knows the users' tokens through the hub
     assert requests.get(ch.svc.proxied_url + "api/health", timeout=30).json() == {"ok": True}
     ceiling = _api(ch, "GET", "api/ceiling", "alice")
