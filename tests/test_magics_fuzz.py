@@ -1,36 +1,52 @@
 """%sandbox arguments, fuzzed: a clear typed error or a valid change, never anything else."""
 
 import asyncio
-import collections
+import logging
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sandbox_kernel.controls import Controls
 from sandbox_kernel.errors import SandboxError
-from sandbox_kernel.learn import Learner
 from sandbox_kernel.magics import SandboxMagics, is_sandbox_line, split_cell
 from sandbox_kernel.policy.admin import AdminPolicy
 from sandbox_kernel.policy.model import EgressPolicy
 
 
-class StubKernel:
-    """The parts of SandboxKernel the magics use, with set_policy's ceiling check."""
+class StubBackend:
+    """A backend that enforces nothing: the controls check the ceiling themselves."""
+
+    name = "stub"
+    applied: dict = {}
+    enforces_ceiling = False
+
+
+class StubSession:
+    """The Session's part the controls use: ready, apply_policy (records what was applied)."""
+
+    info = None
 
     def __init__(self):
-        self.admin = AdminPolicy(user_may_allow=["public"], locked=False)
-        self.policy = EgressPolicy()
-        self.policy_applied_at = None
-        self.recent_blocked = collections.deque()
-        self.sandbox = type("S", (), {"info": None})()
-        self.sandbox_backend = type("B", (), {"name": "stub", "applied": {}})()
         self.applied = []
-        self.learner = Learner(self)
 
-    async def set_policy(self, new, who="user"):
-        self.admin.check_change(self.policy, new, who=who)
-        self.policy = new
-        self.applied.append(new)
+    async def ready(self):
+        return None
+
+    async def apply_policy(self, policy):
+        self.applied.append(policy)
         return {"enforcer": "stub"}
+
+    async def restart(self):
+        return None
+
+
+def make_controls() -> tuple[Controls, StubSession]:
+    """Real controls (ceiling check, atomic set_policy, grants, learner) over a stub session."""
+    admin = AdminPolicy(user_may_allow=["public"], locked=False)
+    controls = Controls(admin, EgressPolicy(), StubBackend(), log=logging.getLogger("test"))
+    session = StubSession()
+    controls.bind(session)
+    return controls, session
 
 
 VERBS = st.sampled_from(["allow", "revoke", "mode", "preset", "status", "blocked", "learn", "help", "", "bogus"])
@@ -41,17 +57,17 @@ ARGS = st.lists(st.one_of(st.text(max_size=40), st.from_regex(r"[a-z0-9.*:/\[\]-
 @settings(max_examples=300, deadline=None)
 @given(VERBS, ARGS, st.text(max_size=20))
 def test_magic_lines_never_fail_untyped(verb, args, tail):
-    kernel = StubKernel()
-    magics = SandboxMagics(kernel)
+    controls, session = make_controls()
+    magics = SandboxMagics(controls)
     line = " ".join(["%sandbox", verb, *args]) + tail
-    before = kernel.policy
+    before = controls.policy
     try:
         asyncio.run(magics.run(line))
     except SandboxError:
-        assert kernel.policy == before  # refused: nothing changed
-    if kernel.policy != before:
-        assert kernel.applied[-1] == kernel.policy
-        kernel.admin.check_change(before, kernel.policy)  # what is in force is within the ceiling
+        assert controls.policy == before  # refused: nothing changed
+    if controls.policy != before:
+        assert session.applied[-1] == controls.policy
+        controls.admin.check_change(before, controls.policy)  # what is in force is within the ceiling
 
 
 @settings(max_examples=200, deadline=None)
