@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import html
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import ipywidgets as w
 
@@ -193,19 +193,28 @@ class PolicyPanel(View):
             await self._set(previous, remember=False)
 
     async def _set(self, policy: EgressPolicy, remember: bool) -> None:
+        started = time.monotonic()
+
+        async def change() -> str:
+            await self.controls.set_policy(policy)
+            # set_policy has refreshed every panel already; this one also says how long it took
+            return f"enforced in {(time.monotonic() - started) * 1000:.0f} ms"
+
+        await self._change(change, remember)
+
+    async def _change(self, change: Callable[[], Awaitable[str]], remember: bool) -> None:
+        """Run one change of the policy; the status line says how it went (``remember``: Revert
+        goes back to the policy before it)."""
         before = self.controls.policy
         self.status.value = span("sk-applying", "applying…")
-        started = time.monotonic()
         try:
-            await self.controls.set_policy(policy)
+            text = await change()
         except SandboxError as err:
             self.status.value = error_span(f"not applied, nothing changed: {err}")
             return
         if remember:
             self._previous = before
-        ms = (time.monotonic() - started) * 1000
-        # set_policy has refreshed every panel already; this one also says how long it took
-        self.status.value = span("sk-enforced", f"enforced in {ms:.0f} ms")
+        self.status.value = span("sk-enforced", text)
 
     # -- blocked connections ------------------------------------------------------------------
     def queue_blocked(self, conn: BlockedConnection) -> None:
@@ -271,12 +280,4 @@ class PolicyPanel(View):
 
     async def _allow(self, entry: str) -> None:
         """The Allow button: what the notice's remedy, ``%sandbox allow ENTRY``, does."""
-        before = self.controls.policy
-        self.status.value = span("sk-applying", "applying…")
-        try:
-            text = await self.controls.allow([parse_entry(entry)])
-        except SandboxError as err:
-            self.status.value = error_span(f"not applied, nothing changed: {err}")
-            return
-        self._previous = before
-        self.status.value = span("sk-enforced", text)
+        await self._change(lambda: self.controls.allow([parse_entry(entry)]), remember=True)
