@@ -8,7 +8,8 @@ view (learnview.py) take this object, never the kernel; they hear of changes as
 :class:`ControlsObserver`\\ s. The kernel (kernel.py) builds it, binds the Session, and tells it
 when a cell starts and ends and what was blocked.
 
-Imports go one way: kernel → magics → widgets → learnview → controls → grants, learn, policy.
+Imports go one way: kernel → magics → widgets → learnview → views → controls → grants, learn,
+policy (tests/test_layers.py).
 """
 
 from __future__ import annotations
