@@ -1,52 +1,13 @@
 """%sandbox arguments, fuzzed: a clear typed error or a valid change, never anything else."""
 
 import asyncio
-import logging
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sandbox_kernel.controls import Controls
+from controlstest import make_controls
 from sandbox_kernel.errors import SandboxError
 from sandbox_kernel.magics import SandboxMagics, is_sandbox_line, split_cell
-from sandbox_kernel.policy.admin import AdminPolicy
-from sandbox_kernel.policy.model import EgressPolicy
-
-
-class StubBackend:
-    """A backend that enforces nothing: the controls check the ceiling themselves."""
-
-    name = "stub"
-    applied: dict = {}
-    enforces_ceiling = False
-
-
-class StubSession:
-    """The Session's part the controls use: ready, apply_policy (records what was applied)."""
-
-    info = None
-
-    def __init__(self):
-        self.applied = []
-
-    async def ready(self):
-        return None
-
-    async def apply_policy(self, policy):
-        self.applied.append(policy)
-        return {"enforcer": "stub"}
-
-    async def restart(self):
-        return None
-
-
-def make_controls() -> tuple[Controls, StubSession]:
-    """Real controls (ceiling check, atomic set_policy, grants, learner) over a stub session."""
-    admin = AdminPolicy(user_may_allow=["public"], locked=False)
-    controls = Controls(admin, EgressPolicy(), StubBackend(), log=logging.getLogger("test"))
-    session = StubSession()
-    controls.bind(session)
-    return controls, session
 
 
 VERBS = st.sampled_from(["allow", "revoke", "mode", "preset", "status", "blocked", "learn", "help", "", "bogus"])
