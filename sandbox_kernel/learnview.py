@@ -49,7 +49,7 @@ class LearnView(View):
         self.show()
 
     def bundle(self) -> dict:
-        return super().bundle(f"Learn mode: {self.controls.learner.status()} (open in JupyterLab for the buttons)")
+        return self.mimebundle(f"Learn mode: {self.controls.learner.status()} (open in JupyterLab for the buttons)")
 
     def learn_changed(self) -> None:
         self.show()

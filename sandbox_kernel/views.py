@@ -31,7 +31,7 @@ class View(ControlsObserver):
         self.controls = controls
         controls.subscribe(self)
 
-    def bundle(self, text: str) -> dict:
+    def mimebundle(self, text: str) -> dict:
         """The display_data bundle that shows this view; ``text`` for front ends without widgets."""
         data = self.widget._repr_mimebundle_()
         data["text/plain"] = text

@@ -107,7 +107,7 @@ class PolicyPanel(View):
     # -- display ------------------------------------------------------------------------
     def bundle(self) -> dict:
         """The display_data bundle that shows this panel."""
-        return super().bundle(f"Sandbox egress policy: {self.controls.policy.describe()} (open in JupyterLab to edit)")
+        return self.mimebundle(f"Sandbox egress policy: {self.controls.policy.describe()} (open in JupyterLab to edit)")
 
     def show_policy(self) -> None:
         """Set the controls to the policy in force (discarding edits)."""
