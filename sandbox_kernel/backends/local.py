@@ -472,7 +472,10 @@ class LocalBackend(Backend):
             return
         diag = None
         try:
-            diag = sockowner.SocketDiag.open(self._netns_path)
+            if self._ns is not None:
+                diag = sockowner.SocketDiag(self._ns.sockets("diag", count=1)[0])
+            else:
+                diag = sockowner.SocketDiag.open(self._netns_path)
         except OSError as err:  # senders are then found from /proc/net alone (slower)
             self.log.warning("no socket lookups in sandbox %s: %s", self._sandbox_id, err)
         self._nflog_sock, self._diag = sock, diag
@@ -667,10 +670,12 @@ class LocalBackend(Backend):
             # in a further user namespace (uid 65534 there, the kernel's user outside), with
             # no capabilities and no way to create another one
             argv = self._ns.enter()
-            if self.pids_limit:
-                # no cgroup: RLIMIT_NPROC, which bwrap's new user namespace records as its own
-                # ceiling, so it counts the sandbox's processes and threads only
-                argv += ["prlimit", f"--nproc={self.pids_limit}"]
+            rlimits = limits.rootless_rlimits(limits.parse_size(self.memory_limit), self.pids_limit,
+                                              limits.parse_size(self.work_size))
+            if rlimits:
+                # no cgroup: rlimits (limits.rootless_rlimits); RLIMIT_NPROC is recorded by
+                # bwrap's new user namespace as its own ceiling, so it counts the sandbox only
+                argv += ["prlimit", *rlimits]
             argv += ["bwrap", "--unshare-user", "--uid", str(self.uid),
                      "--gid", str(self.uid), "--disable-userns"]
         else:
@@ -714,6 +719,9 @@ class LocalBackend(Backend):
             "--bind", str(root / "work"), SANDBOX_HOME,
             "--perms", "0755", "--dir", "/opt/sandbox-agent",
             "--ro-bind", str(root / "agent.pyz"), AGENT_PATH,
+            # the root directory itself (bwrap's tmpfs) read-only: in rootless mode the code's
+            # uid owns it (it maps to the user that built it)
+            "--remount-ro", "/",
             "--chdir", SANDBOX_HOME,
             "--clearenv",
             "--setenv", "HOME", SANDBOX_HOME,

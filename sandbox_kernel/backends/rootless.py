@@ -8,7 +8,7 @@ inside them it is "root" for that network only. So:
    while the sandbox lives; it exits when the kernel closes its stdin (or dies);
 2. the kernel runs ``ip`` and ``nft`` in them through ``nsenter --user --net
    --preserve-credentials`` (the user namespace's owner may enter it);
-3. sockets the kernel serves from the host side (NFLOG, the DNS proxy's) are made inside by
+3. sockets the kernel serves from the host side (NFLOG, the DNS proxy's, socket lookups) are made inside by
    a short helper (``python -m sandbox_kernel.backends.rootless``) and handed back over a
    socket pair: a multithreaded process cannot join a user namespace itself;
 4. bubblewrap starts the agent from inside, with ``--unshare-user --disable-userns``: the code
@@ -95,7 +95,7 @@ class RootlessNamespaces:
         return None
 
     def sockets(self, kind: str, *args: str, count: int) -> list[socket.socket]:
-        """``count`` sockets made inside by :func:`_helper_main` (``kind``: nflog GROUP | dns)."""
+        """``count`` sockets made inside by :func:`_helper_main` (``kind``: nflog GROUP | dns | diag)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             result = subprocess.run(
@@ -144,6 +144,10 @@ def _helper_main(argv: list[str]) -> int:
         from .dnsproxy import bind_here
 
         made = list(bind_here())
+    elif kind == "diag":  # socket lookups (sockowner.SocketDiag): who sent a refused packet
+        from .sockowner import NETLINK_SOCK_DIAG
+
+        made = [socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)]
     else:
         print(f"unknown socket kind {kind!r}", file=sys.stderr)
         return 2
