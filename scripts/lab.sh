@@ -54,7 +54,7 @@ as_lab() {
   setpriv --reuid="$lab_user" --regid="$lab_user" --init-groups --no-new-privs \
     --inh-caps=-all --bounding-set=-all \
     env -i -C "$lab_home" HOME="$lab_home" USER="$lab_user" LOGNAME="$lab_user" SHELL=/bin/bash \
-      PATH="$lab_venv/bin:/usr/local/bin:/usr/bin:/bin" LANG=C.UTF-8 TERM="${TERM:-dumb}" \
+      PATH="$lab_venv/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin" LANG=C.UTF-8 TERM="${TERM:-dumb}" \
       XDG_RUNTIME_DIR="$lab_home/.run" JUPYTER_RUNTIME_DIR="$lab_home/.run/jupyter" \
       "${pass[@]}" SANDBOX_KERNEL_ROOTLESS=true "$@"
 }
@@ -63,6 +63,8 @@ as_lab mkdir -p -m 0700 "$lab_home/.run"
 # its own virtualenv, from the system's Python (the one in .venv may live where the lab user
 # cannot read, e.g. under /root), with this checkout installed (not editable: the lab user need
 # not read the checkout); reinstalled when the package's files change
+exec 9>"$lab_prefix/.lock"
+flock 9  # one set-up at a time (two lab.sh starting at once)
 if [ ! -x "$lab_venv/bin/python" ]; then
   say "creating $lab_venv for $lab_user"
   /usr/bin/python3 -m venv "$lab_venv"
@@ -92,6 +94,8 @@ if [ "$(stat -c %a /dev/net/tun 2>/dev/null)" != 666 ] && [ -c /dev/net/tun ]; t
   fi
   export SANDBOX_KERNEL_TUN_DEVICE="$tun"
 fi
+flock -u 9
+exec 9>&-
 as_lab sandbox-kernel doctor >&2 || { say "the kernel cannot run as $lab_user (above: what is missing)"; exit 1; }
 
 held=""

@@ -15,8 +15,9 @@ How a local sandbox is built (all undone by :meth:`LocalBackend.stop`, and by
    PID, IPC and UTS namespaces, no capabilities, an unprivileged uid, a seccomp filter
    (``seccomp.py``), and it dies with the kernel.
 
-The kernel process must run as root (it creates namespaces and nftables rules); the
-code in the sandbox never does.
+Root mode (the kernel runs as root) creates named namespaces and cgroups; rootless mode (the
+default when the kernel is not root, ``rootless.py``) makes the same sandbox as an unprivileged
+user, with rlimits instead of cgroups. The code in the sandbox never runs as root.
 """
 
 from __future__ import annotations
@@ -123,12 +124,15 @@ class LocalBackend(Backend):
         return env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel")
 
     rootless = Bool(
-        help="Run without root (prototype): the kernel creates each sandbox's user and network "
-        "namespaces as its own user, programs nftables and reads NFLOG inside them, and starts "
-        "the agent under bubblewrap in a further user namespace. No cgroups: pids_limit becomes "
-        "an RLIMIT_NPROC counted in the sandbox's namespace, memory_limit and work_size do not "
-        "apply; allowlists need a /dev/net/tun the user may open (slirp4netns), else only deny "
-        "is enforced. Env: SANDBOX_KERNEL_ROOTLESS (true/false)."
+        help="Run without root: the kernel creates each sandbox's user and network namespaces as "
+        "its own user, programs nftables and reads NFLOG inside them, and starts the agent under "
+        "bubblewrap in a further user namespace. Default: on when the kernel does not run as root "
+        "(scripts/lab.sh runs Jupyter so), off as root (root mode, with cgroups). Without cgroups "
+        "the limits are rlimits: pids_limit is RLIMIT_NPROC counted in the sandbox's user namespace, "
+        "memory_limit is RLIMIT_DATA per process, work_size bounds each file (RLIMIT_FSIZE), not the "
+        "working directory's total; allowlists need a tun device the user may open for slirp4netns "
+        "(/dev/net/tun at 0666, or tun_device), else only deny is enforced. Env: "
+        "SANDBOX_KERNEL_ROOTLESS (true/false)."
     ).tag(config=True)
 
     tun_device = Unicode(
@@ -143,7 +147,10 @@ class LocalBackend(Backend):
 
     @default("rootless")
     def _rootless_default(self):
-        return env_default("SANDBOX_KERNEL_ROOTLESS", "false").lower() in ("1", "true", "yes")
+        value = env_default("SANDBOX_KERNEL_ROOTLESS", "")
+        if not value:
+            return os.geteuid() != 0
+        return value.lower() in ("1", "true", "yes")
 
     python = Unicode(
         help="The Python interpreter that runs the agent inside the sandbox (its install "
@@ -279,7 +286,7 @@ class LocalBackend(Backend):
         if os.geteuid() != 0 and not self.rootless:
             missing.append(
                 "root privileges: the kernel creates network namespaces and nftables rules "
-                "(run Jupyter as root, set c.LocalBackend.rootless = True, or use the kubernetes backend)"
+                "(c.LocalBackend.rootless is off: turn it on, run Jupyter as root, or use the kubernetes backend)"
             )
         tools = [("ip", "iproute2"), ("nft", "nftables"), ("bwrap", "bubblewrap"), ("nsenter", "util-linux"),
                  ("unshare", "util-linux"), ("slirp4netns", "slirp4netns")]

@@ -1,4 +1,4 @@
-"""The local sandbox's namespaces when the kernel does not run as root (prototype).
+"""The local sandbox's namespaces when the kernel does not run as root.
 
 Used by the local backend (``backends/local.py``) when ``c.LocalBackend.rootless`` is set.
 An unprivileged process may create a user namespace and, owned by it, a network namespace;
