@@ -399,6 +399,8 @@ class LocalBackend(Backend):
         else:
             _run(["ip", "netns", "add", self.netns])
         _run([*self._in_netns(), "ip", "link", "set", "lo", "up"])
+        if self._ns is not None:
+            self._ns.prepare(self.nflog_group)  # the sockets served from the host side, at once
         # rules first: the uplink must never be up without the policy in force
         self._apply_rules(self._ruleset(policy))
         self._start_uplink()
@@ -931,8 +933,14 @@ def _proc_start_time(pid: int) -> str | None:
     return fields[19]
 
 
-def _python_prefixes(python: str) -> list[str]:
+#: interpreter -> its prefixes, once known (each sandbox start would pay a Python start)
+_PREFIXES: dict[str, tuple[str, ...]] = {}
+
+
+def _python_prefixes(python: str) -> tuple[str, ...]:
     """Directories the sandbox interpreter needs: its prefix (and base prefix for a venv)."""
+    if python in _PREFIXES:
+        return _PREFIXES[python]
     result = _run([python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"], check=False)
     paths = [p for p in result.stdout.split() if p] if result.returncode == 0 else []
     if not paths:
@@ -942,7 +950,9 @@ def _python_prefixes(python: str) -> list[str]:
         real = os.path.realpath(p)
         if real not in out and real != "/usr":
             out.append(real)
-    return out
+    if result.returncode == 0:
+        _PREFIXES[python] = tuple(out)
+    return tuple(out)
 
 
 def remove_sandbox(sandbox_id: str, state_dir: str) -> list[str]:
