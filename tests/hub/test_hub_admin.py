@@ -7,27 +7,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import requests
+from browsertools import CHROMIUM, ROOT, browser_missing
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("drive_admin.mjs")
-CHROMIUM = "/usr/bin/chromium"
-
-
-def _browser_missing() -> list[str]:
-    missing = []
-    if not Path(CHROMIUM).exists():
-        missing.append(f"{CHROMIUM} (apt-get install chromium)")
-    if not shutil.which("node"):
-        missing.append("node")
-    if not (ROOT / "node_modules" / "playwright-core" / "package.json").exists():
-        missing.append("playwright-core (npm ci)")
-    return missing
 
 
 @pytest.fixture
@@ -47,7 +34,7 @@ def overrides_removed(service, hub):
 
 def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, hub, tmp_path, test_host,
                                                               overrides_removed):
-    missing = _browser_missing()
+    missing = browser_missing()
     if missing:
         if os.environ.get("CI"):
             pytest.fail("the admin page test needs " + ", ".join(missing))

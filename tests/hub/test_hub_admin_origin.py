@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from test_hub_admin import CHROMIUM, ROOT, _browser_missing
+from browsertools import CHROMIUM, ROOT, browser_missing
 
 PAGE = Path(__file__).with_name("attack_admin.html").read_bytes()
 SCRIPT = Path(__file__).with_name("drive_admin_origin.mjs")
@@ -61,7 +60,7 @@ def student_page(hub):
 
 
 def test_a_script_on_a_students_page_cannot_read_or_drive_the_admin_page(service, hub, student_page):
-    missing = _browser_missing()
+    missing = browser_missing()
     if missing:
         pytest.fail("the admin origin test needs " + ", ".join(missing))
     before = service.api("GET", "api/ceilings", hub.tokens["teacher"]).json()
