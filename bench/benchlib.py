@@ -24,6 +24,9 @@ from pathlib import Path
 
 from jupyter_client.manager import KernelManager
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from kerneltest import add_host_namespace, remove_host, start_host_server  # noqa: E402 - the test suite's hosts
+
 #: where the benchmarks' hosts get their /24s
 HOST_RANGE = ipaddress.ip_network("10.233.0.0/16")
 
@@ -149,35 +152,12 @@ def _used_subnets() -> set[ipaddress.IPv4Network]:
     return used
 
 
-def _remove(name: str, server: subprocess.Popen | None) -> None:
-    if server is not None:
-        server.kill()
-        server.wait()
-    _sh("ip", "link", "del", f"{name}h", check=False)
-    _sh("ip", "netns", "del", name, check=False)
-    Path(f"/tmp/{name}.log").unlink(missing_ok=True)
-
-
-def _setup(name: str, subnet: ipaddress.IPv4Network) -> Host:
-    gateway, ip = str(subnet[1]), str(subnet[2])
-    _sh("ip", "netns", "add", name)
-    _sh("ip", "link", "add", f"{name}h", "type", "veth", "peer", "name", f"{name}p")
-    _sh("ip", "link", "set", f"{name}p", "netns", name)
-    _sh("ip", "addr", "add", f"{gateway}/24", "dev", f"{name}h")
-    _sh("ip", "link", "set", f"{name}h", "up")
-    _sh("ip", "-n", name, "addr", "add", f"{ip}/24", "dev", f"{name}p")
-    _sh("ip", "-n", name, "link", "set", f"{name}p", "up")
-    _sh("ip", "-n", name, "link", "set", "lo", "up")
-    _sh("ip", "-n", name, "route", "add", "default", "via", gateway)
-    return Host(name, ip, gateway)
-
-
 @contextmanager
 def netns_host(serve_port: int | None = None):
     """A host in a network namespace of this run, routed from the machine; removed after.
 
     With ``serve_port`` it runs the test suite's host server there (TCP ``serve_port``
-    answers "hello from test host"). Needs root."""
+    answers "hello from test host", see tests/kerneltest.py). Needs root."""
     name = f"skb-{uuid.uuid4().hex[:8]}"
     server = None
     previous = None
@@ -191,24 +171,19 @@ def netns_host(serve_port: int | None = None):
             candidates = list(HOST_RANGE.subnets(new_prefix=24))[1:-1]
             used = _used_subnets()
             subnet = random.choice([n for n in candidates if n not in used])
-            host = _setup(name, subnet)
+            host = Host(name, str(subnet[2]), str(subnet[1]))
+            add_host_namespace(name, host.ip, host.gateway)
             # another run may have taken the same /24 a moment ago: then both choose again
             if _owners(subnet) == [f"{name}h"]:
                 break
-            _remove(name, None)
+            remove_host(name)
         else:
             raise RuntimeError(f"no free /24 in {HOST_RANGE} for a benchmark host")
         if serve_port is not None:
-            sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
-            from kerneltest import _HOST_SERVER
-
-            server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", _HOST_SERVER,
-                                       str(serve_port), f"/tmp/{name}.log"], stdout=subprocess.PIPE, text=True)
-            if server.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"the host server in {name} did not start")
+            server = start_host_server(name, serve_port)
         yield host
     finally:
-        _remove(name, server)
+        remove_host(name, server)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         elif threading.current_thread() is threading.main_thread():
