@@ -170,16 +170,23 @@ def _recorded_namespaces(state: Path) -> set[str]:
     return {f"sbx-{p.parent.name}" for p in state.glob("*/owner.json")}
 
 
+def _kernel_keeping_state(fresh_kernel, configured_state) -> tuple[KernelDriver, set[str]]:
+    """A kernel of the configured state directory whose sandbox holds ``kept = 41``, and the
+    sandbox's network namespace (a set of one, recorded in that directory and present)."""
+    env, state = configured_state
+    driver = fresh_kernel(env)
+    assert driver.execute("kept = 41").reply["content"]["status"] == "ok"
+    netns = _recorded_namespaces(state)
+    assert len(netns) == 1 and netns <= sandbox_namespaces()
+    return driver, netns
+
+
 def test_start_up_gc_reads_the_configured_state_dir(configured_state, fresh_kernel):
     # With the state directory set in a config file (not the environment), a starting
     # kernel's gc looked for owner records in the default directory, found none for the
     # first kernel's namespace and deleted it under the running sandbox.
-    env, state = configured_state
-    first = fresh_kernel(env)
-    assert first.execute("kept = 41").reply["content"]["status"] == "ok"
-    netns = _recorded_namespaces(state)
-    assert len(netns) == 1 and netns <= sandbox_namespaces()
-    second = fresh_kernel(env)
+    first, netns = _kernel_keeping_state(fresh_kernel, configured_state)
+    second = fresh_kernel(configured_state[0])
     assert second.execute("print('second')").stream().startswith("second\n")
     assert netns <= sandbox_namespaces()
     assert first.execute("print(kept + 1)").stream().startswith("42\n")
@@ -189,11 +196,8 @@ def test_gc_command_reads_the_kernels_config_file(configured_state, fresh_kernel
     # `sandbox-kernel gc` parsed only argv and the environment: with the state directory set
     # in sandbox_kernel_config.py it looked for owner records in the default directory and
     # removed a running kernel's namespace as an orphan.
+    driver, netns = _kernel_keeping_state(fresh_kernel, configured_state)
     env, state = configured_state
-    driver = fresh_kernel(env)
-    assert driver.execute("kept = 41").reply["content"]["status"] == "ok"
-    netns = _recorded_namespaces(state)
-    assert len(netns) == 1 and netns <= sandbox_namespaces()
     for command in (["sandbox-kernel", "gc"], ["sandbox-kernel", "doctor"]):
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -209,11 +213,7 @@ def test_gc_with_another_state_dir_leaves_a_running_sandbox_alone(configured_sta
     # Two kernels configured with different state directories on one machine: the gc of
     # the one (at its start, or `sandbox-kernel gc`) found the other's namespace with no
     # owner record in its own directory and deleted it under the running sandbox.
-    env, state = configured_state
-    driver = fresh_kernel(env)
-    assert driver.execute("kept = 41").reply["content"]["status"] == "ok"
-    netns = _recorded_namespaces(state)
-    assert len(netns) == 1 and netns <= sandbox_namespaces()
+    driver, netns = _kernel_keeping_state(fresh_kernel, configured_state)
     other = tmp_path / "other-state"
     result = subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "SANDBOX_KERNEL_STATE_DIR": str(other)})
