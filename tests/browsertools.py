@@ -90,17 +90,19 @@ def script_config(tmp_path: Path, **own) -> dict:
 
 
 def run_browser_script(script: Path, config: dict, timeout: float = 300) -> tuple[dict, str]:
-    """Run ``node script config`` (see :func:`script_config`); then stop whatever its Chromium
-    left and remove its profile. Returns the script's report (its last JSON line on stdout)
-    and its stderr."""
-    profile = Path(config["userDataDir"])
+    """Run ``node script config`` (see :func:`script_config`); then stop whatever it left
+    running and remove its Chromium profile (``userDataDir``, when the config names one: the
+    hub's scripts make and remove their own). Returns the script's report (its last JSON line
+    on stdout) and its stderr."""
+    profile = Path(config["userDataDir"]) if config.get("userDataDir") else None
     node = subprocess.Popen(["node", str(script), json.dumps(config)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         out, err = node.communicate(timeout=timeout)
     finally:
-        kill_tree(node, marker=str(profile))
-        shutil.rmtree(profile, ignore_errors=True)
+        kill_tree(node, marker=str(profile) if profile else None)
+        if profile:
+            shutil.rmtree(profile, ignore_errors=True)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     assert lines, f"{script.name} printed no report (exit {node.returncode}):\n{out}\n{err[-4000:]}"
     return json.loads(lines[-1]), err

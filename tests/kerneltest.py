@@ -124,6 +124,11 @@ class KernelDriver:
     def pid(self) -> int:
         return self.km.provisioner.process.pid
 
+    def status_rows(self, *names: str) -> list[str]:
+        """The rows of ``%sandbox status`` whose first word is one of ``names``, as shown."""
+        text = self.execute("%sandbox status").outputs[0]["content"]["data"]["text/plain"]
+        return [row for row in text.splitlines() if row.split()[0] in names]
+
     def policy_state(self) -> dict[str, list[str] | str]:
         """The policy rows of ``%sandbox status``: mode, entries, presets."""
         text = self.execute("%sandbox status").outputs[0]["content"]["data"]["text/plain"]
@@ -234,6 +239,14 @@ threading.Event().wait()
 
 
 _HOST_INDEX = itertools.count(1)
+
+#: a cell that prints ``connected`` or ``refused <error>`` for a TCP connection to
+#: ``{ip}:{port}`` (fill in with ``CONNECT.format(ip=..., port=...)``)
+CONNECT = ("import socket\n"
+           "try:\n"
+           "    socket.create_connection(({ip!r}, {port}), timeout=3).close(); print('connected')\n"
+           "except OSError as e:\n"
+           "    print('refused', type(e).__name__)\n")
 
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -4,15 +4,13 @@ hub's login. The form is XSRF-protected, and user-controlled text on the page is
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import requests
-from browsertools import CHROMIUM, ROOT, browser_missing
+from browsertools import CHROMIUM, browser_missing, run_browser_script
 
 SCRIPT = Path(__file__).with_name("drive_admin.mjs")
 
@@ -59,10 +57,8 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
     cfg = {"hub": hub.public_url, "adminUrl": service.admin_url, "admin": "teacher",
            "student": "alice", "password": hub.password, "group": "class-b", "shot": shot,
            "executablePath": CHROMIUM}
-    run = subprocess.run(["node", str(SCRIPT), json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=180)
-    report = json.loads(run.stdout.strip().splitlines()[-1]) if run.stdout.strip() else {}
-    assert report.get("ok"), f"{report}\n{run.stderr[-2000:]}"
+    report, err = run_browser_script(SCRIPT, cfg, timeout=180)
+    assert report["ok"], f"{report}\n{err[-2000:]}"
     assert report["offLoopback"] == []
 
     # the teacher saw the page (through the hub's OAuth) with bob's sandbox and the audit log
