@@ -26,6 +26,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,9 @@ import pytest
 import requests
 import yaml
 
-pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+#: the first test may build the hub image (about 5 minutes cold, 1.5 when only the code changed)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1200)]
 
 _K8S_TESTS = str(Path(__file__).resolve().parents[1] / "kubernetes")
 if _K8S_TESTS not in sys.path:
@@ -90,9 +93,14 @@ def cluster_hub(local_cluster, hub_kit, tmp_path_factory):
 
     from realcluster import admin_client, delete_namespace, helm, wait_for
 
+    # the service's image of this checkout: built (or found current) and imported into the cluster
+    built = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-hub-image.sh"), "build"], capture_output=True,
+                           text=True, timeout=1100, env={**os.environ, "SANDBOX_KERNEL_CLUSTER_HUB_IMAGE": HUB_IMAGE})
+    if built.returncode != 0:
+        pytest.fail("scripts/cluster-hub-image.sh build failed:\n" + "\n".join(built.stderr.splitlines()[-15:]),
+                    pytrace=False)
     if not _image_on_node(local_cluster, HUB_IMAGE):
-        pytest.fail(f"the hub image {HUB_IMAGE} is not on the node: build it with "
-                    "`bash scripts/cluster-images.sh hub` (it imports it into the running cluster)", pytrace=False)
+        pytest.fail(f"the hub image {HUB_IMAGE} was built but the node does not list it", pytrace=False)
     admin = str(local_cluster.kubeconfig)
     api = admin_client(admin)
     core = client.CoreV1Api(api)
@@ -134,7 +142,7 @@ def cluster_hub(local_cluster, hub_kit, tmp_path_factory):
         values_file.write_text(yaml.safe_dump(values))
         started = time.monotonic()
         installed = True
-        helm(admin, "upgrade", "--install", RELEASE, str(Path(__file__).resolve().parents[2] / "helm" / "sandbox-kernel"),
+        helm(admin, "upgrade", "--install", RELEASE, str(ROOT / "helm" / "sandbox-kernel"),
              "--namespace", NAMESPACE, "-f", str(values_file), "--wait", "--timeout", "240s")
         install_took = time.monotonic() - started
         service_ip = core.read_namespaced_service(HUB_SA, NAMESPACE).spec.cluster_ip
