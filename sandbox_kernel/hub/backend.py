@@ -74,7 +74,9 @@ class HubBackend(Backend):
     ).tag(config=True)
 
     reattach_timeout = Float(
-        15.0, help="Seconds to keep trying to re-open a dropped stream to a sandbox that still runs."
+        120.0, help="Seconds to keep trying to re-open a dropped stream to a sandbox that still runs: long "
+        "enough for the service's pod to be replaced (a restart of the chart's Deployment took 15 s "
+        "on the test cluster before the service answered again), short of the service's abandoned_after."
     ).tag(config=True)
 
     #: the service checks every policy change against the ceiling (and audits refusals): the

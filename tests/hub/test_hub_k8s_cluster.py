@@ -22,6 +22,7 @@ The cluster administrator's kubeconfig only installs the chart, provides the sta
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -164,7 +165,7 @@ for _service in c.JupyterHub.services:
         svc = SimpleNamespace(hub=hub, proxied_url=f"{hub.public_url}/services/{hub_kit.SERVICE}/",
                               url=f"{service_url}/services/{hub_kit.SERVICE}/")
         kernels = hub_kit.Kernels(svc)
-        yield SimpleNamespace(hub=hub, svc=svc, kernels=kernels, admin=admin, api=api, core=core,
+        yield SimpleNamespace(hub=hub, svc=svc, kernels=kernels, admin=admin, api=api, core=core, cluster=local_cluster,
                               install_took=install_took, service_url=service_url)
         kernels.close()
     finally:
@@ -308,3 +309,47 @@ def test_two_users_are_isolated_and_a_change_beyond_the_ceiling_is_refused(clust
     kernels.run(alice.backend.apply_policy(EgressPolicy(mode="allowlist", entries=("9.9.9.9:443/tcp",))), 60)
     wait_for("alice's NetworkPolicy to open 9.9.9.9", lambda: "9.9.9.9/32" in cidrs("alice"), timeout=30)
     assert "9.9.9.9/32" not in cidrs("bob")
+
+
+def test_the_service_restarted_in_its_pod_adopts_the_running_sandbox(cluster_hub):
+    """`kubectl rollout restart` of the service (Recreate: the old pod ends first): the
+    sandbox pod outlives it, the new service process adopts it from the state volume, and the
+    kernel's next cell runs in the same interpreter."""
+    ch = cluster_hub
+    kernels = ch.kernels
+    alice = kernels.open("alice", timeout=300)
+    sid = alice.backend.sandbox_id
+    result, out = kernels.execute(alice, "kept = 41\nprint('set')", timeout=120)
+    assert out.stdout() == "set\n", out.frames
+    sandbox_pod = _api(ch, "GET", f"api/sandboxes/{sid}", "alice").json()["details"]["pod"]
+    old_service, = [p.metadata.name for p in ch.core.list_namespaced_pod(NAMESPACE).items]
+
+    stream = alice.backend._transport._ws
+
+    def restart():
+        ch.cluster.kubectl("rollout", "restart", f"deployment/{HUB_SA}", "-n", NAMESPACE)
+        ch.cluster.kubectl("rollout", "status", f"deployment/{HUB_SA}", "-n", NAMESPACE, "--timeout=180s", timeout=200)
+
+    async def restart_while_the_kernel_runs() -> float:
+        # the kernel's event loop runs meanwhile, as a real kernel's does: its reader sees the
+        # stream end and re-opens it once the new service process has adopted the pod
+        started = time.monotonic()
+        await asyncio.to_thread(restart)
+        while alice.backend._transport._ws is stream:
+            assert time.monotonic() - started < 240, "the kernel did not re-open its stream"
+            await asyncio.sleep(0.1)
+        return time.monotonic() - started
+
+    took = kernels.run(restart_while_the_kernel_runs(), 300)
+    print(f"rollout restart → adopted, the kernel's stream re-opened in {took:.1f} s")
+    assert _api(ch, "GET", f"api/sandboxes/{sid}", "alice").json()["state"] == "running"
+    new_service = [p.metadata.name for p in ch.core.list_namespaced_pod(NAMESPACE).items
+                   if not p.metadata.deletion_timestamp]
+    assert new_service and old_service not in new_service
+    result, out = kernels.execute(alice, "print(kept + 1)", timeout=120)
+    assert result.exit_status == 0 and out.stdout() == "42\n", out.frames  # the same interpreter
+    assert _api(ch, "GET", f"api/sandboxes/{sid}", "alice").json()["details"]["pod"] == sandbox_pod
+    live = [p.metadata.name for p in ch.core.list_namespaced_pod(PREFIX + "alice").items if not p.metadata.deletion_timestamp]
+    assert sandbox_pod in live
+    events = _api(ch, "GET", "api/audit?user=alice", "teacher").json()["events"]
+    assert any(e.get("action") == "adopt" and e.get("sandbox") == sid for e in events), events[-5:]
