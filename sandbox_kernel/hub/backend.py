@@ -105,12 +105,14 @@ class HubBackend(Backend):
     def _headers(self) -> dict:
         return {"Authorization": f"token {self.api_token}", "Content-Type": "application/json"}
 
-    async def call(self, method: str, path: str, body: Any = None) -> dict:
-        """One request to the service; raises a typed error for a refusal."""
+    async def call(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> dict:
+        """One request to the service; raises a typed error for a refusal. ``timeout``: this
+        request's own limit in seconds (default ``request_timeout``)."""
+        limit = self.request_timeout if timeout is None else timeout
         request = httpclient.HTTPRequest(
             self._url(path), method=method, headers=self._headers(),
             body=json.dumps(body) if body is not None else (b"{}" if method in ("POST", "PUT") else None),
-            request_timeout=self.request_timeout, connect_timeout=15)
+            request_timeout=limit, connect_timeout=min(15.0, limit))
         try:
             response = await httpclient.AsyncHTTPClient().fetch(request, raise_error=False)
         except OSError as err:  # refused, reset, unreachable: raise_error=False passes these on
@@ -278,7 +280,9 @@ class HubBackend(Backend):
         deadline = loop.time() + self.reattach_timeout
         while self.sandbox_id and transport is self._transport and loop.time() < deadline:
             try:
-                data = await self.status()
+                # a short limit per poll: while the service's pod is replaced, a request can hang
+                # on a route to the old pod (seen on the test cluster); the next poll gets through
+                data = await self.call("GET", f"api/sandboxes/{self.sandbox_id}", timeout=10)
             except ServiceError as err:
                 if err.status in (401, 403, 404):
                     return None
