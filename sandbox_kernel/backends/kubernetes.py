@@ -1175,7 +1175,8 @@ class _Watch:
     * an ERROR event or a 410 Gone (the resourceVersion was compacted away): list again,
       emit what the list shows (a pod that is gone as ``DELETED``), and watch from the
       list's resourceVersion;
-    * the connection failing (the API server is down for a moment): retry with backoff
+    * the connection failing (the API server is down for a moment), a 5xx, or a 429 (a
+      restarted server refuses watches until its cache is filled): retry with backoff
       for :attr:`UNREACHABLE_FOR` s, then report KubernetesUnavailable.
 
     Any other error event or status is reported as the typed error :func:`_api_error`
@@ -1232,7 +1233,7 @@ class _Watch:
             except ApiException as err:
                 if err.status == 410:
                     outcome = "gone"
-                elif err.status == 0 or err.status >= 500:
+                elif _retryable(err.status):
                     outcome = f"failed: {err.status} {err.reason}"
                 else:
                     self._error(_api_error(err, "watch", self.resource, self.namespace))
@@ -1250,7 +1251,7 @@ class _Watch:
                 try:
                     self._relist()
                 except ApiException as err:
-                    if err.status and err.status < 500:
+                    if not _retryable(err.status):
                         self._error(_api_error(err, "list", self.resource, self.namespace))
                         return
                     outcome = f"failed: {err.status} {err.reason}"
@@ -1285,7 +1286,7 @@ class _Watch:
                         return "gone"
                     err = ApiException(status=obj.get("code") or 500, reason=obj.get("reason", ""))
                     err.body = json.dumps(obj)
-                    if err.status >= 500:
+                    if _retryable(err.status):
                         raise err
                     raise _WatchError(_api_error(err, "watch", self.resource, self.namespace))
                 version = (obj.get("metadata") or {}).get("resourceVersion")
@@ -1316,6 +1317,13 @@ class _Watch:
         if not items and self.source == "pod":
             self._put((self.source, "DELETED", {}))
         self.resource_version = (listed.get("metadata") or {}).get("resourceVersion") or self.resource_version
+
+
+def _retryable(status: int | None) -> bool:
+    """A watch or list answer to retry: no answer (0), a 5xx, or 429 — which a restarting
+    API server sends ("storage is (re)initializing", Retry-After) until its watch cache is
+    filled again, after its port already accepts connections."""
+    return not status or status >= 500 or status == 429
 
 
 class _WatchError(Exception):

@@ -95,6 +95,29 @@ def test_error_event_relists_or_rewatches(fakekube, code):
         assert len(_watch_requests(fakekube, "pods")) >= 2  # watched again after the 500
 
 
+def test_watches_refused_with_429_while_the_restarted_server_fills_its_cache_are_retried(fakekube):
+    """A restarted kube-apiserver accepts connections before its watch cache is filled and
+    answers watches 429 "storage is (re)initializing" meanwhile (a window the real restart
+    in test_k8s_restart.py may or may not hit): retried, not reported as an error."""
+    backend = make_backend(fakekube)
+
+    async def main():
+        task = await started_watching(fakekube, backend)
+        await asyncio.to_thread(fakekube.hold_watches)
+        for resource in ("pods", "events"):
+            await asyncio.to_thread(fakekube.fail, "watch", resource, 429, "TooManyRequests",
+                                    "storage is (re)initializing", times=2)
+        assert await asyncio.to_thread(fakekube.end_watches) == 2
+        await asyncio.to_thread(fakekube.update_pod, backend.namespace, backend.pod, ready)
+        await asyncio.to_thread(fakekube.release_watches)
+        info = await asyncio.wait_for(task, 20)
+        await backend.stop()
+        return info
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)).details["pod"]
+    assert len(_watch_requests(fakekube, "pods")) >= 4  # the first, two refused with 429, the one that saw Ready
+
+
 def test_pod_deleted_while_the_watch_was_gone_is_reported(fakekube):
     backend = make_backend(fakekube)
 
