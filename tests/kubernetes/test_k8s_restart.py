@@ -1,0 +1,212 @@
+"""A sandbox start survives a restart of the REAL kube-apiserver (issue 15, point 10).
+
+The start watches its pod and the pod's events until Ready. A real API server restart
+(a control-plane upgrade, a crash) ends those watches — cleanly, or with the connection
+refused while it is down, 429s while its watch cache fills, or a 410 when the old
+resourceVersion is gone — and the start must pick up where it was: re-watch from the last
+resourceVersion, or re-list, and complete as soon as the pod is Ready, not at the end of
+its timeout. ``scripts/cluster.sh restart-apiserver`` stops kube-apiserver alone (SIGTERM)
+and starts it again with the same flags.
+
+The order is made, not hoped for: the sandbox pod asks for a node label that no node has
+yet, so it stays Pending ("Waiting for a node") while the API server restarts; only after
+the server is back does the test add the label to the node (as an autoscaler adds a node),
+and the pod is scheduled, started and becomes Ready. The backend's watches are recorded
+(a subclass that only logs what ``_Watch`` does), so the test checks that each watch was
+open before the restart, ended by it, and was opened again after it.
+
+Marked ``cluster``. The restart disturbs every client of the shared test cluster for a few
+seconds (they reconnect), so this module is its own: run it when the watch code changes.
+Authenticates as the chart's kernel ServiceAccount, like test_k8s_real.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from realcluster import (CHART_NAMESPACE, KERNEL_SA, SANDBOX_IMAGE, delete_namespace, install_chart,
+                         service_account_kubeconfig)
+from sandbox_kernel.backends import kubernetes as kb
+from sandbox_kernel.policy.model import EgressPolicy
+
+pytestmark = pytest.mark.cluster
+
+START_TIMEOUT = 300.0
+
+
+@pytest.fixture(scope="module")
+def kernel_kubeconfig(local_cluster, tmp_path_factory):
+    install_chart(str(local_cluster.kubeconfig))
+    return str(service_account_kubeconfig(str(local_cluster.kubeconfig), CHART_NAMESPACE, KERNEL_SA,
+                                          tmp_path_factory.mktemp("sa") / "kernel.kubeconfig"))
+
+
+class Log:
+    """What happened, in order, from every thread: (what, detail...) tuples."""
+
+    def __init__(self):
+        self.items: list[tuple] = []
+        self._lock = threading.Lock()
+
+    def add(self, *item) -> None:
+        with self._lock:
+            self.items.append(item)
+
+    def index(self, predicate, start: int = 0) -> int | None:
+        with self._lock:
+            return next((i for i, item in enumerate(self.items) if i >= start and predicate(item)), None)
+
+    def snapshot(self) -> list[tuple]:
+        with self._lock:
+            return list(self.items)
+
+
+def recording_watch(log: Log, watches: list):
+    """A ``_Watch`` that behaves as the backend's and logs each request and how it ended."""
+
+    class RecordingWatch(kb._Watch):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            watches.append(self)
+            inner = self.func
+
+            def func(*a, **kw):
+                try:
+                    resp = inner(*a, **kw)
+                except Exception as err:
+                    log.add("refused", self.source, type(err).__name__)
+                    raise
+                log.add("watching" if kw.get("watch") else "listed", self.source, getattr(resp, "status", None))
+                return resp
+
+            self.func = func
+
+        def _watch_once(self):
+            try:
+                outcome = super()._watch_once()
+            except Exception as err:
+                log.add("ended", self.source, f"{type(err).__name__}: {err}"[:200])
+                raise
+            log.add("ended", self.source, outcome)
+            return outcome
+
+    return RecordingWatch
+
+
+def test_a_start_survives_an_api_server_restart(local_cluster, kernel_kubeconfig, monkeypatch):
+    from kubernetes import client, config
+
+    from realcluster import REPO
+
+    admin = str(local_cluster.kubeconfig)
+    label = f"sandbox-kernel.io/restart-test-{uuid.uuid4().hex[:6]}"
+    log, watches = Log(), []
+    monkeypatch.setattr(kb, "_Watch", recording_watch(log, watches))
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=kernel_kubeconfig, client_configuration=configuration)
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    backend = kb.KubernetesBackend(
+        client_configuration=configuration, user=user, image=SANDBOX_IMAGE, image_pull_policy="Never",
+        requests={"cpu": "50m", "memory": "128Mi"}, node_selector={label: "yes"},
+        start_timeout=START_TIMEOUT, schedule_timeout=START_TIMEOUT, gc_on_start=False,
+        namespace_role=f"{KERNEL_SA}-sandbox", role_subject=f"ServiceAccount:{CHART_NAMESPACE}:{KERNEL_SA}")
+    backend.always_blocked = ["169.254.0.0/16"]
+    timings: dict[str, float] = {}
+
+    def progress(line: str) -> None:
+        log.add("progress", line)
+
+    async def until(what: str, predicate, start, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert not start.done(), f"the start ended while waiting for {what}: {start.exception()!r}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {log.snapshot()}"
+            await asyncio.sleep(0.1)
+
+    def watching(source: str) -> bool:
+        return log.index(lambda i: i[:2] == ("watching", source)) is not None
+
+    async def main():
+        began = time.monotonic()
+        start = asyncio.ensure_future(backend.start(uuid.uuid4().hex, EgressPolicy(), progress))
+        # the pod exists, both watches are open and the scheduler said it has no node yet
+        await until("both watches and 'Waiting for a node'",
+                    lambda: watching("pod") and watching("event")
+                    and log.index(lambda i: i[0] == "progress" and i[1].startswith("Waiting for a node")) is not None, start)
+        log.add("restart", "begin")
+        restart_began = time.monotonic()
+        done = await asyncio.to_thread(subprocess.run, ["bash", str(REPO / "scripts" / "cluster.sh"), "restart-apiserver"],
+                                       capture_output=True, text=True, timeout=180)
+        log.add("restart", "ready")
+        timings["restart"] = time.monotonic() - restart_began
+        assert done.returncode == 0, done.stderr
+        assert not start.done(), start.exception()  # the restart alone did not end the start
+        # now a node fits: the pod is scheduled, started and becomes Ready
+        local_cluster.kubectl("label", "node", local_cluster.node_name, f"{label}=yes")
+        log.add("node", "labelled")
+        labelled = time.monotonic()
+        info = await asyncio.wait_for(start, START_TIMEOUT)
+        timings["labelled_to_ready"] = time.monotonic() - labelled
+        timings["start"] = time.monotonic() - began
+        # the first cell runs in that pod
+        transport = await backend.attach()
+        try:
+            assert (await asyncio.wait_for(transport.recv(), 60))["type"] == "hello"
+            await transport.send({"type": "execute", "id": 1, "code": "print(6 * 7)", "silent": False,
+                                  "store_history": True, "user_expressions": {}, "allow_stdin": False})
+            out = []
+            while True:
+                frame = await asyncio.wait_for(transport.recv(), 60)
+                assert frame is not None, "the stream ended before the cell did"
+                if frame["type"] == "stream":
+                    out.append(frame["text"])
+                if frame["type"] == "done":
+                    break
+            assert "".join(out) == "42\n" and frame["exit_status"] == 0, (out, frame)
+        finally:
+            await transport.close()
+        return info
+
+    try:
+        info = asyncio.run(main())
+    finally:
+        local_cluster.kubectl("label", "node", local_cluster.node_name, f"{label}-", check=False)
+        asyncio.run(backend.stop())
+        if backend.namespace:
+            delete_namespace(admin, backend.namespace)
+    print(f"API server restart {timings['restart']:.1f} s; node labelled -> Ready "
+          f"{timings['labelled_to_ready']:.1f} s; whole start {timings['start']:.1f} s")
+    assert info.details["pod"] == backend.pod
+
+    items = log.snapshot()
+    begin = items.index(("restart", "begin"))
+    ready_again = items.index(("restart", "ready"))
+    labelled = items.index(("node", "labelled"))
+    for source in ("pod", "event"):
+        # open before the restart, ended by it, open again (or listed) after that
+        assert any(i[:2] == ("watching", source) for i in items[:begin]), (source, items)
+        ended = next((n for n in range(begin, len(items)) if items[n][:2] == ("ended", source)), None)
+        assert ended is not None, (source, items)
+        assert any(i[:2] in (("watching", source), ("listed", source)) for i in items[ended:]), (source, items)
+    assert sum(w.rewatches + w.relists for w in watches) >= 2, [(w.source, w.rewatches, w.relists) for w in watches]
+
+    # progress: each line once, in the order a start goes through, Ready last and only
+    # after the node fitted (so after the restart)
+    lines = [i[1] for i in items if i[0] == "progress"]
+    assert len(lines) == len(set(lines)), lines
+    assert lines[-1] == "Ready", lines
+    order = [next((n for n, line in enumerate(lines) if line.startswith(w)), None)
+             for w in ("Scheduling", "Waiting for a node: ", f"Scheduled on node {local_cluster.node_name}", "Ready")]
+    assert None not in order and order == sorted(order), lines
+    assert items.index(("progress", "Ready")) > labelled > ready_again > begin
+    # not one line about an error: the restart is invisible to the user but for its pause
+    assert not [line for line in lines if "fail" in line.lower() or "error" in line.lower()], lines
+    # the start ended because the watch saw Ready, not at its timeout
+    assert timings["labelled_to_ready"] < START_TIMEOUT / 2, timings
