@@ -1,4 +1,8 @@
-"""The whole Sandbox kernel on the Kubernetes backend, through the fake API server.
+"""The whole Sandbox kernel on the Kubernetes backend, through the fake API server, for
+what the real cluster (tests/kubernetes/test_k8s_real.py: cells, exit statuses, interrupt,
+input, the exec stream cut and re-attached, the pod deleted, shutdown, gc) does not show:
+faults injected between two cells of one kernel — RBAC refusing the replacement pod, then
+the user's quota full — and how the notebook shows them.
 
 A real kernel process (jupyter_client) reads a kubeconfig that points at the fake
 (127.0.0.1, bearer token), so credential loading is the production path too.
@@ -6,7 +10,6 @@ A real kernel process (jupyter_client) reads a kubeconfig that points at the fak
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -30,7 +33,7 @@ def kube_kernel(fakekube, tmp_path):
         driver.shutdown()
 
 
-def test_kernel_end_to_end(fakekube, kube_kernel, monkeypatch, capsys):
+def test_faults_between_cells_are_said_in_the_notebook(fakekube, kube_kernel, monkeypatch, capsys):
     first = kube_kernel.execute("x = 20\nprint(x + 1)")
     assert first.status == "ok", first.reply
     assert "21\n" in first.stream()
@@ -38,29 +41,7 @@ def test_kernel_end_to_end(fakekube, kube_kernel, monkeypatch, capsys):
     assert "[sandbox] " in first.stream() and "Pulling image" in first.stream(), first.stream()
     pods = fakekube.objects("pods")
     assert len(pods) == 1 and pods[0]["metadata"]["namespace"].startswith("user-sandbox-alice-smith--")
-    failed = kube_kernel.execute("raise SystemExit(3)")
-    assert failed.sandbox["exit_status"] == 3
     assert "20\n" in kube_kernel.execute("print(x)").stream()  # same interpreter
-
-    # interrupt: the in-band frame reaches the agent over the exec stream and the cell stops
-    for code in ("while True: pass", "import time; time.sleep(100)"):
-        sent = []
-        timer = threading.Timer(0.6, lambda: (sent.append(time.monotonic()), kube_kernel.km.interrupt_kernel()))
-        timer.start()
-        cell = kube_kernel.execute(code, timeout=20)
-        took = time.monotonic() - sent[0]
-        assert cell.reply["content"]["status"] == "error" and cell.reply["content"]["ename"] == "KeyboardInterrupt", cell.reply
-        assert took < 1.5, f"{code!r} took {took:.2f} s to stop after the interrupt"
-    assert "20\n" in kube_kernel.execute("print(x)").stream()  # interrupts keep the interpreter
-
-    # the exec WebSocket is cut by the server side, between cells and during one: same pod, same state
-    fakekube.drop_exec_streams()
-    assert "20\n" in kube_kernel.execute("print(x)").stream()
-    threading.Timer(0.4, fakekube.drop_exec_streams).start()
-    cut = kube_kernel.execute("import time\nprint('a', flush=True)\ntime.sleep(1.2)\nprint(x * 2)")
-    assert cut.status == "ok" and cut.stream().startswith("a\n40\n"), (cut.reply, cut.outputs)  # then the footer
-    assert [p["metadata"]["name"] for p in fakekube.objects("pods")] == [pods[0]["metadata"]["name"]]
-    assert fakekube.count("create", "pods/exec") == 3
 
     # the pod disappears behind the kernel's back and RBAC refuses the replacement: the cell says so
     fakekube.forbid("create", "pods")
