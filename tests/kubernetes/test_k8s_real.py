@@ -330,6 +330,60 @@ def test_pod_deleted_from_outside_then_next_cell_in_a_new_pod(cluster_admin, ker
     assert new["metadata"]["name"] != pod["metadata"]["name"]
 
 
+def test_refusals_between_cells_are_said_in_the_notebook(cluster_admin, kernel_kubeconfig):
+    """Between two cells of one kernel the cluster changes under it, as an administrator
+    would change it: the pod is deleted and the namespace's RoleBinding removed, so the
+    replacement is refused by RBAC (a real 403); the binding comes back but the quota is
+    full (a real "exceeded quota"); the quota is restored and the next cell gets a fresh pod.
+    Each refusal is shown in the notebook, in plain words."""
+    from kubernetes import client
+
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    driver = KernelDriver(kernel_env(kernel_kubeconfig, user))
+    api = admin_client(cluster_admin)
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    try:
+        assert "x=1\n" in driver.execute("print('x=1')", timeout=240).stream()
+        pod = the_pod(cluster_admin, user)
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        binding = rbac.read_namespaced_role_binding("sandbox-kernel", namespace)
+        rbac.delete_namespaced_role_binding("sandbox-kernel", namespace)
+        wait_for("RBAC to drop the binding", lambda: not may(kernel_kubeconfig, "create", "pods", namespace), timeout=30)
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=1)
+        wait_for("the pod to be gone", lambda: name not in [p.metadata.name for p in core.list_namespaced_pod(namespace).items],
+                 timeout=60)
+        denied = driver.execute("print('after')", timeout=240)
+        if denied.reply["content"].get("ename") == "SandboxCrashed":  # the loss was seen during the cell
+            assert "deleted" in denied.reply["content"]["evalue"]
+            denied = driver.execute("print('after')", timeout=240)
+        content = denied.reply["content"]
+        assert content.get("ename") == "KubernetesForbidden", content
+        assert f'namespace "{namespace}"' in content["evalue"] and "cannot " in content["evalue"], content["evalue"]
+        assert "Kubernetes refused" in str(denied.outputs)  # shown in the notebook, not only in the reply
+
+        # the binding is back, the quota is full
+        core.patch_namespaced_resource_quota("sandbox-quota", namespace, {"spec": {"hard": {"pods": "0"}}})
+        rbac.create_namespaced_role_binding(namespace, {
+            "metadata": {"name": "sandbox-kernel", "labels": binding.metadata.labels},
+            "roleRef": api.sanitize_for_serialization(binding.role_ref),
+            "subjects": api.sanitize_for_serialization(binding.subjects)})
+        wait_for("RBAC to see the binding again", lambda: may(kernel_kubeconfig, "create", "pods", namespace), timeout=30)
+        full = driver.execute("print('after')", timeout=240)
+        assert full.reply["content"].get("ename") == "QuotaExceeded", full.reply["content"]
+        assert f"quota in namespace {namespace}" in full.reply["content"]["evalue"]
+        assert "exceeded quota: sandbox-quota" in str(full.outputs)
+
+        # and once there is room again, the next cell gets a fresh sandbox
+        core.patch_namespaced_resource_quota("sandbox-quota", namespace, {"spec": {"hard": {"pods": "4"}}})
+        again = driver.execute("print('fresh')", timeout=240)
+        assert "fresh\n" in again.stream(), again.outputs
+        assert the_pod(cluster_admin, user)["metadata"]["name"] != name
+    finally:
+        driver.shutdown()
+        for ns in _user_namespaces(cluster_admin, user):
+            delete_namespace(cluster_admin, ns)
+
+
 def test_pod_security_restricted_rejects_a_violating_pod(cluster_admin, kernel_kubeconfig, kernel):
     """The user namespace enforces restricted: the sandbox pod got in (the kernel started),
     and a privileged spec sent by the same identity is refused by the real admission."""
@@ -545,6 +599,88 @@ def test_gc_removes_an_orphan_and_leaves_a_live_sandbox(cluster_admin, kernel_ku
             driver.km.shutdown_kernel(now=True)  # reaps the killed process, removes its files
         except Exception:  # noqa: BLE001 - the kernel process is gone
             pass
+        for ns in _user_namespaces(cluster_admin, user):
+            delete_namespace(cluster_admin, ns)
+
+
+def test_an_orphaned_pod_ends_by_itself_and_the_next_start_collects_it(cluster_admin, kernel_kubeconfig):
+    """Issue 15 point 4 on a real pod: the kernel goes away without stopping its sandbox
+    (its exec stream closes, nothing deletes the pod); the agent, the pod's main process,
+    exits after ``orphan_timeout`` with no client attached, so the pod ends (Succeeded) by
+    itself; the user's next start sweeps it away. Its egress policy is younger than gc's
+    10 minutes and stays for now (another start may own it)."""
+    from kubernetes import client
+
+    from sandbox_kernel.policy.model import EgressPolicy
+
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(admin_client(cluster_admin))
+
+    async def main():
+        orphan = _backend(kernel_kubeconfig, user, orphan_timeout=3.0, gc_on_start=True)
+        await orphan.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
+        await orphan._gc_task
+        transport = await orphan.attach()
+        assert (await asyncio.wait_for(transport.recv(), 60))["type"] == "hello"
+        namespace, pod = orphan.namespace, orphan.pod
+        await transport.close()  # the kernel is gone: no stop()
+        await asyncio.to_thread(wait_for, "the orphaned pod to end by itself",
+                                lambda: core.read_namespaced_pod(pod, namespace).status.phase == "Succeeded",
+                                120)
+        fresh = _backend(kernel_kubeconfig, user, gc_on_start=True)
+        await fresh.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
+        removed = await fresh._gc_task
+        await fresh.stop()
+        return namespace, pod, removed
+
+    try:
+        namespace, pod, removed = asyncio.run(main())
+        assert f"pods {namespace}/{pod}" in removed, removed
+        wait_for("the orphan to be gone", lambda: pod not in [p.metadata.name for p in core.list_namespaced_pod(namespace).items],
+                 timeout=60)
+        net = client.NetworkingV1Api(admin_client(cluster_admin))
+        assert f"{pod}-egress" in [n.metadata.name for n in net.list_namespaced_network_policy(namespace).items]
+    finally:
+        for ns in _user_namespaces(cluster_admin, user):
+            delete_namespace(cluster_admin, ns)
+
+
+LEARN_CONNECT = ("import socket\n"
+                 "try:\n"
+                 "    socket.create_connection(({ip!r}, {port}), timeout=3).close(); print('connected')\n"
+                 "except OSError as e:\n"
+                 "    print('refused', type(e).__name__)\n")
+
+
+def test_learn_mode_records_what_the_guard_let_through(cluster_admin, kernel_kubeconfig, test_host):
+    """Learn mode on a real pod: there is no enforcer log, so the kernel asks the agent's
+    guard what it let through; the proposal has the allowed port and the refused one, and
+    learning changes nothing about the policy in force (kube-router still lets 8080 through)."""
+    from sandbox_kernel.learn import LEARN_MIME
+
+    host = test_host(8080)
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    driver = KernelDriver(kernel_env(kernel_kubeconfig, user))
+    try:
+        assert driver.execute(f"%sandbox allow {host.ip}:8080/tcp", timeout=240).status == "ok"
+        # NetworkPolicy is programmed asynchronously: wait until the allowed port connects
+        wait_for("the allowed port to connect through kube-router",
+                 lambda: "connected" in driver.execute(LEARN_CONNECT.format(ip=host.ip, port=8080)).stream(),
+                 timeout=60, interval=0)
+        started = driver.execute("%sandbox learn")
+        assert "allowed ones as the sandbox's guard reports them" in started.stream(), started.stream()
+        assert "connected" in driver.execute(LEARN_CONNECT.format(ip=host.ip, port=8080)).stream()
+        assert "refused" in driver.execute(LEARN_CONNECT.format(ip=host.ip, port=8081)).stream()
+        stop = driver.execute("%sandbox learn stop")
+        [proposal] = [m["content"]["data"][LEARN_MIME] for m in stop.of_type("display_data")
+                      if LEARN_MIME in m["content"]["data"]]
+        assert {(t["port"], t["verdict"], tuple(t["sources"])) for t in proposal["tried"]} == {
+            (8080, "allowed", ("guard",)), (8081, "blocked", ("guard",))}, proposal["tried"]
+        [item] = proposal["items"]
+        assert item["text"] == f"{host.ip}:8080-8081/tcp" and item["sandbox_reported"]
+        assert "connected" in driver.execute(LEARN_CONNECT.format(ip=host.ip, port=8080)).stream()
+    finally:
+        driver.shutdown()
         for ns in _user_namespaces(cluster_admin, user):
             delete_namespace(cluster_admin, ns)
 
