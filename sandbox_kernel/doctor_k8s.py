@@ -11,7 +11,9 @@ which only ask the API server a question):
 - every permission the backend uses with the configured enforcers
   (:func:`~sandbox_kernel.backends.kubernetes.required_permissions`), one
   SelfSubjectAccessReview each, asked for all namespaces (user namespaces are created on
-  demand, so a grant must hold in every one of them);
+  demand, so a grant must hold in every one of them); with a ``namespace_role`` (as the
+  Helm chart configures kernels) only the cluster-scoped ones (``bind`` asked for that role
+  by name), and the namespaced ones in the user's namespace when it exists;
 - NetworkPolicy enforcement: the DaemonSets in kube-system, looking for the agents of
   the dataplanes that enforce NetworkPolicy (GKE Dataplane V2 ``anetd``, Cilium, Calico,
   …), a ``get`` of each name in :data:`DOCTOR_DAEMONSETS` (by name, so that the Helm
