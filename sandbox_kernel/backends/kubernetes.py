@@ -1198,6 +1198,7 @@ class _Watch:
         self.func, self.args = func, args
         self.field_selector, self.resource_version, self.timeout_seconds = field_selector, resource_version, timeout_seconds
         self.rewatches = self.relists = 0
+        self.allowed_once = False  # a watch was opened (the identity may watch)
         self._stopped = threading.Event()
         self._resp = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"sandbox-watch-{source}")
@@ -1233,13 +1234,15 @@ class _Watch:
 
         failing_since: float | None = None
         while not self._stopped.is_set():
+            refused = None  # a 403 being retried
             try:
                 outcome = self._watch_once()
                 failing_since = None
             except ApiException as err:
+                refused = err if err.status == 403 else None
                 if err.status == 410:
                     outcome = "gone"
-                elif _retryable(err.status):
+                elif _retryable(err.status) or self._refused_after_allowed(err):
                     outcome = f"failed: {err.status} {err.reason}"
                 else:
                     self._error(_api_error(err, "watch", self.resource, self.namespace))
@@ -1257,9 +1260,10 @@ class _Watch:
                 try:
                     self._relist()
                 except ApiException as err:
-                    if not _retryable(err.status):
+                    if not (_retryable(err.status) or self._refused_after_allowed(err)):
                         self._error(_api_error(err, "list", self.resource, self.namespace))
                         return
+                    refused = err if err.status == 403 else None
                     outcome = f"failed: {err.status} {err.reason}"
                 except Exception as err:  # noqa: BLE001 - as above
                     outcome = f"failed: {err}"
@@ -1267,12 +1271,22 @@ class _Watch:
                 now = time.monotonic()
                 failing_since = failing_since if failing_since is not None else now
                 if now - failing_since > self.UNREACHABLE_FOR:
-                    self._error(KubernetesUnavailable(f"watching {self.resource} failed for "
-                                                      f"{self.UNREACHABLE_FOR:.0f} s: {outcome[8:]}"))
+                    if refused is not None:  # still refused: the identity lost the right
+                        self._error(_api_error(refused, "watch", self.resource, self.namespace))
+                    else:
+                        self._error(KubernetesUnavailable(f"watching {self.resource} failed for "
+                                                          f"{self.UNREACHABLE_FOR:.0f} s: {outcome[8:]}"))
                     return
                 self._stopped.wait(min(0.2 * 2 ** min(int(now - failing_since), 4), 2.0))
             else:
                 self.rewatches += 1
+
+    def _refused_after_allowed(self, err) -> bool:
+        """A 403 for a watch this identity was allowed to open a moment ago: a restarting
+        API server serves before its RBAC caches are filled and refuses meanwhile (seen on
+        the test cluster: 'clusterrole … not found' for every role), so it is retried like
+        an unreachable server; one that lasts :attr:`UNREACHABLE_FOR` s is reported."""
+        return err.status == 403 and self.allowed_once
 
     def _watch_once(self) -> str:
         """One watch request from :attr:`resource_version`; returns "closed" (clean end) or
@@ -1285,6 +1299,7 @@ class _Watch:
         self._resp = resp
         try:
             _check_status(resp)
+            self.allowed_once = True
             for event in _json_lines(resp):
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
