@@ -649,6 +649,10 @@ cmd_restart_apiserver() {  # stop kube-apiserver only and start it again with th
   down="$(now_ms)"
   start_apiserver
   log "kube-apiserver restarted: stopped in $((down - t0)) ms, ready again $(($(now_ms) - t0)) ms after the stop began"
+  # the other components reconnect by themselves; return once `status` would say ready again
+  wait_for "node $NODE_NAME Ready after the restart" "$TIMEOUT" node_ready
+  wait_for "CoreDNS ready after the restart" "$TIMEOUT" dns_ready
+  wait_for "kube-router ready after the restart" "$TIMEOUT" policy_ready
 }
 
 now_ms() { local t="$EPOCHREALTIME"; echo $(( ${t/./} / 1000 )); }
