@@ -22,6 +22,7 @@ from . import __version__
 from .backends.base import Backend
 from .config import env_bool, env_default
 from .errors import SandboxError
+from .access import AccessRequests
 from .grants import Grants
 from .learn import Learner
 from .history import CellHistory
@@ -228,6 +229,10 @@ class SandboxKernel(Kernel):
         self.magics = SandboxMagics(self)
         self.grants = Grants(self)
         self.learner = Learner(self)
+        #: hub mode: requests for access to the administrator (%sandbox request)
+        self.access = AccessRequests(self)
+        if self.backend_name == "hub":
+            self.sandbox_backend.on_access = self.access.on_frame
         self._init_comms()
         #: the cells' input history (history_request); outlives sandbox restarts
         self.history = CellHistory()
@@ -576,7 +581,8 @@ class SandboxKernel(Kernel):
         # one board from one cell to the next (capped like a cell's): a flood between cells
         # costs a count, not a notice per frame
         if self._idle_board is None:
-            self._idle_board = NoticeBoard(self.policy, self.admin, limit=self.notice_limit)
+            self._idle_board = NoticeBoard(self.policy, self.admin, limit=self.notice_limit,
+                                           requests=self.sandbox_backend.takes_requests)
         merged = self._idle_board.add(record, source)
         if merged is not None and merged[1]:
             self.recent_blocked.append(merged[0])
@@ -617,7 +623,8 @@ class SandboxKernel(Kernel):
                          allow_stdin=False, *, cell_meta=None, cell_id=None):
         self._idle_board = None
         self._cell_state = {"error": None, "silent": silent, "allow_stdin": allow_stdin,
-                            "board": NoticeBoard(self.policy, self.admin, limit=self.notice_limit),
+                            "board": NoticeBoard(self.policy, self.admin, limit=self.notice_limit,
+                                                 requests=self.sandbox_backend.takes_requests),
                             "parent": self.get_parent("shell")}
         if not silent:
             for line in self.grants.take_pending():  # said while no cell ran (a grant expired)

@@ -25,7 +25,7 @@ from .policy.presets import PRESETS
 if TYPE_CHECKING:
     from .kernel import SandboxKernel
 
-VERBS = ("status", "policy", "allow", "revoke", "mode", "preset", "blocked", "learn", "restart", "help")
+VERBS = ("status", "policy", "allow", "revoke", "mode", "preset", "blocked", "learn", "request", "restart", "help")
 LEARN_VERBS = ("start", "stop", "status", "apply", "insert")
 
 HELP = """%sandbox — the sandbox and its egress policy (handled by the kernel, not the sandbox)
@@ -46,6 +46,9 @@ HELP = """%sandbox — the sandbox and its egress policy (handled by the kernel,
   %sandbox learn status        learning or not, destinations so far, the last proposal
   %sandbox learn apply         allow what the proposal says you may (as %sandbox allow does)
   %sandbox learn insert        put the proposal's %sandbox lines into a new cell
+  %sandbox request ENTRY… [--reason TEXT]
+                               hub mode: ask your administrator for destinations beyond your
+                               limits; the answer shows here and in the panel when it comes
   %sandbox restart             replace the sandbox with a fresh one (the policy is kept)
   %sandbox help                this text
 """
@@ -167,9 +170,6 @@ class SandboxMagics:
         if not args:
             raise UsageError("%sandbox allow: name at least one destination, e.g. %sandbox allow pypi.org:443")
         entries = [parse_entry(a) for a in args]
-        if seconds is not None and self.kernel.sandbox_backend.enforces_ceiling:
-            raise UsageError("%sandbox allow --for: timed access is not available in hub mode yet "
-                             "(the sandbox service would have to keep the clock); allow without --for")
         before = self.kernel.policy
         # an entry already allowed for good stays so: --for does not shorten it
         permanent = [e for e in entries if e in before.entries and self.kernel.grants.left(e) is None]
@@ -178,10 +178,10 @@ class SandboxMagics:
             new = new.with_mode("allowlist")
         out = await self._apply(new)
         if seconds is None:
-            self.kernel.grants.make_permanent(entries)
+            await self.kernel.grants.commit(entries, None)
         else:
             timed = [e for e in entries if e not in permanent]
-            self.kernel.grants.add(timed, seconds)
+            await self.kernel.grants.commit(timed, seconds)
             if timed:
                 out.text += f" · {', '.join(map(str, timed))} for {format_left(seconds)}"
             if permanent:
@@ -230,6 +230,14 @@ class SandboxMagics:
             return MagicOutput(await learner.apply())
         payload = learner.insert_payload()
         return MagicOutput(f"the next cell holds: {payload['text'].strip()}", payload=[payload])
+
+    async def do_request(self, args) -> MagicOutput:
+        from .access import split_request_args
+
+        entries, reason = split_request_args(args)
+        record = await self.kernel.access.request(entries, reason)  # shows the request's own display
+        return MagicOutput(f"request {record['id']} sent to your administrator; the answer will show above "
+                           "(and in %sandbox policy) when it comes, without a new cell")
 
     async def do_restart(self, args) -> MagicOutput:
         self._no_args("restart", args)

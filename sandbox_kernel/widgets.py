@@ -102,11 +102,13 @@ class PolicyPanel:
         self.status = w.HTML()
         self.blocked_box = w.VBox()
         self.learn = learn_view_for(kernel)
+        # hub mode: the requests for access and the administrator's answers, updated as they come
+        extra = [kernel.access.summary_widget()] if kernel.access.available else []
         self.widget = w.VBox([
             self.title, self.mode, self.entries, self.validation,
             w.HBox([w.Label("Presets"), *self.preset_buttons]),
             w.HBox([self.apply, self.revert]), self.status,
-            w.HTML("<b>Recently blocked</b>"), self.blocked_box, self.learn.widget,
+            w.HTML("<b>Recently blocked</b>"), self.blocked_box, *extra, self.learn.widget,
         ], layout=w.Layout(border="1px solid #ccc", padding="6px", width="fit-content"))
 
         self.show_policy()
@@ -282,6 +284,14 @@ class PolicyPanel:
             button.on_click(lambda _, command=conn.remedy["command"]: self._spawn(self._allow(command)))
             self._allow_buttons.append((button, conn.remedy.get("entry", "")))
             self._mark_allowed()
+        elif conn.remedy.get("request"):
+            # beyond the ceiling, but an administrator could grant it (hub mode)
+            reason = conn.remedy.get("reason", "not permitted by your administrator")
+            button = w.Button(description="Request access", icon="envelope", tooltip=conn.remedy["request"],
+                              disabled=self.kernel.admin.locked)
+            button.add_class("sandbox-kernel-request-access")
+            button.on_click(lambda _, command=conn.remedy["request"]: self._spawn(self._allow(command)))
+            label.value += f" <span style='color:#888'>— {html.escape(reason)}</span>"
         else:
             reason = conn.remedy.get("reason", "not permitted by your administrator")
             button = w.Button(description="Allow", icon="ban", disabled=True, tooltip=reason)
@@ -291,7 +301,8 @@ class PolicyPanel:
         return row
 
     async def _allow(self, command: str) -> None:
-        """The Allow button: exactly the notice's remedy, ``%sandbox allow …``."""
+        """The Allow (and Request access) button: exactly the notice's remedy, ``%sandbox allow …``
+        (``%sandbox request …``)."""
         before = self.kernel.policy
         self.status.value = "<span class='sk-applying'>applying…</span>"
         try:
