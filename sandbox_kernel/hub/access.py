@@ -299,7 +299,7 @@ class AccessDesk:
                      answer: str) -> AccessRequest:
         now = time.time()
         grant = Grant(id=secrets.token_hex(6), target=target, entries=list(req.entries), by=by, time=now,
-                      expires=now + seconds if seconds else None, request_id=req.id)
+                      expires=now + seconds if seconds else None, request=req.id)
         self.grants[grant.id] = grant
         req.state, req.decided_by, req.decided_at, req.answer, req.grant = "granted", by, now, answer, grant.id
         self.m.save()
