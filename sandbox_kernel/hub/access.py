@@ -331,7 +331,7 @@ class AccessDesk:
         grant = self.grants.get(gid) if isinstance(gid, str) else None
         if grant is None:
             raise self._refuse(f"no grant {str(gid)[:40]!r}", status=404, action="revoke", by=by, grant=gid)
-        await self._end(grant, by, f"revoked by {by}")
+        await self._end(grant, by, f"was revoked by {by}", action="revoke")
         return grant
 
     # -- the clock ------------------------------------------------------------------------
@@ -341,7 +341,7 @@ class AccessDesk:
         now = time.time() if now is None else now
         done = []
         for grant in [g for g in self.grants.values() if g.expires is not None and g.expires <= now]:
-            await self._end(grant, "service", "its time ended")
+            await self._end(grant, "service", "ended: its time was up")
             done.append(f"grant {grant.id} ({grant.describe()}) ended")
         for sb in list(self.m.sandboxes.values()):
             due = [e for e, end in sb.timed.items() if end <= now]
@@ -358,12 +358,12 @@ class AccessDesk:
             done.append(f"timed entries {', '.join(due)} of sandbox {sb.id} ended")
         return done
 
-    async def _end(self, grant: Grant, by: str, why: str) -> None:
+    async def _end(self, grant: Grant, by: str, why: str, action: str = "end") -> None:
         """Remove a grant; entries it alone permitted leave the policies of the users it
         covered (the rest of each policy stays)."""
         self.grants.pop(grant.id, None)
         self.m.save()
-        self.m.audit.write("access", action="end", result="accepted", by=by, grant=grant.id, target=grant.target,
+        self.m.audit.write("access", action=action, result="accepted", by=by, grant=grant.id, target=grant.target,
                            entries=grant.entries, reason=why, **({"user": grant.target["user"]}
                                                                  if "user" in grant.target else {}))
         users = ({grant.target["user"]} if "user" in grant.target else

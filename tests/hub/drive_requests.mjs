@@ -1,7 +1,8 @@
 // A teacher decides students' requests for access on the sandbox service's admin page, in
 // headless Chromium: log in to the hub, open the admin page (through the hub's OAuth), read the
 // pending requests, then for each decision in cfg.decisions fill that request's form (scope,
-// duration, reason) and press Grant or Deny; read what the page says after each.
+// duration, reason) and press Grant or Deny; read what the page says after each. The
+// screenshot (cfg.shot) shows the page before the decisions, with the requests waiting.
 //
 // Started by tests/hub/test_hub_requests.py with one JSON argument:
 //   {adminUrl, hub, admin, password, executablePath, shot,
@@ -39,6 +40,8 @@ try {
   await page.waitForSelector('#requests', { timeout });
   report.pendingRows = await page.$$eval('#requests tr', (rows) =>
     rows.map((row) => [...row.cells].map((cell) => cell.textContent.trim())));
+  // the page as the teacher finds it: the requests waiting for a decision
+  if (cfg.shot) await page.screenshot({ path: cfg.shot, fullPage: true });
   for (const d of cfg.decisions) {
     const row = `#request-${d.request}`;
     await page.waitForSelector(row, { timeout });
@@ -53,7 +56,6 @@ try {
     });
     report.steps.push(`${d.action} ${d.request}`);
   }
-  if (cfg.shot) await page.screenshot({ path: cfg.shot, fullPage: true });
   report.ok = true;
 } catch (err) {
   report.error = String(err && err.stack || err);
