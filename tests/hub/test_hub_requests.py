@@ -96,8 +96,13 @@ def test_a_students_request_is_granted_and_denied_in_the_browser(service, hub, t
         assert any("waiting for your administrator" in d.get("text/plain", "") for d in shown), shown
         asked2 = kernel.execute(f"%sandbox request {other_entry} --reason 'just curious'")
         rid2 = re.search(r"request ([0-9a-f]+) sent", asked2.stream()).group(1)
-        panel = Panel(kernel, asked)
-        panel.models.update(Panel(kernel, asked2).models)
+        # the policy panel offers Request access on the blocked row, and lists her requests
+        panel = Panel(kernel, kernel.execute("%sandbox policy"))
+        button = panel.models[panel.find("ButtonModel", description="Request access")]
+        assert button["tooltip"] == f"%sandbox request {entry}" and not button["disabled"]
+        assert "waiting for your administrator" in panel.wait_for_html("Requests for access", entry)
+        for cell in (asked, asked2):  # one reader of the widgets' updates for all of them
+            panel.models.update(Panel(kernel, cell).models)
         recorded = service.api("GET", "api/requests", hub.tokens["alice"]).json()["requests"]
         mine = {r["id"]: r for r in recorded}
         assert mine[rid]["state"] == "pending" and mine[rid]["entries"] == [entry]
@@ -128,6 +133,8 @@ def test_a_students_request_is_granted_and_denied_in_the_browser(service, hub, t
         # her kernel learns both within seconds, between cells: the requests' displays update
         panel.wait_for_html("granted by teacher", entry, timeout=20)
         panel.wait_for_html("denied by teacher", "not needed for lab 3", timeout=20)
+        listed = panel.wait_for_html("Requests for access", "granted by teacher", "denied by teacher", timeout=20)
+        assert "waiting" not in listed
         # ... and the granted entry is in force: her next connection succeeds, nothing restarted
         cell = kernel.execute(CONNECT.format(ip=host.ip, port=host.port))
         assert "connected" in cell.stream(), cell.outputs
