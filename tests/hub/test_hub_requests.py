@@ -238,16 +238,17 @@ def test_bad_requests_and_forged_decisions_are_refused_and_audited(kernels, serv
 
 
 def test_a_timed_grant_ends_on_the_services_clock(kernels, service, hub, test_host, narrow_ceilings):
-    """Granted for 2 s: reachable at once, then refused, and the kernel is told (between cells)."""
+    """Granted for 8 s: applied at once; it outlives the kernel that asked (a new kernel may
+    allow the entry), and the service ends it: refused again, and the kernel is told between cells."""
     host = test_host()
     entry = _entry(host)
     alice = kernels.open("alice")
     frames: list[dict] = []
     alice.backend.on_access = frames.append
     r = service.api("POST", "api/requests", hub.tokens["alice"],
-                    json={"sandbox": alice.backend.sandbox_id, "entries": [entry], "reason": "two seconds"})
+                    json={"sandbox": alice.backend.sandbox_id, "entries": [entry], "reason": "eight seconds"})
     rid = r.json()["id"]
-    r = service.api("POST", f"api/requests/{rid}/grant", hub.tokens["teacher"], json={"for": 2})
+    r = service.api("POST", f"api/requests/{rid}/grant", hub.tokens["teacher"], json={"for": 8})
     assert r.status_code == 200 and r.json()["state"] == "granted", r.text
     kernels.run(_until(lambda: any(f["event"] == "granted" for f in frames)))
     granted = next(f for f in frames if f["event"] == "granted")
@@ -255,13 +256,61 @@ def test_a_timed_grant_ends_on_the_services_clock(kernels, service, hub, test_ho
     assert "for user alice, until" in granted["message"]
     _, out = kernels.execute(alice, CONNECT.format(ip=host.ip, port=host.port))
     assert "connected" in out.stdout(), out.frames
+
+    # her kernel restarts (a new kernel, a new sandbox with the default policy): the grant is
+    # the service's, so the new kernel may allow the entry until the grant's time is up
+    kernels.run(alice.stop(), 30)
+    again = kernels.open("alice")
+    frames.clear()
+    again.backend.on_access = frames.append
+    policy = {"mode": "allowlist", "entries": [entry]}
+    r = service.api("PUT", f"api/sandboxes/{again.backend.sandbox_id}/policy", hub.tokens["alice"],
+                    json={"policy": policy})
+    assert r.status_code == 200, r.text
+    _, out = kernels.execute(again, CONNECT.format(ip=host.ip, port=host.port))
+    assert "connected" in out.stdout(), out.frames
     kernels.run(_until(lambda: any(f["event"] == "ended" for f in frames)), timeout=20)
     ended = next(f for f in frames if f["event"] == "ended")
     assert entry not in ended["policy"]["entries"] and entry not in ended["ceiling"]["user_may_allow"]
-    assert "ended: its time was up" in ended["message"]
-    _, out = kernels.execute(alice, CONNECT.format(ip=host.ip, port=host.port))
+    assert "ended: its time was up" in ended["message"] and entry in ended["message"]
+    _, out = kernels.execute(again, CONNECT.format(ip=host.ip, port=host.port))
     assert "refused" in out.stdout(), out.frames
     assert service.api("GET", "api/grants", hub.tokens["teacher"]).json()["grants"] == []
+
+
+def test_a_grant_for_a_group_until_revoked(kernels, service, hub, test_host):
+    """bob (class-b) asks; the teacher grants it to class-b until revoked: the class's ceiling
+    has the entry, bob's sandbox has it at once; revoking takes it out of both."""
+    host = test_host()
+    entry = _entry(host)
+    teacher = hub.tokens["teacher"]
+    assert service.api("PUT", "api/ceilings/users/bob", teacher, json=PUBLIC_ONLY).status_code == 200
+    try:
+        bob = kernels.open("bob")
+        frames: list[dict] = []
+        bob.backend.on_access = frames.append
+        rid = service.api("POST", "api/requests", hub.tokens["bob"],
+                          json={"sandbox": bob.backend.sandbox_id, "entries": [entry], "reason": "class data"}).json()["id"]
+        r = service.api("POST", f"api/requests/{rid}/grant", teacher, json={"scope": "group:class-b"})
+        assert r.status_code == 200, r.text
+        grants = service.api("GET", "api/grants", teacher).json()["grants"]
+        assert [(g["target"], g["entries"], g["expires"]) for g in grants] == [({"group": "class-b"}, [entry], None)]
+        assert entry in service.api("GET", "api/ceiling", hub.tokens["bob"]).json()["ceiling"]["user_may_allow"]
+        assert entry not in service.api("GET", "api/ceiling", hub.tokens["alice"]).json()["ceiling"]["user_may_allow"]
+        _, out = kernels.execute(bob, CONNECT.format(ip=host.ip, port=host.port))
+        assert "connected" in out.stdout(), out.frames
+        r = service.api("DELETE", f"api/grants/{grants[0]['id']}", teacher)
+        assert r.status_code == 200
+        kernels.run(_until(lambda: any(f["event"] == "ended" for f in frames)))
+        assert "was revoked by teacher" in frames[-1]["message"]
+        _, out = kernels.execute(bob, CONNECT.format(ip=host.ip, port=host.port))
+        assert "refused" in out.stdout(), out.frames
+        revoked = [e for e in service.audit() if e.get("event") == "access" and e.get("action") == "revoke"]
+        assert revoked[-1]["by"] == "teacher" and revoked[-1]["target"] == {"group": "class-b"}
+    finally:
+        service.api("DELETE", "api/ceilings/users/bob", teacher)
+        for grant in service.api("GET", "api/grants", teacher).json()["grants"]:
+            service.api("DELETE", f"api/grants/{grant['id']}", teacher)
 
 
 def test_grants_and_timed_entries_end_after_a_service_restart(spare_service, kernels_for, hub, test_host):
