@@ -351,3 +351,31 @@ async def _until(condition, step: float = 0.05):
 
     while not condition():
         await asyncio.sleep(step)
+
+
+def test_the_decision_form_needs_its_xsrf_token_and_refuses_ones_own_request(kernels, service, hub, test_host,
+                                                                            narrow_ceilings):
+    """The page's decision form: a cookie alone decides nothing (403, still pending); with the
+    page's token, the teacher's own request is not his to decide (the page says so, audited)."""
+    from test_hub_admin import _open_admin_page
+
+    entry = _entry(test_host())
+    teacher = kernels.open("teacher")
+    rid = service.api("POST", "api/requests", hub.tokens["teacher"],
+                      json={"sandbox": teacher.backend.sandbox_id, "entries": [entry], "reason": "mine"}).json()["id"]
+    session, page = _open_admin_page(hub, service, "teacher")
+    assert page.status_code == 200 and f'id="request-{rid}"' in page.text, page.text[:500]
+    assert "your own request: another administrator decides" in page.text
+    form = {"request": rid, "action": "grant", "scope": "user", "for": ""}
+    for token in (None, "forged"):
+        r = session.post(service.admin_url + "/requests", timeout=30, allow_redirects=False,
+                         data={**form, **({"_xsrf": token} if token else {})})
+        assert r.status_code == 403, r.text[:300]
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
+    r = session.post(service.admin_url + "/requests", timeout=30, data={**form, "_xsrf": xsrf})
+    assert r.status_code == 200 and "not done: nobody may decide their own request" in r.text
+    mine = [q for q in service.api("GET", "api/requests", hub.tokens["teacher"]).json()["requests"] if q["id"] == rid]
+    assert mine[0]["state"] == "pending"
+    refused = [e for e in service.audit() if e.get("event") == "access" and e.get("request_id") == rid
+               and e.get("result") == "refused"]
+    assert refused and refused[-1]["by"] == "teacher"
