@@ -70,9 +70,40 @@ def kernelspec_path(tmp_path_factory):
         os.environ["JUPYTER_PATH"] = old
 
 
+@pytest.fixture(scope="session")
+def rootless_kernels(kernelspec_path):
+    """The ``sandbox-rootless`` kernelspec: a kernel in rootless mode running as uid 65534
+    (tests/rootlesskernel.py); removed after the run."""
+    import rootlesskernel
+
+    reason = rootlesskernel.unavailable()
+    if reason:
+        pytest.skip(f"rootless mode: {reason}")
+    made = rootlesskernel.RootlessKernels()
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([made.jupyter_path, os.environ["JUPYTER_PATH"]])
+    yield made
+    made.close()
+
+
 @pytest.fixture(scope="module")
-def _module_kernel():
-    yield from shared_kernel()
+def kernel_mode():
+    """How the kernel fixtures' kernels run: ``root`` (the default), or ``rootless`` (uid 65534,
+    tests/rootlesskernel.py) in modules marked ``both_modes``, which run each test in both."""
+    return "root"
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("both_modes") and "kernel_mode" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_mode", ["root", "rootless"], scope="module")
+
+
+def _kernel_name(kernel_mode: str, request) -> str:
+    return request.getfixturevalue("rootless_kernels").name if kernel_mode == "rootless" else "sandbox"
+
+
+@pytest.fixture(scope="module")
+def _module_kernel(kernel_mode, request):
+    yield from shared_kernel(kernel_name=_kernel_name(kernel_mode, request))
 
 
 @pytest.fixture
@@ -82,12 +113,13 @@ def kernel(_module_kernel):
 
 
 @pytest.fixture
-def fresh_kernel():
+def fresh_kernel(kernel_mode, request):
     """A kernel of its own for a test that crashes, restarts or configures it."""
     drivers = []
+    name = _kernel_name(kernel_mode, request)
 
     def start(env: dict | None = None) -> KernelDriver:
-        driver = KernelDriver(env)
+        driver = KernelDriver(env, name)
         drivers.append(driver)
         return driver
 

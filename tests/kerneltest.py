@@ -34,6 +34,31 @@ def namespaces_of(kernel_pid: int, state_dir: str = "/run/sandbox-kernel") -> se
     return owned & sandbox_namespaces()
 
 
+def agent_pid(kernel_pid: int) -> int:
+    """The pid (as the host sees it) of the sandbox agent a kernel started, root or rootless:
+    the kernel's descendant running ``python -s /opt/sandbox-agent/agent.pyz``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    todo = list(children.get(kernel_pid, []))
+    while todo:
+        pid = todo.pop()
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if argv[-1:] == [b"/opt/sandbox-agent/agent.pyz"] and b"bwrap" not in argv[0]:
+            return pid
+        todo += children.get(pid, [])
+    raise AssertionError(f"no sandbox agent under kernel {kernel_pid}")
+
+
 @dataclass
 class Cell:
     """Everything one execute_request produced."""
@@ -61,12 +86,12 @@ class Cell:
 class KernelDriver:
     """A real Sandbox kernel started by jupyter_client, and a blocking client to it."""
 
-    def __init__(self, env: dict | None = None):
+    def __init__(self, env: dict | None = None, kernel_name: str = "sandbox"):
         from jupyter_client.manager import KernelManager
 
         kernel_env = {**os.environ, **(env or {})}
         for attempt in range(3):
-            self.km = KernelManager(kernel_name="sandbox")
+            self.km = KernelManager(kernel_name=kernel_name)
             self.km.start_kernel(env=kernel_env)
             self.kc = self.km.client()
             self.kc.start_channels()
@@ -299,9 +324,9 @@ class Panel:
         self.send(comm_id, {"method": "custom", "content": {"event": "click"}})
 
 
-def shared_kernel(env: dict | None = None):
+def shared_kernel(env: dict | None = None, kernel_name: str = "sandbox"):
     """A module-scoped fixture body: one kernel for the module's tests (cheaper than one each)."""
-    driver = KernelDriver(env)
+    driver = KernelDriver(env, kernel_name)
     driver.initial_policy = driver.policy_state()
     yield driver
     driver.shutdown()
