@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PolicyError, SandboxError
@@ -118,6 +118,14 @@ def parse_seconds(value: Any) -> float | None:
         raise AccessRefused(f"'for' must be between 1 s and {MAX_GRANT_SECONDS // 86400} days, or empty for "
                             "until revoked")
     return float(value)
+
+
+def policy_has(policy, text: str) -> bool:
+    """Whether ``policy`` has the entry written ``text`` (False for text that is not an entry)."""
+    try:
+        return parse_entry(text) in policy.entries
+    except PolicyError:
+        return False
 
 
 def _reason(value: Any, what: str) -> str:
@@ -349,7 +357,7 @@ class AccessDesk:
                 continue
             for entry in due:
                 del sb.timed[entry]
-            gone = [e for e in due if parse_entry(e) in sb.policy.entries]
+            gone = [e for e in due if policy_has(sb.policy, e)]
             if gone:
                 await self.m.impose(sb, sb.policy.with_entries_removed(*gone), "service",
                                     f"timed access to {', '.join(gone)} ended")
@@ -395,4 +403,4 @@ class AccessDesk:
                             "timed": dict(sb.timed)})
 
 
-__all__ = ["AccessDesk", "AccessRequest", "Grant", "AccessRefused", "ACCESS_FRAME", "parse_seconds"]
+__all__ = ["AccessDesk", "AccessRequest", "Grant", "AccessRefused", "ACCESS_FRAME", "parse_seconds", "policy_has"]

@@ -35,8 +35,8 @@ from ..agent import protocol
 from ..backends.base import Backend, Transport
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import AdminPolicy, CeilingRefused, agent_view
-from ..policy.model import EgressPolicy
-from .access import AccessDesk
+from ..policy.model import EgressPolicy, parse_entry
+from .access import MAX_GRANT_SECONDS, AccessDesk, policy_has
 from .store import AuditLog, StateFile
 
 #: AdminPolicy settings an admin may override per user or per group
@@ -334,7 +334,7 @@ class Manager:
                     await self._halt(sb, "stopped")
                     reason += f"; enforcing it failed ({err}), so the sandbox was stopped"
             sb.policy = target
-            sb.timed = {e: t for e, t in sb.timed.items() if _has_entry(target, e)}
+            sb.timed = {e: t for e, t in sb.timed.items() if policy_has(target, e)}
             sb.conformed = {"time": time.time(), "by": by, "reason": f"{why}: {reason}"}
             self.save()
             self.audit.write("policy", user=sb.user, by=by, sandbox=sb.id, kernel_id=sb.kernel_id,
@@ -577,7 +577,7 @@ class Manager:
                     self.audit.write("policy", **common, result="failed", error=str(err))
                     return False
             sb.policy = new
-            sb.timed = {e: t for e, t in sb.timed.items() if _has_entry(new, e)}
+            sb.timed = {e: t for e, t in sb.timed.items() if policy_has(new, e)}
             self.save()
             self.audit.write("policy", **common, result="accepted", forced=True)
             self._tell_agent(sb)
@@ -676,7 +676,7 @@ class Manager:
                     raise
             sb.policy = new
             now = time.time()
-            sb.timed = {e: t for e, t in sb.timed.items() if _has_entry(new, e)}
+            sb.timed = {e: t for e, t in sb.timed.items() if policy_has(new, e)}
             for entry, seconds in clocks.items():
                 if seconds is None:
                     sb.timed.pop(entry, None)
@@ -819,20 +819,8 @@ async def adopt_kubernetes(backend: Backend, sb: Sandbox):
 
 
 
-def _has_entry(policy: EgressPolicy, text: str) -> bool:
-    from ..policy.model import parse_entry
-
-    try:
-        return parse_entry(text) in policy.entries
-    except PolicyError:
-        return False
-
-
 def _timed(timed: Any, policy: EgressPolicy) -> dict[str, float | None]:
     """``{entry: seconds or None}`` checked: entries of ``policy``, seconds within a week."""
-    from ..policy.model import parse_entry
-    from .access import MAX_GRANT_SECONDS
-
     if timed is None:
         return {}
     if not isinstance(timed, dict) or len(timed) > 1000:

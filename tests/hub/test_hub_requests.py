@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from test_hub_admin import CHROMIUM, ROOT, _browser_missing
 
