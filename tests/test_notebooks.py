@@ -78,6 +78,13 @@ def text_of(cell) -> str:
     return "".join(p if p.endswith("\n") else p + "\n" for p in parts)
 
 
+#: the environment of a notebook that opens public names and the test host: the user may allow
+#: both; the presets name real hosts, which resolve against nothing (the discard port on
+#: loopback), so no lookup leaves the machine and their addresses stay unopened
+MAY_ALLOW_PUBLIC = {"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "public 10.231.0.0/16",
+                    "SANDBOX_KERNEL_UPSTREAM_DNS": "127.0.0.1:9"}
+
+
 def execute(name: str, env: dict | None = None, host: str | None = None) -> Run:
     """Run ``notebooks/<name>`` on the Sandbox kernel; point it at ``host`` if given."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -130,11 +137,7 @@ def test_getting_started():
 
 def test_egress_policies(test_host):
     host = test_host(8080)
-    run = execute("02-egress-policies.ipynb", host=host.ip,
-                  # presets name real hosts: resolve them against nothing (the discard port on
-                  # loopback), so no lookup leaves the machine; their addresses stay unopened
-                  env={"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "public 10.231.0.0/16",
-                       "SANDBOX_KERNEL_UPSTREAM_DNS": "127.0.0.1:9"})
+    run = execute("02-egress-policies.ipynb", host=host.ip, env=MAY_ALLOW_PUBLIC)
     entry = f"{host.ip}:8080/tcp"
 
     i, status = run.cell("%sandbox status")
@@ -551,9 +554,7 @@ def test_demo_ceiling_permits_the_demo_host_and_nothing_else(monkeypatch):
 
 def test_learn_a_notebooks_policy(test_host):
     host = test_host(8080)
-    run = execute("05-learn-a-notebooks-policy.ipynb", host=host.ip,
-                  env={"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "public 10.231.0.0/16",
-                       "SANDBOX_KERNEL_UPSTREAM_DNS": "127.0.0.1:9"})
+    run = execute("05-learn-a-notebooks-policy.ipynb", host=host.ip, env=MAY_ALLOW_PUBLIC)
     entry = f"{host.ip}:8080/tcp"
     work = [run.cell("no course data:")[0], run.cell('echo "subprocess: no course data"')[0], run.cell("no cloud metadata")[0]]
     assert [[n["verdict"] for n in run.notices(i)] for i in work] == [["guarded"], ["rejected"], ["guarded"]]

@@ -6,23 +6,16 @@ is refused and audited."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-
-from test_hub_admin import CHROMIUM, ROOT, _browser_missing
+from browsertools import CHROMIUM, browser_missing, run_browser_script, shots_dir
+from kerneltest import CONNECT
 
 SCRIPT = Path(__file__).with_name("drive_requests.mjs")
-CONNECT = ("import socket\n"
-           "try:\n"
-           "    socket.create_connection(({ip!r}, {port}), timeout=3).close(); print('connected')\n"
-           "except OSError as e:\n"
-           "    print('refused', type(e).__name__)\n")
 #: alice's ceiling in these tests: public destinations only, so the tests' hosts (10.231/16) are
 #: beyond it (and could be granted: they are not always blocked)
 PUBLIC_ONLY = {"user_may_allow": ["public"]}
@@ -63,7 +56,7 @@ def _wait(condition, what: str, timeout: float = 20.0):
 
 def test_a_students_request_is_granted_and_denied_in_the_browser(service, hub, test_host, narrow_ceilings,
                                                                 tmp_path):
-    missing = _browser_missing()
+    missing = browser_missing()
     if missing:
         if os.environ.get("CI"):
             pytest.fail("the requests browser test needs " + ", ".join(missing))
@@ -109,16 +102,13 @@ def test_a_students_request_is_granted_and_denied_in_the_browser(service, hub, t
         assert _access(service, since, action="request", result="accepted", user="alice")
 
         # the teacher grants the first (for alice, until revoked) and denies the second, in Chromium
-        shots = os.environ.get("SANDBOX_KERNEL_SCREENSHOTS")
-        shot = Path(shots) / "hub-requests.png" if shots else tmp_path / "hub-requests.png"
+        shot = shots_dir(tmp_path) / "hub-requests.png"
         cfg = {"hub": hub.public_url, "adminUrl": service.admin_url, "admin": "teacher", "password": hub.password,
                "executablePath": CHROMIUM, "shot": str(shot),
                "decisions": [{"request": rid, "action": "grant", "scope": "user", "for": ""},
                              {"request": rid2, "action": "deny", "reason": "not needed for lab 3"}]}
-        run = subprocess.run(["node", str(SCRIPT), json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=180)
-        report = json.loads(run.stdout.strip().splitlines()[-1]) if run.stdout.strip() else {}
-        assert report.get("ok"), f"{report}\n{run.stderr[-2000:]}"
+        report, err = run_browser_script(SCRIPT, cfg, timeout=180)
+        assert report.get("ok"), f"{report}\n{err[-2000:]}"
         header, *rows = report["pendingRows"]
         assert header == ["asked", "user", "entries", "reason", "notebook's kernel", "decision"]
         listed = {row[2]: row for row in rows}
