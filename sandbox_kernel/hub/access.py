@@ -390,9 +390,7 @@ class AccessDesk:
 
     # -- telling kernels ------------------------------------------------------------------
     def _sandboxes(self, user: str) -> list[Sandbox]:
-        from .manager import RUNNING
-
-        return [sb for sb in self.m.sandboxes.values() if sb.user == user and sb.state in RUNNING]
+        return self.m.active(user)  # starting or running
 
     def _tell(self, sb: Sandbox, event: str, message: str, request: AccessRequest | None = None) -> None:
         """The kernel of ``sb`` learns what happened (now, or when it attaches again): the
