@@ -322,7 +322,8 @@ class AccessDesk:
                 new = sb.policy.with_entries_added(*req.entries)
                 if new.mode != "allowlist":
                     new = new.with_mode("allowlist")
-                applied = await self.m.impose(sb, new, by, f"request {req.id} granted", check=True)
+                applied = new == sb.policy or await self.m.impose(sb, new, by, f"request {req.id} granted",
+                                                                   check=True)
                 self._tell(sb, "granted", message + ("; allowed now" if applied else
                                                      "; allow them with %sandbox allow"), request=req)
             else:
