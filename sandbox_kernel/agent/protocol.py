@@ -47,6 +47,12 @@ Kernel → agent
 ``shutdown``       {}
 ``resume``         {client, since} — a client's first frame (socket channel only)
 
+Sandbox service → kernel (hub mode only; the agent cannot send these: its frames are decoded
+against :data:`AGENT_TYPES`)
+--------------------------------------------------------------------------------------------
+``hub_enforcer_blocked`` {record} — a record of the sandbox's enforcer (NFLOG, DNS proxy)
+``hub_policy``           {policy, reason} — the policy an administrator's ceiling imposed
+
 Sequence numbers (socket channel only, i.e. Kubernetes exec): agent frames carry ``seq``,
 and ``done``/``reply``/``pong`` also ``ack`` (the highest kernel ``seq`` processed); kernel
 frames carry ``seq`` too, numbered per client (``client`` in ``resume``: one per transport).
@@ -90,6 +96,10 @@ AGENT_TYPES = frozenset(
         "pong",
     }
 )
+#: frames only the hub's sandbox service makes (see above)
+ENFORCER_FRAME = "hub_enforcer_blocked"
+POLICY_FRAME = "hub_policy"
+SERVICE_TYPES = frozenset({ENFORCER_FRAME, POLICY_FRAME})
 KERNEL_TYPES = frozenset(
     {
         "execute",

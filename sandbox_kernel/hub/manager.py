@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable
 
 from traitlets import TraitError
 
-from ..agent.protocol import BlockedRecord
+from ..agent.protocol import ENFORCER_FRAME, POLICY_FRAME, BlockedRecord
 from ..agentlink import AgentLink
 from ..backends.base import Backend
 from ..errors import PolicyError, SandboxError, SandboxStartError
@@ -46,9 +46,6 @@ BASE_ONLY_KEYS = ("always_blocked", "cluster_ranges")
 #: frames a sandbox that nobody is attached to keeps for the next attach
 BACKLOG = 2000
 PROGRESS_LINES = 100
-#: frames only the service creates (an agent frame with these types fails to decode)
-ENFORCER_FRAME = "hub_enforcer_blocked"
-POLICY_FRAME = "hub_policy"
 
 RUNNING = ("starting", "running")
 
