@@ -115,6 +115,8 @@ class AgentLink:
         """Send a request that gets one ``reply`` or ``pong`` (matched by a fresh ``id``) and
         return that frame; SandboxCrashed if the link ends first, TimeoutError after
         ``timeout`` seconds."""
+        if self._ended:
+            raise SandboxCrashed("the sandbox stopped")
         fid = f"r{next(self._ids)}"
         fut = asyncio.get_running_loop().create_future()
         self._replies[fid] = fut

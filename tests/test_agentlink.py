@@ -164,6 +164,8 @@ def test_a_bad_frame_ends_the_link_once_with_a_plain_reason_and_fails_waiting_re
             assert not link.alive
             link.abort("too late")  # an end after the end changes nothing
             assert owner.ends == [link]
+            with pytest.raises(SandboxCrashed):  # at once, not after the timeout
+                await link.request({"type": "ping"}, timeout=3600)
             assert link.broken.startswith("the sandbox broke the protocol (") and link.broken.endswith(
                 "), so it was stopped")
             assert owner.frames == []  # nothing after a bad frame is read
