@@ -12,15 +12,9 @@ import time
 
 import pytest
 
-from kerneltest import namespaces_of
+from kerneltest import CONNECT, namespaces_of
 from sandbox_kernel.policy.admin import CeilingRefused
 from sandbox_kernel.policy.model import EgressPolicy
-
-CONNECT = ("import socket\n"
-           "try:\n"
-           "    socket.create_connection(({ip!r}, {port}), timeout=3).close(); print('connected')\n"
-           "except OSError as e:\n"
-           "    print('refused', type(e).__name__)\n")
 
 
 def _events(service, since: float, **match) -> list[dict]:
