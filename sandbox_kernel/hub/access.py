@@ -26,14 +26,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..agent.protocol import ACCESS_FRAME
 from ..errors import PolicyError, SandboxError
 from ..policy.model import Entry, parse_entry
 
 if TYPE_CHECKING:
     from .manager import Manager, Sandbox
 
-#: the frame the service sends a kernel about its user's requests and grants
-ACCESS_FRAME = "hub_access"
 #: most entries one request may name
 MAX_REQUEST_ENTRIES = 20
 #: the longest reason (the user's or the administrator's)

@@ -26,16 +26,13 @@ from tornado import httpclient, websocket
 from traitlets import Float, Unicode, default
 
 from ..agent import protocol
+from ..agent.protocol import ACCESS_FRAME, ENFORCER_FRAME, POLICY_FRAME
 from ..errors import IsolationUnavailable, PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import CeilingRefused
 from ..policy.model import EgressPolicy, parse_entry
 from ..backends.base import Backend, Progress, SandboxInfo, Transport
 
-ENFORCER_FRAME = "hub_enforcer_blocked"
-POLICY_FRAME = "hub_policy"
-#: the service's word on this user's requests for access and grants (hub/access.py)
-ACCESS_FRAME = "hub_access"
-_FROM_SERVICE = protocol.AGENT_TYPES | {ENFORCER_FRAME, POLICY_FRAME, ACCESS_FRAME}
+_FROM_SERVICE = protocol.AGENT_TYPES | protocol.SERVICE_TYPES
 
 
 class ServiceError(SandboxError):
