@@ -7,8 +7,11 @@ every other change, and tells the notebook: in the cell that is running, or at t
 of the next one. An entry allowed again without ``--for`` becomes permanent; one revoked
 by hand drops its grant.
 
-Hub mode does not take ``--for`` yet: there the sandbox service owns the policy and the
-expiry would have to live in the service to survive a kernel restart (issue #18, point 3).
+In hub mode the sandbox service keeps the clock (``Sandbox.timed``, hub/access.py): the
+kernel sends the duration with the change (:meth:`Grants.commit`), the service removes the
+entries when their time comes — also across kernel and service restarts — and tells the
+kernel (a ``hub_access`` frame), which then only shows what the service says
+(:meth:`Grants.follow_service`).
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .errors import SandboxError
-from .policy.model import Entry
+from .policy.model import Entry, parse_entry
 
 if TYPE_CHECKING:
-    from .kernel import SandboxKernel
+    from .controls import Controls
 
 #: the longest a timed grant may run (a week): beyond that, allow the entry for good
 MAX_SECONDS = 7 * 86400
@@ -47,15 +50,17 @@ class Grant:
 
 
 class Grants:
-    """The kernel's timed entries and the one timer that ends them."""
+    """The kernel's timed entries and the one timer that ends them (owned by the controls)."""
 
-    def __init__(self, kernel: SandboxKernel, clock: Callable[[], float] = time.monotonic):
-        self.kernel = kernel
+    def __init__(self, controls: Controls, clock: Callable[[], float] = time.monotonic):
+        self.controls = controls
         self.clock = clock
         self._grants: dict[Entry, Grant] = {}
         self._timer: asyncio.TimerHandle | None = None
         #: lines for the notebook that no cell has shown yet
         self.pending: list[str] = []
+        #: hub mode: the service ends the entries; this only mirrors its clock
+        self.service_clock = bool(getattr(controls.backend, "enforces_ceiling", False))
 
     # -- what the magics and status read ---------------------------------------------
     def left(self, entry: Entry) -> float | None:
@@ -77,6 +82,34 @@ class Grants:
             self._grants[entry] = Grant(entry, seconds, now + seconds, wall + seconds)
         self._schedule()
 
+    async def commit(self, entries: list[Entry], seconds: float | None) -> None:
+        """After ``%sandbox allow`` applied ``entries``: start their clock (``seconds``) or,
+        with None, make them permanent. In hub mode the service is told and keeps the clock."""
+        if not self.service_clock:
+            if seconds is None:
+                self.make_permanent(entries)
+            else:
+                self.add(entries, seconds)
+            return
+        clocks = {str(e): seconds for e in entries if seconds is not None or self.left(e) is not None}
+        if clocks:
+            timed = await self.controls.backend.set_timed(clocks)
+            self.follow_service(self.controls.policy, timed)
+
+    def follow_service(self, policy, timed: dict) -> None:
+        """Hub mode: the service's clocks (entry -> wall-clock end) replace the kernel's."""
+        now, wall = self.clock(), time.time()
+        grants: dict[Entry, Grant] = {}
+        for text, end in timed.items():
+            try:
+                entry = parse_entry(text)
+            except SandboxError:
+                continue
+            if entry in policy.entries and isinstance(end, (int, float)):
+                old = self._grants.get(entry)
+                grants[entry] = Grant(entry, old.seconds if old else max(0.0, end - wall), now + (end - wall), end)
+        self._grants = grants
+
     def make_permanent(self, entries: list[Entry]) -> None:
         for entry in entries:
             self._grants.pop(entry, None)
@@ -94,7 +127,7 @@ class Grants:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._grants:
+        if not self._grants or self.service_clock:
             return
         first = min(g.expires for g in self._grants.values())
         loop = asyncio.get_event_loop()
@@ -108,13 +141,13 @@ class Grants:
         if not due:
             self._schedule()
             return []
-        policy = self.kernel.policy
+        policy = self.controls.policy
         gone = [g.entry for g in due if g.entry in policy.entries]
         for grant in due:
             del self._grants[grant.entry]
         if gone:
             try:
-                await self.kernel.set_policy(policy.with_entries_removed(*gone), who="expiry")
+                text = await self.controls.apply(policy.with_entries_removed(*gone), who="expiry")
             except SandboxError as err:
                 # the old policy stays in force (atomic apply): try again shortly, and say so
                 for entry in gone:
@@ -123,17 +156,15 @@ class Grants:
                           f"{err}; trying again in 5 s")
                 self._schedule()
                 return []
-            from .magics import in_force
-
             self.tell(f"[sandbox] timed access ended: {', '.join(map(str, gone))} "
                       f"({'; '.join(f'allowed for {format_left(g.seconds)}' for g in due if g.entry in gone)}) · "
-                      + in_force(self.kernel.policy, self.kernel.sandbox_backend.applied, 0).split(" · ")[0])
+                      + text.split(" · ")[0])
         self._schedule()
         return gone
 
     def tell(self, line: str) -> None:
         """Show ``line`` in the running cell, or keep it for the next one."""
-        if not self.kernel.show_in_running_cell(line):
+        if not self.controls.say(line):
             self.pending.append(line)
 
     def take_pending(self) -> list[str]:

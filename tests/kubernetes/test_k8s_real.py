@@ -23,7 +23,7 @@ import uuid
 
 import pytest
 
-from kerneltest import KernelDriver
+from kerneltest import CONNECT, KernelDriver
 from realcluster import (CHART_NAMESPACE, CLUSTER_RANGES, GC_SA, HELM, KERNEL_SA, SANDBOX_IMAGE, admin_client, delete_namespace, may,
                          pods, service_account_kubeconfig, wait_for, whoami)
 
@@ -645,13 +645,6 @@ def test_an_orphaned_pod_ends_by_itself_and_the_next_start_collects_it(cluster_a
             delete_namespace(cluster_admin, ns)
 
 
-LEARN_CONNECT = ("import socket\n"
-                 "try:\n"
-                 "    socket.create_connection(({ip!r}, {port}), timeout=3).close(); print('connected')\n"
-                 "except OSError as e:\n"
-                 "    print('refused', type(e).__name__)\n")
-
-
 def test_learn_mode_records_what_the_guard_let_through(cluster_admin, kernel_kubeconfig, test_host):
     """Learn mode on a real pod: there is no enforcer log, so the kernel asks the agent's
     guard what it let through; the proposal has the allowed port and the refused one, and
@@ -665,12 +658,12 @@ def test_learn_mode_records_what_the_guard_let_through(cluster_admin, kernel_kub
         assert driver.execute(f"%sandbox allow {host.ip}:8080/tcp", timeout=240).status == "ok"
         # NetworkPolicy is programmed asynchronously: wait until the allowed port connects
         wait_for("the allowed port to connect through kube-router",
-                 lambda: "connected" in driver.execute(LEARN_CONNECT.format(ip=host.ip, port=8080)).stream(),
+                 lambda: "connected" in driver.execute(CONNECT.format(ip=host.ip, port=8080)).stream(),
                  timeout=60, interval=0)
         started = driver.execute("%sandbox learn")
         assert "allowed ones as the sandbox's guard reports them" in started.stream(), started.stream()
-        assert "connected" in driver.execute(LEARN_CONNECT.format(ip=host.ip, port=8080)).stream()
-        assert "refused" in driver.execute(LEARN_CONNECT.format(ip=host.ip, port=8081)).stream()
+        assert "connected" in driver.execute(CONNECT.format(ip=host.ip, port=8080)).stream()
+        assert "refused" in driver.execute(CONNECT.format(ip=host.ip, port=8081)).stream()
         stop = driver.execute("%sandbox learn stop")
         [proposal] = [m["content"]["data"][LEARN_MIME] for m in stop.of_type("display_data")
                       if LEARN_MIME in m["content"]["data"]]
@@ -678,7 +671,7 @@ def test_learn_mode_records_what_the_guard_let_through(cluster_admin, kernel_kub
             (8080, "allowed", ("guard",)), (8081, "blocked", ("guard",))}, proposal["tried"]
         [item] = proposal["items"]
         assert item["text"] == f"{host.ip}:8080-8081/tcp" and item["sandbox_reported"]
-        assert "connected" in driver.execute(LEARN_CONNECT.format(ip=host.ip, port=8080)).stream()
+        assert "connected" in driver.execute(CONNECT.format(ip=host.ip, port=8080)).stream()
     finally:
         driver.shutdown()
         for ns in _user_namespaces(cluster_admin, user):
