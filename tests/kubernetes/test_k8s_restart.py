@@ -13,7 +13,9 @@ change the test makes to the backend's pod), so it stays Pending, unscheduled, w
 API server restarts; only after the server is back does the test remove the gate, and the
 pod is scheduled, started and becomes Ready. (A node label the test adds later, the first
 way tried, raced the kubelet: just after the restart its view of the node was stale and
-it rejected the pod, "Predicate NodeAffinity failed".) The backend's watches are recorded
+it rejected the pod, "Predicate NodeAffinity failed".) Another sandbox runs through the restart with its exec stream open (cut when the server
+stops): afterwards its next cell finds the interpreter's state in the same pod, over a
+re-attached stream. The backend's watches are recorded
 (a subclass that only logs what ``_Watch`` does), so the test checks that each watch was
 open before the restart, ended by it, and was opened again after it.
 
@@ -65,6 +67,21 @@ def kernel_kubeconfig(local_cluster, tmp_path_factory):
     install_chart(str(local_cluster.kubeconfig))
     return str(service_account_kubeconfig(str(local_cluster.kubeconfig), CHART_NAMESPACE, KERNEL_SA,
                                           tmp_path_factory.mktemp("sa") / "kernel.kubeconfig"))
+
+
+async def cell(transport, code: str, cell_id: int) -> str:
+    """Run one cell over a backend transport; its stdout (exit status 0 asserted)."""
+    await transport.send({"type": "execute", "id": cell_id, "code": code, "silent": False,
+                          "store_history": True, "user_expressions": {}, "allow_stdin": False})
+    out = []
+    while True:
+        frame = await asyncio.wait_for(transport.recv(), 120)
+        assert frame is not None, "the stream ended before the cell did"
+        if frame["type"] == "stream":
+            out.append(frame["text"])
+        if frame["type"] == "done":
+            assert frame["exit_status"] == 0, (out, frame)
+            return "".join(out)
 
 
 class Log:
@@ -153,6 +170,12 @@ def test_a_start_survives_an_api_server_restart(local_cluster, kernel_kubeconfig
         return log.index(lambda i: i[:2] == ("watching", source)) is not None
 
     async def main():
+        # a sandbox already running, its exec stream open through the API server
+        await live.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
+        timings["live_pod"] = live.pod
+        live_transport = await live.attach()
+        assert (await asyncio.wait_for(live_transport.recv(), 60))["type"] == "hello"
+        assert await cell(live_transport, "kept = 'state'\nprint('set')", 1) == "set\n"
         began = time.monotonic()
         start = asyncio.ensure_future(backend.start(uuid.uuid4().hex, EgressPolicy(), progress))
         # the pod exists (gated, unscheduled) and both watches are open
@@ -181,25 +204,29 @@ def test_a_start_survives_an_api_server_restart(local_cluster, kernel_kubeconfig
         transport = await backend.attach()
         try:
             assert (await asyncio.wait_for(transport.recv(), 60))["type"] == "hello"
-            await transport.send({"type": "execute", "id": 1, "code": "print(6 * 7)", "silent": False,
-                                  "store_history": True, "user_expressions": {}, "allow_stdin": False})
-            out = []
-            while True:
-                frame = await asyncio.wait_for(transport.recv(), 60)
-                assert frame is not None, "the stream ended before the cell did"
-                if frame["type"] == "stream":
-                    out.append(frame["text"])
-                if frame["type"] == "done":
-                    break
-            assert "".join(out) == "42\n" and frame["exit_status"] == 0, (out, frame)
+            assert await cell(transport, "print(6 * 7)", 1) == "42\n"
         finally:
             await transport.close()
+        # the sandbox that ran through the restart: its stream was cut with the server and
+        # re-attached (the server down, then refusing until its caches were filled), same
+        # interpreter
+        assert await cell(live_transport, "print(kept)", 2) == "state\n"
+        timings["live_reattached"] = live_transport.reattached
+        await live_transport.close()
         return info
 
+    live = kb.KubernetesBackend(
+        client_configuration=configuration, user=user, image=SANDBOX_IMAGE, image_pull_policy="Never",
+        requests={"cpu": "50m", "memory": "128Mi"}, start_timeout=START_TIMEOUT, gc_on_start=False,
+        namespace_role=f"{KERNEL_SA}-sandbox", role_subject=f"ServiceAccount:{CHART_NAMESPACE}:{KERNEL_SA}")
+    live.always_blocked = ["169.254.0.0/16"]
     try:
         info = asyncio.run(main())
+        assert timings["live_reattached"] >= 1, timings
+        assert live.pod == timings["live_pod"]  # not replaced
     finally:
         asyncio.run(backend.stop())
+        asyncio.run(live.stop())
         if backend.namespace:
             delete_namespace(admin, backend.namespace)
     print(f"API server restart {timings['restart']:.1f} s; gate removed -> Ready "
