@@ -19,10 +19,10 @@ re-attached stream. The backend's watches are recorded
 (a subclass that only logs what ``_Watch`` does), so the test checks that each watch was
 open before the restart, ended by it, and was opened again after it.
 
-Measured here: kube-apiserver down and back at /readyz in about 13 s; but the kubelet (not
+Measured here: kube-apiserver down and back at /readyz in 13–14 s. Once, the kubelet (not
 the scheduler: pods were bound at once) saw pods created in the two minutes after the
-restart only then — a sandbox start in that window took about 2 minutes, the gate removed →
-Ready 115 s. So the test allows 600 s and checks the start ended because the pod was Ready
+restart only then — that start took about 2 minutes, the gate removed → Ready 115 s; other
+runs, 3.4 s. So the test allows 600 s and checks the start ended because the pod was Ready
 (within half of that), not at its timeout.
 
 Marked ``cluster``. The restart disturbs every client of the shared test cluster for a few
@@ -176,6 +176,8 @@ def test_a_start_survives_an_api_server_restart(local_cluster, kernel_kubeconfig
         live_transport = await live.attach()
         assert (await asyncio.wait_for(live_transport.recv(), 60))["type"] == "hello"
         assert await cell(live_transport, "kept = 'state'\nprint('set')", 1) == "set\n"
+        log.items.clear()  # from here on, only the gated start's watches
+        watches.clear()
         began = time.monotonic()
         start = asyncio.ensure_future(backend.start(uuid.uuid4().hex, EgressPolicy(), progress))
         # the pod exists (gated, unscheduled) and both watches are open
@@ -251,7 +253,8 @@ def test_a_start_survives_an_api_server_restart(local_cluster, kernel_kubeconfig
     assert len(lines) == len(set(lines)), lines
     assert lines[-1] == "Ready", lines
     order = [next((n for n, line in enumerate(lines) if line.startswith(w)), None)
-             for w in ("Scheduling", f"Scheduled on node {local_cluster.node_name}", "Started", "Ready")]
+             for w in ("Scheduling", f"Scheduled on node {local_cluster.node_name}", "Ready")]
+    # ("Started" comes from an event that may arrive after the pod is Ready: then unsaid)
     assert None not in order and order == sorted(order), lines
     assert items.index(("progress", "Ready")) > released > ready_again > begin
     scheduled = items.index(("progress", f"Scheduled on node {local_cluster.node_name}"))
