@@ -7,7 +7,8 @@ returned (the kernel's event loop then serves shell requests between the flood's
 - **forged**: 20,000 ``blocked`` frames for 20,000 destinations, written straight to the
   agent's stream, with the policy panel open;
 - **udp**: one datagram to each of 5,000 ports of a host in a network namespace this script
-  creates (10.233.19.2, removed after), guard off, so the enforcer's log reports each one;
+  creates for its run (in 10.233.0.0/16, removed after; see benchlib.py), guard off, so the
+  enforcer's log reports each one;
 - **dns**: 20,000 queries for a name the policy allows while the upstream resolver never
   answers (a UDP socket on 127.0.0.1 this script opens and never reads).
 
@@ -23,17 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
-import subprocess
 import sys
 import threading
 import time
 
-from jupyter_client.manager import KernelManager
+from benchlib import Kernel, Sampler, netns_host, rss_mb
 
 MIME = "application/vnd.sandbox-kernel.notice+json"
-HOST_NS, HOST_IP, GW_IP = f"sknfl{os.getpid() % 10000}", "10.233.19.2", "10.233.19.1"
 
 AGENT = "import gc, threading\nagent = next(o for o in gc.get_objects() if type(o).__name__ == 'Agent')\n"
 FORGED = ("for i in range(20000):\n"
@@ -41,97 +39,11 @@ FORGED = ("for i in range(20000):\n"
           "'port': 443, 'protocol': 'tcp', 'verdict': 'dropped'}})\n")
 UDP = ("import socket, sandbox_agent.guard as guard\nguard.enabled = False\n"
        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-       f"for port in range(20000, 25000):\n    try:\n        s.sendto(b'x', ({HOST_IP!r}, port))\n"
+       "for port in range(20000, 25000):\n    try:\n        s.sendto(b'x', ({ip!r}, port))\n"
        "    except OSError:\n        pass\n")
 DNS = ("import socket, struct\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
        "question = b''.join(bytes([len(p)]) + p.encode() for p in 'flood.test'.split('.')) + b'\\x00\\x00\\x01\\x00\\x01'\n"
        "for i in range(20000):\n    s.sendto(struct.pack('!HHHHHH', i, 0x0100, 1, 0, 0, 0) + question, ('127.0.0.53', 53))\n")
-
-
-def make_host() -> None:
-    cmds = [f"ip netns add {HOST_NS}", f"ip link add {HOST_NS}h type veth peer name {HOST_NS}p",
-            f"ip link set {HOST_NS}p netns {HOST_NS}", f"ip addr add {GW_IP}/24 dev {HOST_NS}h",
-            f"ip link set {HOST_NS}h up", f"ip -n {HOST_NS} addr add {HOST_IP}/24 dev {HOST_NS}p",
-            f"ip -n {HOST_NS} link set {HOST_NS}p up"]
-    for cmd in cmds:
-        subprocess.run(cmd.split(), check=True, capture_output=True)
-
-
-def remove_host() -> None:
-    subprocess.run(["ip", "link", "del", f"{HOST_NS}h"], capture_output=True)
-    subprocess.run(["ip", "netns", "del", HOST_NS], capture_output=True)
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) / 1024
-
-
-class Kernel:
-    def __init__(self, env: dict | None = None):
-        self.km = KernelManager(kernel_name="sandbox")
-        self.km.start_kernel(env={**os.environ, **(env or {})})
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
-        self.pid = self.km.provisioner.process.pid
-
-    def run(self, code: str, timeout: float = 300) -> list[dict]:
-        msg_id = self.kc.execute(code)
-        seen: list[dict] = []
-        while True:
-            msg = self.kc.get_iopub_msg(timeout=timeout)
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            seen.append(msg)
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
-        while True:
-            reply = self.kc.get_shell_msg(timeout=timeout)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                self.last_meta = reply["metadata"].get("sandbox", {})
-                return seen
-
-    def kernel_info_s(self, channel: str) -> float:
-        """One kernel_info round trip on ``channel`` (control or shell)."""
-        start = time.monotonic()
-        if channel == "control":
-            msg = self.kc.session.msg("kernel_info_request")
-            self.kc.control_channel.send(msg)
-            while self.kc.control_channel.get_msg(timeout=30)["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
-                pass
-        else:
-            msg_id = self.kc.kernel_info()
-            while self.kc.get_shell_msg(timeout=30)["parent_header"].get("msg_id") != msg_id:
-                pass
-        return time.monotonic() - start
-
-    def stop(self) -> None:
-        self.kc.stop_channels()
-        self.km.shutdown_kernel(now=False)
-
-
-class Sampler:
-    """Peak RSS of the kernel while a block runs."""
-
-    def __init__(self, pid: int):
-        self.pid, self.peak, self._stop = pid, rss_mb(pid), threading.Event()
-        self.fds = len(os.listdir(f"/proc/{pid}/fd"))
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb(self.pid))
-            self.fds = max(self.fds, len(os.listdir(f"/proc/{self.pid}/fd")))
-            time.sleep(0.05)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def in_cell(k: Kernel, code: str) -> dict:
@@ -148,13 +60,13 @@ def in_cell(k: Kernel, code: str) -> dict:
     with Sampler(k.pid) as sampler:
         prober = threading.Thread(target=probe, daemon=True)
         prober.start()
-        seen = k.run(AGENT + code)
+        ran = k.run(AGENT + code)
         done.set()
         prober.join()
-    notices = [m for m in seen if m["msg_type"] in ("display_data", "update_display_data")
+    notices = [m for m in ran.messages if m["msg_type"] in ("display_data", "update_display_data")
                and (MIME in m["content"]["data"] or "more destination" in str(m["content"]["data"]))]
-    comms = [m for m in seen if m["msg_type"].startswith("comm_")]
-    meta = k.last_meta
+    comms = [m for m in ran.messages if m["msg_type"].startswith("comm_")]
+    meta = ran.sandbox
     result.update(rss_peak_mb=sampler.peak, fds_peak=sampler.fds, blocked=len(meta.get("blocked", [])) + meta.get("blocked_more", 0),
                   kernel_info_max_s=worst[0], notice_messages=len(notices),
                   notice_bytes=sum(len(json.dumps(m["content"])) for m in notices), comm_messages=len(comms))
@@ -169,7 +81,7 @@ def in_background(k: Kernel, code: str) -> dict:
     with Sampler(k.pid) as sampler:
         while True:
             worst = max(worst, k.kernel_info_s("shell"))
-            alive = k.run("flooder.is_alive()")
+            alive = k.run("flooder.is_alive()").messages
             if any(m["msg_type"] == "execute_result" and m["content"]["data"]["text/plain"] == "False" for m in alive):
                 break
     return {"rss_peak_mb": sampler.peak, "kernel_info_max_s": worst, "fds_peak": sampler.fds}
@@ -177,28 +89,23 @@ def in_background(k: Kernel, code: str) -> dict:
 
 def measure() -> dict:
     out: dict = {}
-    make_host()
     slow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the upstream that never answers
     slow.bind(("127.0.0.1", 0))
     try:
-        k = Kernel({"SANDBOX_KERNEL_UPSTREAM_DNS": f"127.0.0.1:{slow.getsockname()[1]}",
-                    "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
-        try:
+        with netns_host() as host, Kernel({"SANDBOX_KERNEL_UPSTREAM_DNS": f"127.0.0.1:{slow.getsockname()[1]}",
+                                           "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"}) as k:
             k.run("1")
             out["idle_rss_mb"] = rss_mb(k.pid)
             k.run("%sandbox policy")  # the panel is open for every flood
-            for name, code in (("forged", FORGED), ("udp", UDP)):
+            for name, code in (("forged", FORGED), ("udp", UDP.format(ip=host.ip))):
                 out[name] = in_cell(k, code)
                 out[name + "_background"] = in_background(k, code)
             k.run("%sandbox allow flood.test:443")
             out["dns"] = in_cell(k, DNS)
             out["dns_background"] = in_background(k, DNS)
             out["after_rss_mb"] = rss_mb(k.pid)
-        finally:
-            k.stop()
     finally:
         slow.close()
-        remove_host()
     return out
 
 

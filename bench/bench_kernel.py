@@ -14,10 +14,9 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 
-from jupyter_client.manager import KernelManager
+from benchlib import Kernel, Sampler
 
 TARGETS = {"roundtrip_1p1_ms": 1.25, "start_to_first_reply_s": 1.5, "print_1e6_lines_s": 1.5}
 #: absolute targets (seconds), not ratios
@@ -43,71 +42,30 @@ def _interrupt_latency(km, kc, runs: int = 5) -> float:
     return statistics.median(took)
 
 
-def _run(kc, code: str, timeout: float = 600) -> dict:
-    msg_id = kc.execute(code)
-    while True:
-        msg = kc.get_iopub_msg(timeout=timeout)
-        if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
-                and msg["content"]["execution_state"] == "idle"):
-            break
-    while True:
-        reply = kc.get_shell_msg(timeout=timeout)
-        if reply["parent_header"].get("msg_id") == msg_id:
-            return reply
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def measure(kernel_name: str, repeat: int) -> dict:
     started = time.perf_counter()
-    km = KernelManager(kernel_name=kernel_name)
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=120)
-    _run(kc, "1+1")
-    start_to_first = time.perf_counter() - started
-    try:
+    with Kernel(kernel_name=kernel_name, ready_timeout=120) as k:
+        k.run("1+1", timeout=600)
+        start_to_first = time.perf_counter() - started
         for _ in range(10):
-            _run(kc, "1+1")
+            k.run("1+1", timeout=600)
         times = []
         for _ in range(repeat):
             t = time.perf_counter()
-            _run(kc, "1+1")
+            k.run("1+1", timeout=600)
             times.append((time.perf_counter() - t) * 1000)
-        pid = km.provisioner.process.pid
-        peak = [_rss_kb(pid)]
-        stop = threading.Event()
-
-        def sample():
-            while not stop.is_set():
-                peak.append(_rss_kb(pid))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        t = time.perf_counter()
-        _run(kc, "for i in range(1_000_000):\n    print(i)")
-        print_s = time.perf_counter() - t
-        stop.set()
-        sampler.join()
-        interrupt_s = _interrupt_latency(km, kc)
+        with Sampler(k.pid) as sampler:
+            t = time.perf_counter()
+            k.run("for i in range(1_000_000):\n    print(i)", timeout=600)
+            print_s = time.perf_counter() - t
+        interrupt_s = _interrupt_latency(k.km, k.kc)
         return {
             "interrupt_to_reply_s": interrupt_s,
             "roundtrip_1p1_ms": statistics.median(times),
             "start_to_first_reply_s": start_to_first,
             "print_1e6_lines_s": print_s,
-            "kernel_peak_rss_mb": max(peak) / 1024,
+            "kernel_peak_rss_mb": sampler.peak,
         }
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=False)
 
 
 def rows(repeat: int = 200) -> list[dict]:

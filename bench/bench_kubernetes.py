@@ -38,6 +38,7 @@ import logging  # noqa: E402
 
 logging.getLogger("tornado.access").setLevel(logging.ERROR)  # the fake's 404s are expected
 
+from benchlib import netns_host  # noqa: E402
 from sandbox_kernel.backends import kubernetes as kb  # noqa: E402
 from sandbox_kernel.policy.model import EgressPolicy  # noqa: E402
 
@@ -152,38 +153,6 @@ def _counting(api_client) -> list[str]:
     return seen
 
 
-def _test_host():
-    """A netns test host (10.231.250.2:8080, TCP) routed from the node; returns (ip, cleanup)."""
-    import subprocess
-
-    from kerneltest import _HOST_SERVER
-
-    name = f"skb-{os.getpid() % 10000}"
-    ip, gw = "10.231.250.2", "10.231.250.1"
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-    run("ip", "netns", "add", name)
-    run("ip", "link", "add", f"{name}h", "type", "veth", "peer", "name", f"{name}p")
-    run("ip", "link", "set", f"{name}p", "netns", name)
-    run("ip", "addr", "add", f"{gw}/24", "dev", f"{name}h")
-    run("ip", "link", "set", f"{name}h", "up")
-    run("ip", "-n", name, "addr", "add", f"{ip}/24", "dev", f"{name}p")
-    run("ip", "-n", name, "link", "set", f"{name}p", "up")
-    run("ip", "-n", name, "link", "set", "lo", "up")
-    run("ip", "-n", name, "route", "add", "default", "via", gw)
-    proc = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", _HOST_SERVER, "8080",
-                             f"/tmp/{name}.log"], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-
-    def cleanup():
-        proc.kill()
-        proc.wait()
-        subprocess.run(["ip", "link", "del", f"{name}h"], capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        Path(f"/tmp/{name}.log").unlink(missing_ok=True)
-
-    return ip, cleanup
-
-
 async def _cell(transport, n: int, code: str) -> str:
     await transport.send({**_frame(n), "code": code})
     out = []
@@ -206,10 +175,8 @@ def measure_cluster(starts: int = 10, repeat: int = 50) -> dict:
 
     admin = os.environ.get("SANDBOX_KERNEL_CLUSTER_KUBECONFIG") or str(rc.CACHE / "admin.kubeconfig")
     rc.install_chart(admin)
-    tmp = Path(tempfile.mkdtemp(prefix="skbench-"))
-    kubeconfig = str(rc.service_account_kubeconfig(admin, rc.CHART_NAMESPACE, rc.KERNEL_SA, tmp / "kc"))
     user = f"bench-{uuid.uuid4().hex[:6]}"
-    ip, cleanup = _test_host()
+    kubeconfig = ip = None  # set below, before main() runs
 
     def make():
         backend = kb.KubernetesBackend(client_configuration=_config(kubeconfig), user=user, image=rc.SANDBOX_IMAGE, image_pull_policy="Never",
@@ -257,12 +224,14 @@ def measure_cluster(starts: int = 10, repeat: int = 50) -> dict:
             await backend.stop()
         return result
 
-    try:
-        result = asyncio.run(main())
-    finally:
-        cleanup()
-        for ns in [f"user-sandbox-{user}"] + _namespaces_of(admin, user):
-            rc.delete_namespace(admin, ns)
+    with tempfile.TemporaryDirectory(prefix="skbench-") as tmp, netns_host(serve_port=8080) as host:
+        kubeconfig = str(rc.service_account_kubeconfig(admin, rc.CHART_NAMESPACE, rc.KERNEL_SA, Path(tmp) / "kc"))
+        ip = host.ip
+        try:
+            result = asyncio.run(main())
+        finally:
+            for ns in [f"user-sandbox-{user}"] + _namespaces_of(admin, user):
+                rc.delete_namespace(admin, ns)
     result["local_times"] = _local(repeat)
     return result
 

@@ -5,8 +5,9 @@
   they drop (dropped, guard off, kernel started with SANDBOX_KERNEL_REFUSE_WITH=drop);
 - the watcher's overhead on a cell doing 10**6 additions (watcher on vs paused).
 
-The destination is a host in a network namespace this script creates (10.231.250.2) and
-removes; refused packets never leave the sandbox anyway. Needs root.
+The destination is a host in a network namespace this script creates for its run (in
+10.233.0.0/16, see benchlib.py) and removes; refused packets never leave the sandbox anyway.
+Needs root.
 
     python bench/bench_notices.py [--repeat 15]
 """
@@ -14,64 +15,20 @@ removes; refused packets never leave the sandbox anyway. Needs root.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
-import time
 
-from jupyter_client.manager import KernelManager
+from benchlib import Kernel, netns_host
 
 MIME = "application/vnd.sandbox-kernel.notice+json"
-HOST_NS, HOST_IP = "skbench", "10.231.250.2"
 
 
-def make_host() -> None:
-    cmds = [f"ip netns add {HOST_NS}", f"ip link add {HOST_NS}h type veth peer name {HOST_NS}p",
-            f"ip link set {HOST_NS}p netns {HOST_NS}", f"ip addr add 10.231.250.1/24 dev {HOST_NS}h",
-            f"ip link set {HOST_NS}h up", f"ip -n {HOST_NS} addr add {HOST_IP}/24 dev {HOST_NS}p",
-            f"ip -n {HOST_NS} link set {HOST_NS}p up"]
-    for cmd in cmds:
-        subprocess.run(cmd.split(), check=True, capture_output=True)
-
-
-def remove_host() -> None:
-    subprocess.run(["ip", "link", "del", f"{HOST_NS}h"], capture_output=True)
-    subprocess.run(["ip", "netns", "del", HOST_NS], capture_output=True)
-
-
-class Kernel:
-    def __init__(self, env: dict | None = None):
-        self.km = KernelManager(kernel_name="sandbox")
-        self.km.start_kernel(env={**os.environ, **(env or {})})
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
-
-    def run(self, code: str) -> tuple[list[tuple[float, dict]], dict]:
-        msg_id = self.kc.execute(code, user_expressions={"t0": "globals().get('t0')"})
-        seen = []
-        while True:
-            msg = self.kc.get_iopub_msg(timeout=60)
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            seen.append((time.time(), msg))
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
-        while True:
-            reply = self.kc.get_shell_msg(timeout=60)
-            if reply["parent_header"].get("msg_id") == msg_id:
-                return seen, reply
-
-    def notice_latency_ms(self, code: str) -> float:
-        seen, reply = self.run(code)
-        t0 = float(reply["content"]["user_expressions"]["t0"]["data"]["text/plain"])
-        arrived = next(t for t, m in seen if m["msg_type"] == "display_data" and MIME in m["content"]["data"])
-        return (arrived - t0) * 1000
-
-    def stop(self) -> None:
-        self.kc.stop_channels()
-        self.km.shutdown_kernel(now=False)
+def notice_latency_ms(k: Kernel, code: str) -> float:
+    """From the cell's ``t0`` (set just before it connects) to the notice reaching the client."""
+    ran = k.run(code, timeout=60, user_expressions={"t0": "globals().get('t0')"})
+    t0 = float(ran.reply["content"]["user_expressions"]["t0"]["data"]["text/plain"])
+    arrived = next(t for t, m in ran.seen if m["msg_type"] == "display_data" and MIME in m["content"]["data"])
+    return (arrived - t0) * 1000
 
 
 GUARDED = ("import socket, time\nt0 = time.time()\ntry:\n    socket.create_connection(('{ip}', 8080), timeout=3)\n"
@@ -84,37 +41,28 @@ ADDITIONS = ("import time, sandbox_agent.netwatch as nw\nnw.enabled = {on}\nt = 
 
 
 def measure(repeat: int) -> dict:
-    make_host()
     out = {}
-    try:
-        k = Kernel()
-        try:
+    with netns_host() as host:
+        with Kernel() as k:
             k.run("1")
-            out["guarded"] = statistics.median(k.notice_latency_ms(GUARDED.format(ip=HOST_IP)) for _ in range(repeat))
+            out["guarded"] = statistics.median(notice_latency_ms(k, GUARDED.format(ip=host.ip)) for _ in range(repeat))
             out["rejected"] = statistics.median(
-                k.notice_latency_ms(UNGUARDED.format(ip=HOST_IP, timeout=3)) for _ in range(repeat))
+                notice_latency_ms(k, UNGUARDED.format(ip=host.ip, timeout=3)) for _ in range(repeat))
             timings: dict[bool, list[float]] = {True: [], False: []}
             # the cell measures itself (kernel overhead is not counted); on and paused alternate
             # so that drifting machine load hits both alike
             for i in range(repeat * 4):
                 on = i % 2 == 0
-                seen, reply = k.run(ADDITIONS.format(on=on))
-                result = next(m for _, m in seen if m["msg_type"] == "execute_result")
+                ran = k.run(ADDITIONS.format(on=on), timeout=60)
+                result = next(m for m in ran.messages if m["msg_type"] == "execute_result")
                 timings[on].append(float(result["content"]["data"]["text/plain"]))
             # the fastest run of each: what the watcher costs, without other load on a shared machine
             out["additions_on_ms"] = min(timings[True]) * 1000
             out["additions_off_ms"] = min(timings[False]) * 1000
-        finally:
-            k.stop()
-        k = Kernel({"SANDBOX_KERNEL_REFUSE_WITH": "drop"})
-        try:
+        with Kernel({"SANDBOX_KERNEL_REFUSE_WITH": "drop"}) as k:
             k.run("1")
             out["dropped"] = statistics.median(
-                k.notice_latency_ms(UNGUARDED.format(ip=HOST_IP, timeout=1.2)) for _ in range(max(3, repeat // 3)))
-        finally:
-            k.stop()
-    finally:
-        remove_host()
+                notice_latency_ms(k, UNGUARDED.format(ip=host.ip, timeout=1.2)) for _ in range(max(3, repeat // 3)))
     return out
 
 

@@ -55,7 +55,7 @@ def doctor(config=None) -> int:
             print(f"  - {item}")
         return 1
     print("local backend: ready")
-    print(f"  mode:                {'rootless (prototype)' if backend.rootless else 'root'}")
+    print(f"  mode:                {'rootless (no privilege)' if backend.rootless else 'root'}")
     print(f"  sandbox interpreter: {backend.python}")
     print(f"  state directory:     {backend.state_dir}")
     print(f"  sandbox uid:         {backend.uid}")
@@ -71,8 +71,13 @@ def doctor(config=None) -> int:
     if uplink or not backend.rootless:
         print(f"  uplink (allowlist):  {uplink or 'slirp4netns missing: apt-get install slirp4netns (needed for allowlisted egress)'}")
     if backend.rootless:
-        print("  resource limits:     none (cgroups are not delegated to this user): memory_limit, pids_limit "
-              "and work_size do not apply; run as root for them")
+        from .backends import limits
+
+        summary = limits.rootless_summary(limits.parse_size(backend.memory_limit), backend.pids_limit,
+                                          limits.parse_size(backend.tmp_size), limits.parse_size(backend.work_size))
+        print(f"  resource limits:     {summary[0]}")
+        for line in summary[1:]:
+            print(f"                       {line}")
     return 0
 
 

@@ -499,6 +499,7 @@ EOF
 cmd_build() {
   need_root
   mkdir -p "$CACHE" "$LOGS"
+  ensure_packages   # the kube-router image carries the host's iptables-legacy and ipset
   build_binaries
   build_images
 }

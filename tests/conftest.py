@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from kerneltest import (_HOST_INDEX, _HOST_SERVER, KernelDriver, TestHost, _sh, reset_between_tests,
-                        shared_kernel)
+from kerneltest import (_HOST_INDEX, KernelDriver, TestHost, add_host_namespace, remove_host, reset_between_tests,
+                        shared_kernel, start_host_server)
 from localcluster import local_cluster, pytest_collection_finish, pytest_sessionfinish  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,9 +69,40 @@ def kernelspec_path(tmp_path_factory):
         os.environ["JUPYTER_PATH"] = old
 
 
+@pytest.fixture(scope="session")
+def rootless_kernels(kernelspec_path):
+    """The ``sandbox-rootless`` kernelspec: a kernel in rootless mode running as uid 65534
+    (tests/rootlesskernel.py); removed after the run."""
+    import rootlesskernel
+
+    reason = rootlesskernel.unavailable()
+    if reason:
+        pytest.skip(f"rootless mode: {reason}")
+    made = rootlesskernel.RootlessKernels()
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([made.jupyter_path, os.environ["JUPYTER_PATH"]])
+    yield made
+    made.close()
+
+
 @pytest.fixture(scope="module")
-def _module_kernel():
-    yield from shared_kernel()
+def kernel_mode():
+    """How the kernel fixtures' kernels run: ``root`` (the default), or ``rootless`` (uid 65534,
+    tests/rootlesskernel.py) in modules marked ``both_modes``, which run each test in both."""
+    return "root"
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("both_modes") and "kernel_mode" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_mode", ["root", "rootless"], scope="module")
+
+
+def _kernel_name(kernel_mode: str, request) -> str:
+    return request.getfixturevalue("rootless_kernels").name if kernel_mode == "rootless" else "sandbox"
+
+
+@pytest.fixture(scope="module")
+def _module_kernel(kernel_mode, request):
+    yield from shared_kernel(kernel_name=_kernel_name(kernel_mode, request))
 
 
 @pytest.fixture
@@ -82,12 +112,13 @@ def kernel(_module_kernel):
 
 
 @pytest.fixture
-def fresh_kernel():
+def fresh_kernel(kernel_mode, request):
     """A kernel of its own for a test that crashes, restarts or configures it."""
     drivers = []
+    name = _kernel_name(kernel_mode, request)
 
     def start(env: dict | None = None) -> KernelDriver:
-        driver = KernelDriver(env)
+        driver = KernelDriver(env, name)
         drivers.append(driver)
         return driver
 
@@ -106,35 +137,13 @@ def test_host():
         # test can match a later test's host
         index = (os.getpid() * 7 + next(_HOST_INDEX)) % 250 + 1
         name = f"skt-{uuid.uuid4().hex[:6]}"
-        host_if, peer_if = f"{name}h", f"{name}p"
         ip, gw = f"10.231.{index}.2", f"10.231.{index}.1"
         ip6, gw6 = f"fd00:231:{index:x}::2", f"fd00:231:{index:x}::1"
         made.append((name, None))
-        _sh("ip", "netns", "add", name)
-        _sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
-        _sh("ip", "link", "set", peer_if, "netns", name)
-        _sh("ip", "addr", "add", f"{gw}/24", "dev", host_if)
-        _sh("ip", "-6", "addr", "add", f"{gw6}/64", "dev", host_if, "nodad")
-        _sh("ip", "link", "set", host_if, "up")
-        _sh("ip", "-n", name, "addr", "add", f"{ip}/24", "dev", peer_if)
-        _sh("ip", "-n", name, "-6", "addr", "add", f"{ip6}/64", "dev", peer_if, "nodad")
-        _sh("ip", "-n", name, "link", "set", peer_if, "up")
-        _sh("ip", "-n", name, "link", "set", "lo", "up")
-        _sh("ip", "-n", name, "route", "add", "default", "via", gw)
-        _sh("ip", "-n", name, "-6", "route", "add", "default", "via", gw6)
-        log = Path(f"/tmp/{name}.log")
-        log.unlink(missing_ok=True)
-        proc = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", _HOST_SERVER,
-                                 str(port), str(log)], stdout=subprocess.PIPE, text=True)
-        made[-1] = (name, proc)
-        assert proc.stdout.readline().strip() == "ready"
+        add_host_namespace(name, ip, gw, ip6, gw6)
+        made[-1] = (name, start_host_server(name, port))
         return TestHost(name=name, ip=ip, ip6=ip6, port=port)
 
     yield make
     for name, proc in made:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        _sh("ip", "link", "del", f"{name}h", check=False)
-        _sh("ip", "netns", "del", name, check=False)
-        Path(f"/tmp/{name}.log").unlink(missing_ok=True)
+        remove_host(name, proc)

@@ -34,6 +34,31 @@ def namespaces_of(kernel_pid: int, state_dir: str = "/run/sandbox-kernel") -> se
     return owned & sandbox_namespaces()
 
 
+def agent_pid(kernel_pid: int) -> int:
+    """The pid (as the host sees it) of the sandbox agent a kernel started, root or rootless:
+    the kernel's descendant running ``python -s /opt/sandbox-agent/agent.pyz``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    todo = list(children.get(kernel_pid, []))
+    while todo:
+        pid = todo.pop()
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if argv[-1:] == [b"/opt/sandbox-agent/agent.pyz"] and b"bwrap" not in argv[0]:
+            return pid
+        todo += children.get(pid, [])
+    raise AssertionError(f"no sandbox agent under kernel {kernel_pid}")
+
+
 @dataclass
 class Cell:
     """Everything one execute_request produced."""
@@ -61,12 +86,12 @@ class Cell:
 class KernelDriver:
     """A real Sandbox kernel started by jupyter_client, and a blocking client to it."""
 
-    def __init__(self, env: dict | None = None):
+    def __init__(self, env: dict | None = None, kernel_name: str = "sandbox"):
         from jupyter_client.manager import KernelManager
 
         kernel_env = {**os.environ, **(env or {})}
         for attempt in range(3):
-            self.km = KernelManager(kernel_name="sandbox")
+            self.km = KernelManager(kernel_name=kernel_name)
             self.km.start_kernel(env=kernel_env)
             self.kc = self.km.client()
             self.kc.start_channels()
@@ -123,6 +148,11 @@ class KernelDriver:
     @property
     def pid(self) -> int:
         return self.km.provisioner.process.pid
+
+    def status_rows(self, *names: str) -> list[str]:
+        """The rows of ``%sandbox status`` whose first word is one of ``names``, as shown."""
+        text = self.execute("%sandbox status").outputs[0]["content"]["data"]["text/plain"]
+        return [row for row in text.splitlines() if row.split()[0] in names]
 
     def policy_state(self) -> dict[str, list[str] | str]:
         """The policy rows of ``%sandbox status``: mode, entries, presets."""
@@ -235,9 +265,66 @@ threading.Event().wait()
 
 _HOST_INDEX = itertools.count(1)
 
+#: a cell that prints ``connected`` or ``refused <error>`` for a TCP connection to
+#: ``{ip}:{port}`` (fill in with ``CONNECT.format(ip=..., port=...)``)
+CONNECT = ("import socket\n"
+           "try:\n"
+           "    socket.create_connection(({ip!r}, {port}), timeout=3).close(); print('connected')\n"
+           "except OSError as e:\n"
+           "    print('refused', type(e).__name__)\n")
+
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, check=check)
+
+
+def add_host_namespace(name: str, ip: str, gateway: str, ip6: str | None = None,
+                       gateway6: str | None = None) -> None:
+    """Network namespace ``name`` joined to this one by a veth pair (``<name>h`` here with
+    ``gateway``, ``<name>p`` there with ``ip``; /24, and /64 for the IPv6 pair), its default
+    route through the gateway. Undo with :func:`remove_host` (also after a failure here)."""
+    host_if, peer_if = f"{name}h", f"{name}p"
+    _sh("ip", "netns", "add", name)
+    _sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+    _sh("ip", "link", "set", peer_if, "netns", name)
+    _sh("ip", "addr", "add", f"{gateway}/24", "dev", host_if)
+    if ip6:
+        _sh("ip", "-6", "addr", "add", f"{gateway6}/64", "dev", host_if, "nodad")
+    _sh("ip", "link", "set", host_if, "up")
+    _sh("ip", "-n", name, "addr", "add", f"{ip}/24", "dev", peer_if)
+    if ip6:
+        _sh("ip", "-n", name, "-6", "addr", "add", f"{ip6}/64", "dev", peer_if, "nodad")
+    _sh("ip", "-n", name, "link", "set", peer_if, "up")
+    _sh("ip", "-n", name, "link", "set", "lo", "up")
+    _sh("ip", "-n", name, "route", "add", "default", "via", gateway)
+    if ip6:
+        _sh("ip", "-n", name, "-6", "route", "add", "default", "via", gateway6)
+
+
+def start_host_server(name: str, port: int) -> subprocess.Popen:
+    """The test host's server (see :class:`TestHost`) in namespace ``name``, logging to
+    /tmp/<name>.log; returns once it listens."""
+    import sys
+
+    log = Path(f"/tmp/{name}.log")
+    log.unlink(missing_ok=True)
+    proc = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", _HOST_SERVER,
+                             str(port), str(log)], stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the test host's server in {name} did not start")
+    return proc
+
+
+def remove_host(name: str, server: subprocess.Popen | None = None) -> None:
+    """Stop the host's server, remove its veth pair, namespace and log (what exists of them)."""
+    if server is not None:
+        server.kill()
+        server.wait()
+    _sh("ip", "link", "del", f"{name}h", check=False)
+    _sh("ip", "netns", "del", name, check=False)
+    Path(f"/tmp/{name}.log").unlink(missing_ok=True)
 
 
 class Panel:
@@ -299,9 +386,9 @@ class Panel:
         self.send(comm_id, {"method": "custom", "content": {"event": "click"}})
 
 
-def shared_kernel(env: dict | None = None):
+def shared_kernel(env: dict | None = None, kernel_name: str = "sandbox"):
     """A module-scoped fixture body: one kernel for the module's tests (cheaper than one each)."""
-    driver = KernelDriver(env)
+    driver = KernelDriver(env, kernel_name)
     driver.initial_policy = driver.policy_state()
     yield driver
     driver.shutdown()

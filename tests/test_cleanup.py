@@ -6,6 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from kerneltest import KernelDriver, namespaces_of, sandbox_namespaces
 
 
@@ -42,14 +44,20 @@ def _wait_for(predicate, timeout=10.0):
     return predicate()
 
 
-def test_shutdown_removes_namespace_processes_and_state():
-    driver = KernelDriver()
+def _busy_sandbox(driver: KernelDriver) -> tuple[set[str], set[int], Path]:
+    """Give the kernel's sandbox a background process; return its namespace (a set of one),
+    its processes and its state directory."""
     driver.execute("!sleep 1000 &\nx = 1")
     created = driver.namespaces()
     assert len(created) == 1
-    procs = _processes_of(created)
-    assert len(procs) >= 5  # bubblewrap, the agent, the background sleep, slirp4netns, the log reader
     state = Path("/run/sandbox-kernel") / next(iter(created))[len("sbx-"):]
+    return created, _processes_of(created), state
+
+
+def test_shutdown_removes_namespace_processes_and_state():
+    driver = KernelDriver()
+    created, procs, state = _busy_sandbox(driver)
+    assert len(procs) >= 5  # bubblewrap, the agent, the background sleep, slirp4netns, the log reader
     assert state.exists()
     driver.shutdown()
     assert _wait_for(lambda: not (sandbox_namespaces() & created))
@@ -59,15 +67,11 @@ def test_shutdown_removes_namespace_processes_and_state():
 
 def test_sigkilled_kernel_leaves_nothing_after_gc():
     driver = KernelDriver()
-    driver.execute("!sleep 1000 &\nx = 1")
-    created = driver.namespaces()
-    assert len(created) == 1
-    procs = _processes_of(created)
+    created, procs, state = _busy_sandbox(driver)
     os.kill(driver.pid, signal.SIGKILL)
     driver.km.provisioner.process.wait()
     # bubblewrap and slirp4netns die with the kernel; the namespace needs gc
     assert _wait_for(lambda: not _alive(procs)), _alive(procs)
-    state = Path("/run/sandbox-kernel") / next(iter(created))[len("sbx-"):]
     subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, check=True)
     # every kernel that starts runs the same gc, so on a shared machine another one may have
     # removed the namespace before this one (its output then says nothing of it): what counts
@@ -148,80 +152,72 @@ def test_gc_takes_a_zombie_kernel_for_dead(tmp_path):
         child.wait()
 
 
-def test_start_up_gc_reads_the_configured_state_dir(tmp_path):
+@pytest.fixture
+def configured_state(tmp_path) -> tuple[dict, Path]:
+    """A Jupyter config directory whose sandbox_kernel_config.py (and nothing else) sets
+    ``c.LocalBackend.state_dir``: the environment that points a kernel or a command at it,
+    and that state directory."""
+    config = tmp_path / "config"
+    config.mkdir()
+    state = tmp_path / "state"
+    (config / "sandbox_kernel_config.py").write_text(f"c.LocalBackend.state_dir = {str(state)!r}\n")
+    assert "SANDBOX_KERNEL_STATE_DIR" not in os.environ  # the config file alone sets it
+    return {"JUPYTER_CONFIG_DIR": str(config)}, state
+
+
+def _recorded_namespaces(state: Path) -> set[str]:
+    """The network namespaces of the sandboxes with an owner record in ``state``."""
+    return {f"sbx-{p.parent.name}" for p in state.glob("*/owner.json")}
+
+
+def _kernel_keeping_state(fresh_kernel, configured_state) -> tuple[KernelDriver, set[str]]:
+    """A kernel of the configured state directory whose sandbox holds ``kept = 41``, and the
+    sandbox's network namespace (a set of one, recorded in that directory and present)."""
+    env, state = configured_state
+    driver = fresh_kernel(env)
+    assert driver.execute("kept = 41").reply["content"]["status"] == "ok"
+    netns = _recorded_namespaces(state)
+    assert len(netns) == 1 and netns <= sandbox_namespaces()
+    return driver, netns
+
+
+def test_start_up_gc_reads_the_configured_state_dir(configured_state, fresh_kernel):
     # With the state directory set in a config file (not the environment), a starting
     # kernel's gc looked for owner records in the default directory, found none for the
     # first kernel's namespace and deleted it under the running sandbox.
-    config = tmp_path / "config"
-    config.mkdir()
-    state = tmp_path / "state"
-    (config / "sandbox_kernel_config.py").write_text(f"c.LocalBackend.state_dir = {str(state)!r}\n")
-    env = {"JUPYTER_CONFIG_DIR": str(config)}
-    assert "SANDBOX_KERNEL_STATE_DIR" not in os.environ  # the config file alone sets it
-    first = KernelDriver(env)
-    second = None
-    try:
-        assert first.execute("kept = 41").reply["content"]["status"] == "ok"
-        mine = {p.parent.name for p in state.glob("*/owner.json")}
-        assert len(mine) == 1
-        netns = {f"sbx-{sandbox_id}" for sandbox_id in mine}
-        assert netns <= sandbox_namespaces()
-        second = KernelDriver(env)
-        assert second.execute("print('second')").stream().startswith("second\n")
-        assert netns <= sandbox_namespaces()
-        assert first.execute("print(kept + 1)").stream().startswith("42\n")
-    finally:
-        for driver in (second, first):
-            if driver is not None:
-                driver.shutdown()
+    first, netns = _kernel_keeping_state(fresh_kernel, configured_state)
+    second = fresh_kernel(configured_state[0])
+    assert second.execute("print('second')").stream().startswith("second\n")
+    assert netns <= sandbox_namespaces()
+    assert first.execute("print(kept + 1)").stream().startswith("42\n")
 
 
-def test_gc_command_reads_the_kernels_config_file(tmp_path):
+def test_gc_command_reads_the_kernels_config_file(configured_state, fresh_kernel):
     # `sandbox-kernel gc` parsed only argv and the environment: with the state directory set
     # in sandbox_kernel_config.py it looked for owner records in the default directory and
     # removed a running kernel's namespace as an orphan.
-    config = tmp_path / "config"
-    config.mkdir()
-    state = tmp_path / "state"
-    (config / "sandbox_kernel_config.py").write_text(f"c.LocalBackend.state_dir = {str(state)!r}\n")
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config)}
-    driver = KernelDriver({"JUPYTER_CONFIG_DIR": str(config)})
-    try:
-        assert driver.execute("kept = 41").reply["content"]["status"] == "ok"
-        netns = {f"sbx-{p.parent.name}" for p in state.glob("*/owner.json")}
-        assert len(netns) == 1 and netns <= sandbox_namespaces()
-        for command in (["sandbox-kernel", "gc"], ["sandbox-kernel", "doctor"]):
-            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-            assert result.returncode == 0, result.stdout + result.stderr
-            if command[1] == "doctor":  # doctor reports the configured directory, not the default
-                assert f"state directory:     {state}" in result.stdout
-            else:
-                assert not any(ns.removeprefix("sbx-") in result.stdout for ns in netns), result.stdout
-        assert netns <= sandbox_namespaces()
-        assert driver.execute("print(kept + 1)").stream().startswith("42\n")
-    finally:
-        driver.shutdown()
+    driver, netns = _kernel_keeping_state(fresh_kernel, configured_state)
+    env, state = configured_state
+    for command in (["sandbox-kernel", "gc"], ["sandbox-kernel", "doctor"]):
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        if command[1] == "doctor":  # doctor reports the configured directory, not the default
+            assert f"state directory:     {state}" in result.stdout
+        else:
+            assert not any(ns.removeprefix("sbx-") in result.stdout for ns in netns), result.stdout
+    assert netns <= sandbox_namespaces()
+    assert driver.execute("print(kept + 1)").stream().startswith("42\n")
 
 
-def test_gc_with_another_state_dir_leaves_a_running_sandbox_alone(tmp_path):
+def test_gc_with_another_state_dir_leaves_a_running_sandbox_alone(configured_state, fresh_kernel, tmp_path):
     # Two kernels configured with different state directories on one machine: the gc of
     # the one (at its start, or `sandbox-kernel gc`) found the other's namespace with no
     # owner record in its own directory and deleted it under the running sandbox.
-    config = tmp_path / "config"
-    config.mkdir()
-    state = tmp_path / "state"
-    (config / "sandbox_kernel_config.py").write_text(f"c.LocalBackend.state_dir = {str(state)!r}\n")
-    driver = KernelDriver({"JUPYTER_CONFIG_DIR": str(config)})
-    try:
-        assert driver.execute("kept = 41").reply["content"]["status"] == "ok"
-        netns = {f"sbx-{p.parent.name}" for p in state.glob("*/owner.json")}
-        assert len(netns) == 1 and netns <= sandbox_namespaces()
-        other = tmp_path / "other-state"
-        result = subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, timeout=120,
-                                env={**os.environ, "SANDBOX_KERNEL_STATE_DIR": str(other)})
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert not any(ns in result.stdout for ns in netns), result.stdout
-        assert netns <= sandbox_namespaces()
-        assert driver.execute("print(kept + 1)").stream().startswith("42\n")
-    finally:
-        driver.shutdown()
+    driver, netns = _kernel_keeping_state(fresh_kernel, configured_state)
+    other = tmp_path / "other-state"
+    result = subprocess.run(["sandbox-kernel", "gc"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SANDBOX_KERNEL_STATE_DIR": str(other)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not any(ns in result.stdout for ns in netns), result.stdout
+    assert netns <= sandbox_namespaces()
+    assert driver.execute("print(kept + 1)").stream().startswith("42\n")

@@ -11,6 +11,9 @@ import pytest
 from fakedns import FakeUpstream
 from kerneltest import KernelDriver
 
+# each kernel test runs against a root kernel and a rootless one (uid 65534; conftest.py)
+pytestmark = pytest.mark.both_modes
+
 
 @pytest.fixture
 def upstream():
@@ -20,9 +23,10 @@ def upstream():
 
 
 @pytest.fixture
-def kernel(upstream):
+def kernel(upstream, kernel_mode, request):
+    name = request.getfixturevalue("rootless_kernels").name if kernel_mode == "rootless" else "sandbox"
     driver = KernelDriver({"SANDBOX_KERNEL_UPSTREAM_DNS": f"127.0.0.1:{upstream.port}",
-                           "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"})
+                           "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any"}, name)
     yield driver
     driver.shutdown()
 

@@ -2,6 +2,9 @@
 
 import pytest
 
+# each kernel test runs against a root kernel and a rootless one (uid 65534; conftest.py)
+pytestmark = pytest.mark.both_modes
+
 
 @pytest.fixture
 def host(test_host):

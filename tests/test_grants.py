@@ -4,12 +4,7 @@ import time
 
 import pytest
 
-CONNECT = ("import socket\n"
-           "try:\n"
-           "    socket.create_connection(({ip!r}, {port}), timeout=3).close(); print('connected')\n"
-           "except OSError as e:\n"
-           "    print('refused', type(e).__name__)\n")
-
+from kerneltest import CONNECT
 
 # users may open the tests' hosts
 MAY = {"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "10.231.0.0/16"}
@@ -84,8 +79,7 @@ def test_allowing_again_without_for_makes_it_permanent(fresh_kernel, test_host):
 ])
 def test_bad_for_is_a_usage_error_and_changes_nothing(kernel, line, words):
     def policy_rows():
-        text = kernel.execute("%sandbox status").outputs[0]["content"]["data"]["text/plain"]
-        return [row for row in text.splitlines() if row.split()[0] in ("policy", "entries", "applied")]
+        return kernel.status_rows("policy", "entries", "applied")
 
     before = policy_rows()
     cell = kernel.execute(line)

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# each kernel test runs against a root kernel and a rootless one (uid 65534; conftest.py)
+pytestmark = pytest.mark.both_modes
+
 
 def _result(cell):
     return ast.literal_eval(cell.of_type("execute_result")[0]["content"]["data"]["text/plain"])
@@ -73,16 +76,9 @@ print("FOUND" if rc > 0 else f"NONE {ctypes.get_errno()}")
 
 
 def _agent_pid(kernel) -> int:
-    from kerneltest import _sh
+    from kerneltest import agent_pid
 
-    (netns,) = kernel.namespaces()
-    for pid in _sh("ip", "netns", "pids", netns).stdout.split():
-        try:
-            if b"agent.pyz" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return int(pid)
-        except OSError:
-            continue
-    raise AssertionError(f"no agent process in {netns}")
+    return agent_pid(kernel.pid)
 
 
 def _keys_as_sandbox_user(pid: int, *args: str) -> str:
@@ -99,7 +95,7 @@ def _keys_as_sandbox_user(pid: int, *args: str) -> str:
     return result.stdout.strip()
 
 
-def test_sandboxes_share_no_user_namespace_and_no_keyring(fresh_kernel):
+def test_sandboxes_share_no_user_namespace_and_no_keyring(fresh_kernel, kernel_mode):
     import uuid
 
     a, b = fresh_kernel(), fresh_kernel()
@@ -107,7 +103,10 @@ def test_sandboxes_share_no_user_namespace_and_no_keyring(fresh_kernel):
           for kernel in (a, b)]
     (ns_a, map_a), (ns_b, map_b) = (_result(cell) for cell in ns)
     assert ns_a != ns_b and os.readlink("/proc/self/ns/user") not in (ns_a, ns_b)
-    assert map_a == map_b == ["0", "0", "1", "65534", "65534", "1"]  # root (for bwrap) and the sandbox uid only
+    if kernel_mode == "root":
+        assert map_a == map_b == ["0", "0", "1", "65534", "65534", "1"]  # root (for bwrap) and the sandbox uid only
+    else:  # the sandbox uid only, over root of the kernel's own namespace (the kernel's uid outside)
+        assert map_a == map_b == ["65534", "0", "1"]
     pid_a, pid_b = _agent_pid(a), _agent_pid(b)
     desc = f"sandbox-kernel-test-{uuid.uuid4().hex[:8]}"
     assert _keys_as_sandbox_user(pid_a, "add", desc) == "FOUND"

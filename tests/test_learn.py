@@ -148,8 +148,7 @@ def test_beyond_the_ceiling_is_marked_and_not_applied(fresh_kernel, test_host, u
 ])
 def test_learn_commands_out_of_order_are_typed_errors_and_change_nothing(kernel, line, ename, words):
     def policy_rows():
-        text = kernel.execute("%sandbox status").outputs[0]["content"]["data"]["text/plain"]
-        return [row for row in text.splitlines() if row.split()[0] in ("policy", "entries", "applied")]
+        return kernel.status_rows("policy", "entries", "applied")
 
     before = policy_rows()
     cell = kernel.execute(line)

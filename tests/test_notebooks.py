@@ -78,6 +78,13 @@ def text_of(cell) -> str:
     return "".join(p if p.endswith("\n") else p + "\n" for p in parts)
 
 
+#: the environment of a notebook that opens public names and the test host: the user may allow
+#: both; the presets name real hosts, which resolve against nothing (the discard port on
+#: loopback), so no lookup leaves the machine and their addresses stay unopened
+MAY_ALLOW_PUBLIC = {"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "public 10.231.0.0/16",
+                    "SANDBOX_KERNEL_UPSTREAM_DNS": "127.0.0.1:9"}
+
+
 def execute(name: str, env: dict | None = None, host: str | None = None) -> Run:
     """Run ``notebooks/<name>`` on the Sandbox kernel; point it at ``host`` if given."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -130,11 +137,7 @@ def test_getting_started():
 
 def test_egress_policies(test_host):
     host = test_host(8080)
-    run = execute("02-egress-policies.ipynb", host=host.ip,
-                  # presets name real hosts: resolve them against nothing (the discard port on
-                  # loopback), so no lookup leaves the machine; their addresses stay unopened
-                  env={"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "public 10.231.0.0/16",
-                       "SANDBOX_KERNEL_UPSTREAM_DNS": "127.0.0.1:9"})
+    run = execute("02-egress-policies.ipynb", host=host.ip, env=MAY_ALLOW_PUBLIC)
     entry = f"{host.ip}:8080/tcp"
 
     i, status = run.cell("%sandbox status")
@@ -353,6 +356,8 @@ def test_every_notebook_runs_through_lab_sh_with_only_the_errors_it_expects(tmp_
     # it said what it runs with
     assert "demo ceiling (this command only): users may allow public 10.231.254.2" in result.stderr
     assert "demo host: running at 10.231.254.2:8080" in result.stderr
+    # the notebooks ran as the unprivileged lab user, whose kernels are rootless
+    assert "mode:                rootless" in result.stderr
     assert "03-exam-mode.ipynb: run in exam mode (locked), as its metadata asks" in result.stderr
     assert f"ok: {len(notebooks)} notebook(s) ran" in result.stderr
     # the tutorials work: the central cell of the egress notebook reached the demo host
@@ -449,6 +454,31 @@ def _lab_execute(port: int, token: str, codes: list[str]) -> list[str]:
         urllib.request.urlopen(delete, timeout=60).read()
 
 
+def _lab_uid() -> int | None:
+    import pwd
+
+    try:
+        return pwd.getpwnam("sandbox-lab").pw_uid
+    except KeyError:
+        return None
+
+
+def _session_processes(sid: int, name: bytes) -> dict[int, str]:
+    """pid -> /proc status of the processes of session ``sid`` whose command line has ``name``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) != sid:
+                continue
+            if name in (entry / "cmdline").read_bytes():
+                found[int(entry.name)] = (entry / "status").read_text()
+        except OSError:
+            continue
+    return found
+
+
 def test_lab_sh_jupyterlab_mode_runs_the_demo_and_stops_it_on_ctrl_c(tmp_path):
     """``bash scripts/lab.sh``: JupyterLab's kernels get the demo ceiling and reach the demo host;
     Ctrl-C ends JupyterLab and the demo host."""
@@ -469,6 +499,16 @@ def test_lab_sh_jupyterlab_mode_runs_the_demo_and_stops_it_on_ctrl_c(tmp_path):
         text = "".join(said)
         assert "demo ceiling (this command only)" in text and "Ctrl-C stops it and the demo host" in text, text
         assert _demo_host_running()
+        # JupyterLab runs as the lab user, with no capability and no_new_privs: its kernels and
+        # terminals can never be root (the demo host, started by lab.sh as root, is not in it)
+        lab_uid = _lab_uid()
+        assert lab_uid not in (None, 0)
+        server = _session_processes(proc.pid, b"jupyter-lab")
+        assert server, "no JupyterLab process in lab.sh's session"
+        for status in server.values():
+            assert f"Uid:\t{lab_uid}\t{lab_uid}\t{lab_uid}\t{lab_uid}" in status, status
+            assert "NoNewPrivs:\t1" in status and "CapBnd:\t0000000000000000" in status
+        assert "mode:                rootless" in text, text
         token = re.search(r"token=(\w+)", said[-1]).group(1)
         allow, hello = _lab_execute(port, token, [
             f"%sandbox allow {DEMO_ADDR}:8080/tcp",
@@ -514,9 +554,7 @@ def test_demo_ceiling_permits_the_demo_host_and_nothing_else(monkeypatch):
 
 def test_learn_a_notebooks_policy(test_host):
     host = test_host(8080)
-    run = execute("05-learn-a-notebooks-policy.ipynb", host=host.ip,
-                  env={"SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "public 10.231.0.0/16",
-                       "SANDBOX_KERNEL_UPSTREAM_DNS": "127.0.0.1:9"})
+    run = execute("05-learn-a-notebooks-policy.ipynb", host=host.ip, env=MAY_ALLOW_PUBLIC)
     entry = f"{host.ip}:8080/tcp"
     work = [run.cell("no course data:")[0], run.cell('echo "subprocess: no course data"')[0], run.cell("no cloud metadata")[0]]
     assert [[n["verdict"] for n in run.notices(i)] for i in work] == [["guarded"], ["rejected"], ["guarded"]]

@@ -5,6 +5,9 @@ import subprocess
 
 import pytest
 
+# each kernel test runs against a root kernel and a rootless one (uid 65534; conftest.py)
+pytestmark = pytest.mark.both_modes
+
 
 @pytest.fixture(scope="module")
 def _module_kernel():

@@ -50,10 +50,17 @@ try:
     out["keyctl"] = run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                         "print('KEYCTL', libc.syscall(250, 0, -4, 1), ctypes.get_errno())")
     out["allow"] = run("%sandbox allow 10.231.250.2:80/tcp")
+    # small stacks: RLIMIT_DATA counts each thread's stack at its full size (8 MiB by default)
     out["nproc"] = run("import resource, threading, time\nprint('NPROC', resource.getrlimit(resource.RLIMIT_NPROC))\n"
-                       "stop = threading.Event(); started = 0\n"
+                       "threading.stack_size(256 * 1024)\nstop = threading.Event(); started = 0\n"
                        "try:\n    for _ in range(1000):\n        threading.Thread(target=stop.wait).start(); started += 1\n"
                        "except RuntimeError: pass\nstop.set(); print('THREADS', started)")
+    out["data"] = run("import resource\nprint('DATA', resource.getrlimit(resource.RLIMIT_DATA))\n"
+                      "small = bytearray(64 << 20)\nbig = bytearray(3 << 30)")
+    out["after_data"] = run("print('ALIVE', len(small))")
+    out["fsize"] = run("import resource\nprint('FSIZE', resource.getrlimit(resource.RLIMIT_FSIZE))\n"
+                       "open('/home/sandbox/f', 'wb').write(bytes(7 << 20))\n"
+                       "open('/home/sandbox/g', 'wb').write(bytes(9 << 20))")
     kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/status")
             and f"PPid:\t{k.pid}\n" in open(f"/proc/{p}/status").read()]
     out["children"] = kids
@@ -82,6 +89,8 @@ def unprivileged_home():
             "display_name": "Sandbox (rootless)", "language": "python", "interrupt_mode": "message",
             "env": {"SANDBOX_KERNEL_ROOTLESS": "true", "SANDBOX_KERNEL_PYTHON": SYSTEM_PYTHON,
                     "SANDBOX_KERNEL_POLICY_USER_MAY_ALLOW": "any",
+                    # no cgroups: these become RLIMIT_DATA and RLIMIT_FSIZE
+                    "SANDBOX_KERNEL_MEMORY_LIMIT": "2G", "SANDBOX_KERNEL_WORK_SIZE": "8M",
                     # the test run's cluster ranges (conftest: the defaults minus the test hosts)
                     "SANDBOX_KERNEL_POLICY_CLUSTER_RANGES": os.environ.get("SANDBOX_KERNEL_POLICY_CLUSTER_RANGES", "")},
         }))
@@ -137,6 +146,13 @@ def test_a_kernel_without_root_runs_cells_enforces_deny_and_reports(unprivileged
     assert "NPROC (512, 512)" in out["nproc"]["stdout"], out["nproc"]
     started = int(out["nproc"]["stdout"].split("THREADS ")[1].split()[0])
     assert 400 < started < 512, started
+    # memory: RLIMIT_DATA per process; an allocation beyond it fails, the sandbox lives on
+    assert f"DATA ({2 << 30}, {2 << 30})" in out["data"]["stdout"], out["data"]
+    assert out["data"]["ename"] == "MemoryError", out["data"]
+    assert "ALIVE 67108864" in out["after_data"]["stdout"], out["after_data"]
+    # the working directory is a plain directory: each file is bounded (RLIMIT_FSIZE), not the total
+    assert f"FSIZE ({8 << 20}, {8 << 20})" in out["fsize"]["stdout"], out["fsize"]
+    assert out["fsize"]["ename"] == "OSError" and "File too large" in out["fsize"]["evalue"], out["fsize"]
     # the kernel's helpers (namespace holder, agent chain) ended with it
     assert len(out["children"]) >= 2, out["children"]
     assert out["left"] == []

@@ -158,3 +158,44 @@ def _field(text: str, name: str) -> int:
         if key == name:
             return int(value)
     return 0
+
+
+def rootless_rlimits(memory: int, pids: int, work: int) -> list[str]:
+    """``prlimit`` options for a sandbox without cgroups (rootless mode); 0 = no limit.
+
+    - ``pids`` → ``RLIMIT_NPROC``: the sandbox's own user namespace records it as its ceiling,
+      so it counts the sandbox's processes and threads only (not the user's others);
+    - ``memory`` → ``RLIMIT_DATA``: the private writable memory each process may map (heap,
+      anonymous mappings, thread stacks at their full size), per process rather than per sandbox.
+      Unlike ``RLIMIT_AS`` it leaves address space reserved without access (allocators' and
+      runtimes' reservations) alone, and an allocation beyond it fails (``MemoryError``) instead
+      of killing the process;
+    - ``work`` → ``RLIMIT_FSIZE``: the largest file a process may write (the working directory is
+      a plain directory: its total is not bounded).
+    """
+    options = []
+    if pids:
+        options.append(f"--nproc={pids}")
+    if memory:
+        options.append(f"--data={memory}")
+    if work:
+        options.append(f"--fsize={work}")
+    return options
+
+
+def rootless_summary(memory: int, pids: int, tmp: int, work: int) -> list[str]:
+    """What bounds a rootless sandbox, and what it lacks without cgroups (for ``doctor``)."""
+    def size(n: int) -> str:
+        return format_size(n) if n else "no limit"
+
+    return [
+        f"processes: {pids or 'no limit'} per sandbox (RLIMIT_NPROC, counted in its user namespace)",
+        f"memory: {size(memory)} per process (RLIMIT_DATA; an allocation beyond fails with MemoryError), "
+        "not per sandbox",
+        f"/tmp: {size(tmp)} (tmpfs)",
+        f"working directory: a plain directory on this disk, each file at most {size(work)} (RLIMIT_FSIZE); "
+        "its total is not bounded",
+        "missing without root: a memory limit for the whole sandbox and its out-of-memory report, a "
+        "size-bounded working directory, CPU accounting (cgroups are not delegated to this user; "
+        "root mode has them)",
+    ]

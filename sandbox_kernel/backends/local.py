@@ -15,8 +15,9 @@ How a local sandbox is built (all undone by :meth:`LocalBackend.stop`, and by
    PID, IPC and UTS namespaces, no capabilities, an unprivileged uid, a seccomp filter
    (``seccomp.py``), and it dies with the kernel.
 
-The kernel process must run as root (it creates namespaces and nftables rules); the
-code in the sandbox never does.
+Root mode (the kernel runs as root) creates named namespaces and cgroups; rootless mode (the
+default when the kernel is not root, ``rootless.py``) makes the same sandbox as an unprivileged
+user, with rlimits instead of cgroups. The code in the sandbox never runs as root.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from traitlets import Bool, Enum, Integer, List, Unicode, default
 
 from ..agent import protocol
 from ..agent.bundle import build_pyz
+from ..agent.protocol import BlockedRecord, blocked_record
 from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ..policy.compile_nftables import LOG_PREFIX_ACCEPTED, compile_nftables
@@ -123,12 +125,15 @@ class LocalBackend(Backend):
         return env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel")
 
     rootless = Bool(
-        help="Run without root (prototype): the kernel creates each sandbox's user and network "
-        "namespaces as its own user, programs nftables and reads NFLOG inside them, and starts "
-        "the agent under bubblewrap in a further user namespace. No cgroups: pids_limit becomes "
-        "an RLIMIT_NPROC counted in the sandbox's namespace, memory_limit and work_size do not "
-        "apply; allowlists need a /dev/net/tun the user may open (slirp4netns), else only deny "
-        "is enforced. Env: SANDBOX_KERNEL_ROOTLESS (true/false)."
+        help="Run without root: the kernel creates each sandbox's user and network namespaces as "
+        "its own user, programs nftables and reads NFLOG inside them, and starts the agent under "
+        "bubblewrap in a further user namespace. Default: on when the kernel does not run as root "
+        "(scripts/lab.sh runs Jupyter so), off as root (root mode, with cgroups). Without cgroups "
+        "the limits are rlimits: pids_limit is RLIMIT_NPROC counted in the sandbox's user namespace, "
+        "memory_limit is RLIMIT_DATA per process, work_size bounds each file (RLIMIT_FSIZE), not the "
+        "working directory's total; allowlists need a tun device the user may open for slirp4netns "
+        "(/dev/net/tun at 0666, or tun_device), else only deny is enforced. Env: "
+        "SANDBOX_KERNEL_ROOTLESS (true/false)."
     ).tag(config=True)
 
     tun_device = Unicode(
@@ -143,7 +148,10 @@ class LocalBackend(Backend):
 
     @default("rootless")
     def _rootless_default(self):
-        return env_default("SANDBOX_KERNEL_ROOTLESS", "false").lower() in ("1", "true", "yes")
+        value = env_default("SANDBOX_KERNEL_ROOTLESS", "")
+        if not value:
+            return os.geteuid() != 0
+        return value.lower() in ("1", "true", "yes")
 
     python = Unicode(
         help="The Python interpreter that runs the agent inside the sandbox (its install "
@@ -279,7 +287,7 @@ class LocalBackend(Backend):
         if os.geteuid() != 0 and not self.rootless:
             missing.append(
                 "root privileges: the kernel creates network namespaces and nftables rules "
-                "(run Jupyter as root, set c.LocalBackend.rootless = True, or use the kubernetes backend)"
+                "(c.LocalBackend.rootless is off: turn it on, run Jupyter as root, or use the kubernetes backend)"
             )
         tools = [("ip", "iproute2"), ("nft", "nftables"), ("bwrap", "bubblewrap"), ("nsenter", "util-linux"),
                  ("unshare", "util-linux"), ("slirp4netns", "slirp4netns")]
@@ -392,6 +400,8 @@ class LocalBackend(Backend):
         else:
             _run(["ip", "netns", "add", self.netns])
         _run([*self._in_netns(), "ip", "link", "set", "lo", "up"])
+        if self._ns is not None:
+            self._ns.prepare(self.nflog_group)  # the sockets served from the host side, at once
         # rules first: the uplink must never be up without the policy in force
         self._apply_rules(self._ruleset(policy))
         self._start_uplink()
@@ -472,7 +482,10 @@ class LocalBackend(Backend):
             return
         diag = None
         try:
-            diag = sockowner.SocketDiag.open(self._netns_path)
+            if self._ns is not None:
+                diag = sockowner.SocketDiag(self._ns.sockets("diag", count=1)[0])
+            else:
+                diag = sockowner.SocketDiag.open(self._netns_path)
         except OSError as err:  # senders are then found from /proc/net alone (slower)
             self.log.warning("no socket lookups in sandbox %s: %s", self._sandbox_id, err)
         self._nflog_sock, self._diag = sock, diag
@@ -517,7 +530,7 @@ class LocalBackend(Backend):
             record["process"] = process if isinstance(process, dict) else None
             self._report_blocked(record)
 
-    def _report_blocked(self, record: dict) -> None:
+    def _report_blocked(self, record: BlockedRecord) -> None:
         if self.blocked_sink is not None:
             self.blocked_sink(record)
 
@@ -667,10 +680,12 @@ class LocalBackend(Backend):
             # in a further user namespace (uid 65534 there, the kernel's user outside), with
             # no capabilities and no way to create another one
             argv = self._ns.enter()
-            if self.pids_limit:
-                # no cgroup: RLIMIT_NPROC, which bwrap's new user namespace records as its own
-                # ceiling, so it counts the sandbox's processes and threads only
-                argv += ["prlimit", f"--nproc={self.pids_limit}"]
+            rlimits = limits.rootless_rlimits(limits.parse_size(self.memory_limit), self.pids_limit,
+                                              limits.parse_size(self.work_size))
+            if rlimits:
+                # no cgroup: rlimits (limits.rootless_rlimits); RLIMIT_NPROC is recorded by
+                # bwrap's new user namespace as its own ceiling, so it counts the sandbox only
+                argv += ["prlimit", *rlimits]
             argv += ["bwrap", "--unshare-user", "--uid", str(self.uid),
                      "--gid", str(self.uid), "--disable-userns"]
         else:
@@ -714,6 +729,9 @@ class LocalBackend(Backend):
             "--bind", str(root / "work"), SANDBOX_HOME,
             "--perms", "0755", "--dir", "/opt/sandbox-agent",
             "--ro-bind", str(root / "agent.pyz"), AGENT_PATH,
+            # the root directory itself (bwrap's tmpfs) read-only: in rootless mode the code's
+            # uid owns it (it maps to the user that built it)
+            "--remount-ro", "/",
             "--chdir", SANDBOX_HOME,
             "--clearenv",
             "--setenv", "HOME", SANDBOX_HOME,
@@ -886,18 +904,16 @@ def _default_blocked() -> list[str]:
     return [str(net) for net in default_always_blocked()]
 
 
-def enforcer_record(packet: nflog.LoggedPacket, verdict: str = "rejected") -> dict | None:
+def enforcer_record(packet: nflog.LoggedPacket, verdict: str = "rejected") -> BlockedRecord | None:
     """A logged packet as a blocked-connection record, or None for link-local noise
     (neighbour discovery, multicast) that no code asked for."""
     if packet.protocol == "icmpv6" or packet.dst.startswith(("ff", "224.", "239.")):
         return None
-    return {
-        "host": None, "ip": packet.dst, "port": packet.dport, "protocol": packet.protocol,
-        "verdict": verdict, "process": None, "first_seen": packet.at, "last_seen": packet.at,
-        "count": 1,
+    return blocked_record(
+        ip=packet.dst, port=packet.dport, protocol=packet.protocol, verdict=verdict, first_seen=packet.at,
         # a TCP attempt is one source port (retransmitted SYNs repeat it); UDP counts datagrams
-        "attempt": f"{packet.protocol}:{packet.sport}" if packet.protocol == "tcp" else None,
-    }
+        attempt=f"{packet.protocol}:{packet.sport}" if packet.protocol == "tcp" else None,
+    )
 
 
 # -- cleanup, shared by stop() and gc ------------------------------------------------
@@ -916,8 +932,14 @@ def _proc_start_time(pid: int) -> str | None:
     return fields[19]
 
 
-def _python_prefixes(python: str) -> list[str]:
+#: interpreter -> its prefixes, once known (each sandbox start would pay a Python start)
+_PREFIXES: dict[str, tuple[str, ...]] = {}
+
+
+def _python_prefixes(python: str) -> tuple[str, ...]:
     """Directories the sandbox interpreter needs: its prefix (and base prefix for a venv)."""
+    if python in _PREFIXES:
+        return _PREFIXES[python]
     result = _run([python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"], check=False)
     paths = [p for p in result.stdout.split() if p] if result.returncode == 0 else []
     if not paths:
@@ -927,7 +949,9 @@ def _python_prefixes(python: str) -> list[str]:
         real = os.path.realpath(p)
         if real not in out and real != "/usr":
             out.append(real)
-    return out
+    if result.returncode == 0:
+        _PREFIXES[python] = tuple(out)
+    return tuple(out)
 
 
 def remove_sandbox(sandbox_id: str, state_dir: str) -> list[str]:

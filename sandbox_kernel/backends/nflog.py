@@ -79,23 +79,28 @@ def open_in_netns(netns_path: str, group: int) -> socket.socket:
     return in_netns(netns_path, lambda: open_here(group))
 
 
+def config_messages(group: int) -> list[bytes]:
+    """The netlink messages that bind a socket to NFLOG ``group`` and set how it delivers, each
+    to be acknowledged (:func:`open_here`; the rootless backend's helper sends the same)."""
+    mode = struct.pack(">IB", COPY_RANGE, NFULNL_COPY_PACKET) + b"\0"
+    return [
+        _config(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))),
+        _config(group, _attr(NFULA_CFG_MODE, mode)),
+        # deliver every packet at once: by default the kernel batches them for up to 1 s
+        _config(group, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))),
+        _config(group, _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0))),
+    ]
+
+
 def open_here(group: int) -> socket.socket:
-    """:func:`open_in_netns` for the calling thread's own namespace (the rootless backend's
-    helper runs it inside the sandbox's namespaces and hands the socket back)."""
+    """:func:`open_in_netns` for the calling thread's own namespace."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.bind((0, 0))
-        sock.send(_config(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
-        _expect_ack(sock)
-        mode = struct.pack(">IB", COPY_RANGE, NFULNL_COPY_PACKET) + b"\0"
-        sock.send(_config(group, _attr(NFULA_CFG_MODE, mode)))
-        _expect_ack(sock)
-        # deliver every packet at once: by default the kernel batches them for up to 1 s
-        sock.send(_config(group, _attr(NFULA_CFG_QTHRESH, struct.pack(">I", 1))))
-        _expect_ack(sock)
-        sock.send(_config(group, _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", 0))))
-        _expect_ack(sock)
+        for message in config_messages(group):
+            sock.send(message)
+            _expect_ack(sock)
     except BaseException:
         sock.close()
         raise

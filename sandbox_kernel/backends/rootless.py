@@ -1,4 +1,4 @@
-"""The local sandbox's namespaces when the kernel does not run as root (prototype).
+"""The local sandbox's namespaces when the kernel does not run as root.
 
 Used by the local backend (``backends/local.py``) when ``c.LocalBackend.rootless`` is set.
 An unprivileged process may create a user namespace and, owned by it, a network namespace;
@@ -8,8 +8,8 @@ inside them it is "root" for that network only. So:
    while the sandbox lives; it exits when the kernel closes its stdin (or dies);
 2. the kernel runs ``ip`` and ``nft`` in them through ``nsenter --user --net
    --preserve-credentials`` (the user namespace's owner may enter it);
-3. sockets the kernel serves from the host side (NFLOG, the DNS proxy's) are made inside by
-   a short helper (``python -m sandbox_kernel.backends.rootless``) and handed back over a
+3. sockets the kernel serves from the host side (NFLOG, the DNS proxy's, socket lookups) are made
+   inside by a short helper (:data:`_HELPER`, standard library only) and handed back over a
    socket pair: a multithreaded process cannot join a user namespace itself;
 4. bubblewrap starts the agent from inside, with ``--unshare-user --disable-userns``: the code
    runs in a further user namespace with no capabilities, where it cannot touch the rules.
@@ -24,6 +24,7 @@ only ``deny`` can be enforced.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -33,6 +34,39 @@ from ..errors import SandboxStartError
 
 #: the holder: report, then hold the namespaces until stdin closes
 _HOLDER = "echo ready; read _"
+
+#: the helper, run inside the namespaces with ``python -I -S`` (the standard library only: it
+#: starts at every sandbox start): makes the sockets its JSON argument names, in this order —
+#: NFLOG (bound by the given netlink messages, each acknowledged), the DNS proxy's UDP and TCP,
+#: socket lookups (sock_diag) — and sends them over the descriptor ``fd``
+_HELPER = r"""
+import json, socket, struct, sys
+spec = json.loads(sys.argv[1])
+made = []
+if spec["nflog"] is not None:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.bind((0, 0))
+    for message in spec["nflog"]:
+        s.send(bytes.fromhex(message))
+        data = s.recv(65536)
+        if struct.unpack_from("=H", data, 4)[0] == 2 and struct.unpack_from("=i", data, 16)[0] != 0:
+            sys.exit(f"NFLOG configuration refused: error {-struct.unpack_from('=i', data, 16)[0]}")
+    made.append(s)
+if spec["dns"] is not None:
+    address = tuple(spec["dns"])
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(address)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(address)
+    tcp.listen(16)
+    made += [udp, tcp]
+if spec["diag"]:
+    made.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4))  # NETLINK_SOCK_DIAG
+with socket.socket(fileno=spec["fd"]) as channel:
+    socket.send_fds(channel, [b"s"], [s.fileno() for s in made])
+"""
 
 
 def tun_usable(device: str = "/dev/net/tun") -> bool:
@@ -45,6 +79,8 @@ class RootlessNamespaces:
 
     def __init__(self) -> None:
         self._holder: subprocess.Popen | None = None
+        #: sockets made ahead by :meth:`prepare`, by kind
+        self._ready: dict[str, list[socket.socket]] = {}
 
     @property
     def pid(self) -> int:
@@ -94,16 +130,41 @@ class RootlessNamespaces:
                     *slirp_argv, *target]
         return None
 
+    def prepare(self, nflog_group: int) -> None:
+        """Make every socket the kernel serves from inside in one helper run, at once (each run
+        is a Python start). On failure each kind is made, and fails, on its own later."""
+        try:
+            made = self._make({"nflog": nflog_group, "dns": True, "diag": True}, count=4)
+        except OSError:
+            return
+        self._ready = {"nflog": made[:1], "dns": made[1:3], "diag": made[3:]}
+
     def sockets(self, kind: str, *args: str, count: int) -> list[socket.socket]:
-        """``count`` sockets made inside by :func:`_helper_main` (``kind``: nflog GROUP | dns)."""
+        """``count`` sockets made inside (``kind``: nflog GROUP | dns | diag), or ahead by
+        :meth:`prepare`."""
+        ready = self._ready.pop(kind, None)
+        if ready is not None and len(ready) == count:
+            return ready
+        if kind not in ("nflog", "dns", "diag"):
+            raise ValueError(f"unknown socket kind {kind!r}")
+        return self._make({kind: int(args[0]) if kind == "nflog" else True}, count=count)
+
+    def _make(self, want: dict, count: int) -> list[socket.socket]:
+        """Run :data:`_HELPER` inside the namespaces; it sends back the sockets ``want`` names."""
+        from .dnsproxy import LISTEN
+        from .nflog import config_messages
+
+        spec = {"fd": 0, "dns": list(LISTEN) if want.get("dns") else None, "diag": bool(want.get("diag")),
+                "nflog": [m.hex() for m in config_messages(want["nflog"])] if "nflog" in want else None}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            spec["fd"] = theirs.fileno()
             result = subprocess.run(
-                [*self.enter(), sys.executable, "-m", __name__, kind, *args, str(theirs.fileno())],
+                [*self.enter(), sys.executable, "-I", "-S", "-c", _HELPER, json.dumps(spec)],
                 pass_fds=(theirs.fileno(),), capture_output=True, text=True, timeout=30)
             theirs.close()
             if result.returncode != 0:
-                raise OSError(f"the namespace helper failed: {result.stderr.strip()}")
+                raise OSError(f"the namespace helper failed: {result.stderr.strip()[-500:]}")
             _, fds, _, _ = socket.recv_fds(ours, 16, count)
         finally:
             ours.close()
@@ -120,6 +181,10 @@ class RootlessNamespaces:
 
     def close(self) -> None:
         """Let the holder go (the namespaces end with the last process in them)."""
+        for unused in self._ready.values():
+            for sock in unused:
+                sock.close()
+        self._ready = {}
         holder, self._holder = self._holder, None
         if holder is None:
             return
@@ -132,27 +197,5 @@ class RootlessNamespaces:
             holder.kill()
             holder.wait()
 
-
-def _helper_main(argv: list[str]) -> int:
-    """Inside the namespaces: make the sockets and send them to the kernel."""
-    kind, *args, fd = argv
-    if kind == "nflog":
-        from .nflog import open_here
-
-        made = [open_here(int(args[0]))]
-    elif kind == "dns":
-        from .dnsproxy import bind_here
-
-        made = list(bind_here())
-    else:
-        print(f"unknown socket kind {kind!r}", file=sys.stderr)
-        return 2
-    with socket.socket(fileno=int(fd)) as channel:
-        socket.send_fds(channel, [b"s"], [s.fileno() for s in made])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_helper_main(sys.argv[1:]))
 
 __all__ = ["RootlessNamespaces", "tun_usable"]

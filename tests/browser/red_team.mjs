@@ -9,26 +9,15 @@
 // an execute_request over its own kernel websocket and POSTs /api/terminals, as the attack did.
 // Prints one JSON object on stdout: what ran (window.__pwned), every execute_request the page
 // sent on any websocket, every POST to /api/terminals, and what the ordinary cell rendered.
-import { chromium } from 'playwright-core';
 import path from 'node:path';
+import { collapseLeftSidebar, finish, hideToken, launchLoopback, newReport, openNotebook, recordFailure, shot } from './lab.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
 const timeout = cfg.timeoutMs ?? 45000;
 const slow = Math.max(timeout, 90000);
-const report = {
-  ok: false, steps: [], screenshots: {}, offLoopback: [], consoleErrors: [], pwned: [],
-  executeRequests: [], terminalPosts: [], uiRuns: 0,
-};
+const report = newReport({ pwned: [], executeRequests: [], terminalPosts: [], uiRuns: 0 });
 const started = Date.now();
 const step = (name) => report.steps.push(`${name} @${Date.now() - started}ms`);
-
-const isLoopback = (url) => {
-  try {
-    const u = new URL(url);
-    if (!/^(https?|wss?):$/.test(u.protocol)) return true;
-    return ['127.0.0.1', 'localhost', '[::1]'].includes(u.hostname);
-  } catch { return true; }
-};
 
 // the Jupyter messages in one websocket frame: JSON text, or JupyterLab's binary v1 framing
 // (offsets, then channel, header, parent, metadata, content): the header's msg_type says it all
@@ -39,59 +28,32 @@ const msgTypes = (payload) => {
 
 let context;
 try {
-  context = await chromium.launchPersistentContext(cfg.userDataDir, {
-    executablePath: cfg.executablePath ?? '/usr/bin/chromium',
-    headless: true,
-    viewport: { width: 1280, height: 1800 },
-    timeout,
-    args: [
-      '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-      '--disable-default-apps', '--disable-domain-reliability', '--no-pings',
-      '--no-proxy-server', '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1',
-    ],
-  });
-  context.setDefaultTimeout(timeout);
+  let page;
+  ({ context, page } = await launchLoopback(cfg, report, { width: 1280, height: 1800 }));
   context.on('request', (req) => {
-    if (!isLoopback(req.url())) report.offLoopback.push(req.url());
     if (req.method() === 'POST' && new URL(req.url()).pathname.endsWith('/api/terminals')) {
-      report.terminalPosts.push(req.url().replace(/token=[^&]*/, 'token=…'));
+      report.terminalPosts.push(hideToken(req.url()));
     }
   });
-  const page = context.pages()[0] ?? await context.newPage();
   // every websocket the page opens (JupyterLab's own and any a payload opens) and every
   // execute_request sent on one: JupyterLab sends exactly one per cell this script runs
   page.on('websocket', (ws) => {
-    if (!isLoopback(ws.url())) report.offLoopback.push(ws.url());
     ws.on('framesent', (frame) => {
       for (const type of msgTypes(frame.payload)) {
-        if (type === 'execute_request') report.executeRequests.push(ws.url().replace(/token=[^&]*/, 'token=…'));
+        if (type === 'execute_request') report.executeRequests.push(hideToken(ws.url()));
       }
     });
   });
-  page.on('console', (msg) => { if (msg.type() === 'error') report.consoleErrors.push(msg.text().slice(0, 300)); });
-  page.on('pageerror', (err) => report.consoleErrors.push(`pageerror: ${String(err).slice(0, 300)}`));
 
-  await page.goto(`${cfg.url}lab/tree/${encodeURIComponent(cfg.notebook)}?reset&token=${cfg.token}`, { timeout: slow });
-  const panel = page.locator('.jp-NotebookPanel').filter({ has: page.locator('.jp-Cell') }).first();
-  await panel.waitFor({ timeout: slow });
-  const cells = panel.locator('.jp-Notebook .jp-Cell');
+  const { cells, kernelName, idle, prompt, runCell } = await openNotebook(page, cfg, slow);
   await cells.nth(2).waitFor();
-  const kernelName = panel.locator('.jp-KernelName, .jp-Toolbar-kernelName').first();
   await kernelName.filter({ hasText: 'Sandbox' }).waitFor({ timeout: slow });
-  const idle = panel.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]');
   await idle.waitFor({ timeout: slow });
   step('kernel idle');
-  const leftTab = page.locator('.jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current');
-  if (await leftTab.count()) {
-    await leftTab.click();
-    await page.locator('#jp-left-stack').waitFor({ state: 'hidden' });
-  }
+  await collapseLeftSidebar(page);
 
-  const prompt = (i) => cells.nth(i).locator('.jp-InputArea-prompt');
   const run = async (i) => {
-    await cells.nth(i).locator('.jp-InputArea-editor').click();
-    await page.keyboard.press('Shift+Enter');
+    await runCell(i);
     report.uiRuns += 1;
     await prompt(i).filter({ hasText: /\[\d+\]/ }).waitFor({ timeout: slow });
     await idle.waitFor({ timeout: slow });
@@ -143,9 +105,7 @@ try {
     .evaluate((el) => getComputedStyle(el).color);
   report.codeText = await plain.locator('code').filter({ hasText: 'code' }).count();
   await cells.nth(0).scrollIntoViewIfNeeded();
-  const file = path.join(cfg.shots, `${cfg.shotName ?? 'untrusted-output'}.png`);
-  await page.screenshot({ path: file });
-  report.screenshots.outputs = file;
+  await shot(page, report, 'outputs', path.join(cfg.shots, `${cfg.shotName ?? 'untrusted-output'}.png`));
   step('ordinary output rendered');
 
   // -- a barrier cell: what a payload started has had the time of a whole cell to show up --
@@ -156,20 +116,9 @@ try {
   step('barrier');
   report.ok = true;
 } catch (err) {
-  report.error = String(err && err.stack || err).slice(0, 4000);
-  try {
-    const page = context?.pages()[0];
-    if (page) {
-      report.pwned = await page.evaluate(() => window.__pwned ?? []);
-      report.pageText = (await page.locator('body').innerText({ timeout: 5000 })).slice(0, 2000);
-      const file = path.join(cfg.failureDir ?? cfg.shots, 'failure.png');
-      await page.screenshot({ path: file, timeout: 5000 });
-      report.screenshots.failure = file;
-    }
-  } catch { /* the browser is gone */ }
+  await recordFailure(report, context, cfg, err, async (page) => {
+    report.pwned = await page.evaluate(() => window.__pwned ?? []);
+  });
 } finally {
-  report.seconds = (Date.now() - started) / 1000;
-  try { await context?.close(); } catch { /* already closed */ }
-  process.stdout.write(JSON.stringify(report) + '\n');
-  process.exitCode = report.ok ? 0 : 1;
+  await finish(report, context, started);
 }

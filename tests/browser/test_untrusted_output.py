@@ -17,17 +17,13 @@ created, so the detectors of the first test are shown to see an attack when ther
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import nbformat
 import pytest
-from test_lab import CHROMIUM, ROOT, _kill_tree, browser_prerequisites, lab  # noqa: F401 - fixtures
+from browsertools import report_context, run_browser_script, script_config, shots_dir, write_notebook
 
 SCRIPT = Path(__file__).with_name("red_team.mjs")
 
@@ -95,7 +91,7 @@ ATTACK = """
 """
 
 
-def _notebook(recorder_url: str) -> nbformat.NotebookNode:
+def _write_notebook(path: Path, recorder_url: str) -> None:
     mark = {name: _mark(name, recorder_url) for name in
             ("script", "onerror", "jslink", "svg-onload", "svg-image", "javascript")}
     attack = ATTACK.replace("MARK", mark["script"])
@@ -125,41 +121,21 @@ def _notebook(recorder_url: str) -> nbformat.NotebookNode:
         "plt.savefig(svg, format='svg', bbox_inches='tight'); plt.close(); display(SVG(svg.getvalue()))",
         "pd.DataFrame({'city': ['Oslo', 'Lima', 'Pune'], 'temp': [3.5, 19.0, 27.25]})",
     ])
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "sandbox", "display_name": "Sandbox", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(red_team), nbformat.v4.new_code_cell(ordinary),
-                nbformat.v4.new_code_cell("print('barrier')")]
-    return nb
+    write_notebook(path, red_team, ordinary, "print('barrier')")
 
 
 def _drive(lab, recorder, tmp_path, shots: Path, shot_name: str) -> tuple[dict, str]:
-    nbformat.write(_notebook(recorder.url), lab["root"] / "red-team.ipynb")
+    _write_notebook(lab["root"] / "red-team.ipynb", recorder.url)
     shots.mkdir(parents=True, exist_ok=True)
-    profile = tmp_path / "chromium-profile"
-    config = {
-        "url": lab["url"], "token": lab["token"], "notebook": "red-team.ipynb", "shots": str(shots),
-        "shotName": shot_name, "failureDir": str(tmp_path), "userDataDir": str(profile),
-        "executablePath": CHROMIUM,
-        "timeoutMs": int(os.environ.get("SANDBOX_KERNEL_BROWSER_TIMEOUT_MS", "45000")),
-    }
-    node = subprocess.Popen(["node", str(SCRIPT), json.dumps(config)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
-    try:
-        out, err = node.communicate(timeout=300)
-    finally:
-        _kill_tree(node, marker=str(profile))
-        shutil.rmtree(profile, ignore_errors=True)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    assert lines, f"red_team.mjs printed no report (exit {node.returncode}):\n{out}\n{err[-4000:]}"
-    report = json.loads(lines[-1])
+    config = script_config(tmp_path, url=lab["url"], token=lab["token"], notebook="red-team.ipynb",
+                           shots=str(shots), shotName=shot_name)
+    report, err = run_browser_script(SCRIPT, config)
     report["terminals"] = _terminals(lab)
     report["recorded"] = sorted(recorder.hits)
     shown = {k: v for k, v in report.items() if k not in ("attackHtml", "pageText")}
     print(json.dumps({k: shown.get(k) for k in ("seconds", "pwned", "recorded", "executeRequests", "uiRuns",
                                                  "terminalPosts", "terminals", "liveDanger", "linkHref")}))
-    context = (f"\nreport: {json.dumps(shown, indent=1, ensure_ascii=False)}\nstderr: {err[-2000:]}"
-               f"\nlab log:\n{lab['log'].read_text()[-3000:]}")
+    context = report_context(shown, err, lab["log"])
     assert report["ok"], "the browser did not get through:" + context
     return report, context
 
@@ -172,16 +148,8 @@ def _terminals(lab) -> list:
         return json.load(resp)
 
 
-def _shots_dir(tmp_path) -> Path:
-    shots = Path(os.environ.get("SANDBOX_KERNEL_SCREENSHOTS") or tmp_path / "screenshots")
-    if not shots.is_absolute():
-        shots = ROOT / shots
-    shots.mkdir(parents=True, exist_ok=True)
-    return shots
-
-
 def test_red_team_output_runs_nothing_and_ordinary_output_renders(lab, recorder, tmp_path):
-    shots = _shots_dir(tmp_path)
+    shots = shots_dir(tmp_path)
     report, context = _drive(lab, recorder, tmp_path, shots, "untrusted-output")
     # nothing ran: no payload marked the page, none reached the recorder
     assert report["pwned"] == [], context

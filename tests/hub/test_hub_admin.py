@@ -4,30 +4,15 @@ hub's login. The form is XSRF-protected, and user-controlled text on the page is
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import requests
+from browsertools import CHROMIUM, browser_missing, run_browser_script
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("drive_admin.mjs")
-CHROMIUM = "/usr/bin/chromium"
-
-
-def _browser_missing() -> list[str]:
-    missing = []
-    if not Path(CHROMIUM).exists():
-        missing.append(f"{CHROMIUM} (apt-get install chromium)")
-    if not shutil.which("node"):
-        missing.append("node")
-    if not (ROOT / "node_modules" / "playwright-core" / "package.json").exists():
-        missing.append("playwright-core (npm ci)")
-    return missing
 
 
 @pytest.fixture
@@ -47,7 +32,7 @@ def overrides_removed(service, hub):
 
 def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, hub, tmp_path, test_host,
                                                               overrides_removed):
-    missing = _browser_missing()
+    missing = browser_missing()
     if missing:
         if os.environ.get("CI"):
             pytest.fail("the admin page test needs " + ", ".join(missing))
@@ -72,10 +57,8 @@ def test_a_teacher_sets_exam_mode_for_a_class_in_the_browser(kernels, service, h
     cfg = {"hub": hub.public_url, "adminUrl": service.admin_url, "admin": "teacher",
            "student": "alice", "password": hub.password, "group": "class-b", "shot": shot,
            "executablePath": CHROMIUM}
-    run = subprocess.run(["node", str(SCRIPT), json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=180)
-    report = json.loads(run.stdout.strip().splitlines()[-1]) if run.stdout.strip() else {}
-    assert report.get("ok"), f"{report}\n{run.stderr[-2000:]}"
+    report, err = run_browser_script(SCRIPT, cfg, timeout=180)
+    assert report["ok"], f"{report}\n{err[-2000:]}"
     assert report["offLoopback"] == []
 
     # the teacher saw the page (through the hub's OAuth) with bob's sandbox and the audit log

@@ -14,15 +14,13 @@ none of its attempts read the page or changed a ceiling."""
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
-
-from test_hub_admin import CHROMIUM, ROOT, _browser_missing
+from browsertools import CHROMIUM, browser_missing, run_browser_script
 
 PAGE = Path(__file__).with_name("attack_admin.html").read_bytes()
 SCRIPT = Path(__file__).with_name("drive_admin_origin.mjs")
@@ -61,7 +59,7 @@ def student_page(hub):
 
 
 def test_a_script_on_a_students_page_cannot_read_or_drive_the_admin_page(service, hub, student_page):
-    missing = _browser_missing()
+    missing = browser_missing()
     if missing:
         pytest.fail("the admin origin test needs " + ", ".join(missing))
     before = service.api("GET", "api/ceilings", hub.tokens["teacher"]).json()
@@ -72,10 +70,8 @@ def test_a_script_on_a_students_page_cannot_read_or_drive_the_admin_page(service
            "attackUrls": [f"http://127.0.0.1:{public_port}{student_page}",      # the hub's origin
                           f"http://localhost:{public_port}{student_page}"],     # the admin page's host
            "executablePath": CHROMIUM}
-    run = subprocess.run(["node", str(SCRIPT), json.dumps(cfg)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    report = json.loads(run.stdout.strip().splitlines()[-1]) if run.stdout.strip() else {}
-    assert report.get("ok"), f"{report}\n{run.stderr[-2000:]}"
+    report, err = run_browser_script(SCRIPT, cfg, timeout=300)
+    assert report["ok"], f"{report}\n{err[-2000:]}"
 
     # on the hub's origin the page is not there: a link to its own origin, no data, no form
     shared = report["shared"]

@@ -13,42 +13,13 @@ import uuid
 
 import pytest
 
+from clusterlib import connect, run_cell
 from sandbox_kernel.backends import kubernetes as kb
 from sandbox_kernel.policy.model import EgressPolicy
 
 pytestmark = pytest.mark.cluster
 
 SANDBOX_IMAGE = os.environ.get("SANDBOX_KERNEL_CLUSTER_SANDBOX_IMAGE", "sandbox-kernel.local/sandbox:cluster")
-
-
-def connect(ip: str, port: int) -> str:
-    # the agent's guard off: this test drives the backend without a kernel, so the guard never
-    # learns the policy and refuses every connection itself (what the xfail here recorded)
-    return f"""
-import sandbox_agent.guard as _guard
-_guard.enabled = False
-import socket
-s = socket.socket()
-s.settimeout(4)
-try:
-    s.connect(("{ip}", {port}))
-    print("connected")
-except OSError as err:
-    print("blocked", type(err).__name__)
-"""
-
-
-async def run_cell(transport, code, cell_id):
-    await transport.send({"type": "execute", "id": cell_id, "code": code, "silent": False,
-                          "store_history": True, "user_expressions": {}, "allow_stdin": False})
-    out = []
-    while True:
-        frame = await asyncio.wait_for(transport.recv(), 60)
-        assert frame is not None
-        if frame["type"] == "stream":
-            out.append(frame["text"])
-        if frame["type"] == "done":
-            return "".join(out), frame
 
 
 def test_sandbox_on_a_real_cluster(local_cluster, test_host, monkeypatch):

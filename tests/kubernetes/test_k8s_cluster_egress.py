@@ -26,7 +26,7 @@ import uuid
 
 import pytest
 
-from clusterlib import credentials_present
+from clusterlib import NO_GUARD, connect, credentials_present, run_cell
 from sandbox_kernel.backends import kubernetes as kb
 from sandbox_kernel.policy.model import EgressPolicy
 
@@ -51,28 +51,6 @@ if not credentials_present():
                 f"{os.environ.get('KUBECONFIG')!r}) and no in-cluster credentials", pytrace=False)
 
 
-#: first line of every probing cell: the agent's guard refuses at once what it believes the
-#: policy forbids (it knows only what a kernel sends it, and these tests drive the backend
-#: without one); switched off, the cell measures the network's enforcement alone
-NO_GUARD = "import sandbox_agent.guard as _guard\n_guard.enabled = False\n"
-
-
-def connect(host: str, port: int | str, timeout: float = 4) -> str:
-    """A cell that prints ``connected`` or ``blocked <error>`` for a TCP connect (network only)."""
-    return NO_GUARD + f"""
-import socket
-s = socket.socket(socket.AF_INET6 if ":" in {host!r} else socket.AF_INET)
-s.settimeout({timeout})
-try:
-    s.connect(({host!r}, {int(port)}))
-    print("connected")
-except OSError as err:
-    print("blocked", type(err).__name__)
-finally:
-    s.close()
-"""
-
-
 def resolve(name: str) -> str:
     return NO_GUARD + f"""
 import socket
@@ -81,19 +59,6 @@ try:
 except OSError as err:
     print("unresolved", type(err).__name__)
 """
-
-
-async def run_cell(transport, code, cell_id):
-    await transport.send({"type": "execute", "id": cell_id, "code": code, "silent": False,
-                          "store_history": True, "user_expressions": {}, "allow_stdin": False})
-    out = []
-    while True:
-        frame = await asyncio.wait_for(transport.recv(), 60)
-        assert frame is not None
-        if frame["type"] == "stream":
-            out.append(frame["text"])
-        if frame["type"] == "done":
-            return "".join(out), frame
 
 
 async def until(transport, code, want: str, cell_ids) -> str:

@@ -3,16 +3,9 @@ enforcer log, so while learning the kernel asks the agent's guard for what it le
 
 from __future__ import annotations
 
-from kerneltest import KernelDriver  # tests/ is on sys.path (tests/kubernetes/conftest.py)
+from kerneltest import CONNECT, KernelDriver  # tests/ is on sys.path (tests/kubernetes/conftest.py)
 
 from sandbox_kernel.learn import LEARN_MIME
-
-CONNECT = ("import socket\n"
-           "try:\n"
-           "    socket.create_connection(({ip!r}, {port}), timeout=3).close(); print('connected')\n"
-           "except OSError as e:\n"
-           "    print('refused', type(e).__name__)\n")
-
 
 def test_learn_on_kubernetes_records_allowed_python_connections_from_the_guard(fakekube, tmp_path, test_host):
     host = test_host(8080)
