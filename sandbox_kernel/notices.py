@@ -29,8 +29,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .agent.protocol import RECORD_PROTOCOLS, VERDICTS, BlockedRecord
+
 NOTICE_MIME = "application/vnd.sandbox-kernel.notice+json"
-VERDICTS = ("rejected", "dropped", "guarded")
 #: sources outside the sandbox: only their notices may offer a remedy
 VERIFIED_SOURCES = frozenset({"enforcer", "dns", "kernel"})
 #: sources inside the sandbox (their word may be forged by the code they watch)
@@ -115,7 +116,10 @@ class BlockedConnection:
             return f"policy: {label} · you may allow it: {self.remedy['command']}"
         if self.remedy.get("action") == "unverified":
             return f"policy: {label} · {UNVERIFIED}"
-        return f"policy: {label} · {forbidden_text(self.remedy.get('reason', ''))}"
+        text = f"policy: {label} · {forbidden_text(self.remedy.get('reason', ''))}"
+        if self.remedy.get("request"):
+            text += f" · Request access: {self.remedy['request']} --reason '…'"
+        return text
 
     def text(self) -> str:
         return f"{self.headline()}\n   {self.advice()}"
@@ -133,6 +137,9 @@ class BlockedConnection:
             detail = forbidden_text(self.remedy.get("reason", ""))[len(FORBIDDEN):].lstrip(": ")
             tail = (f"policy: {html.escape(self.policy.get('label', ''))} · <b>{FORBIDDEN}</b>"
                     + (f": {html.escape(detail)}" if detail else ""))
+            if self.remedy.get("request"):
+                tail += (f" · <b>Request access</b>: <code>{html.escape(self.remedy['request'])} "
+                         "--reason '…'</code>")
         # a notice the sandbox reported looks different: grey and dashed, never the red bar
         kind, colours = (("sandbox-kernel-notice", "border-left:4px solid #c62828;background:#fff3f3") if self.verified
                          else ("sandbox-kernel-notice sandbox-kernel-notice-unverified",
@@ -157,10 +164,13 @@ class NoticeBoard:
     only counted (:attr:`more`, :attr:`more_changed`): one line says how many.
     """
 
-    def __init__(self, policy: Any, admin: Any, limit: int = NOTICE_LIMIT):
+    def __init__(self, policy: Any, admin: Any, limit: int = NOTICE_LIMIT, requests: bool = False):
         self._policy = policy_view(policy)
         self._admin = admin
         self._limit = limit
+        #: an administrator can be asked (hub mode): a verified notice of something beyond the
+        #: ceiling that could be granted offers ``%sandbox request``
+        self._requests = requests
         self._by_key: dict[tuple, BlockedConnection] = {}
         self._shown = {True: 0, False: 0}  # connections shown, by verified
         self._more_keys: set = set()
@@ -193,8 +203,9 @@ class NoticeBoard:
                               'background:#fff3f3;color:#222;padding:4px 8px;margin:2px 0;font-size:12px">'
                               f"{html.escape(text)}</div>")}
 
-    def add(self, record: dict, source: str) -> tuple[BlockedConnection, bool] | None:
-        """Merge one report (from ``source``: guard, watcher, enforcer, dns, kernel)."""
+    def add(self, record: BlockedRecord, source: str) -> tuple[BlockedConnection, bool] | None:
+        """Merge one report (from ``source``: guard, watcher, enforcer, dns, kernel); a record
+        from the sandbox may be anything, and one that does not check is left out."""
         clean = _clean(record)
         if clean is None:
             return None
@@ -263,7 +274,10 @@ class NoticeBoard:
             if not verified:
                 return {"action": "unverified", "reason": UNVERIFIED}
             return {"action": "allow", "command": f"%sandbox allow {decision.entry}", "entry": str(decision.entry)}
-        return {"action": "forbidden", "reason": decision.reason}
+        remedy = {"action": "forbidden", "reason": decision.reason}
+        if self._requests and verified and decision.requestable and decision.entry is not None:
+            remedy.update(request=f"%sandbox request {decision.entry}", entry=str(decision.entry))
+        return remedy
 
 
 FORBIDDEN = "not permitted by your administrator"
@@ -286,7 +300,8 @@ def policy_view(policy: Any) -> dict:
 
 
 def _clean(record: Any) -> dict | None:
-    """Validate a report (it may come from the untrusted sandbox): typed fields or None."""
+    """Validate a report (it may come from the untrusted sandbox): the fields of a
+    :class:`BlockedRecord`, typed, or None."""
     if not isinstance(record, dict):
         return None
     ip = record.get("ip")
@@ -297,7 +312,7 @@ def _clean(record: Any) -> dict | None:
         return None
     port = record.get("port")
     port = port if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535 else None
-    protocol = record.get("protocol") if record.get("protocol") in ("tcp", "udp", "icmp", "icmpv6", "sctp", "dns") else "other"
+    protocol = record.get("protocol") if record.get("protocol") in RECORD_PROTOCOLS else "other"
     verdict = record.get("verdict") if record.get("verdict") in VERDICTS else "dropped"
     process = record.get("process")
     if isinstance(process, dict):

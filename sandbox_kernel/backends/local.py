@@ -39,6 +39,7 @@ from traitlets import Bool, Enum, Integer, List, Unicode, default
 
 from ..agent import protocol
 from ..agent.bundle import build_pyz
+from ..agent.protocol import BlockedRecord, blocked_record
 from ..config import env_default
 from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ..policy.compile_nftables import LOG_PREFIX_ACCEPTED, compile_nftables
@@ -529,7 +530,7 @@ class LocalBackend(Backend):
             record["process"] = process if isinstance(process, dict) else None
             self._report_blocked(record)
 
-    def _report_blocked(self, record: dict) -> None:
+    def _report_blocked(self, record: BlockedRecord) -> None:
         if self.blocked_sink is not None:
             self.blocked_sink(record)
 
@@ -903,18 +904,16 @@ def _default_blocked() -> list[str]:
     return [str(net) for net in default_always_blocked()]
 
 
-def enforcer_record(packet: nflog.LoggedPacket, verdict: str = "rejected") -> dict | None:
+def enforcer_record(packet: nflog.LoggedPacket, verdict: str = "rejected") -> BlockedRecord | None:
     """A logged packet as a blocked-connection record, or None for link-local noise
     (neighbour discovery, multicast) that no code asked for."""
     if packet.protocol == "icmpv6" or packet.dst.startswith(("ff", "224.", "239.")):
         return None
-    return {
-        "host": None, "ip": packet.dst, "port": packet.dport, "protocol": packet.protocol,
-        "verdict": verdict, "process": None, "first_seen": packet.at, "last_seen": packet.at,
-        "count": 1,
+    return blocked_record(
+        ip=packet.dst, port=packet.dport, protocol=packet.protocol, verdict=verdict, first_seen=packet.at,
         # a TCP attempt is one source port (retransmitted SYNs repeat it); UDP counts datagrams
-        "attempt": f"{packet.protocol}:{packet.sport}" if packet.protocol == "tcp" else None,
-    }
+        attempt=f"{packet.protocol}:{packet.sport}" if packet.protocol == "tcp" else None,
+    )
 
 
 # -- cleanup, shared by stop() and gc ------------------------------------------------

@@ -31,11 +31,13 @@ from typing import Any, Awaitable, Callable
 
 from traitlets import TraitError
 
-from ..agent import protocol
-from ..backends.base import Backend, Transport
+from ..agent.protocol import ENFORCER_FRAME, POLICY_FRAME, BlockedRecord
+from ..agentlink import AgentLink
+from ..backends.base import Backend
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import AdminPolicy, CeilingRefused, agent_view
-from ..policy.model import EgressPolicy
+from ..policy.model import EgressPolicy, parse_entry
+from .access import MAX_GRANT_SECONDS, AccessDesk, policy_has
 from .store import AuditLog, StateFile
 
 #: AdminPolicy settings an admin may override per user or per group
@@ -45,9 +47,6 @@ BASE_ONLY_KEYS = ("always_blocked", "cluster_ranges")
 #: frames a sandbox that nobody is attached to keeps for the next attach
 BACKLOG = 2000
 PROGRESS_LINES = 100
-#: frames only the service creates (an agent frame with these types fails to decode)
-ENFORCER_FRAME = "hub_enforcer_blocked"
-POLICY_FRAME = "hub_policy"
 
 RUNNING = ("starting", "running")
 
@@ -100,6 +99,9 @@ class Sandbox:
     conformed: dict | None = None
     #: connections blocked so far (the admin page counts them without reading the audit log)
     blocked: int = 0
+    #: entries the user allowed for a time (``%sandbox allow … --for``): entry -> wall-clock end;
+    #: the service's clock removes them (access.AccessDesk.expire_due)
+    timed: dict = field(default_factory=dict)
     # -- runtime only
     #: since when no kernel is attached (monotonic; None while one is)
     detached_since: float | None = None
@@ -109,9 +111,8 @@ class Sandbox:
     #: follows by this count, so a long start's newest lines still reach it)
     progress_count: int = 0
     backend: Backend | None = None
-    transport: Transport | None = None
-    hello: dict | None = None
-    reader: asyncio.Task | None = None
+    #: the link to the running agent (its greeting is what a subscriber gets first)
+    link: AgentLink | None = None
     subscriber: Any = None
     backlog: collections.deque = field(default_factory=lambda: collections.deque(maxlen=BACKLOG))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -121,7 +122,7 @@ class Sandbox:
                 "policy": self.policy.to_dict(), "state": self.state, "created": self.created,
                 "exit_reason": self.exit_reason, "exit_status": self.exit_status,
                 "details": jsonable(self.details), "restarts": self.restarts, "started": self.started,
-                "ended": self.ended, "conformed": self.conformed, "blocked": self.blocked}
+                "ended": self.ended, "conformed": self.conformed, "blocked": self.blocked, "timed": self.timed}
 
     @classmethod
     def from_state(cls, data: dict) -> Sandbox:
@@ -130,7 +131,8 @@ class Sandbox:
                    created=data.get("created", time.time()), exit_reason=data.get("exit_reason"),
                    exit_status=data.get("exit_status"), details=data.get("details") or {},
                    restarts=data.get("restarts", 0), started=data.get("started"), ended=data.get("ended"),
-                   conformed=data.get("conformed"), blocked=data.get("blocked") or 0)
+                   conformed=data.get("conformed"), blocked=data.get("blocked") or 0,
+                   timed={str(k): float(v) for k, v in (data.get("timed") or {}).items()})
 
     def public(self) -> dict:
         """What the owner sees (``GET api/sandboxes[/id]``)."""
@@ -171,11 +173,15 @@ class Manager:
                 self.sandboxes[sid] = Sandbox.from_state(data)
             except (KeyError, PolicyError) as err:
                 log.error("state.json: sandbox %s is unreadable and dropped: %s", sid, err)
+        #: users' requests for access and the grants that answer them (access.py)
+        self.access = AccessDesk(self, state)
         self.closing = False
+        self._tasks: set[asyncio.Task] = set()
 
     def save(self) -> None:
         self.store.save({"ceilings": self.ceilings, "groups": self.user_groups,
-                         "sandboxes": {sid: sb.to_state() for sid, sb in self.sandboxes.items()}})
+                         "sandboxes": {sid: sb.to_state() for sid, sb in self.sandboxes.items()},
+                         **self.access.to_state()})
 
     # -- ceilings -------------------------------------------------------------------
     def note_groups(self, user: str, groups: list[str]) -> bool:
@@ -237,16 +243,21 @@ class Manager:
     def ceiling_for(self, user: str) -> AdminPolicy:
         """The user's effective ceiling: the service's AdminPolicy, then each of the user's
         groups' overrides (group names in sorted order), then the user's own; ``locked`` by
-        any of them locks."""
+        any of them locks. Grants in force for the user or their groups (access.py) add
+        exactly their entries to ``user_may_allow``."""
         values = {key: getattr(self.base, key) for key in (*CEILING_KEYS, *BASE_ONLY_KEYS)}
         locked = values["locked"]
-        layers = [self.ceilings["groups"].get(g) for g in self.user_groups.get(user, [])]
+        groups = self.user_groups.get(user, [])
+        layers = [self.ceilings["groups"].get(g) for g in groups]
         layers.append(self.ceilings["users"].get(user))
         for layer in layers:
             if layer:
                 values.update(layer)
                 locked = locked or bool(layer.get("locked"))
         values["locked"] = locked
+        granted = self.access.granted_entries(user, groups)
+        if granted:
+            values["user_may_allow"] = [*values["user_may_allow"], *granted]
         return AdminPolicy(parent=None, **values)
 
     def ceiling_view(self, user: str) -> dict:
@@ -321,6 +332,7 @@ class Manager:
                     await self._halt(sb, "stopped")
                     reason += f"; enforcing it failed ({err}), so the sandbox was stopped"
             sb.policy = target
+            sb.timed = {e: t for e, t in sb.timed.items() if policy_has(target, e)}
             sb.conformed = {"time": time.time(), "by": by, "reason": f"{why}: {reason}"}
             self.save()
             self.audit.write("policy", user=sb.user, by=by, sandbox=sb.id, kernel_id=sb.kernel_id,
@@ -411,7 +423,7 @@ class Manager:
 
     @staticmethod
     def _live(sb: Sandbox) -> bool:
-        return sb.state == "running" and sb.reader is not None and not sb.reader.done()
+        return sb.state == "running" and sb.link is not None and sb.link.alive
 
     async def _start_in_background(self, sb: Sandbox) -> None:
         async with sb.lock:
@@ -452,13 +464,10 @@ class Manager:
             info = await adopt_kubernetes(backend, sb) if adopt else None
             if info is None:
                 info = await backend.start(sb.kernel_id, sb.policy, progress)
-            transport = await backend.attach()
-            hello = await asyncio.wait_for(transport.recv(), self.start_timeout)
-            if not hello or hello.get("type") != "hello":
-                raise SandboxStartError(f"the agent did not start: {await backend.exit_reason()}")
-            if hello.get("version") != protocol.VERSION:
-                raise SandboxStartError(f"the agent speaks protocol {hello.get('version')!r}, "
-                                        f"the service {protocol.VERSION}")
+            link = await AgentLink.attach(
+                backend, timeout=self.start_timeout, log=self.log, speaker="the sandbox service",
+                name=f"sandbox {sb.id}", on_frame=lambda frame: self._from_agent(sb, backend, frame),
+                on_end=lambda link: self._later(self._agent_ended(sb, backend, link)))
         except BaseException as err:
             try:
                 await backend.stop()
@@ -471,49 +480,36 @@ class Manager:
             if isinstance(err, asyncio.TimeoutError):
                 raise SandboxStartError(f"the sandbox did not start within {self.start_timeout:.0f} s") from None
             raise
-        sb.transport, sb.hello, sb.state = transport, hello, "running"
+        sb.link, sb.state = link, "running"
         sb.ended = None
         if sb.subscriber is None:  # the kernel attaches next; one that never does is abandoned
             sb.detached_since = time.monotonic()
         if not adopt:
             sb.started = time.time()
         sb.details = jsonable(info.details)
-        sb.reader = asyncio.ensure_future(self._pump(sb, backend, transport))
         self._tell_agent(sb)
         self.save()
         self.audit.write("sandbox", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id,
                          action="adopt" if adopt else "start", result="accepted",
                          policy=sb.policy.to_dict(), backend=sb.backend_name)
 
-    async def _pump(self, sb: Sandbox, backend: Backend, transport: Transport) -> None:
-        """The one reader of a sandbox's agent: audit what is blocked, pass frames on."""
-        while True:
-            try:
-                frame = await transport.recv()
-                if frame is not None:
-                    protocol.check_agent_frame(frame)
-            except protocol.FrameError as err:
-                self.log.warning("sandbox %s: protocol error from the agent, dropped: %s", sb.id, err)
-                continue
-            except (ConnectionError, OSError) as err:
-                self.log.warning("sandbox %s: stream to the agent failed: %s", sb.id, err)
-                frame = None
-            if frame is None:
-                break
-            kind = frame["type"]
-            if kind == "hello":
-                continue  # a re-attach's greeting: the kernel already has the first one
-            if kind == "blocked":
-                record = frame.get("record") or {}
-                source = "guard" if record.get("verdict") == "guarded" else "watcher"
-                self._audit_blocked(sb, record, source)
-            if kind == "done":
-                backend.drain_blocked()  # enforcer records logged before the cell ended go first
-            self._deliver(sb, frame)
+    def _from_agent(self, sb: Sandbox, backend: Backend, frame: dict) -> None:
+        """Each checked frame of a sandbox's agent (its link's reader): audit what is
+        blocked, pass everything on to the kernel."""
+        kind = frame["type"]
+        if kind == "blocked":
+            self._audit_blocked(sb, frame["record"], frame["source"])
+        elif kind == "done":
+            backend.drain_blocked()  # enforcer records logged before the cell ended go first
+        self._deliver(sb, frame)
+
+    async def _agent_ended(self, sb: Sandbox, backend: Backend, link: AgentLink) -> None:
+        """The agent exited, or broke the protocol (then it is stopped here, as the kernel
+        stops a sandbox that does so): record why, tell the kernel, release the sandbox."""
         if self.closing or sb.backend is not backend or sb.state != "running":
             return
-        sb.exit_reason = await backend.exit_reason()
-        sb.exit_status = backend.last_exit_status
+        sb.exit_reason = link.broken or await backend.exit_reason()
+        sb.exit_status = None if link.broken else backend.last_exit_status
         sb.state, sb.ended = "exited", time.time()
         self.save()
         self.audit.write("sandbox", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id, action="exited",
@@ -525,15 +521,55 @@ class Manager:
             if sb.backend is backend and sb.state == "exited":
                 await self._halt(sb, "exited")
 
-    def _blocked(self, sb: Sandbox, record: dict, source: str) -> None:
+    def _later(self, coro) -> None:
+        """Run ``coro`` as a task the manager keeps until it is done."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _blocked(self, sb: Sandbox, record: BlockedRecord, source: str) -> None:
         self._audit_blocked(sb, record, source)
         self._deliver(sb, {"type": ENFORCER_FRAME, "record": record})
 
-    def _audit_blocked(self, sb: Sandbox, record: dict, source: str) -> None:
+    def _audit_blocked(self, sb: Sandbox, record: BlockedRecord, source: str) -> None:
         fields = {k: record.get(k) for k in ("host", "ip", "port", "protocol", "verdict", "process")}
         sb.blocked += 1
         self.audit.write("blocked", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id, source=source,
                          policy=sb.policy.describe(), **fields)
+
+    def deliver(self, sb: Sandbox, frame: dict) -> None:
+        """Send ``frame`` to the kernel attached to ``sb``, or keep it for the next attach."""
+        self._deliver(sb, frame)
+
+    async def impose(self, sb: Sandbox, new: EgressPolicy, by: str, why: str, check: bool = False) -> bool:
+        """Make ``new`` the policy of ``sb`` on the service's own initiative (a grant applied,
+        a grant or a timed entry ended); with ``check``, only if the owner's ceiling permits
+        it. Audited; returns whether the policy changed (False: refused or not enforceable,
+        the old one stays)."""
+        async with sb.lock:
+            old = sb.policy
+            if new == old:
+                return False
+            common = {"user": sb.user, "by": by, "sandbox": sb.id, "kernel_id": sb.kernel_id,
+                      "from": old.to_dict(), "to": new.to_dict(), "reason": why}
+            if check:
+                try:
+                    self.ceiling_for(sb.user).check_change(old, new, who="user")
+                except CeilingRefused as err:
+                    self.audit.write("policy", **{**common, "reason": f"{why}: {err.reason}"}, result="refused")
+                    return False
+            if sb.state == "running" and sb.backend is not None:
+                try:
+                    await sb.backend.apply_policy(new)
+                except SandboxError as err:
+                    self.audit.write("policy", **common, result="failed", error=str(err))
+                    return False
+            sb.policy = new
+            sb.timed = {e: t for e, t in sb.timed.items() if policy_has(new, e)}
+            self.save()
+            self.audit.write("policy", **common, result="accepted", forced=True)
+            self._tell_agent(sb)
+            return True
 
     def _deliver(self, sb: Sandbox, frame: dict) -> None:
         if sb.subscriber is not None:
@@ -554,27 +590,20 @@ class Manager:
 
     def _tell_agent(self, sb: Sandbox) -> None:
         """The agent's guard learns the policy from the service, never from the kernel."""
-        if sb.transport is None or sb.state != "running":
+        if sb.link is None or sb.state != "running":
             return
         view = agent_view(sb.policy, self.ceiling_for(sb.user), sb.backend.applied)
-        asyncio.ensure_future(self._send_quietly(sb.transport, {"type": "policy", "policy": view}))
-
-    @staticmethod
-    async def _send_quietly(transport: Transport, frame: dict) -> None:
-        try:
-            await transport.send(frame)
-        except (ConnectionError, OSError):
-            pass
+        self._later(sb.link.send_quietly({"type": "policy", "policy": view}))
 
     # -- the stream ---------------------------------------------------------------------
     def subscribe(self, sb: Sandbox, subscriber: Any) -> None:
         """Attach an execution stream (the service's websocket): it gets the agent's hello,
         then what the sandbox said while nobody was attached, then everything live. A new
         stream replaces the previous one."""
-        if sb.state != "running" or sb.hello is None:
+        if sb.state != "running" or sb.link is None:
             raise NotRunning(f"sandbox {sb.id} is {sb.state}" + (f": {sb.exit_reason}" if sb.exit_reason else ""))
         self._close_subscriber(sb, "replaced by a newer connection")
-        subscriber.send(sb.hello)
+        subscriber.send(sb.link.hello)
         while sb.backlog:
             subscriber.send(sb.backlog.popleft())
         sb.subscriber, sb.detached_since = subscriber, None
@@ -588,16 +617,21 @@ class Manager:
         agent the policy itself."""
         if frame["type"] == "policy":
             return
-        if sb.transport is None or sb.state != "running":
+        if sb.link is None or sb.state != "running":
             raise NotRunning(f"sandbox {sb.id} is {sb.state}")
-        await sb.transport.send(frame)
+        await sb.link.send(frame)
 
     # -- policy ---------------------------------------------------------------------------
-    async def apply_policy(self, sb: Sandbox, by: str, requested: Any) -> dict:
+    async def apply_policy(self, sb: Sandbox, by: str, requested: Any, timed: Any = None) -> dict:
         """Check against the owner's ceiling, enforce, record, audit. Raises CeilingRefused
-        (nothing changed) or PolicyError (invalid, or the enforcer failed: nothing changed)."""
+        (nothing changed) or PolicyError (invalid, or the enforcer failed: nothing changed).
+
+        ``timed`` (``{entry: seconds or None}``): entries of the new policy that end after so
+        many seconds (``%sandbox allow … --for``; the service's clock removes them), or, with
+        None, no longer end."""
         try:
             new = EgressPolicy.parse(requested)
+            clocks = _timed(timed, new)
         except PolicyError as err:
             self.audit.write("policy", user=sb.user, by=by, sandbox=sb.id, kernel_id=sb.kernel_id,
                              **{"from": sb.policy.to_dict()}, to=jsonable(requested), result="refused",
@@ -613,21 +647,31 @@ class Manager:
                 self.audit.write("policy", **common, result="refused", reason=err.reason)
                 raise
             details: dict = {}
-            if sb.state == "running" and sb.backend is not None:
+            if new == old and sb.backend is not None:
+                details = dict(sb.backend.applied or {})  # only clocks change: nothing to enforce again
+            elif sb.state == "running" and sb.backend is not None:
                 try:
                     details = await sb.backend.apply_policy(new)
                 except SandboxError as err:
                     self.audit.write("policy", **common, result="failed", reason=str(err))
                     raise
             sb.policy = new
+            now = time.time()
+            sb.timed = {e: t for e, t in sb.timed.items() if policy_has(new, e)}
+            for entry, seconds in clocks.items():
+                if seconds is None:
+                    sb.timed.pop(entry, None)
+                else:
+                    sb.timed[entry] = now + seconds
             self.save()
-            self.audit.write("policy", **common, result="accepted")
+            self.audit.write("policy", **common, result="accepted",
+                             **({"timed": {e: s for e, s in clocks.items()}} if clocks else {}))
             self._tell_agent(sb)
             return jsonable(details)
 
     async def interrupt(self, sb: Sandbox) -> None:
-        if sb.transport is not None and sb.state == "running":
-            await self._send_quietly(sb.transport, {"type": "interrupt"})
+        if sb.link is not None and sb.state == "running":
+            await sb.link.send_quietly({"type": "interrupt"})
             await sb.backend.interrupt()
 
     async def stop(self, sb: Sandbox, by: str) -> None:
@@ -649,17 +693,11 @@ class Manager:
         if state not in RUNNING:
             sb.ended = time.time()
         self._close_subscriber(sb, f"the sandbox was {state}")
-        reader, sb.reader = sb.reader, None
-        transport, sb.transport = sb.transport, None
+        link, sb.link = sb.link, None
         if backend is not None:
             await backend.stop()
-        if transport is not None:
-            try:
-                await transport.close()
-            except Exception:  # noqa: BLE001 - closing a dead stream
-                pass
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
+        if link is not None:
+            await link.close()
 
     # -- collection -------------------------------------------------------------------------
     async def collect(self, abandoned_after: float, keep_stopped: float) -> list[str]:
@@ -735,9 +773,9 @@ class Manager:
             state = sb.state
             if sb.backend_name == "kubernetes":
                 sb.backend = None  # leave the pod alone; just close our stream
-                if sb.transport is not None:
-                    await self._send_quietly(sb.transport, {"type": "ping", "id": "bye"})
-                    await sb.transport.close()
+                if sb.link is not None:
+                    await sb.link.send_quietly({"type": "ping", "id": "bye"})
+                    await sb.link.close()
                 self._close_subscriber(sb, "the sandbox service is restarting")
             else:
                 await self._halt(sb, state)
@@ -754,6 +792,24 @@ async def adopt_kubernetes(backend: Backend, sb: Sandbox):
         return None
     return await backend.adopt(sb.kernel_id, namespace, pod, policy=sb.policy)
 
+
+
+def _timed(timed: Any, policy: EgressPolicy) -> dict[str, float | None]:
+    """``{entry: seconds or None}`` checked: entries of ``policy``, seconds within a week."""
+    if timed is None:
+        return {}
+    if not isinstance(timed, dict) or len(timed) > 1000:
+        raise PolicyError("'timed' is an object {entry: seconds or null}")
+    out: dict[str, float | None] = {}
+    for text, seconds in timed.items():
+        entry = parse_entry(text)
+        if entry not in policy.entries:
+            raise PolicyError(f"timed entry {entry} is not in the policy")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                    or not 0 < seconds <= MAX_GRANT_SECONDS):
+            raise PolicyError(f"timed entry {entry}: seconds between 1 and {MAX_GRANT_SECONDS}, or null")
+        out[str(entry)] = None if seconds is None else float(seconds)
+    return out
 
 
 def jsonable(value: Any) -> Any:
