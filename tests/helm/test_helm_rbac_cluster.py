@@ -74,7 +74,7 @@ def chart_identity(local_cluster, kubectl):
                       "subject": f"ServiceAccount:{tag}:{tag}"}
     finally:
         for ns in json.loads(kubectl("get", "namespaces", "-o", "json"))["items"]:
-            if ns["metadata"]["name"].startswith(prefix):
+            if ns["metadata"]["name"].startswith(f"{tag}-"):  # user namespaces, and any a retry let in
                 kubectl("delete", "namespace", ns["metadata"]["name"], "--wait=false", check=False)
         kubectl("delete", "-f", "-", "--ignore-not-found", input=yaml.safe_dump_all(wanted), check=False)
         kubectl("delete", "namespace", tag, "--wait=false", check=False)
@@ -130,12 +130,14 @@ def test_admission_refuses_what_rbac_alone_would_allow(chart_identity):
     api = client.ApiClient(as_sa)
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
     restricted = {"pod-security.kubernetes.io/enforce": "restricted"}
-    other = f"{names['tag']}-other"
+    # a new name per attempt: an attempt made before the admission policy was in force
+    # created its namespace (a retry of the same name would get 409 AlreadyExists)
+    other = lambda: f"{names['tag']}-other-{secrets.token_hex(2)}"  # noqa: E731
     message = refused(lambda: core.create_namespace(client.V1Namespace(
-        metadata=client.V1ObjectMeta(name=other, labels=restricted))))
+        metadata=client.V1ObjectMeta(name=other(), labels=restricted))))
     assert f"may act only in namespaces named {names['prefix']}*" in message
     message = refused(lambda: core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
-        name=f"{names['prefix']}loose", labels={"pod-security.kubernetes.io/enforce": "privileged"}))))
+        name=f"{names['prefix']}loose-{secrets.token_hex(2)}", labels={"pod-security.kubernetes.io/enforce": "privileged"}))))
     assert "must enforce Pod Security 'restricted'" in message
 
     def binding(namespace, role):
