@@ -354,7 +354,7 @@ class KubernetesBackend(Backend):
     def _gcd_default(self): return env_default("SANDBOX_KERNEL_K8S_GKE_CLOUD_DNS", "true")
     @default("resolver")
     def _resolver_default(self):
-        from .dnsproxy import upstream_from_resolv_conf
+        from ..policy.resolve import upstream_from_resolv_conf
 
         return env_default("SANDBOX_KERNEL_K8S_RESOLVER", upstream_from_resolv_conf() or "")
     @default("start_timeout")

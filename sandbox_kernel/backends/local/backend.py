@@ -1,107 +1,40 @@
-"""The local backend: one Linux network namespace + nftables + bubblewrap per kernel.
-
-How a local sandbox is built (all undone by :meth:`LocalBackend.stop`, and by
-``sandbox-kernel gc`` when the kernel died without stopping it):
-
-1. a named network namespace ``sbx-<id>`` (``ip netns add``) with only loopback up;
-2. an nftables table inside that namespace whose output chain drops everything that
-   is not loopback or allowed by the policy; refused TCP gets a reset and everything
-   else an ICMP "administratively prohibited", so code fails fast instead of hanging;
-3. when the policy allows anything outside, a userspace uplink (``slirp4netns``) gives
-   the namespace a route out through the host's own sockets: no veth, no NAT rule and
-   no ``ip_forward`` change on the host. Host loopback is not reachable through it;
-4. the agent runs under bubblewrap inside the namespace: read-only system directories,
-   a private ``/tmp``, a private writable working directory, its own user (``userns.py``),
-   PID, IPC and UTS namespaces, no capabilities, an unprivileged uid, a seccomp filter
-   (``seccomp.py``), and it dies with the kernel.
-
-Root mode (the kernel runs as root) creates named namespaces and cgroups; rootless mode (the
-default when the kernel is not root, ``rootless.py``) makes the same sandbox as an unprivileged
-user, with rlimits instead of cgroups. The code in the sandbox never runs as root.
-"""
+"""``LocalBackend``: the sandboxes of one kernel on this machine (the package docstring says
+how one is built). This module holds the configuration and the lifecycle; the parts are the
+package's other modules: layout (state directory), enforcer (nftables and its log), uplink,
+bwrap (the agent's command), dnsproxy, exits, cleanup."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 from typing import Any
 
 from traitlets import Bool, Enum, Integer, List, Unicode, default
 
-from ..agent import protocol
-from ..agent.bundle import build_pyz
-from ..config import env_default
-from ..errors import IsolationUnavailable, PolicyError, SandboxStartError
-from ..policy.compile_nftables import LOG_PREFIX_ACCEPTED, compile_nftables
-from ..policy.destinations import AddressScreen
-from ..policy.resolve import resolve_policy
-from . import limits, nflog, rootless, seccomp, sockowner, userns
-from .base import Backend, LineTransport, Progress, SandboxInfo, Transport
-from .dnsproxy import DnsProxy, upstream_from_resolv_conf
-from .enforcerlog import EnforcerLogProcess
-
-NETNS_DIR = Path("/run/netns")
-NETNS_PREFIX = "sbx-"
-NFT_TABLE = "sandbox_kernel"
-#: the sandbox's resolver: the kernel's DNS proxy, listening on the sandbox's own loopback
-SANDBOX_RESOLVER = "127.0.0.53"
-#: most lookups of a refused packet's sender a second (sockowner.py); beyond, notices name no process
-OWNER_LOOKUPS_PER_S = 200
-SANDBOX_HOME = "/home/sandbox"
-AGENT_PATH = "/opt/sandbox-agent/agent.pyz"
-#: the uplink's own networks (slirp4netns: gateway .2 = the host, resolver .3, the sandbox .100;
-#: IPv6 fd00::/64 likewise). The kernel needs none of them from inside the sandbox (its DNS
-#: proxy forwards from the host side), so no policy may open them: they are always blocked.
-UPLINK_CIDR = "10.0.2.0/24"
-UPLINK_RANGES = {
-    UPLINK_CIDR: "the sandbox's uplink: slirp4netns's gateway to the host and its DNS forwarder",
-    "fd00::/64": "the sandbox's IPv6 uplink (slirp4netns)",
-}
-
-
-def _signal_name(num: int) -> str:
-    try:
-        name = signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-    plain = {
-        "SIGSEGV": "segmentation fault",
-        "SIGKILL": "killed",
-        "SIGABRT": "aborted",
-        "SIGBUS": "bus error",
-        "SIGFPE": "arithmetic error",
-        "SIGTERM": "terminated",
-        "SIGILL": "illegal instruction",
-    }.get(name)
-    return f"signal {name} ({plain})" if plain else f"signal {name}"
-
-
-def describe_exit(returncode: int | None) -> str:
-    """Plain words for how the sandbox's process ended (bubblewrap reports 128+N for signal N)."""
-    if returncode is None:
-        return "the sandbox stopped responding"
-    if returncode < 0:
-        return f"the sandbox process was killed by {_signal_name(-returncode)}"
-    if returncode > 128:
-        sig = returncode - 128
-        if sig == signal.SIGKILL:
-            return ("the sandbox process was killed by signal SIGKILL (killed; "
-                    "out of memory, or killed from outside)")
-        return f"the sandbox process was killed by {_signal_name(sig)}"
-    return f"the sandbox process exited with status {returncode}"
-
-
-def _run(argv: list[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, input=input, capture_output=True, text=True, check=check, timeout=30)
+from ...agent import protocol
+from ...agent.bundle import build_pyz
+from ...config import env_default
+from ...errors import IsolationUnavailable, PolicyError, SandboxStartError
+from ...policy.compile_nftables import LOG_PREFIX_ACCEPTED
+from ...policy.destinations import AddressScreen
+from ...policy.resolve import upstream_from_resolv_conf
+from ..base import Backend, LineTransport, Progress, SandboxInfo, Transport
+from . import limits, rootless, seccomp, userns
+from .bwrap import BwrapSpec, bwrap_argv, host_root_links, python_prefixes
+from .cleanup import remove_sandbox
+from .dnsproxy import DnsProxy
+from .enforcer import EnforcerLog, NftTable, compile_ruleset, default_blocked, enforcer_record
+from .exits import exit_reason
+from .layout import DEFAULT_STATE_DIR, NETNS_DIR, netns_name, run, write_state
+from .nflog import LoggedPacket
+from .uplink import SLIRP_ARGV, UPLINK_RANGES, Uplink, route_to_nowhere
 
 
 class LocalBackend(Backend):
@@ -121,7 +54,7 @@ class LocalBackend(Backend):
         if self.rootless:
             runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandbox-kernel-{os.geteuid()}"
             return env_default("SANDBOX_KERNEL_STATE_DIR", os.path.join(runtime, "sandbox-kernel"))
-        return env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel")
+        return env_default("SANDBOX_KERNEL_STATE_DIR", DEFAULT_STATE_DIR)
 
     rootless = Bool(
         help="Run without root: the kernel creates each sandbox's user and network namespaces as "
@@ -244,7 +177,7 @@ class LocalBackend(Backend):
     @property
     def always_blocked(self) -> list[str]:
         """The ceiling's ranges (set by the kernel; else the default ones) and the uplink's own."""
-        return [*(self._always_blocked or _default_blocked()), *UPLINK_RANGES]
+        return [*(self._always_blocked or default_blocked()), *UPLINK_RANGES]
 
     @always_blocked.setter
     def always_blocked(self, ranges: list[str] | None) -> None:
@@ -259,20 +192,13 @@ class LocalBackend(Backend):
         self._stderr_tail: list[str] = []
         self._info: SandboxInfo | None = None
         self._applied: dict[str, Any] = {}
-        self._uplink: subprocess.Popen | None = None
-        self._nflog = None
-        #: (protocol, src, sport) -> (when, process) of refused packets' senders, and the lookup budget
-        self._owners: dict[tuple, tuple[float, dict | None]] = {}
-        self._owner_budget: tuple[float, int] = (0.0, 0)
-        self._diag: sockowner.SocketDiag | None = None
-        self._nflog_sock = None
+        self._uplink: Uplink | None = None
+        self._table: NftTable | None = None
+        self._enforcer_log: EnforcerLog | None = None
         self._refresh: asyncio.Task | None = None
         self._dns: DnsProxy | None = None
         self._policy: Any = None
         self._cgroup: limits.SandboxCgroup | None = None
-        self._uplink_exit_fd: int | None = None
-        #: wildcard set name -> addresses the DNS proxy opened in it
-        self._learned: dict[str, set[str]] = {}
         #: rootless mode: the namespaces the kernel's own user created
         self._ns: rootless.RootlessNamespaces | None = None
         #: learn mode: log allowed connections too (sandbox_kernel/learn.py sets it, then re-applies)
@@ -298,7 +224,7 @@ class LocalBackend(Backend):
             if shutil.which(tool) is None:
                 missing.append(f"the `{tool}` command: apt-get install {package}")
         if self.rootless and not missing and shutil.which("unshare"):
-            probe = _run(["unshare", "--user", "--map-root-user", "--net", "true"], check=False)
+            probe = run(["unshare", "--user", "--map-root-user", "--net", "true"], check=False)
             if probe.returncode != 0:
                 missing.append("unprivileged user namespaces (rootless mode creates one per sandbox): "
                                f"`unshare --user --net` said: {probe.stderr.strip()} (sysctl "
@@ -313,7 +239,7 @@ class LocalBackend(Backend):
     # -- lifecycle ----------------------------------------------------------------
     @property
     def netns(self) -> str | None:
-        return f"{NETNS_PREFIX}{self._sandbox_id}" if self._sandbox_id else None
+        return netns_name(self._sandbox_id) if self._sandbox_id else None
 
     def _dir(self) -> Path:
         assert self._sandbox_id
@@ -328,8 +254,8 @@ class LocalBackend(Backend):
             self._listen_enforcer_log()
             await self._start_dns(policy)
             await self._spawn_agent()
-            if isinstance(self._nflog, EnforcerLogProcess):  # while the agent starts
-                await self._nflog.wait_ready()
+            if self._enforcer_log is not None:  # while the agent starts
+                await self._enforcer_log.wait_ready()
         except BaseException as err:
             await self.stop()
             if isinstance(err, (SandboxStartError, PolicyError)):
@@ -355,30 +281,11 @@ class LocalBackend(Backend):
 
     def _create(self, kernel_id: str, policy: Any) -> None:
         """Namespace, rules, state directory (runs in a worker thread)."""
-        root = self._dir()
         Path(self.state_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)  # host users must not walk into sandboxes' files
-        (root / "work").mkdir(parents=True)
-        work_size = 0 if self.rootless else limits.parse_size(self.work_size)
-        if work_size:
-            # bounded: a cell filling its disk fills this, not the host's
-            _run(["mount", "-t", "tmpfs", "-o", f"size={work_size},mode=0755,nosuid,nodev",
-                  "sandbox-work", str(root / "work")])
-        if not self.rootless:  # rootless: the kernel's user is the sandbox's uid outside
-            os.chown(root / "work", self.uid, self.uid)
-        # 0755: bwrap enters it (as root without capabilities) after dropping privileges
-        os.chmod(root / "work", 0o755)
-        (root / "agent.pyz").write_bytes(build_pyz())
-        (root / "owner.json").write_text(json.dumps({
-            "kernel_pid": os.getpid(),
-            "kernel_pid_start": _proc_start_time(os.getpid()),
-            "kernel_id": kernel_id,
-            "created": time.time(),
-        }))
-        # the sandbox gets its own resolv.conf: the host's may point at a loopback resolver
-        (root / "resolv.conf").write_text(
-            f"# written by sandbox-kernel: the kernel's DNS proxy, which only answers for\n"
-            f"# names the egress policy allows\nnameserver {SANDBOX_RESOLVER}\noptions timeout:2 attempts:1\n")
+        write_state(self._dir(), kernel_id=kernel_id, agent=build_pyz(),
+                    work_size=0 if self.rootless else limits.parse_size(self.work_size),
+                    work_uid=None if self.rootless else self.uid)
         self._cgroup = limits.SandboxCgroup(self._sandbox_id)
         memory, pids = limits.parse_size(self.memory_limit), self.pids_limit
         if self.rootless:  # cgroups are not delegated to an unprivileged user here
@@ -397,10 +304,11 @@ class LocalBackend(Backend):
             self._ns = rootless.RootlessNamespaces()
             self._ns.create()
         else:
-            _run(["ip", "netns", "add", self.netns])
-        _run([*self._in_netns(), "ip", "link", "set", "lo", "up"])
+            run(["ip", "netns", "add", self.netns])
+        run([*self._in_netns(), "ip", "link", "set", "lo", "up"])
         if self._ns is not None:
             self._ns.prepare(self.nflog_group)  # the sockets served from the host side, at once
+        self._table = NftTable(self._in_netns())
         # rules first: the uplink must never be up without the policy in force
         self._apply_rules(self._ruleset(policy))
         self._start_uplink()
@@ -422,101 +330,25 @@ class LocalBackend(Backend):
         return ["ip", "netns", "exec", self.netns]
 
     def _start_uplink(self) -> None:
-        """Give the namespace a route out through slirp4netns (userspace, no host changes).
-
-        With default-deny nothing passes the nftables output chain anyway, but the route
-        makes refused connections fail fast and be logged (no route = no packet = no notice).
-        slirp4netns exits when the kernel dies: it watches the read end of a pipe we hold.
-        """
-        slirp = ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
-                 # --disable-dns: the sandbox resolves through the kernel's DNS proxy only, never
-                 # through slirp4netns's forwarder at 10.0.2.3 (which would ask the host's resolver)
-                 "--disable-dns", f"--cidr={UPLINK_CIDR}", "--enable-ipv6"]
+        """Give the namespace its way out (uplink.py); none without a usable tun device."""
         if self._ns is not None:
-            command = self._ns.uplink_argv(slirp, self.tun_device)
+            command = self._ns.uplink_argv(SLIRP_ARGV, self.tun_device)
         else:
-            command = [*slirp, "--netns-type=path", self._netns_path, "tap0"]
+            command = [*SLIRP_ARGV, "--netns-type=path", self._netns_path, "tap0"]
         if command is None:
-            # no uplink: a route to nowhere, so refused packets still cross the rules and are logged
-            # (a veth pair with both ends inside: the dummy module may not be loaded, and an
-            # unprivileged user cannot load it)
-            for argv in (["ip", "link", "add", "nowhere0", "type", "veth", "peer", "name", "nowhere1"],
-                         ["ip", "addr", "add", "10.0.2.100/24", "dev", "nowhere0"],
-                         ["ip", "link", "set", "nowhere0", "up"],
-                         ["ip", "link", "set", "nowhere1", "up"],
-                         ["ip", "route", "add", "default", "dev", "nowhere0"],
-                         ["ip", "-6", "route", "add", "default", "dev", "nowhere0"]):
-                _run([*self._in_netns(), *argv])
+            route_to_nowhere(lambda argv: run([*self._in_netns(), *argv]))
             return
-        ready_r, ready_w = os.pipe()
-        exit_r, exit_w = os.pipe()
-        try:
-            tail = command.index("--netns-type=path")
-            self._uplink = subprocess.Popen(
-                [*command[:tail], f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", *command[tail:]],
-                pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            )
-        except OSError as err:
-            os.close(exit_w)
-            raise SandboxStartError(f"starting slirp4netns failed: {err}") from None
-        finally:
-            os.close(ready_w)
-            os.close(exit_r)
-        self._uplink_exit_fd = exit_w
-        with os.fdopen(ready_r, "rb") as ready:
-            ok = ready.read(1) == b"1"
-        if not ok:
-            err = self._uplink.stderr.read().decode(errors="replace").strip() if self._uplink.stderr else ""
-            raise SandboxStartError(f"slirp4netns could not configure the sandbox network: {err}")
+        self._uplink = Uplink(command)
+
     def _listen_enforcer_log(self) -> None:
         """Read the packets our nftables rules refuse (NFLOG) and report them as notices."""
-        try:
-            if self._ns is not None:
-                (sock,) = self._ns.sockets("nflog", str(self.nflog_group), count=1)
-            else:
-                sock = nflog.open_in_netns(self._netns_path, self.nflog_group)
-        except OSError as err:
-            self.log.warning("no enforcer log for sandbox %s: %s", self._sandbox_id, err)
-            return
-        diag = None
-        try:
-            if self._ns is not None:
-                diag = sockowner.SocketDiag(self._ns.sockets("diag", count=1)[0])
-            else:
-                diag = sockowner.SocketDiag.open(self._netns_path)
-        except OSError as err:  # senders are then found from /proc/net alone (slower)
-            self.log.warning("no socket lookups in sandbox %s: %s", self._sandbox_id, err)
-        self._nflog_sock, self._diag = sock, diag
-        cgroups = sorted({str(d) for d in self._cgroup.dirs.values()}) if self._cgroup is not None else []
-        try:
-            self._nflog = EnforcerLogProcess(sock, diag.sock if diag else None, self._netns_path,
-                                             cgroups, asyncio.get_running_loop(), self._deliver_packet,
-                                             self._read_log_here, self.log)
-        except OSError as err:
-            self.log.warning("no enforcer log reader process for sandbox %s: %s", self._sandbox_id, err)
-            self._read_log_here()
+        self._enforcer_log = EnforcerLog(
+            sandbox_id=self._sandbox_id or "", netns_path=self._netns_path, nflog_group=self.nflog_group,
+            ns=self._ns, cgroup_dirs=sorted({str(d) for d in self._cgroup.dirs.values()}) if self._cgroup is not None else [],
+            deliver=self._deliver_packet, log=self.log)
+        self._enforcer_log.open()
 
-    def _read_log_here(self) -> None:
-        """Read the enforcer's log in the kernel (a thread): the reader process could not run."""
-        if self._nflog_sock is None:
-            return
-        self._nflog = nflog.LogReader(self._nflog_sock, asyncio.get_running_loop(), self._with_senders,
-                                      lambda item: self._deliver_packet(*item), self.log)
-
-    def _with_senders(self, packets: list[nflog.LoggedPacket]) -> list[tuple]:
-        """Each packet of one NFLOG read with the process that sent it (in the reader's thread)."""
-        pids = None
-        items = []
-        for packet in packets:
-            if pids is None:  # once per read: the packets of one read come from the same moment
-                pids = sockowner.sandbox_pids(
-                    sorted({str(d) for d in self._cgroup.dirs.values()}) if self._cgroup is not None else (),
-                    self._netns_path if self.netns else None)
-            items.append((packet, self._sender(packet, pids)))
-        return items
-
-    def _deliver_packet(self, packet: nflog.LoggedPacket, process: dict | None) -> None:
+    def _deliver_packet(self, packet: LoggedPacket, process: dict | None) -> None:
         """A refused packet, and who sent it, as a blocked-connection record (on the loop)."""
         if packet.prefix.startswith(LOG_PREFIX_ACCEPTED.rstrip()):  # learn mode: let through
             record = enforcer_record(packet, "allowed")
@@ -532,28 +364,6 @@ class LocalBackend(Backend):
     def _report_blocked(self, record: dict) -> None:
         if self.blocked_sink is not None:
             self.blocked_sink(record)
-
-    def _sender(self, packet: nflog.LoggedPacket, pids: list[int]) -> dict | None:
-        """The sandbox process that sent a refused packet (sockowner.py), looked up at once: the
-        process may close the socket soon. Retransmissions of one attempt reuse the first answer,
-        and at most OWNER_LOOKUPS_PER_S lookups run a second (a flood of refusals stays cheap)."""
-        now = time.monotonic()
-        key = (packet.protocol, packet.src, packet.sport)
-        cached = self._owners.get(key)
-        if cached is not None and now - cached[0] < 10 and cached[1] is not None:
-            return cached[1]
-        window, count = self._owner_budget
-        if now - window >= 1:
-            window, count = now, 0
-        if count >= OWNER_LOOKUPS_PER_S:
-            return None
-        self._owner_budget = (window, count + 1)
-        found = sockowner.owner(pids, packet.protocol, packet.src, packet.sport, packet.dst, packet.dport,
-                                diag=self._diag)
-        if len(self._owners) > 1000:
-            self._owners.clear()
-        self._owners[key] = (now, found)
-        return found
 
     async def _start_dns(self, policy: Any) -> None:
         """The sandbox's resolver (see dnsproxy.py); without an upstream, nothing resolves."""
@@ -575,78 +385,39 @@ class LocalBackend(Backend):
 
     def _add_addresses(self, elements: list[tuple[str, str]]) -> None:
         """Open addresses a wildcard's names resolved to (runs in a worker thread)."""
-        by_set: dict[str, list[str]] = {}
-        for set_name, address in elements:
-            by_set.setdefault(set_name, []).append(address)
-        script = _add_elements_script(by_set)
-        result = _run([*self._in_netns(), "nft", "-f", "-"], input=script, check=False)
-        if result.returncode != 0:
-            raise PolicyError(f"nftables refused {script.strip()!r}: {result.stderr.strip()}")
-        for name, addrs in by_set.items():
-            self._learned.setdefault(name, set()).update(addrs)
+        table = self._table
+        if table is None:
+            raise PolicyError("no sandbox is running")
+        table.add_addresses(elements)
 
     def drain_blocked(self) -> None:
-        if self._nflog is not None:
-            self._nflog.drain()
+        if self._enforcer_log is not None:
+            self._enforcer_log.drain()
 
     def _close_enforcer_log(self) -> None:
-        reader, self._nflog = self._nflog, None
-        if reader is not None:
-            reader.close()
-        diag, self._diag = self._diag, None
-        if diag is not None:
-            diag.sock.close()
-        sock, self._nflog_sock = self._nflog_sock, None
-        if sock is not None:
-            sock.close()
+        log, self._enforcer_log = self._enforcer_log, None
+        if log is not None:
+            log.close()
 
     def _screen(self) -> AddressScreen:
         """The ceiling's address screen (set by the kernel), else the default ceiling's."""
         if self.address_screen is not None:
             return self.address_screen
-        from ..policy.admin import AdminPolicy
+        from ...policy.admin import AdminPolicy
 
         return AdminPolicy().address_screen()
 
     def _ruleset(self, policy: Any) -> tuple[str, dict]:
         """Resolve the policy's domains (allowlist mode) and compile the nftables script."""
-        resolved: dict[str, list[str]] = {}
-        screened: list[tuple[str, str, str]] = []
-        expires_at = None
-        screen = self._screen()
-        if policy is not None and policy.mode == "allowlist" and policy.domains():
-            resolution = resolve_policy(policy, resolver=self.upstream_dns or None)
-            resolved, screened = screen.split(resolution.addresses)
-            expires_at = resolution.expires_at
-            if resolution.errors:
-                self.log.warning("could not resolve %s", ", ".join(sorted(resolution.errors)))
-            for name, address, why in screened:
-                self.log.warning("not opening %s for %s: %s", address, name, why)
-        ruleset = compile_nftables(
-            policy, table=NFT_TABLE, resolved=resolved, resolver=SANDBOX_RESOLVER,
-            always_blocked=self.always_blocked or _default_blocked(), nflog_group=self.nflog_group,
-            refuse_with=self.refuse_with, log_accepted=self.log_accepted, screen=screen,
-        )
-        return ruleset, {"resolved": resolved, "expires_at": expires_at, "resolver": SANDBOX_RESOLVER,
-                         "screened": [{"host": n, "ip": a, "why": w} for n, a, w in screened]}
+        return compile_ruleset(policy, screen=self._screen(), always_blocked=self.always_blocked or default_blocked(),
+                               upstream_dns=self.upstream_dns, nflog_group=self.nflog_group,
+                               refuse_with=self.refuse_with, log_accepted=self.log_accepted, log=self.log)
 
     def _apply_rules(self, compiled: tuple[str, dict]) -> None:
         """Replace the whole table in one ``nft -f`` transaction: all or nothing."""
-        ruleset, details = compiled
-        # a wildcard's addresses learned from DNS answers stay open while the wildcard is in
-        # the policy (every packet is judged by the new ruleset: without them a re-apply
-        # would cut its open connections); a revoked wildcard's set is gone, and so are they
-        self._learned = {name: addrs for name, addrs in self._learned.items()
-                         if f"\tset {name} {{" in ruleset}
-        ruleset += _add_elements_script(self._learned)
-        started = time.monotonic()
-        result = _run([*self._in_netns(), "nft", "-f", "-"], input=ruleset, check=False)
-        if result.returncode != 0:
-            raise PolicyError(f"nftables refused the ruleset; the previous one stays in force: "
-                              f"{result.stderr.strip()}")
-        self._applied = {"enforcer": "nftables", "applied_at": time.time(),
-                         "apply_ms": round((time.monotonic() - started) * 1000, 1), **details}
-
+        if self._table is None:
+            raise PolicyError("no sandbox is running")
+        self._applied = self._table.apply(compiled)
 
     def _schedule_refresh(self, policy: Any) -> None:
         """Re-resolve the policy's domains when their DNS answers expire, and re-apply."""
@@ -666,95 +437,26 @@ class LocalBackend(Backend):
 
         self._refresh = asyncio.ensure_future(refresh())
 
-    def _bwrap_argv(self, fds: list[int]) -> list[str]:
-        """The command that starts the agent. ``fds[0]`` is the sandbox's user namespace
-        (:func:`userns.create`); the seccomp filter's descriptor is appended. The caller
-        passes them to the command and closes them."""
-        root = self._dir()
-        prefixes = _python_prefixes(self.python)
+    def _agent_argv(self, fds: list[int]) -> list[str]:
+        """The command that starts the agent (bwrap.py). ``fds[0]`` is the sandbox's user
+        namespace in root mode (:func:`userns.create`); the seccomp filter's descriptor is
+        appended. The caller passes them to the command and closes them."""
+        prefixes = python_prefixes(self.python)
         seccomp_fd = seccomp.filter_fd()
         fds.append(seccomp_fd)
-        if self._ns is not None:
-            # rootless: bwrap starts as root of the kernel's own namespaces and puts the code
-            # in a further user namespace (uid 65534 there, the kernel's user outside), with
-            # no capabilities and no way to create another one
-            argv = self._ns.enter()
-            rlimits = limits.rootless_rlimits(limits.parse_size(self.memory_limit), self.pids_limit,
-                                              limits.parse_size(self.work_size))
-            if rlimits:
-                # no cgroup: rlimits (limits.rootless_rlimits); RLIMIT_NPROC is recorded by
-                # bwrap's new user namespace as its own ceiling, so it counts the sandbox only
-                argv += ["prlimit", *rlimits]
-            argv += ["bwrap", "--unshare-user", "--uid", str(self.uid),
-                     "--gid", str(self.uid), "--disable-userns"]
-        else:
-            argv = [
-                # the network namespace first: joining it needs root of the host's user namespace
-                "nsenter", f"--net={NETNS_DIR / self.netns}",
-                "nsenter", f"--user=/proc/self/fd/{fds[0]}",
-                "bwrap",
-            ]
-        argv += [
-            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--hostname", "sandbox",
-            "--ro-bind", "/usr", "/usr",
-        ]
-        for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-            target = os.path.join("/", link)
-            if os.path.islink(target):
-                argv += ["--symlink", os.readlink(target), target]
-            elif os.path.isdir(target):
-                argv += ["--ro-bind", target, target]
-        argv += ["--ro-bind", "/etc", "/etc",
-                 "--ro-bind", str(root / "resolv.conf"), "/etc/resolv.conf",
-                 # before the interpreter's binds, which may live under /tmp (a venv in a CI clone)
-                 "--proc", "/proc", "--dev", "/dev",
-                 "--perms", "1777", "--size", str(limits.parse_size(self.tmp_size) or 1 << 40),
-                 "--tmpfs", "/tmp"]
-        made: set[str] = {"/tmp"}
-        for path in [*prefixes, *self.extra_ro_binds]:
-            if path.startswith("/usr/") or not os.path.exists(path):
-                continue
-            # parents are created world-readable so the unprivileged uid can walk to the bind
-            parts = Path(path).parts[1:-1]
-            for i in range(1, len(parts) + 1):
-                parent = "/" + "/".join(parts[:i])
-                if parent not in made:
-                    argv += ["--perms", "0755", "--dir", parent]
-                    made.add(parent)
-            argv += ["--ro-bind", path, path]
-        argv += [
-            "--perms", "0755", "--dir", "/home",
-            "--bind", str(root / "work"), SANDBOX_HOME,
-            "--perms", "0755", "--dir", "/opt/sandbox-agent",
-            "--ro-bind", str(root / "agent.pyz"), AGENT_PATH,
-            # the root directory itself (bwrap's tmpfs) read-only: in rootless mode the code's
-            # uid owns it (it maps to the user that built it)
-            "--remount-ro", "/",
-            "--chdir", SANDBOX_HOME,
-            "--clearenv",
-            "--setenv", "HOME", SANDBOX_HOME,
-            "--setenv", "USER", "sandbox",
-            "--setenv", "PATH", f"{os.path.dirname(self.python)}:/usr/local/bin:/usr/bin:/bin",
-            "--setenv", "LANG", "C.UTF-8",
-            "--setenv", "PYTHONUNBUFFERED", "1",
-            "--setenv", "TERM", "xterm-256color",
-        ]
-        if self._ns is not None:
-            argv += ["--cap-drop", "ALL", "--seccomp", str(seccomp_fd)]
-        else:
-            argv += [
-                "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
-                "--cap-add", "CAP_SETPCAP",
-                # loaded just before bwrap runs setpriv: its own set-up is not filtered, everything
-                # after is (no new user namespaces, keyring, io_uring, bpf, ptrace, mount, modules…)
-                "--seccomp", str(seccomp_fd),
-                # bwrap needs root to build the mounts; the code runs as an unprivileged uid
-                "setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
-                "--inh-caps=-all", "--bounding-set=-all",
-            ]
-        argv += [self.python, "-s", AGENT_PATH]
-        return argv
+        ns = self._ns
+        spec = BwrapSpec(
+            root=str(self._dir()), python=self.python,
+            binds=tuple(path for path in [*prefixes, *self.extra_ro_binds] if os.path.exists(path)),
+            root_links=host_root_links(), tmp_size=limits.parse_size(self.tmp_size) or 1 << 40,
+            uid=self.uid, seccomp_fd=seccomp_fd,
+            userns_fd=fds[0] if ns is None else None,
+            netns_path=str(NETNS_DIR / self.netns) if ns is None and self.netns else None,
+            rootless_enter=tuple(ns.enter()) if ns is not None else None,
+            rlimits=tuple(limits.rootless_rlimits(limits.parse_size(self.memory_limit), self.pids_limit,
+                                                  limits.parse_size(self.work_size))) if ns is not None else (),
+        )
+        return bwrap_argv(spec)
 
     async def _spawn_agent(self) -> None:
         procs_files = self._cgroup.procs_files() if self._cgroup else []
@@ -769,7 +471,7 @@ class LocalBackend(Backend):
             if self._ns is None:  # rootless: bwrap makes the user namespace itself
                 fds.append(await asyncio.to_thread(userns.create, self.uid))
             self._proc = await asyncio.create_subprocess_exec(
-                *self._bwrap_argv(fds),
+                *self._agent_argv(fds),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -832,15 +534,9 @@ class LocalBackend(Backend):
             except asyncio.TimeoutError:
                 pass
         self.last_exit_status = code
-        reason = describe_exit(code)
-        if code in (137, -9) and self._cgroup is not None and self._cgroup.oom_killed():
-            limit = limits.format_size(limits.parse_size(self.memory_limit))
-            reason = (f"the sandbox ran out of memory (its limit is {limit}, "
-                      "c.LocalBackend.memory_limit) and was killed")
-        if self._stderr_tail and code not in (0, None):
-            # what the sandbox machinery (bwrap, the interpreter) said last, e.g. a missing path
-            reason += f" ({self._stderr_tail[-1]})"
-        return reason
+        oom = code in (137, -9) and self._cgroup is not None and self._cgroup.oom_killed()
+        limit = limits.format_size(limits.parse_size(self.memory_limit)) if oom else ""
+        return exit_reason(code, oom_killed=oom, memory_limit=limit, stderr_tail=self._stderr_tail)
 
     async def stop(self) -> None:
         if self._refresh is not None:
@@ -871,180 +567,14 @@ class LocalBackend(Backend):
             await asyncio.to_thread(remove_sandbox, self._sandbox_id, self.state_dir)
         self._cgroup = None
         self._sandbox_id = None
-        self._learned = {}
+        self._table = None
         self._info = None
 
     def _stop_uplink(self) -> None:
-        if self._uplink_exit_fd is not None:
-            os.close(self._uplink_exit_fd)  # slirp4netns exits when this pipe closes
-            self._uplink_exit_fd = None
         uplink, self._uplink = self._uplink, None
         if uplink is not None:
-            try:
-                uplink.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                uplink.kill()
-                uplink.wait()
-            if uplink.stderr:
-                uplink.stderr.close()
+            uplink.close()
 
     def info(self) -> SandboxInfo | None:
         return self._info
 
-
-def _add_elements_script(by_set: dict[str, Any]) -> str:
-    return "".join(f"add element inet {NFT_TABLE} {name} {{ {', '.join(sorted(set(addrs)))} }}\n"
-                   for name, addrs in sorted(by_set.items()) if addrs)
-
-
-def _default_blocked() -> list[str]:
-    from ..policy.enforcers import default_always_blocked
-
-    return [str(net) for net in default_always_blocked()]
-
-
-def enforcer_record(packet: nflog.LoggedPacket, verdict: str = "rejected") -> dict | None:
-    """A logged packet as a blocked-connection record, or None for link-local noise
-    (neighbour discovery, multicast) that no code asked for."""
-    if packet.protocol == "icmpv6" or packet.dst.startswith(("ff", "224.", "239.")):
-        return None
-    return {
-        "host": None, "ip": packet.dst, "port": packet.dport, "protocol": packet.protocol,
-        "verdict": verdict, "process": None, "first_seen": packet.at, "last_seen": packet.at,
-        "count": 1,
-        # a TCP attempt is one source port (retransmitted SYNs repeat it); UDP counts datagrams
-        "attempt": f"{packet.protocol}:{packet.sport}" if packet.protocol == "tcp" else None,
-    }
-
-
-# -- cleanup, shared by stop() and gc ------------------------------------------------
-
-def _proc_start_time(pid: int) -> str | None:
-    """The process's start time (a pid's identity), or None if it is gone — or a zombie: a
-    kernel that died but was not reaped (its parent died too, and PID 1 of a container
-    may not reap) owns nothing."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-#: interpreter -> its prefixes, once known (each sandbox start would pay a Python start)
-_PREFIXES: dict[str, tuple[str, ...]] = {}
-
-
-def _python_prefixes(python: str) -> tuple[str, ...]:
-    """Directories the sandbox interpreter needs: its prefix (and base prefix for a venv)."""
-    if python in _PREFIXES:
-        return _PREFIXES[python]
-    result = _run([python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"], check=False)
-    paths = [p for p in result.stdout.split() if p] if result.returncode == 0 else []
-    if not paths:
-        paths = [sysconfig.get_config_var("prefix") or "/usr"]
-    out: list[str] = []
-    for p in paths:
-        real = os.path.realpath(p)
-        if real not in out and real != "/usr":
-            out.append(real)
-    if result.returncode == 0:
-        _PREFIXES[python] = tuple(out)
-    return tuple(out)
-
-
-def remove_sandbox(sandbox_id: str, state_dir: str) -> list[str]:
-    """Kill every process in the sandbox's namespace, delete the namespace and its state.
-
-    Idempotent. Returns what was removed (for ``sandbox-kernel gc``).
-    """
-    removed = []
-    netns = f"{NETNS_PREFIX}{sandbox_id}"
-    if (NETNS_DIR / netns).exists():
-        pids = _run(["ip", "netns", "pids", netns], check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        result = _run(["ip", "netns", "delete", netns], check=False)
-        if result.returncode == 0:
-            removed.append(f"network namespace {netns}")
-            if pids:
-                removed.append(f"{len(pids)} process(es) in {netns}")
-    root = Path(state_dir) / sandbox_id
-    if root.exists():
-        if os.path.ismount(root / "work"):
-            _run(["umount", "-l", str(root / "work")], check=False)
-        shutil.rmtree(root, ignore_errors=True)
-        removed.append(f"state directory {root}")
-    for directory in limits.leftover_cgroups().get(sandbox_id, []):
-        if limits.remove_cgroup(directory):
-            removed.append(f"cgroup {directory}")
-    return removed
-
-
-def _owner_alive(owner_file: Path) -> bool:
-    try:
-        owner = json.loads(owner_file.read_text())
-        pid = int(owner["kernel_pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return _proc_start_time(pid) is not None and _proc_start_time(pid) == owner.get("kernel_pid_start")
-
-
-def _netns_in_use(sandbox_id: str) -> bool:
-    """Processes run in the namespace, or it was made in the last minute (a kernel configured
-    with another state directory may be creating it: no process is in it yet)."""
-    netns = f"{NETNS_PREFIX}{sandbox_id}"
-    try:
-        if time.time() - (NETNS_DIR / netns).lstat().st_mtime < 60:
-            return True
-    except OSError:
-        return False
-    return bool(_run(["ip", "netns", "pids", netns], check=False).stdout.split())
-
-
-def _cgroups_in_use(directories: list[Path]) -> bool:
-    """A sandbox's cgroup holds processes or was made in the last minute (being set up)."""
-    for directory in directories:
-        try:
-            if time.time() - directory.stat().st_mtime < 60 or (directory / "cgroup.procs").read_text().split():
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def gc(state_dir: str | None = None) -> list[str]:
-    """Remove local sandboxes whose kernel process is gone. Called by ``sandbox-kernel gc``
-    and by every local kernel when it starts."""
-    state = Path(state_dir or env_default("SANDBOX_KERNEL_STATE_DIR", "/run/sandbox-kernel"))
-    ids: set[str] = set()
-    privileged = os.geteuid() == 0  # rootless kernels own nothing but their state directory
-    if NETNS_DIR.exists() and privileged:
-        ids |= {p.name[len(NETNS_PREFIX):] for p in NETNS_DIR.iterdir() if p.name.startswith(NETNS_PREFIX)}
-    if state.exists():
-        ids |= {p.name for p in state.iterdir() if p.is_dir()}
-    cgroups = limits.leftover_cgroups() if privileged else {}
-    ids |= set(cgroups)
-    removed: list[str] = []
-    for sandbox_id in sorted(ids):
-        owner = state / sandbox_id / "owner.json"
-        if owner.exists() and _owner_alive(owner):
-            continue
-        if not owner.exists() and (state / sandbox_id).exists():
-            # a sandbox being created right now has its directory before its owner record
-            try:
-                if time.time() - (state / sandbox_id).stat().st_mtime < 60:
-                    continue
-            except OSError:
-                continue
-        if not (state / sandbox_id).exists() and (_netns_in_use(sandbox_id) or _cgroups_in_use(cgroups.get(sandbox_id, []))):
-            # no record here, but processes run in it: a kernel configured with another state
-            # directory owns it (its own gc, or its agent's idle exit, ends it), not us
-            continue
-        removed += remove_sandbox(sandbox_id, str(state))
-    return removed

@@ -25,14 +25,13 @@ answer was truncated); each is forwarded upstream over the transport it came on.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import struct
 import time
 from typing import Any, Callable
 
-from ..policy.compile_nftables import set_for_entry
-from ..policy.resolve import DNSFormatError, decode_name, parse_resolver, parse_response
+from ...policy.compile_nftables import set_for_entry
+from ...policy.resolve import DNSFormatError, decode_name, parse_resolver, parse_response
 from .netns import in_netns
 
 LISTEN = ("127.0.0.53", 53)
@@ -41,20 +40,6 @@ TCP_MAX_CLIENTS = 64
 MAX_INFLIGHT = 64  # upstream queries (UDP and TCP) waiting for an answer at once
 RCODE_REFUSED = 5
 TYPE_A, TYPE_AAAA = 1, 28
-
-
-def upstream_from_resolv_conf(path: str = "/etc/resolv.conf") -> str | None:
-    """The host's first nameserver (the proxy runs on the host side, so loopback ones work)."""
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "nameserver":
-                    ipaddress.ip_address(parts[1].split("%")[0])
-                    return parts[1]
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def name_matches(entry, name: str) -> bool:
@@ -316,4 +301,4 @@ class DnsProxy(asyncio.DatagramProtocol):
             writer.close()
 
 
-__all__ = ["DnsProxy", "upstream_from_resolv_conf", "LISTEN"]
+__all__ = ["DnsProxy", "LISTEN"]
