@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if backend == "kubernetes":
             if args.command == "doctor":
                 from .backends.kubernetes import KubernetesBackend
-                from .doctor_k8s import main as doctor_k8s
+                from .backends.kubernetes.doctor import main as doctor_k8s
 
                 return doctor_k8s(KubernetesBackend(config=config))
             from .backends.kubernetes import gc_command

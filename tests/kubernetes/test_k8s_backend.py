@@ -14,7 +14,7 @@ import time
 import pytest
 
 from sandbox_kernel.backends import kubernetes as kb
-from sandbox_kernel.backends.objects import KERNEL_LABEL
+from sandbox_kernel.backends.kubernetes.objects import KERNEL_LABEL
 from sandbox_kernel.errors import SandboxStartError
 from sandbox_kernel.policy.model import EgressPolicy
 

@@ -18,7 +18,7 @@ import sys
 import time
 
 from sandbox_kernel.backends import kubernetes as kb
-from sandbox_kernel.backends.objects import KERNEL_LABEL, SERVE_COMMAND, make_pod, to_dict
+from sandbox_kernel.backends.kubernetes.objects import KERNEL_LABEL, SERVE_COMMAND, make_pod, to_dict
 from sandbox_kernel.policy.model import EgressPolicy
 
 NS = "user-sandbox-alice"

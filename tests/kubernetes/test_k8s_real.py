@@ -181,7 +181,7 @@ def test_rbac_permits_every_call_of_the_backend_and_gc(kernel_kubeconfig, gc_kub
 @pytest.mark.xfail(strict=True, reason="the chart grants the kernel identity none of doctor's reads "
                                         "(DaemonSets in kube-system, CRDs, RuntimeClasses): doctor cannot check them")
 def test_rbac_permits_doctors_reads(kernel_kubeconfig):
-    from sandbox_kernel import doctor_k8s
+    from sandbox_kernel.backends.kubernetes import doctor as doctor_k8s
 
     assert _refused(kernel_kubeconfig, doctor_k8s.DOCTOR_PERMISSIONS) == []
 

@@ -35,8 +35,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .backends import kubernetes as kb
-from .errors import SandboxError
+from .. import kubernetes as kb
+from ...errors import SandboxError
 
 #: what ``doctor`` reads beyond REQUIRED_PERMISSIONS (apiGroup, resource, verb, where)
 DOCTOR_PERMISSIONS: tuple[tuple[str, str, str], ...] = (
@@ -198,7 +198,7 @@ class _Doctor:
                 self.add(name, FAIL, f"not allowed{': ' + reason if reason else ''} — grant the kernel's "
                                      f"service account '{verb}' on '{resource}' (apiGroup \"{group}\") "
                                      "cluster-wide, e.g. with the Helm chart's ClusterRole "
-                                     "(REQUIRED_PERMISSIONS in sandbox_kernel/backends/kubernetes.py)")
+                                     "(REQUIRED_PERMISSIONS in sandbox_kernel/backends/kubernetes/permissions.py)")
 
     def _can(self, api, verb: str, group: str, resource: str, namespace: str | None) -> tuple[bool | None, str]:
         from kubernetes import client
@@ -395,7 +395,7 @@ class _Doctor:
                               "Whether nodes can pull it shows only when a pod starts")
 
     def namespace(self) -> None:
-        from .backends.slug import user_namespace
+        from .slug import user_namespace
 
         try:
             ns = user_namespace(self.backend.user, self.backend.namespace_template)
@@ -429,7 +429,7 @@ def format_table(rows: list[Check], width: int | None = None) -> str:
 def configured_backend() -> kb.KubernetesBackend:
     """A backend configured as the kernel's is: ``sandbox_kernel_config.py`` from the Jupyter
     config path (``c.KubernetesBackend.…``), then the environment variables."""
-    from .config import load_config
+    from ...config import load_config
 
     return kb.KubernetesBackend(config=load_config())
 

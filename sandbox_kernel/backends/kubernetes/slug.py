@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from ..errors import SandboxError
+from ...errors import SandboxError
 
 _SAFE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
