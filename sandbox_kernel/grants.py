@@ -22,7 +22,7 @@ from .errors import SandboxError
 from .policy.model import Entry
 
 if TYPE_CHECKING:
-    from .kernel import SandboxKernel
+    from .controls import Controls
 
 #: the longest a timed grant may run (a week): beyond that, allow the entry for good
 MAX_SECONDS = 7 * 86400
@@ -47,10 +47,10 @@ class Grant:
 
 
 class Grants:
-    """The kernel's timed entries and the one timer that ends them."""
+    """The kernel's timed entries and the one timer that ends them (owned by the controls)."""
 
-    def __init__(self, kernel: SandboxKernel, clock: Callable[[], float] = time.monotonic):
-        self.kernel = kernel
+    def __init__(self, controls: Controls, clock: Callable[[], float] = time.monotonic):
+        self.controls = controls
         self.clock = clock
         self._grants: dict[Entry, Grant] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -108,13 +108,13 @@ class Grants:
         if not due:
             self._schedule()
             return []
-        policy = self.kernel.policy
+        policy = self.controls.policy
         gone = [g.entry for g in due if g.entry in policy.entries]
         for grant in due:
             del self._grants[grant.entry]
         if gone:
             try:
-                await self.kernel.set_policy(policy.with_entries_removed(*gone), who="expiry")
+                text = await self.controls.apply(policy.with_entries_removed(*gone), who="expiry")
             except SandboxError as err:
                 # the old policy stays in force (atomic apply): try again shortly, and say so
                 for entry in gone:
@@ -123,17 +123,15 @@ class Grants:
                           f"{err}; trying again in 5 s")
                 self._schedule()
                 return []
-            from .magics import in_force
-
             self.tell(f"[sandbox] timed access ended: {', '.join(map(str, gone))} "
                       f"({'; '.join(f'allowed for {format_left(g.seconds)}' for g in due if g.entry in gone)}) · "
-                      + in_force(self.kernel.policy, self.kernel.sandbox_backend.applied, 0).split(" · ")[0])
+                      + text.split(" · ")[0])
         self._schedule()
         return gone
 
     def tell(self, line: str) -> None:
         """Show ``line`` in the running cell, or keep it for the next one."""
-        if not self.kernel.show_in_running_cell(line):
+        if not self.controls.say(line):
             self.pending.append(line)
 
     def take_pending(self) -> list[str]:

@@ -3,13 +3,17 @@
 The kernel runs next to Jupyter and never executes user code itself: every cell goes
 to the :class:`~sandbox_kernel.session.Session`, which forwards it to the agent in the
 sandbox. What comes back is published on IOPub, followed by a one-line footer with the
-cell's exit status, and the ``execute_reply`` carries ``metadata["sandbox"]``.
+cell's exit status (footer.py), and the ``execute_reply`` carries ``metadata["sandbox"]``.
+
+The policy in force, the ceiling and what the ``%sandbox`` magics and the panels act on live in
+:class:`~sandbox_kernel.controls.Controls` (``self.controls``); the kernel builds them, tells
+them when a cell starts and ends and what was blocked, and never hears from the UI directly.
+The running cell's output state is a :class:`~sandbox_kernel.cellstate.CellState`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import signal
 import sys
 import uuid
@@ -20,55 +24,18 @@ from traitlets import Bool, Enum, Float, Instance, Integer, TraitError, Unicode,
 
 from . import __version__
 from .backends.base import Backend
+from .cellstate import CellState
 from .config import env_bool, env_default
+from .controls import Controls
 from .errors import SandboxError
-from .grants import Grants
-from .learn import Learner
+from .footer import FOOTER_MODES, footer_for, format_bytes
 from .history import CellHistory
 from .magics import SandboxMagics, split_cell
 from .notices import DISPLAY_ID_PREFIX, NOTICE_MIME, NoticeBoard
-from .policy.admin import AdminPolicy, agent_view
+from .policy.admin import AdminPolicy
 from .policy.model import EgressPolicy
 from .session import CellResult, Session
 from .untrusted import screen_bundle
-
-FOOTER_MODES = ("always", "on-failure", "never")
-
-
-def format_duration(ms: float) -> str:
-    """``12 ms``, ``3.2 s``, ``2 min 5 s`` — the footer's duration."""
-    if ms < 1000:
-        return f"{ms:.0f} ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(int(round(seconds)), 60)
-    return f"{minutes} min {rest} s"
-
-
-def format_bytes(size: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GB"
-
-
-def policy_label(policy) -> str:
-    """How the footer names the policy in force: ``default-deny``, ``allowlist (3 entries)``."""
-    if policy is None:
-        return "default-deny"
-    describe = getattr(policy, "describe", None)
-    if callable(describe):
-        return str(describe())
-    return "default-deny"
-
-
-def footer_line(exit_status: int, duration_ms: float, policy, blocked: int = 0) -> str:
-    parts = [f"exit {exit_status}", format_duration(duration_ms), f"egress: {policy_label(policy)}"]
-    if blocked:
-        parts.append(f"{blocked} blocked")
-    return " · ".join(parts)
 
 
 class SandboxKernel(Kernel):
@@ -195,84 +162,40 @@ class SandboxKernel(Kernel):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.kernel_id = env_default("SANDBOX_KERNEL_ID", "") or uuid.uuid4().hex
-        self.admin = AdminPolicy(parent=self)
+        admin = AdminPolicy(parent=self)
         #: a bad administrator setting: every cell reports it and nothing runs
         self.config_error: Exception | None = None
         try:
-            self.policy = self.admin.default_policy()
-            self.admin.locked, self.admin.user_may_allow, self.admin.blocked_networks()  # noqa: B018
+            policy = admin.default_policy()
+            admin.locked, admin.user_may_allow, admin.blocked_networks()  # noqa: B018
         except (TraitError, SandboxError, ValueError) as err:
             self.config_error = err
-            self.admin = AdminPolicy(parent=None, locked=True, always_blocked=[], cluster_ranges=[],
-                                     entries=[], presets=[], mode="deny", user_may_allow=[], max_entries=0)
-            self.policy = EgressPolicy()
+            admin = AdminPolicy(parent=None, locked=True, always_blocked=[], cluster_ranges=[],
+                                entries=[], presets=[], mode="deny", user_may_allow=[], max_entries=0)
+            policy = EgressPolicy()
         self.sandbox_backend = self._make_backend()
-        self.admin.reserved = dict(self.sandbox_backend.reserved_ranges)
-        self.sandbox_backend.always_blocked = [str(n) for n in self.admin.blocked_networks()]
-        self.sandbox_backend.address_screen = self.admin.address_screen()
-        self.policy_applied_at: float | None = None
-        self._policy_lock = asyncio.Lock()
+        admin.reserved = dict(self.sandbox_backend.reserved_ranges)
+        self.sandbox_backend.always_blocked = [str(n) for n in admin.blocked_networks()]
+        self.sandbox_backend.address_screen = admin.address_screen()
+        #: the policy in force, the ceiling, status, blocked history: what the magics and panels use
+        self.controls = Controls(admin, policy, self.sandbox_backend, log=self.log, say=self.show_in_running_cell)
         self._progress_lines: list[str] = []
         self._progress_live = False
         self._progress_parent: dict = {}
-        self.sandbox = Session(self.sandbox_backend, self.kernel_id, self.policy, self.log,
+        self.sandbox = Session(self.sandbox_backend, self.kernel_id, policy, self.log,
                                progress=self._on_progress, start_timeout=self.start_timeout,
-                               agent_view=self.agent_policy_view, on_blocked=self._blocked_between_cells,
+                               agent_view=self.controls.agent_view, on_blocked=self._blocked_between_cells,
                                interrupt_timeout=self.interrupt_timeout)
+        self.controls.bind(self.sandbox)
         if self.backend_name == "hub" and self.config_error is None:
-            self._adopt_service_ceiling()
-        self._cell_state: dict | None = None
+            self.controls.adopt_service_ceiling()
+        self._cell: CellState | None = None
         self._idle_board: NoticeBoard | None = None  # what was blocked since the last cell began
         self._last_sandbox_meta: dict = {}
-        self.recent_blocked: collections.deque = collections.deque(maxlen=200)
-        self.magics = SandboxMagics(self)
-        self.grants = Grants(self)
-        self.learner = Learner(self)
+        self.magics = SandboxMagics(self.controls)
         self._init_comms()
         #: the cells' input history (history_request); outlives sandbox restarts
         self.history = CellHistory()
-
-    def _adopt_service_ceiling(self) -> None:
-        """Hub mode: the service's ceiling for this user is the one that counts (it enforces it
-        server side); the kernel shows it and follows policies the service forces."""
-        try:
-            self.admin = AdminPolicy(parent=None, **self.sandbox_backend.fetch_ceiling())
-            self.policy = self.admin.default_policy()
-            self.sandbox.policy = self.policy
-        except SandboxError as err:
-            self.log.warning("could not read the ceiling from the sandbox service: %s", err)
-
-        def forced(policy, reason) -> None:
-            self.policy = policy
-            self.sandbox.policy = policy
-            panels = sys.modules.get("sandbox_kernel.widgets")
-            if panels is not None:
-                panels.refresh_all(self)
-
-        self.sandbox_backend.on_policy_forced = forced
-
-    # -- the policy: one source of truth, changed only here ----------------------------
-    async def set_policy(self, new, who: str = "user") -> dict:
-        """Check ``new`` against the administrator's ceiling, enforce it, make it current.
-
-        Called by the ``%sandbox`` magics and the policy panel (and tests). Atomic: on any
-        error (ceiling refused, bad rules, enforcer failure) the old policy stays in force
-        and is still ``self.policy``; the error propagates, typed.
-        """
-        async with self._policy_lock:
-            old = self.policy
-            if not self.sandbox_backend.enforces_ceiling:
-                self.admin.check_change(old, new, who=who)
-            # else (hub mode) the sandbox service decides, and audits the refusal with its reason
-            await self.sandbox.ready()
-            details = await self.sandbox.apply_policy(new)
-            self.policy = new
-            self.policy_applied_at = details.get("applied_at")
-            self.grants.policy_changed(new)
-        panels = sys.modules.get("sandbox_kernel.widgets")
-        if panels is not None:
-            panels.refresh_all(self)
-        return details
 
     # -- construction ---------------------------------------------------------------
     def _init_comms(self) -> None:
@@ -284,11 +207,6 @@ class SandboxKernel(Kernel):
         self.comm_manager = comm.get_comm_manager()
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = getattr(self.comm_manager, msg_type)
-
-    def agent_policy_view(self, policy) -> dict:
-        """What the agent's guard needs to know about ``policy`` (plain JSON)."""
-        view = agent_view(policy, self.admin, self.sandbox_backend.applied)
-        return self.learner.agent_view(view) if hasattr(self, "learner") else view
 
     def _make_backend(self) -> Backend:
         if self.backend_name == "local":
@@ -349,20 +267,19 @@ class SandboxKernel(Kernel):
     def show_in_running_cell(self, line: str) -> bool:
         """Write ``line`` to the stderr of the cell running now (from a timer, outside any
         request); False when no cell runs."""
-        state = self._cell_state
-        if state is None or state.get("silent") or not state.get("parent"):
+        state = self._cell
+        if state is None or state.silent or not state.parent:
             return False
         self.session.send(self.iopub_socket, "stream", {"name": "stderr", "text": line.rstrip("\n") + "\n"},
-                          parent=state["parent"], ident=self._topic("stream"))
+                          parent=state.parent, ident=self._topic("stream"))
         return True
 
     def on_event(self, frame: dict) -> None:
         """Called by the Session for every event of the running cell."""
-        state = self._cell_state
+        state = self._cell
         kind = frame.get("type")
-        if state is not None and state.get("error") is not None and kind != "error" and not frame.get("late"):
-            self._publish_error(state.pop("error"))
-            state["error"] = None
+        if state is not None and state.error is not None and kind != "error" and not frame.get("late"):
+            self._publish_error(state.take_error())
         if kind in ("stream", "display", "execute_result") and state is not None and not self._within_limit(state, frame):
             return
         if kind == "stream":
@@ -383,12 +300,12 @@ class SandboxKernel(Kernel):
                 "data": data, "metadata": metadata, "transient": _dict(frame.get("transient")),
             })
         elif kind == "execute_result":
-            if state is not None and state.get("silent"):
+            if state is not None and state.silent:
                 return
             data, metadata = self.screen(frame.get("data"), frame.get("metadata"))
             if state is not None:
                 text = data.get("text/plain")
-                state["result_text"] = text if isinstance(text, str) else None
+                state.result_text = text if isinstance(text, str) else None
             self.send_response(self.iopub_socket, "execute_result", {
                 "data": data, "metadata": metadata, "execution_count": self.execution_count,
             })
@@ -396,9 +313,9 @@ class SandboxKernel(Kernel):
             if frame.get("late"):
                 return  # an earlier cell's: it may not clear this one
             self.send_response(self.iopub_socket, "clear_output", {"wait": bool(frame.get("wait"))})
-            if state is not None and state["board"].total():
+            if state is not None and state.board.total():
                 # the sandbox may clear its own output, not the kernel's notices: show them again
-                state["cleared"] = True
+                state.cleared = True
                 self._schedule_notice_flush(state)
         elif kind == "error":
             content = {
@@ -408,17 +325,17 @@ class SandboxKernel(Kernel):
             }
             if state is not None and not frame.get("late"):
                 # held until the cell ends so the footer can be its last line
-                state["error"] = content
+                state.error = content
             else:
                 self._publish_error(content)
         elif kind == "blocked":
             self._on_blocked(frame.get("record"), frame.get("source") or "guard", late=bool(frame.get("late")))
         elif kind == "reached":
-            self.learner.observe_reported(frame.get("record"))
+            self.controls.learner.observe_reported(frame.get("record"))
         elif kind == "forged_done":
             if state is not None:
-                state["forged_done"] = state.get("forged_done", 0) + 1
-                if state["forged_done"] == 1:
+                state.forged_done += 1
+                if state.forged_done == 1:
                     self._stream("stderr", "[sandbox] code in the sandbox sent a false end-of-cell frame: ignored, "
                                            "this cell's result is the agent's own\n")
         elif kind == "late":
@@ -432,7 +349,7 @@ class SandboxKernel(Kernel):
         elif kind == "late_done":
             if frame.get("real"):
                 if state is not None:
-                    state["late_end"] = True
+                    state.late_end = True
                 self._stream("stderr", "[sandbox] an earlier cell really ended only now: code in the sandbox had "
                                        "sent its end-of-cell early, so its reply (status, exit code, blocked list) "
                                        "was not its real result\n")
@@ -446,9 +363,9 @@ class SandboxKernel(Kernel):
         screened = screen_bundle(data, metadata, trusted=self.trust_sandbox_output)
         line = screened.note() if note else None
         if line:
-            state = self._cell_state
-            said = state.setdefault("screen_notes", set()) if state is not None else set()
-            if line not in said and not (state or {}).get("silent"):
+            state = self._cell
+            said = state.screen_notes if state is not None else set()
+            if line not in said and not (state is not None and state.silent):
                 said.add(line)
                 self._stream("stderr", line)
         return screened.data, screened.metadata
@@ -459,7 +376,7 @@ class SandboxKernel(Kernel):
             content["data"], content["metadata"] = self.screen(content["data"], content.get("metadata"), note=False)
         return content
 
-    def _within_limit(self, state: dict, frame: dict) -> bool:
+    def _within_limit(self, state: CellState, frame: dict) -> bool:
         """Count a cell's output; past ``output_limit`` drop it (the count goes on)."""
         if not self.output_limit:
             return True
@@ -467,89 +384,85 @@ class SandboxKernel(Kernel):
             size = len(frame.get("text") or "")
         else:
             size = sum(len(v) if isinstance(v, str) else len(str(v)) for v in _dict(frame.get("data")).values())
-        sent = state.get("out_bytes", 0)
-        state["out_bytes"] = sent + size
+        sent = state.out_bytes
+        state.out_bytes = sent + size
         if sent + size <= self.output_limit:
             return True
-        if not state.get("truncated"):
-            state["truncated"] = True
+        if not state.truncated:
+            state.truncated = True
             self._stream("stderr", f"[sandbox] output limit of {format_bytes(self.output_limit)} reached: "
                                    "further output of this cell is not shown (the cell keeps running)\n")
-        state["dropped"] = state.get("dropped", 0) + size
+        state.dropped += size
         return False
 
     def _on_blocked(self, record, source: str, late: bool = False) -> None:
-        state = self._cell_state
-        if state is None or state.get("board") is None:
+        state = self._cell
+        if state is None:
             self._blocked_between_cells(record, source)
             return
         if not late:  # a late record was learned when it came, between cells
-            self.learner.observe(record, source)
-        board = state["board"]
+            self.controls.learner.observe(record, source)
+        board = state.board
         merged = board.add(record, source)
         if merged is None:
-            if board.more_changed and not state.get("silent"):
+            if board.more_changed and not state.silent:
                 self._schedule_notice_flush(state)
             return
         conn, new = merged
         if new:
             if not late:  # a late one was kept for %sandbox blocked when it arrived
-                self.recent_blocked.append(conn)
-            panels = sys.modules.get("sandbox_kernel.widgets")
-            if panels is not None:
-                panels.blocked_everywhere(self, conn)
-        if state.get("silent"):
+                self.controls.remember_blocked(conn)
+            self.controls.show_blocked(conn)
+        if state.silent:
             return
         if new and conn.verified:
             self._publish_notice(conn, new=True)
         elif new:
             # reported by the sandbox: shown with the next update, so that the enforcer's record
             # of the guard's witness packet usually arrives first and it is shown verified
-            state.setdefault("unshown", {})[conn.display_id] = conn
+            state.unshown[conn.display_id] = conn
             self._schedule_notice_flush(state)
-        elif conn.display_id in state.get("unshown", {}):
+        elif conn.display_id in state.unshown:
             pass  # not shown yet: it will be, as it is then
         else:
             # counts going up: at most one update per interval (a flood is one line, not 20,000)
-            state.setdefault("dirty", {})[conn.display_id] = conn
+            state.dirty[conn.display_id] = conn
             self._schedule_notice_flush(state)
 
-    def _schedule_notice_flush(self, state: dict) -> None:
-        if state.get("flush") is None:
+    def _schedule_notice_flush(self, state: CellState) -> None:
+        if state.flush is None:
             loop = asyncio.get_running_loop()
-            state["flush"] = loop.call_later(self.notice_update_interval, self._flush_notices, state)
+            state.flush = loop.call_later(self.notice_update_interval, self._flush_notices, state)
 
-    def _flush_notices(self, state: dict, final: bool = False) -> None:
+    def _flush_notices(self, state: CellState, final: bool = False) -> None:
         """Bring the cell's notices up to date: counts, the "and N more" line, a re-show after
         the sandbox cleared the output. Called by a timer while the cell runs (within
         ``notice_bytes_limit``) and once when it ends (always)."""
-        handle = state.pop("flush", None)
-        if final and handle is not None:
-            handle.cancel()
-        if self._cell_state is not state or state.get("silent"):
+        state.cancel_flush()  # from the timer: it has fired; at the end: no later update
+        if self._cell is not state or state.silent:
             return
-        board = state["board"]
-        over = not final and state.get("notice_bytes", 0) > self.notice_bytes_limit
-        if state.get("cleared") and not over:
-            del state["cleared"]
-            state.pop("unshown", None)
-            state.pop("dirty", None)
+        board = state.board
+        over = not final and state.notice_bytes > self.notice_bytes_limit
+        if state.cleared and not over:
+            state.cleared = False
+            state.take_unshown()
+            state.take_dirty()
             for conn in board.connections():
                 self._publish_notice(conn, new=True)
             if board.more:
                 self._publish_more(board, new=True)
-                state["more_shown"] = True
+                state.more_shown = True
             return
-        for conn in state.pop("unshown", {}).values():  # new notices are few (notice_limit)
+        for conn in state.take_unshown():  # new notices are few (notice_limit)
             self._publish_notice(conn, new=True)
         if over:
             return  # the rest waits for the cell's end
-        for conn in state.pop("dirty", {}).values():
+        for conn in state.take_dirty():
             if conn.to_json() != conn.published:
                 self._publish_notice(conn, new=False)
         if board.more_changed:
-            self._publish_more(board, new=not state.get("more_shown"))
-            state["more_shown"] = True
+            self._publish_more(board, new=not state.more_shown)
+            state.more_shown = True
 
     def _publish_more(self, board: NoticeBoard, new: bool) -> None:
         board.more_changed = False
@@ -561,10 +474,9 @@ class SandboxKernel(Kernel):
         self._publish_display(bundle, conn.display_id, new)
 
     def _publish_display(self, bundle: dict, display_id: str, new: bool) -> None:
-        state = self._cell_state
+        state = self._cell
         if state is not None:
-            state["notice_bytes"] = state.get("notice_bytes", 0) + sum(
-                len(v) if isinstance(v, str) else 256 for v in bundle.values())
+            state.notice_bytes += sum(len(v) if isinstance(v, str) else 256 for v in bundle.values())
         self.send_response(self.iopub_socket, "display_data" if new else "update_display_data", {
             "data": bundle, "metadata": {}, "transient": {"display_id": display_id},
         })
@@ -572,22 +484,24 @@ class SandboxKernel(Kernel):
     def _blocked_between_cells(self, record, source: str) -> None:
         """A background process was blocked while no cell ran: keep it for %sandbox blocked
         (the Session also keeps it for the next cell)."""
-        self.learner.observe(record, source)
+        self.controls.learner.observe(record, source)
         # one board from one cell to the next (capped like a cell's): a flood between cells
         # costs a count, not a notice per frame
         if self._idle_board is None:
-            self._idle_board = NoticeBoard(self.policy, self.admin, limit=self.notice_limit)
+            self._idle_board = self._new_board()
         merged = self._idle_board.add(record, source)
         if merged is not None and merged[1]:
-            self.recent_blocked.append(merged[0])
+            self.controls.remember_blocked(merged[0])
+
+    def _new_board(self) -> NoticeBoard:
+        return NoticeBoard(self.controls.policy, self.controls.admin, limit=self.notice_limit)
 
     def _publish_error(self, content: dict) -> None:
         self.send_response(self.iopub_socket, "error", content)
 
     async def on_input_request(self, prompt: str, password: bool) -> str | None:
         """Ask the frontend for a line on the stdin channel without blocking the event loop."""
-        state = self._cell_state or {}
-        if not state.get("allow_stdin"):
+        if self._cell is None or not self._cell.allow_stdin:
             return "\x04"
         sys.stdout.flush()
         while True:
@@ -616,21 +530,20 @@ class SandboxKernel(Kernel):
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, *, cell_meta=None, cell_id=None):
         self._idle_board = None
-        self._cell_state = {"error": None, "silent": silent, "allow_stdin": allow_stdin,
-                            "board": NoticeBoard(self.policy, self.admin, limit=self.notice_limit),
-                            "parent": self.get_parent("shell")}
+        state = self._cell = CellState(self._new_board(), silent=silent, allow_stdin=allow_stdin,
+                                       parent=self.get_parent("shell"))
+        self.controls.cell = self.execution_count
         if not silent:
-            for line in self.grants.take_pending():  # said while no cell ran (a grant expired)
+            for line in self.controls.grants.take_pending():  # said while no cell ran (a grant expired)
                 self._stream("stderr", line + "\n")
         try:
             return await self._execute(code, silent, store_history, user_expressions, allow_stdin)
         finally:
             if store_history and not silent:
-                self.history.record(self.execution_count, code, self._cell_state.get("result_text"))
-            handle = self._cell_state.pop("flush", None)
-            if handle is not None:
-                handle.cancel()
-            self._cell_state = None
+                self.history.record(self.execution_count, code, state.result_text)
+            state.cancel_flush()
+            self._cell = None
+            self.controls.cell = None
 
     async def _execute(self, code, silent, store_history, user_expressions, allow_stdin):
         loop = asyncio.get_running_loop()
@@ -639,15 +552,15 @@ class SandboxKernel(Kernel):
         if self.config_error is not None:
             message = (f"the administrator's policy settings are invalid, so no code runs: {self.config_error} "
                        "(fix c.AdminPolicy / SANDBOX_KERNEL_POLICY_* and restart the kernel)")
-            self._cell_state["error"] = {"ename": "ConfigurationError", "evalue": message,
-                                         "traceback": [f"ConfigurationError: {message}"]}
+            self._cell.error = {"ename": "ConfigurationError", "evalue": message,
+                                "traceback": [f"ConfigurationError: {message}"]}
             return self._finish(CellResult(status="error", exit_status=126, duration_ms=0.0), silent)
         for kind, part in split_cell(code) or [("code", code)]:
             if kind == "magic":
                 result = await self._run_magic(part, silent)
             else:
                 result = await self._run_code(part, silent, store_history, user_expressions, allow_stdin)
-            if result.exit_status != 0 or self._cell_state.get("error") is not None:
+            if result.exit_status != 0 or self._cell.error is not None:
                 break
         result.duration_ms = (loop.time() - started) * 1000
         return self._finish(result, silent)
@@ -659,7 +572,7 @@ class SandboxKernel(Kernel):
             if not isinstance(err, (SandboxError, ValueError)):
                 self.log.error("%%sandbox failed", exc_info=True)
             ename = getattr(err, "ename", type(err).__name__)
-            self._cell_state["error"] = {"ename": ename, "evalue": str(err), "traceback": [f"{ename}: {err}"]}
+            self._cell.error = {"ename": ename, "evalue": str(err), "traceback": [f"{ename}: {err}"]}
             return CellResult(status="error", exit_status=1, duration_ms=0.0)
         if not silent:
             if out.text and out.html is None:
@@ -686,10 +599,7 @@ class SandboxKernel(Kernel):
                 execution_count=self.execution_count,
             )
         except SandboxError as err:
-            self._cell_state["error"] = {
-                "ename": err.ename, "evalue": str(err),
-                "traceback": [f"{err.ename}: {err}"],
-            }
+            self._cell.error = {"ename": err.ename, "evalue": str(err), "traceback": [f"{err.ename}: {err}"]}
             return CellResult(status="error", exit_status=126,
                               duration_ms=(loop.time() - started) * 1000)
 
@@ -709,8 +619,8 @@ class SandboxKernel(Kernel):
             self._progress_lines = []
 
     def _finish(self, result: CellResult, silent: bool) -> dict:
-        state = self._cell_state
-        error = state.get("error")
+        state = self._cell
+        error = state.error
         if result.crashed:
             error = {
                 "ename": "SandboxCrashed",
@@ -726,18 +636,16 @@ class SandboxKernel(Kernel):
                 "evalue": f"exit status {result.exit_status}",
                 "traceback": [f"The cell's last command exited with status {result.exit_status}."],
             }
-        board = state["board"]
-        if state.get("dropped") and not silent:
-            self._stream("stderr", f"[sandbox] {format_bytes(state['dropped'])} of output were dropped "
+        board = state.board
+        if state.dropped and not silent:
+            self._stream("stderr", f"[sandbox] {format_bytes(state.dropped)} of output were dropped "
                                    f"(limit {format_bytes(self.output_limit)}: c.SandboxKernel.output_limit)\n")
         if not silent:
             for conn in board.connections():  # e.g. last_seen of a retransmitted SYN
-                state.setdefault("dirty", {})[conn.display_id] = conn
+                state.dirty[conn.display_id] = conn
             self._flush_notices(state, final=True)
-        panels = sys.modules.get("sandbox_kernel.widgets")
-        if panels is not None:
-            panels.flush_everywhere(self)
-        forged = result.forged_done or state.get("forged_done", 0)
+        self.controls.cell_ended()
+        forged = result.forged_done or state.forged_done
         self._last_sandbox_meta = {
             "exit_status": result.exit_status,
             "duration_ms": round(result.duration_ms, 3),
@@ -746,11 +654,9 @@ class SandboxKernel(Kernel):
             # the sandbox wrote a done of its own for this cell (ignored: the result is the agent's)
             "forged_done": forged,
             # an earlier cell's real end arrived during this one (that cell's reply came too early)
-            "late_end": bool(state.get("late_end")),
+            "late_end": state.late_end,
         }
-        footer = None
-        if self.footer == "always" or (self.footer == "on-failure" and result.exit_status != 0):
-            footer = footer_line(result.exit_status, result.duration_ms, self.policy, board.total())
+        footer = footer_for(self.footer, result.exit_status, result.duration_ms, self.controls.policy, board.total())
         if error is not None:
             if footer and not silent:
                 error["traceback"] = [*error["traceback"], footer]

@@ -5,7 +5,7 @@ recorded: the name the program asked for when known, the address, port, protocol
 cell (execution count), how often, and the verdict (allowed or blocked). ``%sandbox learn
 stop`` turns the record into the smallest allowlist that would have let those cells reach
 what they tried (:func:`propose`), each entry decided against the administrator's ceiling,
-and offers to apply it (through :meth:`SandboxKernel.set_policy`, like ``%sandbox allow``)
+and offers to apply it (through :meth:`Controls.set_policy`, like ``%sandbox allow``)
 or to insert its ``%sandbox`` lines as a new cell, so the notebook carries its policy.
 
 Where the record comes from, most trusted first:
@@ -29,7 +29,6 @@ agent its policy itself: only refusals are learned.
 from __future__ import annotations
 
 import html
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -39,7 +38,7 @@ from .policy.model import Entry, InvalidEntry, merge_port_ranges, parse_entry
 from .policy.presets import PRESETS
 
 if TYPE_CHECKING:
-    from .kernel import SandboxKernel
+    from .controls import Controls
     from .policy.admin import AdminPolicy
 
 #: the proposal as JSON, next to text/plain and text/html in ``%sandbox learn stop``'s output
@@ -175,17 +174,17 @@ class Proposal:
 
 
 class Learner:
-    """The kernel's learn mode: the record, and the last proposal. Owned by the kernel."""
+    """The kernel's learn mode: the record, and the last proposal. Owned by the controls."""
 
-    def __init__(self, kernel: SandboxKernel):
-        self.kernel = kernel
+    def __init__(self, controls: Controls):
+        self.controls = controls
         self.active = False
         self.started_at: float | None = None
         self._tried: dict[tuple, Tried] = {}
         self._names: dict[str, str] = {}  # address -> name it was looked up as
         self.proposal: Proposal | None = None
         #: what this backend can show about allowed connections (said in status and docs)
-        self.sees_allowed = hasattr(kernel.sandbox_backend, "log_accepted")
+        self.sees_allowed = hasattr(controls.backend, "log_accepted")
 
     # -- recording ----------------------------------------------------------------------
     def observe(self, record, source: str) -> None:
@@ -242,8 +241,7 @@ class Learner:
             new = False
             tried.ip, tried.host = tried.ip or ip, tried.host or host
         tried.verdicts.add(verdict)
-        cell = self.kernel.execution_count if getattr(self.kernel, "_cell_state", None) is not None else 0
-        tried.cells.add(cell)
+        tried.cells.add(self.controls.cell or 0)
         count = record.get("count") if isinstance(record.get("count"), int) else 1
         count = max(1, min(count, 1_000_000))
         tried.counts[source] = tried.counts.get(source, 0) + count
@@ -253,7 +251,7 @@ class Learner:
         else:
             tried.unnamed[source] = tried.unnamed.get(source, 0) + count
         if new:
-            _refresh_views(self.kernel)
+            self.controls.learn_changed()
 
     def tried(self) -> list[Tried]:
         for tried in self._tried.values():  # a name learned after the connection still names it
@@ -270,7 +268,7 @@ class Learner:
         self.proposal = None
         self.active = True
         self.started_at = time.time()
-        backend = self.kernel.sandbox_backend
+        backend = self.controls.backend
         backend.learn_sink = self.observe_allowed
         if self.sees_allowed:
             backend.log_accepted = True
@@ -281,39 +279,33 @@ class Learner:
             if self.sees_allowed:
                 backend.log_accepted = False
             raise
-        _refresh_views(self.kernel)
+        self.controls.learn_changed()
         seen = ("allowed and blocked connections (nftables log) and every lookup (DNS proxy)"
                 if self.sees_allowed else
                 "blocked connections, and allowed ones as the sandbox's guard reports them (Python only)")
-        return (f"learning: cells run under the policy in force ({self.kernel.policy.describe()}); "
+        return (f"learning: cells run under the policy in force ({self.controls.policy.describe()}); "
                 f"recording {seen}. Stop with %sandbox learn stop")
 
     async def stop(self) -> Proposal:
         if not self.active:
             raise LearnError("%sandbox learn stop: not learning (start with %sandbox learn)")
         self.active = False
-        backend = self.kernel.sandbox_backend
+        backend = self.controls.backend
         backend.learn_sink = None
         if self.sees_allowed:
             backend.log_accepted = False
         try:
             await self._reapply()
         except SandboxError as err:  # the rules still log accepted packets; nothing records them
-            self.kernel.log.warning("could not turn learn mode's reporting off: %s", err)
-        self.proposal = propose(self.tried(), self.kernel.admin)
-        _refresh_views(self.kernel)
+            self.controls.log.warning("could not turn learn mode's reporting off: %s", err)
+        self.proposal = propose(self.tried(), self.controls.admin)
+        self.controls.learn_changed()
         return self.proposal
 
     async def _reapply(self) -> None:
-        """Put the same policy in force again, compiled with or without the accepted log."""
-        kernel = self.kernel
-        if kernel.sandbox.info is None:
-            return  # the sandbox starts with the backend's setting
-        if not self.sees_allowed:  # only the guard can tell: change its view, not the enforcer
-            await kernel.sandbox.tell_policy()
-            return
-        async with kernel._policy_lock:
-            await kernel.sandbox.apply_policy(kernel.policy)
+        """Put the same policy in force again, compiled with or without the accepted log
+        (where only the guard can tell: its view changes, not the enforcer)."""
+        await self.controls.reapply(enforcer=self.sees_allowed)
 
     def status(self) -> str:
         if self.active:
@@ -346,7 +338,7 @@ class Learner:
         allowed = proposal.allowed()
         if not allowed:
             raise LearnError("%sandbox learn apply: nothing in the proposal is within your administrator's limits")
-        new = self.kernel.policy
+        new = self.controls.policy
         presets = [p.text for p in allowed if p.kind == "preset"]
         if presets:
             new = new.with_presets_added(*presets)
@@ -355,12 +347,8 @@ class Learner:
             new = new.with_entries_added(*entries)
         if new.mode != "allowlist":
             new = new.with_mode("allowlist")
-        started = time.monotonic()
-        details = await self.kernel.set_policy(new)
-        self.kernel.grants.make_permanent(entries)
-        from .magics import in_force
-
-        text = in_force(self.kernel.policy, details, time.monotonic() - started)
+        text = await self.controls.apply(new)
+        self.controls.grants.make_permanent(entries)
         beyond = [p.text for p in proposal.items if not p.allowed]
         if beyond:
             text += f" · not applied, beyond your administrator's limits: {', '.join(beyond)}"
@@ -492,12 +480,6 @@ def _decide(item: Proposed, admin: AdminPolicy) -> None:
             item.allowed, item.reason = False, decision.reason
             return
     item.allowed, item.reason = True, "within your administrator's limits"
-
-
-def _refresh_views(kernel) -> None:
-    views = sys.modules.get("sandbox_kernel.learnview")
-    if views is not None and hasattr(views, "learn_changed"):
-        views.learn_changed(kernel)
 
 
 __all__ = ["LEARN_MIME", "Learner", "LearnError", "Proposal", "Proposed", "Tried", "propose"]

@@ -3,7 +3,7 @@ inside the policy panel.
 
 It shows whether the kernel is learning and how many destinations it has seen, and after
 ``%sandbox learn stop`` the proposal with one **Apply** (the same call as ``%sandbox learn
-apply``: :meth:`Learner.apply`, then :meth:`SandboxKernel.set_policy`) and one **Insert as
+apply``: :meth:`Learner.apply`, then :meth:`Controls.set_policy`) and one **Insert as
 a cell**. A widget's click arrives as a comm message, and only an execute reply can carry
 the ``set_next_input`` payload that makes the frontend add a cell, so the button shows the
 lines ready to copy and names ``%sandbox learn insert``, which inserts them.
@@ -11,37 +11,26 @@ lines ready to copy and names ``%sandbox learn insert``, which inserts them.
 
 from __future__ import annotations
 
-import asyncio
 import html
-import weakref
 from typing import TYPE_CHECKING
 
 import ipywidgets as w
 
 from .errors import SandboxError
+from .views import View, error_span
 
 if TYPE_CHECKING:
-    from .kernel import SandboxKernel
-
-_views: weakref.WeakSet = weakref.WeakSet()
+    from .controls import Controls
 
 
-def learn_view_for(kernel: SandboxKernel) -> LearnView:
-    view = LearnView(kernel)
-    _views.add(view)
-    return view
+def learn_view_for(controls: Controls) -> LearnView:
+    """A new learn view on ``controls`` (``%sandbox learn stop``, the policy panel)."""
+    return LearnView(controls)
 
 
-def learn_changed(kernel: SandboxKernel) -> None:
-    """Called by the learner when learning starts or stops, or a new destination is seen."""
-    for view in list(_views):
-        if view.kernel is kernel:
-            view.show()
-
-
-class LearnView:
-    def __init__(self, kernel: SandboxKernel):
-        self.kernel = kernel
+class LearnView(View):
+    def __init__(self, controls: Controls):
+        super().__init__(controls)
         self.state = w.HTML()
         self.toggle = w.Button(description="Learn", icon="binoculars",
                                tooltip="Record every destination the next cells try (%sandbox learn)")
@@ -54,18 +43,19 @@ class LearnView:
         self.message = w.HTML()
         self.buttons = w.HBox([self.apply, self.insert])
         self.widget = w.VBox([w.HBox([self.state, self.toggle]), self.result, self.buttons, self.lines, self.message])
-        self.toggle.on_click(lambda _: self._spawn(self.do_toggle()))
-        self.apply.on_click(lambda _: self._spawn(self.do_apply()))
+        self.on_click(self.toggle, self.do_toggle)
+        self.on_click(self.apply, self.do_apply)
         self.insert.on_click(lambda _: self.do_insert())
         self.show()
 
     def bundle(self) -> dict:
-        data = self.widget._repr_mimebundle_()
-        data["text/plain"] = f"Learn mode: {self.kernel.learner.status()} (open in JupyterLab for the buttons)"
-        return data
+        return self.mimebundle(f"Learn mode: {self.controls.learner.status()} (open in JupyterLab for the buttons)")
+
+    def learn_changed(self) -> None:
+        self.show()
 
     def show(self) -> None:
-        learner = self.kernel.learner
+        learner = self.controls.learner
         on = learner.active
         self.state.value = f"<b>Learn mode</b>: {'on' if on else 'off'} · {html.escape(learner.status())}"
         self.toggle.description = "Stop learning" if on else "Learn"
@@ -73,13 +63,10 @@ class LearnView:
         self.result.value = proposal.html() if proposal is not None and not on else ""
         has = proposal is not None and not on
         self.buttons.layout.display = None if has else "none"
-        self.apply.disabled = not (has and proposal.allowed()) or self.kernel.admin.locked
-
-    def _spawn(self, coro) -> None:
-        asyncio.ensure_future(coro)
+        self.apply.disabled = not (has and proposal.allowed()) or self.controls.admin.locked
 
     async def do_toggle(self) -> None:
-        learner = self.kernel.learner
+        learner = self.controls.learner
         try:
             if learner.active:
                 await learner.stop()
@@ -87,22 +74,22 @@ class LearnView:
             else:
                 self.message.value = html.escape(await learner.start())
         except SandboxError as err:
-            self.message.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            self.message.value = error_span(str(err))
         self.show()
 
     async def do_apply(self) -> None:
         try:
-            text = await self.kernel.learner.apply()
+            text = await self.controls.learner.apply()
         except (SandboxError, ValueError) as err:
-            self.message.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            self.message.value = error_span(str(err))
             return
         self.message.value = html.escape(text)
 
     def do_insert(self) -> None:
         try:
-            payload = self.kernel.learner.insert_payload()
+            payload = self.controls.learner.insert_payload()
         except SandboxError as err:
-            self.message.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            self.message.value = error_span(str(err))
             return
         self.lines.value = payload["text"]
         self.lines.layout.display = None

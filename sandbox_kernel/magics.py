@@ -1,14 +1,14 @@
 """``%sandbox …``: see and change the sandbox from the notebook.
 
 Handled in the kernel process, never forwarded to the sandbox: code in the sandbox
-must not be able to change its own policy. Every change goes through
-:meth:`SandboxKernel.set_policy` (the administrator's ceiling, atomic apply), the same
-path the policy panel's buttons take.
+must not be able to change its own policy. The magics act on the kernel's
+:class:`~sandbox_kernel.controls.Controls`, never on the kernel: every change goes through
+:meth:`Controls.set_policy` (the administrator's ceiling, atomic apply), the same path the
+policy panel's buttons take.
 """
 
 from __future__ import annotations
 
-import datetime
 import html
 import shlex
 import time
@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .config import parse_duration
+from .controls import clock
 from .errors import PolicyError, SandboxError
-from .grants import MAX_SECONDS, format_left
+from .grants import MAX_SECONDS
 from .learn import LEARN_MIME
 from .policy.model import MODES, parse_entry
 from .policy.presets import PRESETS
 
 if TYPE_CHECKING:
-    from .kernel import SandboxKernel
+    from .controls import Controls
 
 VERBS = ("status", "policy", "allow", "revoke", "mode", "preset", "blocked", "learn", "restart", "help")
 LEARN_VERBS = ("start", "stop", "status", "apply", "insert")
@@ -95,10 +96,10 @@ def split_cell(code: str) -> list[tuple[str, str]]:
 
 
 class SandboxMagics:
-    """Runs ``%sandbox`` lines against one kernel."""
+    """Runs ``%sandbox`` lines against one kernel's controls."""
 
-    def __init__(self, kernel: SandboxKernel):
-        self.kernel = kernel
+    def __init__(self, controls: Controls):
+        self.controls = controls
 
     async def run(self, line: str) -> MagicOutput:
         """Run one ``%sandbox …`` line. Raises UsageError / PolicyError (typed, one line)."""
@@ -119,21 +120,7 @@ class SandboxMagics:
 
     async def do_status(self, args) -> MagicOutput:
         self._no_args("status", args)
-        k = self.kernel
-        info = k.sandbox.info
-        applied = k.sandbox_backend.applied
-        rows = [
-            ("backend", k.sandbox_backend.name),
-            ("sandbox", _describe_sandbox(info) if info else "not running (starts with the next cell)"),
-            ("policy", k.policy.describe()),
-            ("entries", ", ".join(k.grants.describe(e) for e in k.policy.entries) or "none"),
-            ("presets", ", ".join(k.policy.presets) or "none"),
-            ("enforcer", applied.get("enforcer", "—")),
-            ("applied", _when(k.policy_applied_at or applied.get("applied_at"))),
-            ("changes", "locked by your administrator (exam mode)" if k.admin.locked else "allowed within your administrator's limits"),
-            ("recent blocked", str(len(k.recent_blocked))),
-            ("learn mode", k.learner.status()),
-        ]
+        rows = self.controls.status()
         width = max(len(r[0]) for r in rows)
         text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
         table = "".join(f"<tr><th style='text-align:left'>{html.escape(n)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
@@ -142,13 +129,13 @@ class SandboxMagics:
 
     async def do_blocked(self, args) -> MagicOutput:
         self._no_args("blocked", args)
-        conns = list(self.kernel.recent_blocked)[-50:]
+        conns = list(self.controls.recent_blocked)[-50:]
         if not conns:
             return MagicOutput("no blocked connections yet")
-        lines = [f"{_when(c.last_seen)}  {c.headline()[2:]}  [{c.verdict}]  {_what_to_do(c)}" for c in conns]
+        lines = [f"{clock(c.last_seen)}  {c.headline()[2:]}  [{c.verdict}]  {_what_to_do(c)}" for c in conns]
         head = "<tr><th>when</th><th>destination</th><th>process</th><th>verdict</th><th>count</th><th>what you can do</th></tr>"
         body = "".join(
-            f"<tr><td>{_when(c.last_seen)}</td><td>{html.escape(c.destination())}</td>"
+            f"<tr><td>{clock(c.last_seen)}</td><td>{html.escape(c.destination())}</td>"
             f"<td>{html.escape((c.process or {}).get('name') or '')}</td><td>{c.verdict}</td><td>{c.count}</td>"
             f"<td>{html.escape(_what_to_do(c))}</td></tr>"
             for c in conns)
@@ -158,7 +145,7 @@ class SandboxMagics:
         self._no_args("policy", args)
         from .widgets import panel_for
 
-        panel = panel_for(self.kernel)
+        panel = panel_for(self.controls)
         return MagicOutput(displays=[panel.bundle()])
 
     # -- changing -----------------------------------------------------------------
@@ -167,26 +154,10 @@ class SandboxMagics:
         if not args:
             raise UsageError("%sandbox allow: name at least one destination, e.g. %sandbox allow pypi.org:443")
         entries = [parse_entry(a) for a in args]
-        if seconds is not None and self.kernel.sandbox_backend.enforces_ceiling:
+        if seconds is not None and self.controls.backend.enforces_ceiling:
             raise UsageError("%sandbox allow --for: timed access is not available in hub mode yet "
                              "(the sandbox service would have to keep the clock); allow without --for")
-        before = self.kernel.policy
-        # an entry already allowed for good stays so: --for does not shorten it
-        permanent = [e for e in entries if e in before.entries and self.kernel.grants.left(e) is None]
-        new = before.with_entries_added(*entries)
-        if new.mode != "allowlist":
-            new = new.with_mode("allowlist")
-        out = await self._apply(new)
-        if seconds is None:
-            self.kernel.grants.make_permanent(entries)
-        else:
-            timed = [e for e in entries if e not in permanent]
-            self.kernel.grants.add(timed, seconds)
-            if timed:
-                out.text += f" · {', '.join(map(str, timed))} for {format_left(seconds)}"
-            if permanent:
-                out.text += f" · already allowed without a time limit: {', '.join(map(str, permanent))}"
-        return out
+        return MagicOutput(await self.controls.allow(entries, seconds))
 
     async def do_revoke(self, args) -> MagicOutput:
         if not args:
@@ -194,25 +165,25 @@ class SandboxMagics:
         if args[0] == "preset":  # as %sandbox status lists them: "preset pypi"
             if len(args) == 1:
                 raise UsageError("%sandbox revoke preset: name at least one preset in force "
-                                 f"({', '.join(self.kernel.policy.presets) or 'none is'})")
-            return await self._apply(self.kernel.policy.with_presets_removed(*args[1:]))
-        return await self._apply(self.kernel.policy.with_entries_removed(*args))
+                                 f"({', '.join(self.controls.policy.presets) or 'none is'})")
+            return await self._apply(self.controls.policy.with_presets_removed(*args[1:]))
+        return await self._apply(self.controls.policy.with_entries_removed(*args))
 
     async def do_mode(self, args) -> MagicOutput:
         if len(args) != 1 or args[0] not in MODES:
             raise UsageError(f"%sandbox mode: say one of {' | '.join(MODES)}")
-        return await self._apply(self.kernel.policy.with_mode(args[0]))
+        return await self._apply(self.controls.policy.with_mode(args[0]))
 
     async def do_preset(self, args) -> MagicOutput:
         if len(args) != 1:
             raise UsageError(f"%sandbox preset: name one preset ({', '.join(sorted(PRESETS))})")
-        new = self.kernel.policy.with_presets_added(args[0])
+        new = self.controls.policy.with_presets_added(args[0])
         if new.mode != "allowlist":
             new = new.with_mode("allowlist")
         return await self._apply(new)
 
     async def do_learn(self, args) -> MagicOutput:
-        learner = self.kernel.learner
+        learner = self.controls.learner
         verb = args[0] if args else "start"
         if verb not in LEARN_VERBS or len(args) > 1:
             raise UsageError(f"%sandbox learn: say nothing (start) or one of {', '.join(LEARN_VERBS[1:])}")
@@ -225,7 +196,7 @@ class SandboxMagics:
             from .learnview import learn_view_for
 
             shown = {"text/plain": proposal.text(), "text/html": proposal.html(), LEARN_MIME: proposal.to_json()}
-            return MagicOutput(displays=[shown, learn_view_for(self.kernel).bundle()])
+            return MagicOutput(displays=[shown, learn_view_for(self.controls).bundle()])
         if verb == "apply":
             return MagicOutput(await learner.apply())
         payload = learner.insert_payload()
@@ -234,14 +205,12 @@ class SandboxMagics:
     async def do_restart(self, args) -> MagicOutput:
         self._no_args("restart", args)
         started = time.monotonic()
-        await self.kernel.sandbox.restart()
+        await self.controls.restart()
         return MagicOutput(f"fresh sandbox started in {(time.monotonic() - started):.1f} s "
-                           f"(variables were reset; egress: {self.kernel.policy.describe()})")
+                           f"(variables were reset; egress: {self.controls.policy.describe()})")
 
     async def _apply(self, new) -> MagicOutput:
-        started = time.monotonic()
-        details = await self.kernel.set_policy(new)
-        return MagicOutput(in_force(self.kernel.policy, details, time.monotonic() - started))
+        return MagicOutput(await self.controls.apply(new))
 
     @staticmethod
     def _no_args(verb: str, args) -> None:
@@ -278,20 +247,6 @@ def _take_for(args: list[str]) -> tuple[list[str], float | None]:
     return rest, seconds
 
 
-def in_force(policy, details: dict, seconds: float) -> str:
-    """``egress now: allowlist (1 entry): pypi.org:443 · enforced by nftables in 9 ms``."""
-    entries = [*(f"preset {p}" for p in policy.presets), *(str(e) for e in policy.entries)]
-    text = f"egress now: {policy.describe()}"
-    if policy.mode == "allowlist" and entries:
-        text += ": " + ", ".join(entries)
-    return text + f" · enforced by {details.get('enforcer', 'the backend')} in {seconds * 1000:.0f} ms"
-
-
-def _describe_sandbox(info) -> str:
-    details = ", ".join(f"{k} {v}" for k, v in info.details.items() if k in ("netns", "namespace", "pod"))
-    return f"{info.sandbox_id}" + (f" ({details})" if details else "")
-
-
 def _what_to_do(conn) -> str:
     """The remedy column of ``%sandbox blocked``: only a verified notice names a command."""
     action = conn.remedy.get("action")
@@ -300,12 +255,6 @@ def _what_to_do(conn) -> str:
     if action == "unverified":
         return "reported by the sandbox: nothing offered"
     return "not permitted by your administrator"
-
-
-def _when(ts) -> str:
-    if not ts:
-        return "—"
-    return datetime.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
 
 
 __all__ = ["SandboxMagics", "split_cell", "UsageError", "PolicyError"]

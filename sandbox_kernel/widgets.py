@@ -2,12 +2,13 @@
 
 The widgets live in the kernel process, next to Jupyter, never in the sandbox: a comm
 message from the notebook reaches the kernel, and every change still goes through
-:meth:`SandboxKernel.set_policy` (the administrator's ceiling is checked there, so a
-hand-crafted comm message gets no further than the UI would). The kernel is the one
-source of truth: every open panel is refreshed after any change, from a panel or a
-``%sandbox`` line. A blocked connection's Allow button runs exactly the notice's remedy,
-``%sandbox allow …``, and only a notice the kernel verified (enforcer, DNS proxy) has one:
-rows the sandbox reported show a disabled button.
+:meth:`Controls.set_policy` (the administrator's ceiling is checked there, so a
+hand-crafted comm message gets no further than the UI would). The kernel's
+:class:`~sandbox_kernel.controls.Controls` are the one source of truth: every open panel is
+refreshed after any change, from a panel or a ``%sandbox`` line. A blocked connection's
+Allow button does exactly what the notice's remedy, ``%sandbox allow ENTRY``, does
+(:meth:`Controls.allow`), and only a notice the kernel verified (enforcer, DNS proxy) has
+one: rows the sandbox reported show a disabled button.
 
 New rows are batched: a panel redraws its blocked list at most every
 :data:`PANEL_INTERVAL` seconds (and when the cell ends), with at most
@@ -20,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import html
 import time
-import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import ipywidgets as w
 
@@ -29,60 +29,35 @@ from .errors import SandboxError
 from .learnview import learn_view_for
 from .policy.model import EgressPolicy, parse_entry
 from .policy.presets import PRESETS
+from .views import View, error_span, span
 
 if TYPE_CHECKING:
-    from .kernel import SandboxKernel
+    from .controls import Controls
     from .notices import BlockedConnection
 
 MODE_LABELS = {"deny": "Default-deny", "allowlist": "Allowlist"}
 MAX_BLOCKED_ROWS = 20
 PANEL_INTERVAL = 0.5
 
-_panels: weakref.WeakSet = weakref.WeakSet()
+
+def panel_for(controls: Controls) -> PolicyPanel:
+    """A new panel on ``controls`` (called by ``%sandbox policy``)."""
+    return PolicyPanel(controls)
 
 
-def panel_for(kernel: SandboxKernel) -> PolicyPanel:
-    """A new panel on ``kernel`` (called by ``%sandbox policy``)."""
-    panel = PolicyPanel(kernel)
-    _panels.add(panel)
-    return panel
-
-
-def refresh_all(kernel: SandboxKernel) -> None:
-    """Show the policy in force in every open panel (called by the kernel after a change)."""
-    for panel in list(_panels):
-        if panel.kernel is kernel:
-            panel.show_policy()
-
-
-def blocked_everywhere(kernel: SandboxKernel, conn: BlockedConnection) -> None:
-    """Add a blocked connection to every open panel's list (called by the kernel); shown
-    with the panel's next batch."""
-    for panel in list(_panels):
-        if panel.kernel is kernel:
-            panel.queue_blocked(conn)
-
-
-def flush_everywhere(kernel: SandboxKernel) -> None:
-    """Show the queued rows now (called by the kernel when a cell ends)."""
-    for panel in list(_panels):
-        if panel.kernel is kernel:
-            panel.flush_blocked()
-
-
-class PolicyPanel:
+class PolicyPanel(View):
     """Mode toggle, entry editor with inline validation, presets, Apply / Revert, status,
     and the recent blocked connections with an Allow button each."""
 
-    def __init__(self, kernel: SandboxKernel):
-        self.kernel = kernel
+    def __init__(self, controls: Controls):
+        super().__init__(controls)
         self._previous: EgressPolicy | None = None
         self._blocked_keys: set = set()
         self._pending: dict = {}  # key -> connection, waiting for the next batch
         self._row_keys: dict = {}  # key -> its row, for the rows shown
         self._flush: asyncio.TimerHandle | None = None
         self._allow_buttons: list[tuple[w.Button, str]] = []  # (button, the entry it would add)
-        locked = kernel.admin.locked
+        locked = controls.admin.locked
 
         self.title = w.HTML()
         self.mode = w.ToggleButtons(options=list(MODE_LABELS.values()), description="Egress",
@@ -101,7 +76,7 @@ class PolicyPanel:
                                tooltip="Discard edits, or undo the last Apply", disabled=locked)
         self.status = w.HTML()
         self.blocked_box = w.VBox()
-        self.learn = learn_view_for(kernel)
+        self.learn = learn_view_for(controls)
         self.widget = w.VBox([
             self.title, self.mode, self.entries, self.validation,
             w.HBox([w.Label("Presets"), *self.preset_buttons]),
@@ -114,21 +89,29 @@ class PolicyPanel:
         self.entries.observe(self._edited, names="value")
         for button in self.preset_buttons:
             button.observe(self._edited, names="value")
-        self.apply.on_click(lambda _: self._spawn(self.do_apply()))
-        self.revert.on_click(lambda _: self._spawn(self.do_revert()))
-        for conn in list(kernel.recent_blocked)[-MAX_BLOCKED_ROWS:]:
+        self.on_click(self.apply, self.do_apply)
+        self.on_click(self.revert, self.do_revert)
+        for conn in list(controls.recent_blocked)[-MAX_BLOCKED_ROWS:]:
             self.add_blocked(conn)
+
+    # -- what the controls tell ----------------------------------------------------------
+    def policy_changed(self) -> None:
+        self.show_policy()
+
+    def blocked_added(self, conn: BlockedConnection) -> None:
+        self.queue_blocked(conn)
+
+    def cell_ended(self) -> None:
+        self.flush_blocked()
 
     # -- display ------------------------------------------------------------------------
     def bundle(self) -> dict:
         """The display_data bundle that shows this panel."""
-        data = self.widget._repr_mimebundle_()
-        data["text/plain"] = f"Sandbox egress policy: {self.kernel.policy.describe()} (open in JupyterLab to edit)"
-        return data
+        return self.mimebundle(f"Sandbox egress policy: {self.controls.policy.describe()} (open in JupyterLab to edit)")
 
     def show_policy(self) -> None:
         """Set the controls to the policy in force (discarding edits)."""
-        policy = self.kernel.policy
+        policy = self.controls.policy
         self._quiet = True
         try:
             self.mode.value = MODE_LABELS[policy.mode]
@@ -137,7 +120,7 @@ class PolicyPanel:
                 button.value = button.description in policy.presets
         finally:
             self._quiet = False
-        lock = " · <b>locked by your administrator (exam mode)</b>: you can look, not change" if self.kernel.admin.locked else ""
+        lock = " · <b>locked by your administrator (exam mode)</b>: you can look, not change" if self.controls.admin.locked else ""
         self.title.value = (f"<b>Sandbox egress policy</b> — in force: {html.escape(policy.describe())}{lock}")
         self._mark_allowed()
         self.validation.value = ""
@@ -146,17 +129,16 @@ class PolicyPanel:
 
     def _mark_allowed(self) -> None:
         """Blocked rows whose destination the policy in force now allows say so."""
-        policy = self.kernel.policy
+        policy = self.controls.policy
         in_force = {str(e) for e in policy.entries} if policy.mode == "allowlist" else set()
         for button, entry in self._allow_buttons:
             if entry in in_force:
                 button.disabled, button.description, button.icon = True, "Allowed", "check"
 
     def _enforced_text(self) -> str:
-        applied = self.kernel.sandbox_backend.applied
-        when = self.kernel.policy_applied_at or applied.get("applied_at")
+        enforcer, when = self.controls.enforcement()
         stamp = time.strftime("%H:%M:%S", time.localtime(when)) if when else "at start"
-        return f"<span class='sk-enforced'>enforced by {html.escape(str(applied.get('enforcer', 'the backend')))} ({stamp})</span>"
+        return span("sk-enforced", f"enforced by {enforcer if enforcer is not None else 'the backend'} ({stamp})")
 
     # -- editing ------------------------------------------------------------------------
     _quiet = False
@@ -167,7 +149,7 @@ class PolicyPanel:
         _, errors = self._proposal()
         self.validation.value = "".join(
             f"<div class='sk-invalid' style='color:#c62828'>✗ {html.escape(err)}</div>" for err in errors)
-        self.status.value = "<span class='sk-pending'>pending: press Apply to enforce</span>"
+        self.status.value = span("sk-pending", "pending: press Apply to enforce")
 
     def _proposal(self) -> tuple[EgressPolicy | None, list[str]]:
         """The policy the controls describe, or the errors that prevent it."""
@@ -186,24 +168,21 @@ class PolicyPanel:
         presets = tuple(b.description for b in self.preset_buttons if b.value)
         try:
             policy = EgressPolicy(mode=mode, entries=tuple(dict.fromkeys(entries)), presets=presets,
-                                  name=self.kernel.policy.name)
+                                  name=self.controls.policy.name)
         except SandboxError as err:
             return None, [str(err)]
         return policy, []
 
     # -- actions (run on the kernel's event loop) ------------------------------------------
-    def _spawn(self, coro) -> None:
-        asyncio.ensure_future(coro)
-
     async def do_apply(self) -> None:
         proposal, errors = self._proposal()
         if proposal is None:
-            self.status.value = f"<span class='sk-error' style='color:#c62828'>not applied: {html.escape(errors[0])}</span>"
+            self.status.value = error_span(f"not applied: {errors[0]}")
             return
         await self._set(proposal, remember=True)
 
     async def do_revert(self) -> None:
-        current = self.kernel.policy
+        current = self.controls.policy
         proposal, _ = self._proposal()
         if proposal != current:  # pending edits: discard them
             self.status.value = ""
@@ -214,19 +193,28 @@ class PolicyPanel:
             await self._set(previous, remember=False)
 
     async def _set(self, policy: EgressPolicy, remember: bool) -> None:
-        before = self.kernel.policy
-        self.status.value = "<span class='sk-applying'>applying…</span>"
         started = time.monotonic()
+
+        async def change() -> str:
+            await self.controls.set_policy(policy)
+            # set_policy has refreshed every panel already; this one also says how long it took
+            return f"enforced in {(time.monotonic() - started) * 1000:.0f} ms"
+
+        await self._change(change, remember)
+
+    async def _change(self, change: Callable[[], Awaitable[str]], remember: bool) -> None:
+        """Run one change of the policy; the status line says how it went (``remember``: Revert
+        goes back to the policy before it)."""
+        before = self.controls.policy
+        self.status.value = span("sk-applying", "applying…")
         try:
-            await self.kernel.set_policy(policy)
+            text = await change()
         except SandboxError as err:
-            self.status.value = f"<span class='sk-error' style='color:#c62828'>not applied, nothing changed: {html.escape(str(err))}</span>"
+            self.status.value = error_span(f"not applied, nothing changed: {err}")
             return
         if remember:
             self._previous = before
-        ms = (time.monotonic() - started) * 1000
-        # set_policy has refreshed every panel already; this one also says how long it took
-        self.status.value = f"<span class='sk-enforced'>enforced in {ms:.0f} ms</span>"
+        self.status.value = span("sk-enforced", text)
 
     # -- blocked connections ------------------------------------------------------------------
     def queue_blocked(self, conn: BlockedConnection) -> None:
@@ -278,8 +266,8 @@ class PolicyPanel:
         label = w.HTML(f"<code>{html.escape(conn.destination())}</code> ({html.escape(conn.protocol)}, {conn.verdict})")
         if conn.remedy.get("action") == "allow":
             button = w.Button(description="Allow", icon="unlock", tooltip=conn.remedy["command"],
-                              disabled=self.kernel.admin.locked)
-            button.on_click(lambda _, command=conn.remedy["command"]: self._spawn(self._allow(command)))
+                              disabled=self.controls.admin.locked)
+            button.on_click(lambda _, entry=conn.remedy["entry"]: self._spawn(self._allow(entry)))
             self._allow_buttons.append((button, conn.remedy.get("entry", "")))
             self._mark_allowed()
         else:
@@ -290,14 +278,6 @@ class PolicyPanel:
         self._row_keys[key] = row
         return row
 
-    async def _allow(self, command: str) -> None:
-        """The Allow button: exactly the notice's remedy, ``%sandbox allow …``."""
-        before = self.kernel.policy
-        self.status.value = "<span class='sk-applying'>applying…</span>"
-        try:
-            out = await self.kernel.magics.run(command)
-        except SandboxError as err:
-            self.status.value = f"<span class='sk-error' style='color:#c62828'>not applied, nothing changed: {html.escape(str(err))}</span>"
-            return
-        self._previous = before
-        self.status.value = f"<span class='sk-enforced'>{html.escape(out.text)}</span>"
+    async def _allow(self, entry: str) -> None:
+        """The Allow button: what the notice's remedy, ``%sandbox allow ENTRY``, does."""
+        await self._change(lambda: self.controls.allow([parse_entry(entry)]), remember=True)

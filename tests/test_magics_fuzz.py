@@ -1,36 +1,13 @@
 """%sandbox arguments, fuzzed: a clear typed error or a valid change, never anything else."""
 
 import asyncio
-import collections
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controlstest import make_controls
 from sandbox_kernel.errors import SandboxError
-from sandbox_kernel.learn import Learner
 from sandbox_kernel.magics import SandboxMagics, is_sandbox_line, split_cell
-from sandbox_kernel.policy.admin import AdminPolicy
-from sandbox_kernel.policy.model import EgressPolicy
-
-
-class StubKernel:
-    """The parts of SandboxKernel the magics use, with set_policy's ceiling check."""
-
-    def __init__(self):
-        self.admin = AdminPolicy(user_may_allow=["public"], locked=False)
-        self.policy = EgressPolicy()
-        self.policy_applied_at = None
-        self.recent_blocked = collections.deque()
-        self.sandbox = type("S", (), {"info": None})()
-        self.sandbox_backend = type("B", (), {"name": "stub", "applied": {}})()
-        self.applied = []
-        self.learner = Learner(self)
-
-    async def set_policy(self, new, who="user"):
-        self.admin.check_change(self.policy, new, who=who)
-        self.policy = new
-        self.applied.append(new)
-        return {"enforcer": "stub"}
 
 
 VERBS = st.sampled_from(["allow", "revoke", "mode", "preset", "status", "blocked", "learn", "help", "", "bogus"])
@@ -41,17 +18,17 @@ ARGS = st.lists(st.one_of(st.text(max_size=40), st.from_regex(r"[a-z0-9.*:/\[\]-
 @settings(max_examples=300, deadline=None)
 @given(VERBS, ARGS, st.text(max_size=20))
 def test_magic_lines_never_fail_untyped(verb, args, tail):
-    kernel = StubKernel()
-    magics = SandboxMagics(kernel)
+    controls, session = make_controls()
+    magics = SandboxMagics(controls)
     line = " ".join(["%sandbox", verb, *args]) + tail
-    before = kernel.policy
+    before = controls.policy
     try:
         asyncio.run(magics.run(line))
     except SandboxError:
-        assert kernel.policy == before  # refused: nothing changed
-    if kernel.policy != before:
-        assert kernel.applied[-1] == kernel.policy
-        kernel.admin.check_change(before, kernel.policy)  # what is in force is within the ceiling
+        assert controls.policy == before  # refused: nothing changed
+    if controls.policy != before:
+        assert session.applied[-1] == controls.policy
+        controls.admin.check_change(before, controls.policy)  # what is in force is within the ceiling
 
 
 @settings(max_examples=200, deadline=None)
