@@ -29,8 +29,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .agent.protocol import RECORD_PROTOCOLS, VERDICTS, BlockedRecord
+
 NOTICE_MIME = "application/vnd.sandbox-kernel.notice+json"
-VERDICTS = ("rejected", "dropped", "guarded")
 #: sources outside the sandbox: only their notices may offer a remedy
 VERIFIED_SOURCES = frozenset({"enforcer", "dns", "kernel"})
 #: sources inside the sandbox (their word may be forged by the code they watch)
@@ -193,8 +194,9 @@ class NoticeBoard:
                               'background:#fff3f3;color:#222;padding:4px 8px;margin:2px 0;font-size:12px">'
                               f"{html.escape(text)}</div>")}
 
-    def add(self, record: dict, source: str) -> tuple[BlockedConnection, bool] | None:
-        """Merge one report (from ``source``: guard, watcher, enforcer, dns, kernel)."""
+    def add(self, record: BlockedRecord, source: str) -> tuple[BlockedConnection, bool] | None:
+        """Merge one report (from ``source``: guard, watcher, enforcer, dns, kernel); a record
+        from the sandbox may be anything, and one that does not check is left out."""
         clean = _clean(record)
         if clean is None:
             return None
@@ -286,7 +288,8 @@ def policy_view(policy: Any) -> dict:
 
 
 def _clean(record: Any) -> dict | None:
-    """Validate a report (it may come from the untrusted sandbox): typed fields or None."""
+    """Validate a report (it may come from the untrusted sandbox): the fields of a
+    :class:`BlockedRecord`, typed, or None."""
     if not isinstance(record, dict):
         return None
     ip = record.get("ip")
@@ -297,7 +300,7 @@ def _clean(record: Any) -> dict | None:
         return None
     port = record.get("port")
     port = port if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535 else None
-    protocol = record.get("protocol") if record.get("protocol") in ("tcp", "udp", "icmp", "icmpv6", "sctp", "dns") else "other"
+    protocol = record.get("protocol") if record.get("protocol") in RECORD_PROTOCOLS else "other"
     verdict = record.get("verdict") if record.get("verdict") in VERDICTS else "dropped"
     process = record.get("process")
     if isinstance(process, dict):

@@ -1,8 +1,9 @@
 """One kernel's sandbox: lifecycle, the execute stream, crash recovery.
 
 The :class:`Session` sits between the kernel (Jupyter messages) and a backend
-(sandboxes). It owns the transport to the agent and the single reader task that
-routes the agent's frames: cell events to the running cell, replies to whoever asked.
+(sandboxes). It talks to the agent through an :class:`~sandbox_kernel.agentlink.AgentLink`
+(greeting, the one reader, replies, the cell's nonce) and routes the agent's frames:
+cell events to the running cell, what arrives between cells to the next cell.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from .agent import protocol
-from .backends.base import Backend, SandboxInfo, Transport
-from .errors import ProtocolError, SandboxCrashed, SandboxError, SandboxStartError
+from .agentlink import AgentLink
+from .backends.base import Backend, SandboxInfo
+from .errors import ProtocolError, SandboxError, SandboxStartError
 
 
 class CellSink(Protocol):
@@ -47,8 +48,6 @@ class CellResult:
 #: frames kept while no cell runs, shown by the next cell (the rest is counted)
 LATE_FRAMES = 1000
 LATE_BYTES = 1 << 20
-#: frames the reader handles before it lets other tasks (shell requests) run
-READER_BATCH = 64
 
 
 _END = object()
@@ -76,23 +75,17 @@ class Session:
         self.interrupt_timeout = interrupt_timeout
         self._progress = progress or (lambda line: None)
         self._ids = itertools.count(1)
-        self._transport: Transport | None = None
-        self._reader: asyncio.Task | None = None
+        self._link: AgentLink | None = None
         self._starting: asyncio.Task | None = None
         self._cell: asyncio.Queue | None = None
         self._fid: str | None = None  # id of the running cell
-        self._nonce: str | None = None  # its nonce, which only the agent's own done echoes
         self._answered = False  # the reader saw the running cell's real done
         self._ended: collections.deque = collections.deque(maxlen=32)  # ids of cells that ended
-        self._done_nonces: dict = {}  # their nonces (pruned with _ended)
         #: what arrived while no cell ran (shown by the next cell), and how much was not kept
         self._late: list = []
         self._late_bytes = 0
         self._late_dropped = 0
         self._watchdog: asyncio.Task | None = None
-        #: why the link to the sandbox is broken (a protocol error, an unanswered interrupt)
-        self.broken: str | None = None
-        self._replies: dict[Any, asyncio.Future] = {}
         self._input_task: asyncio.Task | None = None
         self.hello: dict = {}
         self.info: SandboxInfo | None = None
@@ -100,6 +93,11 @@ class Session:
         self.restarts = 0
         #: why the previous sandbox ended between cells (the kernel tells the next cell once)
         self.lost: str | None = None
+
+    @property
+    def broken(self) -> str | None:
+        """Why the link to the sandbox is broken (a protocol error, an unanswered interrupt)."""
+        return self._link.broken if self._link is not None else None
 
     # -- lifecycle ----------------------------------------------------------------
     def start_soon(self) -> asyncio.Task:
@@ -110,9 +108,9 @@ class Session:
 
     async def ready(self) -> None:
         """Wait until the sandbox runs; raise the start error (typed) if it cannot."""
-        if self._transport is not None and self._reader is not None and not self._reader.done():
+        if self._link is not None and self._link.alive:
             return
-        if self._reader is not None and self._reader.done() and self._transport is not None:
+        if self._link is not None:
             # the sandbox ended between cells: clean it up, say why, then start a fresh one
             self.lost = self.broken or await self.backend.exit_reason()
             self.log.warning("sandbox ended between cells: %s", self.lost)
@@ -123,23 +121,12 @@ class Session:
 
     async def _start(self) -> None:
         self.start_error = None
-        self.broken = None
         try:
             self.info = await self.backend.start(self.kernel_id, self.policy, self._progress)
-            self._transport = await self.backend.attach()
-            hello = await asyncio.wait_for(self._transport.recv(), self.start_timeout)
-            if not hello or hello.get("type") != "hello":
-                raise SandboxStartError(
-                    f"the agent did not start: {await self.backend.exit_reason()}"
-                )
-            if hello.get("version") != protocol.VERSION:
-                raise SandboxStartError(
-                    f"the agent in the sandbox speaks protocol {hello.get('version')!r}, "
-                    f"this kernel speaks {protocol.VERSION}: use matching versions"
-                )
-            self.hello = hello
-            self._reader = asyncio.ensure_future(self._read())
-            await self._transport.send({"type": "policy", "policy": self.agent_view(self.policy)})
+            self._link = await AgentLink.attach(self.backend, timeout=self.start_timeout, log=self.log,
+                                                on_frame=self._on_frame, on_end=self._link_ended)
+            self.hello = self._link.hello
+            await self._link.send({"type": "policy", "policy": self.agent_view(self.policy)})
         except asyncio.TimeoutError:
             self.start_error = SandboxStartError(
                 f"the sandbox did not start within {self.start_timeout:.0f} s"
@@ -152,15 +139,9 @@ class Session:
             raise
 
     async def _teardown(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        if self._transport is not None:
-            try:
-                await self._transport.close()
-            except Exception:  # noqa: BLE001 - closing a dead stream
-                pass
-            self._transport = None
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
         await self.backend.stop()
         self.info = None
 
@@ -180,61 +161,19 @@ class Session:
         self.restarts += 1
         await self.ready()
 
-    # -- the reader ---------------------------------------------------------------
-    async def _read(self) -> None:
-        """The one reader of the agent's frames. A frame it cannot decode or check is a
-        protocol error that ends the link (see protocol.py): the cell gets a plain message
-        and the next cell a fresh sandbox. It never dies silently and never starves the
-        event loop (a flood yields to other tasks every :data:`READER_BATCH` frames)."""
-        transport = self._transport
-        assert transport is not None
-        handled = 0
-        while True:
-            try:
-                frame = await transport.recv()
-                if frame is not None:
-                    protocol.check_agent_frame(frame)
-            except protocol.FrameError as err:
-                self.log.warning("protocol error from the sandbox: %s", err)
-                self.broken = f"the sandbox broke the protocol ({err}), so it was stopped"
-                break
-            except (ConnectionError, OSError) as err:
-                self.log.warning("stream to the sandbox failed: %s", err)
-                frame = None
-            except Exception as err:  # noqa: BLE001 - a reader that dies silently wedges every cell
-                self.log.error("reading from the sandbox failed", exc_info=True)
-                self.broken = f"reading from the sandbox failed ({type(err).__name__}), so it was stopped"
-                break
-            if frame is None:
-                break
-            kind = frame["type"]
-            if kind == "blocked":
-                # only the backend may speak for the enforcer; the agent is guard or watcher
-                frame.pop("source", None)
-                frame["source"] = _source(frame)
-            if kind in ("reply", "pong"):
-                fut = self._replies.pop(frame.get("id"), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(frame)
-            else:
-                if kind == "done" and frame.get("id") == self._fid and self._is_real_done(frame):
-                    self._answered = True
-                self._to_cell(frame)
-            handled += 1
-            if handled % READER_BATCH == 0:
-                await asyncio.sleep(0)
-        self._link_ended()
+    # -- the agent's frames -----------------------------------------------------------
+    def _on_frame(self, frame: dict) -> None:
+        """Each checked frame from the agent (called by the link's reader, in order)."""
+        kind = frame["type"]
+        if kind in ("reply", "pong"):
+            return  # nobody waits for it (any more)
+        if kind == "done" and frame.get("id") == self._fid and self._link is not None and self._link.real_done(frame):
+            self._answered = True
+        self._to_cell(frame)
 
-    def _link_ended(self) -> None:
-        """The agent is gone (or the link broken): fail everything that waits on it."""
-        for fut in self._replies.values():
-            if not fut.done():
-                fut.set_exception(SandboxCrashed("the sandbox stopped"))
-        self._replies.clear()
+    def _link_ended(self, link: AgentLink) -> None:
+        """The agent is gone (or the link broken): the running cell ends."""
         self._to_cell(_END)
-
-    def _is_real_done(self, frame: dict) -> bool:
-        return _same_nonce(frame.get("nonce"), self._nonce)
 
     def _to_cell(self, frame) -> None:
         if self._cell is not None:
@@ -243,7 +182,7 @@ class Session:
         if frame is _END or not isinstance(frame, dict):
             return
         if frame.get("type") == "blocked":
-            self.on_blocked(frame.get("record"), _source(frame))
+            self.on_blocked(frame.get("record"), frame["source"])
         # kept for the next cell: output of code that outlived its cell, or that wrote a
         # false ``done`` (bounded: a flood between cells costs a count, not memory)
         self._keep_late(frame)
@@ -256,15 +195,8 @@ class Session:
     async def request(self, frame: dict, timeout: float = 10.0) -> dict:
         """Send a request that gets one ``reply`` (complete, inspect, is_complete)."""
         await self.ready()
-        assert self._transport is not None
-        fid = f"r{next(self._ids)}"
-        fut = asyncio.get_running_loop().create_future()
-        self._replies[fid] = fut
-        try:
-            await self._transport.send({**frame, "id": fid})
-            reply = await asyncio.wait_for(fut, timeout)
-        finally:
-            self._replies.pop(fid, None)
+        assert self._link is not None
+        reply = await self._link.request(frame, timeout)
         content = reply.get("content")
         if not isinstance(content, dict):
             raise ProtocolError("the agent's reply has no content")
@@ -279,12 +211,8 @@ class Session:
         cell = self._cell
         if cell is not None and self.interrupt_timeout > 0 and (self._watchdog is None or self._watchdog.done()):
             self._watchdog = asyncio.ensure_future(self._escalate(cell))
-        if self._transport is not None:
-            try:
-                await self._transport.send({"type": "interrupt"})
-                return  # one interrupt: a second would hit the cell's own clean-up
-            except (ConnectionError, OSError):
-                pass
+        if self._link is not None and await self._link.send_quietly({"type": "interrupt"}):
+            return  # one interrupt: a second would hit the cell's own clean-up
         await self.backend.interrupt()  # the in-band frame could not be sent
 
     async def _escalate(self, cell: asyncio.Queue) -> None:
@@ -292,31 +220,22 @@ class Session:
         if self._cell is not cell or self._answered:
             return
         self.log.warning("the sandbox did not answer an interrupt within %g s: stopping it", self.interrupt_timeout)
-        self.broken = (f"the sandbox did not answer an interrupt within {self.interrupt_timeout:g} s, "
-                       "so it was stopped")
-        if self._reader is not None:
-            self._reader.cancel()
-        self._link_ended()
+        if self._link is not None:
+            self._link.abort(f"the sandbox did not answer an interrupt within {self.interrupt_timeout:g} s, "
+                             "so it was stopped")
 
     async def apply_policy(self, policy: Any) -> dict:
         """Enforce a new policy (atomic in the backend), then tell the agent about it."""
         details = await self.backend.apply_policy(policy)
         self.policy = policy
-        if self._transport is not None:
-            try:
-                await self._transport.send({"type": "policy", "policy": self.agent_view(policy)})
-            except (ConnectionError, OSError):
-                pass
+        await self.tell_policy()
         return details
 
     async def tell_policy(self) -> None:
         """Send the agent its view of the policy in force again (learn mode changes what the
         guard reports), without touching the enforcer."""
-        if self._transport is not None:
-            try:
-                await self._transport.send({"type": "policy", "policy": self.agent_view(self.policy)})
-            except (ConnectionError, OSError):
-                pass
+        if self._link is not None:
+            await self._link.send_quietly({"type": "policy", "policy": self.agent_view(self.policy)})
 
     async def execute(self, code: str, sink: CellSink, *, silent: bool = False,
                       store_history: bool = True, user_expressions: dict | None = None,
@@ -333,21 +252,19 @@ class Session:
                                 f"send to the sandbox is {protocol.MAX_FRAME // 2**20} MB: load big data from a file")
         started = time.perf_counter()
         await self.ready()
-        assert self._transport is not None
+        link = self._link
+        assert link is not None
         fid = f"c{next(self._ids)}"
-        nonce = secrets.token_hex(16)
         cell: asyncio.Queue = asyncio.Queue()
         late = self._take_late() if not silent else []
-        self._cell, self._fid, self._nonce, self._answered = cell, fid, nonce, False
+        self._cell, self._fid, self._answered = cell, fid, False
         forged = 0
         try:
             for frame in late:
                 sink.on_event(frame)
-            await self._transport.send({
-                "type": "execute", "id": fid, "nonce": nonce, "code": code, "silent": silent,
-                "store_history": store_history, "user_expressions": user_expressions or {},
-                "allow_stdin": allow_stdin, "execution_count": execution_count,
-            })
+            await link.execute(fid, code, silent=silent, store_history=store_history,
+                               user_expressions=user_expressions or {}, allow_stdin=allow_stdin,
+                               execution_count=execution_count)
             told_late = False
             while True:
                 frame = await cell.get()
@@ -363,19 +280,17 @@ class Session:
                         told_late = True
                         sink.on_event({"type": "late", "id": frame.get("id"), "reason": "after_done"})
                     if kind == "done":
-                        sink.on_event({"type": "late_done", "id": frame.get("id"), "real": self._done_matches(frame)})
+                        sink.on_event({"type": "late_done", "id": frame.get("id"), "real": link.real_done(frame)})
                         continue
                     if kind != "input_request":
                         sink.on_event({**frame, "late": True})
                         continue
                 elif kind == "done" and frame.get("id") == fid:
-                    if not _same_nonce(frame.get("nonce"), nonce):
+                    if not link.real_done(frame):
                         forged += 1  # not the agent's: the cell goes on until the real one
                         sink.on_event({"type": "forged_done"})
                         continue
                     self._ended.append(fid)
-                    self._done_nonces = {i: self._done_nonces[i] for i in self._ended if i in self._done_nonces}
-                    self._done_nonces[fid] = nonce
                     self.backend.drain_blocked()
                     while not cell.empty():  # what the enforcer logged before the cell ended
                         late_frame = cell.get_nowait()
@@ -403,16 +318,16 @@ class Session:
             return result
         finally:
             if self._cell is cell:
-                self._cell, self._fid, self._nonce = None, None, None
+                self._cell, self._fid = None, None
             if self._watchdog is not None and not self._watchdog.done():
                 self._watchdog.cancel()
 
-    def _done_matches(self, frame: dict) -> bool:
-        """Whether a ``done`` for an ended cell carries that cell's nonce (the agent's real end
-        after an early ``done`` that had it too) rather than being one more forgery."""
-        return _same_nonce(frame.get("nonce"), self._done_nonces.get(frame.get("id")))
-
     def _keep_late(self, frame: dict) -> None:
+        if frame.get("type") == "done":
+            # judged now, by the link that sent its cell: the agent's real end after an early
+            # ``done`` that had the nonce too, or one more forgery
+            frame = {"type": "late_done", "id": frame.get("id"),
+                     "real": self._link is not None and self._link.real_done(frame)}
         size = _frame_size(frame)
         if len(self._late) < LATE_FRAMES and self._late_bytes + size <= LATE_BYTES:
             self._late.append(frame)
@@ -427,11 +342,7 @@ class Session:
         frames, dropped = self._late, self._late_dropped
         self._late, self._late_bytes, self._late_dropped = [], 0, 0
         out: list = [{"type": "late", "id": None, "reason": "between_cells", "dropped": dropped}]
-        for frame in frames:
-            if frame.get("type") == "done":
-                out.append({"type": "late_done", "id": frame.get("id"), "real": self._done_matches(frame)})
-            else:
-                out.append({**frame, "late": True})
+        out += [frame if frame["type"] == "late_done" else {**frame, "late": True} for frame in frames]
         return out
 
     async def _answer_input(self, frame: dict, sink: CellSink) -> None:
@@ -444,8 +355,8 @@ class Session:
             value = None
         finally:
             self._input_task = None
-        if self._transport is not None:
-            await self._transport.send({"type": "input_reply", "id": frame.get("id"), "value": value})
+        if self._link is not None:
+            await self._link.send({"type": "input_reply", "id": frame.get("id"), "value": value})
 
     async def _crashed(self, started: float) -> CellResult:
         reason = self.broken or await self.backend.exit_reason()
@@ -464,23 +375,6 @@ def _policy_dict(policy: Any) -> dict:
     if hasattr(policy, "to_dict"):
         return policy.to_dict()
     return dict(policy)
-
-
-def _source(frame: dict) -> str:
-    """Who reported a blocked connection: the enforcer (set by us), else the agent's guard
-    or watcher (told apart by verdict; the agent's word is never taken for 'enforcer')."""
-    if frame.get("source") == "enforcer":
-        return "enforcer"
-    record = frame.get("record")
-    verdict = record.get("verdict") if isinstance(record, dict) else None
-    return "guard" if verdict == "guarded" else "watcher"
-
-
-def _same_nonce(sent, nonce: str | None) -> bool:
-    """Whether a frame's ``nonce`` (any JSON value from the sandbox) is ``nonce``."""
-    if nonce is None or not isinstance(sent, str):
-        return False
-    return secrets.compare_digest(sent.encode("utf-8", "surrogatepass"), nonce.encode("ascii"))
 
 
 def _frame_size(frame: dict) -> int:

@@ -134,3 +134,21 @@ def test_the_kernel_module_does_not_look_for_its_panels_in_sys_modules():
     for name in ["kernel", *UI]:
         source = (PACKAGE / f"{name}.py").read_text()
         assert "sys.modules" not in source, name
+
+
+def test_one_agent_link_below_the_session_and_the_hub_service():
+    # Issue 16, knot 1: the hub's Manager had its own copy of the Session's handshake and reader.
+    graph = import_graph()
+    assert "sandbox_kernel.agentlink" in graph["sandbox_kernel.session"]
+    assert "sandbox_kernel.agentlink" in graph["sandbox_kernel.hub.manager"]
+    # the link knows neither of its users; the service knows nothing of the kernel's side
+    forbidden = {"sandbox_kernel.agentlink": "sandbox_kernel.hub",
+                 "sandbox_kernel.hub.manager": "sandbox_kernel.hub.backend"}
+    for module, prefix in forbidden.items():
+        above = {m for m in reaches(graph, module)
+                 if m in ("sandbox_kernel.session", "sandbox_kernel.kernel") or m.startswith(prefix)}
+        assert not above, (module, sorted(above))
+    # the sandbox's side of the protocol imports nothing but itself (it runs as sandbox_agent)
+    for name, targets in graph.items():
+        if name.startswith("sandbox_kernel.agent.") and name != "sandbox_kernel.agent.bundle":
+            assert all(t.startswith("sandbox_kernel.agent") for t in targets), (name, targets)

@@ -25,8 +25,9 @@ import os
 import socket
 import sys
 import threading
-import time
 from typing import Callable
+
+from .protocol import BlockedRecord, ProcessInfo, blocked_record
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
@@ -39,7 +40,8 @@ _witnessing = threading.local()
 class Guard:
     """Decides, advisorily, whether the policy allows a destination; reports refusals."""
 
-    def __init__(self, report: Callable[[dict], None], reached: Callable[[dict], None] | None = None):
+    def __init__(self, report: Callable[[BlockedRecord], None],
+                 reached: Callable[[BlockedRecord], None] | None = None):
         self._report = report
         self._reached = reached  # learn mode: connections let through, when the policy asks
         self._policy: dict = {"mode": "deny", "label": "default-deny", "allow": [], "blocked": []}
@@ -180,25 +182,16 @@ class Guard:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
             if any(addr in net for net in LOOPBACK) or (port == 53 and str(addr) == self._policy.get("resolver")):
                 return
-            now = time.time()
-            self._reached({"host": self._resolved.get(ip), "ip": ip, "port": port, "protocol": proto,
-                           "verdict": "allowed", "process": {"name": _process_name(), "pid": os.getpid()},
-                           "first_seen": now, "last_seen": now, "count": 1})
+            self._reached(blocked_record(host=self._resolved.get(ip), ip=ip, port=port, protocol=proto,
+                                         verdict="allowed", process=_this_process()))
         except Exception:  # noqa: BLE001 - reporting must never change the outcome
             pass
 
     def _refuse(self, host, ip, port, proto, lookup: bool = False) -> None:
         __tracebackhide__ = True  # noqa: F841
-        now = time.time()
-        record = {
-            "host": host, "ip": ip, "port": port, "protocol": proto, "verdict": "guarded",
-            "process": {"name": _process_name(), "pid": os.getpid()},
-            "first_seen": now, "last_seen": now, "count": 1,
-        }
-        if ip is not None and isinstance(port, int):
-            attempt = witness(ip, port, proto)
-            if attempt is not None:
-                record["attempt"] = attempt
+        attempt = witness(ip, port, proto) if ip is not None and isinstance(port, int) else None
+        record = blocked_record(host=host, ip=ip, port=port, protocol=proto, verdict="guarded",
+                                process=_this_process(), attempt=attempt)
         try:
             self._report(record)
         except Exception:  # noqa: BLE001 - reporting must never change the outcome
@@ -250,6 +243,10 @@ def _int(value):
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _this_process() -> ProcessInfo:
+    return {"name": _process_name(), "pid": os.getpid()}
 
 
 def _process_name() -> str:

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Callable
 
+from .protocol import BlockedRecord, ProcessInfo, blocked_record
+
 INTERVAL = 0.1
 SYN_SENT = "02"
 
@@ -65,7 +67,7 @@ def active_opens(path: str = "/proc/net/snmp") -> int | None:
         return None
 
 
-def owner_of(inode: str) -> dict | None:
+def owner_of(inode: str) -> ProcessInfo | None:
     """The process holding socket ``inode`` (name and pid), if it can be seen."""
     target = f"socket:[{inode}]"
     for pid in os.listdir("/proc"):
@@ -88,7 +90,7 @@ def owner_of(inode: str) -> dict | None:
 class Watcher(threading.Thread):
     """Reports sockets stuck in SYN_SENT longer than ``threshold`` seconds."""
 
-    def __init__(self, report: Callable[[dict], None], threshold: float = 0.5,
+    def __init__(self, report: Callable[[BlockedRecord], None], threshold: float = 0.5,
                  host_of: Callable[[str], str | None] = lambda ip: None):
         super().__init__(name="sandbox-netwatch", daemon=True)
         self._report = report
@@ -125,9 +127,7 @@ class Watcher(threading.Thread):
             if inode in self._reported or now - first < self.threshold:
                 continue
             self._reported.add(inode)
-            self._report({
-                "host": self._host_of(ip), "ip": ip, "port": port, "protocol": "tcp",
-                "verdict": "dropped", "process": owner_of(inode),
-                "first_seen": first, "last_seen": now, "count": 1,
-            })
+            self._report(blocked_record(host=self._host_of(ip), ip=ip, port=port, protocol="tcp",
+                                        verdict="dropped", process=owner_of(inode),
+                                        first_seen=first, last_seen=now))
 

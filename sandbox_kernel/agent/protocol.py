@@ -22,7 +22,8 @@ Agent → kernel
 ``clear_output``   {id, wait}
 ``error``          {id, ename, evalue, traceback: [str]}
 ``input_request``  {id, prompt, password}
-``blocked``        {id, record} — a connection the guard or watcher saw blocked
+``blocked``        {id, record} — a connection the guard or watcher saw blocked (``record``: a
+                   :class:`BlockedRecord`; the kernel decides the ``source``, never the agent)
 ``reached``        {id, record} — learn mode, when the kernel asks (``report_allowed`` in the
                    policy): a connection the guard let through
 ``done``           {id, nonce, status: ok|error, exit_status, duration_ms, execution_count,
@@ -46,6 +47,12 @@ Kernel → agent
 ``shutdown``       {}
 ``resume``         {client, since} — a client's first frame (socket channel only)
 
+Sandbox service → kernel (hub mode only; the agent cannot send these: its frames are decoded
+against :data:`AGENT_TYPES`)
+--------------------------------------------------------------------------------------------
+``hub_enforcer_blocked`` {record} — a record of the sandbox's enforcer (NFLOG, DNS proxy)
+``hub_policy``           {policy, reason} — the policy an administrator's ceiling imposed
+
 Sequence numbers (socket channel only, i.e. Kubernetes exec): agent frames carry ``seq``,
 and ``done``/``reply``/``pong`` also ``ack`` (the highest kernel ``seq`` processed); kernel
 frames carry ``seq`` too, numbered per client (``client`` in ``resume``: one per transport).
@@ -66,6 +73,8 @@ command (``!cmd``, ``%%bash``) that command's exit status.
 from __future__ import annotations
 
 import json
+import time
+from typing import TypedDict
 
 VERSION = 2  # 2: execute/done carry the cell's nonce
 MAX_FRAME = 16 * 1024 * 1024
@@ -87,6 +96,10 @@ AGENT_TYPES = frozenset(
         "pong",
     }
 )
+#: frames only the hub's sandbox service makes (see above)
+ENFORCER_FRAME = "hub_enforcer_blocked"
+POLICY_FRAME = "hub_policy"
+SERVICE_TYPES = frozenset({ENFORCER_FRAME, POLICY_FRAME})
 KERNEL_TYPES = frozenset(
     {
         "execute",
@@ -173,3 +186,58 @@ def check_agent_frame(frame: dict) -> dict:
     if frame["type"] == "error" and not all(isinstance(line, str) for line in frame["traceback"]):
         raise FrameError("error frame: traceback lines must be strings")
     return frame
+
+
+# -- the blocked-connection record ---------------------------------------------------------
+#: how a connection was stopped: refused by the enforcer, dropped (the enforcer's silent drop,
+#: or the watcher's SYN that got no answer), or failed at once by the guard
+VERDICTS = ("rejected", "dropped", "guarded")
+#: the protocols a record may name ("dns": a lookup the DNS proxy refused)
+RECORD_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "sctp", "dns")
+
+
+class ProcessInfo(TypedDict):
+    """The sandbox process behind a connection (either field may be unknown)."""
+
+    name: str | None
+    pid: int | None
+
+
+class _RecordFields(TypedDict):
+    host: str | None
+    ip: str | None
+    port: int | None
+    protocol: str  # one of RECORD_PROTOCOLS
+    verdict: str  # one of VERDICTS; "allowed" in learn mode's reports of what got through
+    process: ProcessInfo | None
+    first_seen: float
+    last_seen: float
+    count: int
+
+
+class BlockedRecord(_RecordFields, total=False):
+    """One blocked (or, in learn mode, allowed) connection, as every reporter writes it: the
+    agent's guard and watcher (in ``blocked``/``reached`` frames), the local enforcer's log
+    (NFLOG), the DNS proxy, and the kernel. The notices read it (notices.py), and the hub
+    service audits it. A record from the sandbox is untrusted: readers check every field."""
+
+    #: one attempt's identity, so that two reporters of the same attempt count it once
+    attempt: str
+    #: learn mode, protocol "dns": the addresses the resolver answered
+    addresses: list
+
+
+def blocked_record(*, protocol: str, verdict: str, host: str | None = None, ip: str | None = None,
+                   port: int | None = None, process: ProcessInfo | None = None,
+                   first_seen: float | None = None, last_seen: float | None = None,
+                   attempt: str | None = None) -> BlockedRecord:
+    """A record of one attempt seen now (or at ``first_seen``/``last_seen``)."""
+    now = time.time()
+    first = now if first_seen is None else first_seen
+    record: BlockedRecord = {
+        "host": host, "ip": ip, "port": port, "protocol": protocol, "verdict": verdict, "process": process,
+        "first_seen": first, "last_seen": first if last_seen is None else last_seen, "count": 1,
+    }
+    if attempt is not None:
+        record["attempt"] = attempt
+    return record

@@ -114,13 +114,14 @@ class Backend(LoggingConfigurable):
     #: set by :meth:`exit_reason`: the agent's exit status when known (128+N for signal N)
     last_exit_status: int | None = None
 
-    #: set by the Session: called with a blocked-connection record whenever the enforcer
-    #: itself reports one (local: NFLOG). Records use the notice JSON field names.
-    blocked_sink: Callable[[dict], None] | None = None
+    #: set by the Session (or the hub service's Manager): called with a
+    #: :class:`~sandbox_kernel.agent.protocol.BlockedRecord` whenever the enforcer itself
+    #: reports one (local: NFLOG and the DNS proxy)
+    blocked_sink: Callable[[protocol.BlockedRecord], None] | None = None
     #: learn mode (sandbox_kernel/learn.py): where a backend that can see them reports the
     #: destinations its enforcer ALLOWED (verdict "allowed") and the names its resolver answered
     #: (protocol "dns", with "addresses"); None when nobody is learning
-    learn_sink: Callable[[dict], None] | None = None
+    learn_sink: Callable[[protocol.BlockedRecord], None] | None = None
 
     #: networks no policy may open (CIDR strings), set by the kernel or the hub service from
     #: the administrator's ceiling before :meth:`start`; the enforcer blocks them whatever

@@ -26,14 +26,13 @@ from tornado import httpclient, websocket
 from traitlets import Float, Unicode, default
 
 from ..agent import protocol
+from ..agent.protocol import ENFORCER_FRAME, POLICY_FRAME
 from ..errors import IsolationUnavailable, PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import CeilingRefused
 from ..policy.model import EgressPolicy
 from ..backends.base import Backend, Progress, SandboxInfo, Transport
 
-ENFORCER_FRAME = "hub_enforcer_blocked"
-POLICY_FRAME = "hub_policy"
-_FROM_SERVICE = protocol.AGENT_TYPES | {ENFORCER_FRAME, POLICY_FRAME}
+_FROM_SERVICE = protocol.AGENT_TYPES | protocol.SERVICE_TYPES
 
 
 class ServiceError(SandboxError):

@@ -31,8 +31,9 @@ from typing import Any, Awaitable, Callable
 
 from traitlets import TraitError
 
-from ..agent import protocol
-from ..backends.base import Backend, Transport
+from ..agent.protocol import ENFORCER_FRAME, POLICY_FRAME, BlockedRecord
+from ..agentlink import AgentLink
+from ..backends.base import Backend
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import AdminPolicy, CeilingRefused, agent_view
 from ..policy.model import EgressPolicy
@@ -45,9 +46,6 @@ BASE_ONLY_KEYS = ("always_blocked", "cluster_ranges")
 #: frames a sandbox that nobody is attached to keeps for the next attach
 BACKLOG = 2000
 PROGRESS_LINES = 100
-#: frames only the service creates (an agent frame with these types fails to decode)
-ENFORCER_FRAME = "hub_enforcer_blocked"
-POLICY_FRAME = "hub_policy"
 
 RUNNING = ("starting", "running")
 
@@ -109,9 +107,8 @@ class Sandbox:
     #: follows by this count, so a long start's newest lines still reach it)
     progress_count: int = 0
     backend: Backend | None = None
-    transport: Transport | None = None
-    hello: dict | None = None
-    reader: asyncio.Task | None = None
+    #: the link to the running agent (its greeting is what a subscriber gets first)
+    link: AgentLink | None = None
     subscriber: Any = None
     backlog: collections.deque = field(default_factory=lambda: collections.deque(maxlen=BACKLOG))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -172,6 +169,7 @@ class Manager:
             except (KeyError, PolicyError) as err:
                 log.error("state.json: sandbox %s is unreadable and dropped: %s", sid, err)
         self.closing = False
+        self._tasks: set[asyncio.Task] = set()
 
     def save(self) -> None:
         self.store.save({"ceilings": self.ceilings, "groups": self.user_groups,
@@ -411,7 +409,7 @@ class Manager:
 
     @staticmethod
     def _live(sb: Sandbox) -> bool:
-        return sb.state == "running" and sb.reader is not None and not sb.reader.done()
+        return sb.state == "running" and sb.link is not None and sb.link.alive
 
     async def _start_in_background(self, sb: Sandbox) -> None:
         async with sb.lock:
@@ -452,13 +450,10 @@ class Manager:
             info = await adopt_kubernetes(backend, sb) if adopt else None
             if info is None:
                 info = await backend.start(sb.kernel_id, sb.policy, progress)
-            transport = await backend.attach()
-            hello = await asyncio.wait_for(transport.recv(), self.start_timeout)
-            if not hello or hello.get("type") != "hello":
-                raise SandboxStartError(f"the agent did not start: {await backend.exit_reason()}")
-            if hello.get("version") != protocol.VERSION:
-                raise SandboxStartError(f"the agent speaks protocol {hello.get('version')!r}, "
-                                        f"the service {protocol.VERSION}")
+            link = await AgentLink.attach(
+                backend, timeout=self.start_timeout, log=self.log, speaker="the sandbox service",
+                name=f"sandbox {sb.id}", on_frame=lambda frame: self._from_agent(sb, backend, frame),
+                on_end=lambda link: self._later(self._agent_ended(sb, backend, link)))
         except BaseException as err:
             try:
                 await backend.stop()
@@ -471,49 +466,36 @@ class Manager:
             if isinstance(err, asyncio.TimeoutError):
                 raise SandboxStartError(f"the sandbox did not start within {self.start_timeout:.0f} s") from None
             raise
-        sb.transport, sb.hello, sb.state = transport, hello, "running"
+        sb.link, sb.state = link, "running"
         sb.ended = None
         if sb.subscriber is None:  # the kernel attaches next; one that never does is abandoned
             sb.detached_since = time.monotonic()
         if not adopt:
             sb.started = time.time()
         sb.details = jsonable(info.details)
-        sb.reader = asyncio.ensure_future(self._pump(sb, backend, transport))
         self._tell_agent(sb)
         self.save()
         self.audit.write("sandbox", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id,
                          action="adopt" if adopt else "start", result="accepted",
                          policy=sb.policy.to_dict(), backend=sb.backend_name)
 
-    async def _pump(self, sb: Sandbox, backend: Backend, transport: Transport) -> None:
-        """The one reader of a sandbox's agent: audit what is blocked, pass frames on."""
-        while True:
-            try:
-                frame = await transport.recv()
-                if frame is not None:
-                    protocol.check_agent_frame(frame)
-            except protocol.FrameError as err:
-                self.log.warning("sandbox %s: protocol error from the agent, dropped: %s", sb.id, err)
-                continue
-            except (ConnectionError, OSError) as err:
-                self.log.warning("sandbox %s: stream to the agent failed: %s", sb.id, err)
-                frame = None
-            if frame is None:
-                break
-            kind = frame["type"]
-            if kind == "hello":
-                continue  # a re-attach's greeting: the kernel already has the first one
-            if kind == "blocked":
-                record = frame.get("record") or {}
-                source = "guard" if record.get("verdict") == "guarded" else "watcher"
-                self._audit_blocked(sb, record, source)
-            if kind == "done":
-                backend.drain_blocked()  # enforcer records logged before the cell ended go first
-            self._deliver(sb, frame)
+    def _from_agent(self, sb: Sandbox, backend: Backend, frame: dict) -> None:
+        """Each checked frame of a sandbox's agent (its link's reader): audit what is
+        blocked, pass everything on to the kernel."""
+        kind = frame["type"]
+        if kind == "blocked":
+            self._audit_blocked(sb, frame["record"], frame["source"])
+        elif kind == "done":
+            backend.drain_blocked()  # enforcer records logged before the cell ended go first
+        self._deliver(sb, frame)
+
+    async def _agent_ended(self, sb: Sandbox, backend: Backend, link: AgentLink) -> None:
+        """The agent exited, or broke the protocol (then it is stopped here, as the kernel
+        stops a sandbox that does so): record why, tell the kernel, release the sandbox."""
         if self.closing or sb.backend is not backend or sb.state != "running":
             return
-        sb.exit_reason = await backend.exit_reason()
-        sb.exit_status = backend.last_exit_status
+        sb.exit_reason = link.broken or await backend.exit_reason()
+        sb.exit_status = None if link.broken else backend.last_exit_status
         sb.state, sb.ended = "exited", time.time()
         self.save()
         self.audit.write("sandbox", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id, action="exited",
@@ -525,11 +507,17 @@ class Manager:
             if sb.backend is backend and sb.state == "exited":
                 await self._halt(sb, "exited")
 
-    def _blocked(self, sb: Sandbox, record: dict, source: str) -> None:
+    def _later(self, coro) -> None:
+        """Run ``coro`` as a task the manager keeps until it is done."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _blocked(self, sb: Sandbox, record: BlockedRecord, source: str) -> None:
         self._audit_blocked(sb, record, source)
         self._deliver(sb, {"type": ENFORCER_FRAME, "record": record})
 
-    def _audit_blocked(self, sb: Sandbox, record: dict, source: str) -> None:
+    def _audit_blocked(self, sb: Sandbox, record: BlockedRecord, source: str) -> None:
         fields = {k: record.get(k) for k in ("host", "ip", "port", "protocol", "verdict", "process")}
         sb.blocked += 1
         self.audit.write("blocked", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id, source=source,
@@ -554,27 +542,20 @@ class Manager:
 
     def _tell_agent(self, sb: Sandbox) -> None:
         """The agent's guard learns the policy from the service, never from the kernel."""
-        if sb.transport is None or sb.state != "running":
+        if sb.link is None or sb.state != "running":
             return
         view = agent_view(sb.policy, self.ceiling_for(sb.user), sb.backend.applied)
-        asyncio.ensure_future(self._send_quietly(sb.transport, {"type": "policy", "policy": view}))
-
-    @staticmethod
-    async def _send_quietly(transport: Transport, frame: dict) -> None:
-        try:
-            await transport.send(frame)
-        except (ConnectionError, OSError):
-            pass
+        self._later(sb.link.send_quietly({"type": "policy", "policy": view}))
 
     # -- the stream ---------------------------------------------------------------------
     def subscribe(self, sb: Sandbox, subscriber: Any) -> None:
         """Attach an execution stream (the service's websocket): it gets the agent's hello,
         then what the sandbox said while nobody was attached, then everything live. A new
         stream replaces the previous one."""
-        if sb.state != "running" or sb.hello is None:
+        if sb.state != "running" or sb.link is None:
             raise NotRunning(f"sandbox {sb.id} is {sb.state}" + (f": {sb.exit_reason}" if sb.exit_reason else ""))
         self._close_subscriber(sb, "replaced by a newer connection")
-        subscriber.send(sb.hello)
+        subscriber.send(sb.link.hello)
         while sb.backlog:
             subscriber.send(sb.backlog.popleft())
         sb.subscriber, sb.detached_since = subscriber, None
@@ -588,9 +569,9 @@ class Manager:
         agent the policy itself."""
         if frame["type"] == "policy":
             return
-        if sb.transport is None or sb.state != "running":
+        if sb.link is None or sb.state != "running":
             raise NotRunning(f"sandbox {sb.id} is {sb.state}")
-        await sb.transport.send(frame)
+        await sb.link.send(frame)
 
     # -- policy ---------------------------------------------------------------------------
     async def apply_policy(self, sb: Sandbox, by: str, requested: Any) -> dict:
@@ -626,8 +607,8 @@ class Manager:
             return jsonable(details)
 
     async def interrupt(self, sb: Sandbox) -> None:
-        if sb.transport is not None and sb.state == "running":
-            await self._send_quietly(sb.transport, {"type": "interrupt"})
+        if sb.link is not None and sb.state == "running":
+            await sb.link.send_quietly({"type": "interrupt"})
             await sb.backend.interrupt()
 
     async def stop(self, sb: Sandbox, by: str) -> None:
@@ -649,17 +630,11 @@ class Manager:
         if state not in RUNNING:
             sb.ended = time.time()
         self._close_subscriber(sb, f"the sandbox was {state}")
-        reader, sb.reader = sb.reader, None
-        transport, sb.transport = sb.transport, None
+        link, sb.link = sb.link, None
         if backend is not None:
             await backend.stop()
-        if transport is not None:
-            try:
-                await transport.close()
-            except Exception:  # noqa: BLE001 - closing a dead stream
-                pass
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
+        if link is not None:
+            await link.close()
 
     # -- collection -------------------------------------------------------------------------
     async def collect(self, abandoned_after: float, keep_stopped: float) -> list[str]:
@@ -735,9 +710,9 @@ class Manager:
             state = sb.state
             if sb.backend_name == "kubernetes":
                 sb.backend = None  # leave the pod alone; just close our stream
-                if sb.transport is not None:
-                    await self._send_quietly(sb.transport, {"type": "ping", "id": "bye"})
-                    await sb.transport.close()
+                if sb.link is not None:
+                    await sb.link.send_quietly({"type": "ping", "id": "bye"})
+                    await sb.link.close()
                 self._close_subscriber(sb, "the sandbox service is restarting")
             else:
                 await self._halt(sb, state)

@@ -328,6 +328,35 @@ def test_an_interrupt_reaches_the_cell_once(kernels, service):
     assert "interrupts: 1" in sink.stdout(), sink.stdout()
 
 
+FORGE = ("import gc, os\n"
+         "channel = next(o for o in gc.get_objects() if type(o).__name__ == 'StdioChannel')\n"
+         "os.write(channel._out, {frame!r})\n"
+         "import time\n"
+         "time.sleep(60)\n")
+
+
+@pytest.mark.parametrize("frame", [
+    b"not json at all\n",  # the service's transport cannot decode it
+    b'{"type": "stream", "name": "stdout", "text": 42}\n',  # decodes, does not check
+], ids=["text", "field-type"])
+def test_a_protocol_error_from_the_sandbox_ends_it_and_the_next_cell_runs_fresh(kernels, service, frame):
+    # The service's reader dropped a bad frame and read on: the cell went on as if nothing had
+    # happened. As in the kernel, a sandbox that breaks the protocol is stopped and reported.
+    alice = kernels.open("alice")
+    sid = alice.backend.sandbox_id
+    assert kernels.execute(alice, "survivor = 1")[0].exit_status == 0
+    since = time.time()
+    result, _ = kernels.execute(alice, FORGE.format(frame=frame), timeout=40)
+    assert result.status == "error" and result.crashed, result
+    assert result.crashed.startswith("the sandbox broke the protocol ("), result.crashed
+    # the service stopped it and says why (in its record, which the kernel quoted, and its audit)
+    (exited,) = _events(service, since, sandbox=sid, action="exited")
+    assert exited["reason"] == result.crashed
+    # the next cell: a fresh sandbox
+    result, out = kernels.execute(alice, "print('survivor' in globals())")
+    assert result.exit_status == 0 and out.stdout().strip() == "False", out.frames
+
+
 def test_a_users_own_request_with_new_groups_conforms_their_sandboxes(spare_service, kernels_for, hub, test_host):
     """With no refresh schedule, the hub's identity on a user's own request is how the service
     learns that they joined a group with a ceiling: their running sandbox is conformed then,

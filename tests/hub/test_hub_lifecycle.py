@@ -128,7 +128,7 @@ asyncio.run(main(*sys.argv[1:]))
 def _cut(session) -> None:
     """Drop a kernel's stream as a network failure does: the TCP connection closes, no
     websocket close frame (HubTransport re-opens it, as after any dropped stream)."""
-    session._transport._ws.protocol.stream.close()
+    session.backend._transport._ws.protocol.stream.close()
 
 
 def test_kernels_idle_or_reconnecting_keep_their_sandboxes_and_killed_ones_are_collected(
@@ -190,9 +190,9 @@ def test_kernels_idle_or_reconnecting_keep_their_sandboxes_and_killed_ones_are_c
 
     # bob's connection is cut four times, 1.2 s apart: longer than the window in all, never without a kernel for long
     for _ in range(4):
-        before = flaky._transport._ws
+        before = flaky.backend._transport._ws
         _cut(flaky)
-        wait(lambda: flaky._transport._ws is not before, 10, "the kernel did not re-open its stream")
+        wait(lambda: flaky.backend._transport._ws is not before, 10, "the kernel did not re-open its stream")
         k.run(asyncio.sleep(1.2))
 
     wait(lambda: record(flooding_id)["state"] == "stopped", ABANDONED_AFTER + 10,

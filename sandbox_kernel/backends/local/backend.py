@@ -20,6 +20,7 @@ from traitlets import Bool, Enum, Integer, List, Unicode, default
 
 from ...agent import protocol
 from ...agent.bundle import build_pyz
+from ...agent.protocol import BlockedRecord
 from ...config import env_default
 from ...errors import IsolationUnavailable, PolicyError, SandboxStartError
 from ...policy.compile_nftables import LOG_PREFIX_ACCEPTED
@@ -361,7 +362,7 @@ class LocalBackend(Backend):
             record["process"] = process if isinstance(process, dict) else None
             self._report_blocked(record)
 
-    def _report_blocked(self, record: dict) -> None:
+    def _report_blocked(self, record: BlockedRecord) -> None:
         if self.blocked_sink is not None:
             self.blocked_sink(record)
 

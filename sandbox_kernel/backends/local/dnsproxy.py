@@ -27,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import time
 from typing import Any, Callable
 
+from ...agent.protocol import BlockedRecord, blocked_record
 from ...policy.compile_nftables import set_for_entry
 from ...policy.resolve import DNSFormatError, decode_name, parse_resolver, parse_response
 from .netns import in_netns
@@ -99,7 +99,8 @@ class DnsProxy(asyncio.DatagramProtocol):
     """Serves one sandbox. Created and closed by the local backend."""
 
     def __init__(self, *, policy: Callable[[], Any], upstream: str, add_addresses: Callable[[list[tuple[str, str]]], None],
-                 report: Callable[[dict], None], log, observe: Callable[[dict], None] | None = None,
+                 report: Callable[[BlockedRecord], None], log,
+                 observe: Callable[[BlockedRecord], None] | None = None,
                  screen: Any = None):
         self._policy = policy
         self._upstream = parse_resolver(upstream)
@@ -242,9 +243,9 @@ class DnsProxy(asyncio.DatagramProtocol):
             except DNSFormatError:
                 addresses = []
         if self._observe is not None:
-            now = time.time()
-            self._observe({"host": name, "ip": None, "port": None, "protocol": "dns", "verdict": "allowed",
-                           "addresses": addresses, "first_seen": now, "last_seen": now, "count": 1})
+            record = blocked_record(host=name, protocol="dns", verdict="allowed")
+            record["addresses"] = addresses
+            self._observe(record)
         if entries and addresses:
             addresses = self._screened(name, qtype, addresses)
             elements = [(set_for_entry(entry, a), a) for entry in entries for a in addresses]
@@ -266,19 +267,14 @@ class DnsProxy(asyncio.DatagramProtocol):
                 kept.append(address)
                 continue
             self._log.warning("DNS answer for %s: not opening %s: %s", name, address, why)
-            now = time.time()
-            self._report({"host": name, "ip": address, "port": None, "protocol": "dns", "verdict": "rejected",
-                          "process": None, "first_seen": now, "last_seen": now, "count": 1,
-                          "attempt": f"dns-screen:{name}:{address}"})
+            self._report(blocked_record(host=name, ip=address, protocol="dns", verdict="rejected",
+                                        attempt=f"dns-screen:{name}:{address}"))
         return kept
 
     def _refuse(self, query: bytes, name: str) -> bytes:
         """REFUSED for a name outside the policy, reported as a blocked lookup."""
         qid, _, qtype = parse_question(query)
-        now = time.time()
-        self._report({"host": name, "ip": None, "port": None, "protocol": "dns", "verdict": "rejected",
-                      "process": None, "first_seen": now, "last_seen": now, "count": 1,
-                      "attempt": f"dns:{qid}:{qtype}"})
+        self._report(blocked_record(host=name, protocol="dns", verdict="rejected", attempt=f"dns:{qid}:{qtype}"))
         return refused(query)
 
     async def _forward(self, query: bytes) -> bytes:

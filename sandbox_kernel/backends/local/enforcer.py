@@ -19,6 +19,7 @@ import asyncio
 import time
 from typing import Any, Callable
 
+from ...agent.protocol import BlockedRecord, blocked_record
 from ...errors import PolicyError
 from ...policy.compile_nftables import compile_nftables
 from ...policy.resolve import resolve_policy
@@ -108,18 +109,16 @@ class NftTable:
             self.learned.setdefault(name, set()).update(addrs)
 
 
-def enforcer_record(packet: nflog.LoggedPacket, verdict: str = "rejected") -> dict | None:
+def enforcer_record(packet: nflog.LoggedPacket, verdict: str = "rejected") -> BlockedRecord | None:
     """A logged packet as a blocked-connection record, or None for link-local noise
     (neighbour discovery, multicast) that no code asked for."""
     if packet.protocol == "icmpv6" or packet.dst.startswith(("ff", "224.", "239.")):
         return None
-    return {
-        "host": None, "ip": packet.dst, "port": packet.dport, "protocol": packet.protocol,
-        "verdict": verdict, "process": None, "first_seen": packet.at, "last_seen": packet.at,
-        "count": 1,
+    return blocked_record(
+        ip=packet.dst, port=packet.dport, protocol=packet.protocol, verdict=verdict, first_seen=packet.at,
         # a TCP attempt is one source port (retransmitted SYNs repeat it); UDP counts datagrams
-        "attempt": f"{packet.protocol}:{packet.sport}" if packet.protocol == "tcp" else None,
-    }
+        attempt=f"{packet.protocol}:{packet.sport}" if packet.protocol == "tcp" else None,
+    )
 
 
 class EnforcerLog:
