@@ -19,7 +19,7 @@ is re-attached without losing state.
 
 Every Kubernetes call is blocking in the official client, so each runs in a thread
 (``asyncio.to_thread``). Cluster credentials are loaded lazily on first use, never at
-import. :data:`REQUIRED_PERMISSIONS` lists every API call this module makes; the Helm
+import. :data:`REQUIRED_PERMISSIONS` lists every API call this package makes; the Helm
 chart's RBAC and the tests check against it.
 
 The package's modules: ``backend.py`` (``KubernetesBackend``: configuration, start, policy
@@ -28,8 +28,9 @@ errors and the mapping of API errors to them), ``permissions.py`` (:data:`REQUIR
 ``start.py`` (start tracking), ``watch.py`` (watches in threads), ``transport.py`` (the exec
 stream), ``cleanup.py`` (the orphan sweep), ``objects.py`` and ``slug.py`` (pure builders of
 the objects and names), ``doctor.py`` (``sandbox-kernel doctor --backend kubernetes``).
-The names below are imported on first use, so no module of the package imports this one's
-imports and ``import sandbox_kernel.backends.kubernetes`` loads nothing else.
+The names below are imported on first use: ``import sandbox_kernel.backends.kubernetes``
+loads nothing else, and the package's modules may import one another through it without a
+cycle.
 """
 
 from __future__ import annotations
