@@ -251,7 +251,13 @@ class KubernetesBackend(ApiAccess, Backend):
             progress("Scheduling…")
             await self._wait_ready(pod["metadata"]["resourceVersion"], progress)
         except BaseException:
-            await self.stop()
+            try:
+                await self.stop()
+            except SandboxError as cleanup:
+                # the cause of the failed start is what the user must see, not a refusal
+                # met while cleaning up after it (an identity that may not start a sandbox
+                # may not delete its objects either)
+                self.log.warning("cleaning up after the failed start of %s failed: %s", self.pod, cleanup)
             raise
         self._info = SandboxInfo(self.name, self.pod, {
             "namespace": self.namespace, "pod": self.pod, "image": self.image,

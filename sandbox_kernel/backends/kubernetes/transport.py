@@ -21,7 +21,7 @@ class _ExecWriter:
     While the transport re-attaches after a dropped stream, a send waits for the new
     stream (up to ``REATTACH_WAIT`` s) instead of failing."""
 
-    REATTACH_WAIT = 15.0
+    REATTACH_WAIT = 65.0  # ExecTransport.REATTACH_FOR, and a little
 
     def __init__(self, ws):
         self.ws = ws
@@ -73,7 +73,9 @@ class ExecTransport(LineTransport):
     StreamReader with whole lines only; the channel-3 status is kept as :attr:`status`
     when the exec ends. When the stream is cut without a status (a load balancer, an API
     server restart, a network blip) and ``alive()`` says the pod still runs, the thread
-    re-attaches with ``reopen()`` (up to :attr:`MAX_REATTACH` tries): the agent is the
+    re-attaches with ``reopen()`` (at least :attr:`MAX_REATTACH` tries, and for up to
+    :attr:`REATTACH_FOR` s while the API server cannot answer or refuses: a restarting one
+    is down for seconds, then refuses until its RBAC caches are filled): the agent is the
     pod's main process and keeps the interpreter. Frames are numbered both ways (see
     agent/protocol.py): the new stream opens with ``resume {since}`` and the frames the
     agent has not acknowledged are sent again, the agent replays what it wrote after
@@ -85,6 +87,7 @@ class ExecTransport(LineTransport):
     """
 
     MAX_REATTACH = 5
+    REATTACH_FOR = 60.0
     #: kernel frames kept for resending until the agent acknowledges them
     MAX_UNACKED = 4096
 
@@ -176,8 +179,13 @@ class ExecTransport(LineTransport):
             return False
         writer = self._writer
         writer.reattaching.set()
+        deadline = time.monotonic() + self.REATTACH_FOR
+        attempt = -1
         try:
-            for attempt in range(self.MAX_REATTACH):
+            while True:
+                attempt += 1
+                if attempt >= self.MAX_REATTACH and time.monotonic() > deadline:
+                    return False
                 if writer.closed:
                     return False
                 try:
@@ -198,7 +206,6 @@ class ExecTransport(LineTransport):
                 self.reattached += 1
                 self.log.warning("the exec stream to the sandbox dropped; re-attached (%d)", self.reattached)
                 return True
-            return False
         finally:
             writer.reattaching.clear()
 

@@ -24,7 +24,8 @@ class _Watch:
     * an ERROR event or a 410 Gone (the resourceVersion was compacted away): list again,
       emit what the list shows (a pod that is gone as ``DELETED``), and watch from the
       list's resourceVersion;
-    * the connection failing (the API server is down for a moment): retry with backoff
+    * the connection failing (the API server is down for a moment), a 5xx, or a 429 (a
+      restarted server refuses watches until its cache is filled): retry with backoff
       for :attr:`UNREACHABLE_FOR` s, then report KubernetesUnavailable.
 
     Any other error event or status is reported as the typed error :func:`_api_error`
@@ -40,6 +41,7 @@ class _Watch:
         self.func, self.args = func, args
         self.field_selector, self.resource_version, self.timeout_seconds = field_selector, resource_version, timeout_seconds
         self.rewatches = self.relists = 0
+        self.allowed_once = False  # a watch was opened (the identity may watch)
         self._stopped = threading.Event()
         self._resp = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"sandbox-watch-{source}")
@@ -75,13 +77,15 @@ class _Watch:
 
         failing_since: float | None = None
         while not self._stopped.is_set():
+            refused = None  # a 403 being retried
             try:
                 outcome = self._watch_once()
                 failing_since = None
             except ApiException as err:
+                refused = err if err.status == 403 else None
                 if err.status == 410:
                     outcome = "gone"
-                elif err.status == 0 or err.status >= 500:
+                elif _retryable(err.status) or self._refused_after_allowed(err):
                     outcome = f"failed: {err.status} {err.reason}"
                 else:
                     self._error(_api_error(err, "watch", self.resource, self.namespace))
@@ -99,9 +103,10 @@ class _Watch:
                 try:
                     self._relist()
                 except ApiException as err:
-                    if err.status and err.status < 500:
+                    if not (_retryable(err.status) or self._refused_after_allowed(err)):
                         self._error(_api_error(err, "list", self.resource, self.namespace))
                         return
+                    refused = err if err.status == 403 else None
                     outcome = f"failed: {err.status} {err.reason}"
                 except Exception as err:  # noqa: BLE001 - as above
                     outcome = f"failed: {err}"
@@ -109,12 +114,22 @@ class _Watch:
                 now = time.monotonic()
                 failing_since = failing_since if failing_since is not None else now
                 if now - failing_since > self.UNREACHABLE_FOR:
-                    self._error(KubernetesUnavailable(f"watching {self.resource} failed for "
-                                                      f"{self.UNREACHABLE_FOR:.0f} s: {outcome[8:]}"))
+                    if refused is not None:  # still refused: the identity lost the right
+                        self._error(_api_error(refused, "watch", self.resource, self.namespace))
+                    else:
+                        self._error(KubernetesUnavailable(f"watching {self.resource} failed for "
+                                                          f"{self.UNREACHABLE_FOR:.0f} s: {outcome[8:]}"))
                     return
                 self._stopped.wait(min(0.2 * 2 ** min(int(now - failing_since), 4), 2.0))
             else:
                 self.rewatches += 1
+
+    def _refused_after_allowed(self, err) -> bool:
+        """A 403 for a watch this identity was allowed to open a moment ago: a restarting
+        API server serves before its RBAC caches are filled and refuses meanwhile (seen on
+        the test cluster: 'clusterrole … not found' for every role), so it is retried like
+        an unreachable server; one that lasts :attr:`UNREACHABLE_FOR` s is reported."""
+        return err.status == 403 and self.allowed_once
 
     def _watch_once(self) -> str:
         """One watch request from :attr:`resource_version`; returns "closed" (clean end) or
@@ -127,6 +142,7 @@ class _Watch:
         self._resp = resp
         try:
             _check_status(resp)
+            self.allowed_once = True
             for event in _json_lines(resp):
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
@@ -134,7 +150,7 @@ class _Watch:
                         return "gone"
                     err = ApiException(status=obj.get("code") or 500, reason=obj.get("reason", ""))
                     err.body = json.dumps(obj)
-                    if err.status >= 500:
+                    if _retryable(err.status):
                         raise err
                     raise _WatchError(_api_error(err, "watch", self.resource, self.namespace))
                 version = (obj.get("metadata") or {}).get("resourceVersion")
@@ -165,6 +181,13 @@ class _Watch:
         if not items and self.source == "pod":
             self._put((self.source, "DELETED", {}))
         self.resource_version = (listed.get("metadata") or {}).get("resourceVersion") or self.resource_version
+
+
+def _retryable(status: int | None) -> bool:
+    """A watch or list answer to retry: no answer (0), a 5xx, or 429 — which a restarting
+    API server sends ("storage is (re)initializing", Retry-After) until its watch cache is
+    filled again, after its port already accepts connections."""
+    return not status or status >= 500 or status == 429
 
 
 class _WatchError(Exception):
