@@ -27,6 +27,7 @@ from kerneltest import CONNECT, KernelDriver
 from realcluster import (CHART_NAMESPACE, CLUSTER_RANGES, GC_SA, HELM, KERNEL_SA, SANDBOX_IMAGE, admin_client, delete_namespace, may,
                          pods, service_account_kubeconfig, wait_for, whoami)
 
+from sandbox_kernel.errors import SandboxStartError
 from sandbox_kernel.notices import NOTICE_MIME
 
 pytestmark = pytest.mark.cluster
@@ -926,7 +927,7 @@ def test_start_failures_say_what_happened(cluster_admin, kernel_kubeconfig, case
             await first.stop()
 
     expected = {"image": kb.ImagePullFailed, "unschedulable": kb.Unschedulable, "quota": kb.QuotaExceeded,
-                "timeout": kb.SandboxStartError}[case]
+                "timeout": SandboxStartError}[case]
     try:
         with pytest.raises(expected) as err:
             asyncio.run(main())
