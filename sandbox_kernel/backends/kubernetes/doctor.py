@@ -495,8 +495,6 @@ class _Doctor:
                               "Whether nodes can pull it shows only when a pod starts")
 
     def namespace(self) -> None:
-        from .slug import user_namespace
-
         try:
             ns = user_namespace(self.backend.user, self.backend.namespace_template)
         except SandboxError as err:
