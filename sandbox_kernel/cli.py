@@ -61,7 +61,7 @@ def doctor(config=None) -> int:
     print(f"  sandbox uid:         {backend.uid}")
     uplink = shutil.which("slirp4netns")
     if uplink and backend.rootless:
-        from .backends.rootless import tun_usable
+        from .backends.local.rootless import tun_usable
 
         if not tun_usable() and not tun_usable(backend.tun_device):
             uplink = None
@@ -71,7 +71,7 @@ def doctor(config=None) -> int:
     if uplink or not backend.rootless:
         print(f"  uplink (allowlist):  {uplink or 'slirp4netns missing: apt-get install slirp4netns (needed for allowlisted egress)'}")
     if backend.rootless:
-        from .backends import limits
+        from .backends.local import limits
 
         summary = limits.rootless_summary(limits.parse_size(backend.memory_limit), backend.pids_limit,
                                           limits.parse_size(backend.tmp_size), limits.parse_size(backend.work_size))
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if backend == "kubernetes":
             if args.command == "doctor":
                 from .backends.kubernetes import KubernetesBackend
-                from .doctor_k8s import main as doctor_k8s
+                from .backends.kubernetes.doctor import main as doctor_k8s
 
                 return doctor_k8s(KubernetesBackend(config=config))
             from .backends.kubernetes import gc_command

@@ -24,7 +24,7 @@ def _processes_of(namespaces: set[str]) -> set[int]:
                 cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if ("slirp4netns" in cmdline or "sandbox_kernel.backends.enforcerlog" in cmdline) and any(
+            if ("slirp4netns" in cmdline or "sandbox_kernel.backends.local.enforcerlog" in cmdline) and any(
                     f"/run/netns/{ns}" in cmdline for ns in namespaces):
                 pids.add(int(proc.name))
     return pids
@@ -133,7 +133,8 @@ def test_gc_takes_a_zombie_kernel_for_dead(tmp_path):
     import json
     import sys
 
-    from sandbox_kernel.backends.local import _owner_alive, _proc_start_time
+    from sandbox_kernel.backends.local.cleanup import _owner_alive
+    from sandbox_kernel.backends.local.layout import proc_start_time as _proc_start_time
 
     def owner_file(name: str, pid: int, start: str) -> Path:
         path = tmp_path / name

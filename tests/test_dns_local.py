@@ -170,7 +170,7 @@ def test_a_flood_against_a_slow_upstream_holds_few_descriptors(fresh_kernel):
     answered at once meanwhile."""
     import os
 
-    from sandbox_kernel.backends.dnsproxy import MAX_INFLIGHT
+    from sandbox_kernel.backends.local.dnsproxy import MAX_INFLIGHT
 
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # an upstream that never answers
     silent.bind(("127.0.0.1", 0))

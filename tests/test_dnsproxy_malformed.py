@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakedns import FakeUpstream
-from sandbox_kernel.backends.dnsproxy import DnsProxy
+from sandbox_kernel.backends.local.dnsproxy import DnsProxy
 from sandbox_kernel.policy.model import EgressPolicy
 
 HEADER = struct.Struct("!HHHHHH")

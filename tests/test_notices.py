@@ -394,4 +394,4 @@ def _is_reader_of(proc, kernel_pid: int) -> bool:
         ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return False
-    return b"sandbox_kernel.backends.enforcerlog" in cmdline and ppid == kernel_pid
+    return b"sandbox_kernel.backends.local.enforcerlog" in cmdline and ppid == kernel_pid

@@ -1,4 +1,4 @@
-"""Naming the sender of a refused packet (backends/sockowner.py), on loopback in the test's own
+"""Naming the sender of a refused packet (backends/local/sockowner.py), on loopback in the test's own
 namespace with real processes, real sockets and real sock_diag lookups. The race with a sender
 that closes its socket while it is looked up is made certain: the lookup closes it first."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_kernel.backends import sockowner
+from sandbox_kernel.backends.local import sockowner
 
 # binds a UDP socket on loopback, sends one datagram to the discard port (nothing listens), says
 # its port, then closes the socket at the first line on stdin and waits for stdin's end

@@ -1,6 +1,6 @@
 """Compile an egress policy to one nftables script for the local backend.
 
-Called by the local backend (``backends/local.py``) each time a policy is applied or
+Called by the local backend (``backends/local/enforcer.py``) each time a policy is applied or
 its DNS answers expire; it pipes the text to ``nft -f -`` inside the sandbox's network
 namespace. The script creates the table, deletes it, and defines it again, all in one
 ``nft -f`` transaction: either the whole new ruleset is in force or the old one stays.

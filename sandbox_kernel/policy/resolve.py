@@ -101,6 +101,21 @@ def parse_resolver(text: str) -> tuple[str, int]:
     return host, port
 
 
+def upstream_from_resolv_conf(path: str = "/etc/resolv.conf") -> str | None:
+    """The host's first nameserver: the default resolver of the local backend's DNS proxy
+    (which runs on the host side, so loopback ones work) and of the Kubernetes backend."""
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    ipaddress.ip_address(parts[1].split("%")[0])
+                    return parts[1]
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 # --------------------------------------------------------------------------- messages
 
 

@@ -60,7 +60,7 @@ def test_gc_job_runs_the_cli_verb_and_it_cleans_the_fake_cluster(render, find, f
     """The CronJob's argv, run by the real CLI against the fake API server: it parses, sees
     the chart's max age and enforcers, and removes an ended sandbox pod."""
     from sandbox_kernel import cli
-    from sandbox_kernel.backends import objects as k8s_objects
+    from sandbox_kernel.backends.kubernetes import objects as k8s_objects
 
     (job,) = find(render(MATRIX["everything"]), "CronJob")
     assert job["spec"]["schedule"] == "0 * * * *"
@@ -119,14 +119,14 @@ def test_network_logging_is_the_policy_modules_object(render, find):
 
 
 def test_delegated_logging_matches_the_sandbox_namespaces_annotation():
-    from sandbox_kernel.backends import objects as k8s_objects
+    from sandbox_kernel.backends.kubernetes import objects as k8s_objects
 
     ns = k8s_objects.to_dict(k8s_objects.make_namespace("user-sandbox-alice", "alice"))
     assert ns["metadata"]["annotations"]["policy.network.gke.io/enable-deny-logging"] == "true"
 
 
 def test_metadata_deny_selects_sandbox_pods_and_denies_the_metadata_server(render, find):
-    from sandbox_kernel.backends import objects as k8s_objects
+    from sandbox_kernel.backends.kubernetes import objects as k8s_objects
 
     (policy,) = find(render(MATRIX["metadata-deny"]), "CiliumClusterwideNetworkPolicy")
     spec = policy["spec"]

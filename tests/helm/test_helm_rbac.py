@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sandbox_kernel.backends.kubernetes import CLUSTER_SCOPED, ENFORCER_KINDS, REQUIRED_PERMISSIONS
-from sandbox_kernel.doctor_k8s import DOCTOR_CRDS, DOCTOR_DAEMONSETS, DOCTOR_PERMISSIONS
+from sandbox_kernel.backends.kubernetes.doctor import DOCTOR_CRDS, DOCTOR_DAEMONSETS, DOCTOR_PERMISSIONS
 
 from helm_testlib import GC_IMAGE, NAMESPACE, requires_helm
 
@@ -23,7 +23,7 @@ SANDBOX_ROLE = "sk-sandbox-kernel-sandbox"
 
 
 def gc_needs(enforcers: list[str]) -> set[Perm]:
-    """What gc() calls for the given enforcers (see gc() in backends/kubernetes.py)."""
+    """What gc() calls for the given enforcers (see sweep() in backends/kubernetes/cleanup.py)."""
     kinds = {(g, p) for e in enforcers for g, _, p in ENFORCER_KINDS[e]}
     return {("", "pods", "list"), ("", "pods", "delete")} | {(g, p, v) for g, p in kinds for v in ("list", "delete")}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from sandbox_kernel.backends.objects import KERNEL_LABEL
+from sandbox_kernel.backends.kubernetes.objects import KERNEL_LABEL
 
 
 def _egress(fake, namespace: str, pod: str) -> dict | None:

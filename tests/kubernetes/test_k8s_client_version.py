@@ -16,7 +16,7 @@ from pathlib import Path
 import kubernetes
 import pytest
 
-from sandbox_kernel import doctor_k8s
+from sandbox_kernel.backends.kubernetes import doctor as doctor_k8s
 from sandbox_kernel.backends import kubernetes as kb
 
 ROOT = Path(__file__).resolve().parents[2]

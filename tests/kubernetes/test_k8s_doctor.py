@@ -6,9 +6,11 @@ import time
 
 import pytest
 
-from sandbox_kernel import cli, doctor_k8s
+from sandbox_kernel import cli
 from sandbox_kernel.backends import kubernetes as kb
-from sandbox_kernel.backends.objects import KERNEL_LABEL, MANAGED_BY_LABEL
+from sandbox_kernel.backends.kubernetes import doctor as doctor_k8s
+from sandbox_kernel.backends.kubernetes.objects import KERNEL_LABEL, MANAGED_BY_LABEL
+from sandbox_kernel.config import parse_duration
 
 
 def backend(fakekube, **kw):
@@ -229,9 +231,9 @@ def test_cli_gc(fakekube, tmp_path, monkeypatch, capsys):
 
 
 def test_parse_duration():
-    assert [kb.parse_duration(t) for t in ("86400", "90s", "30m", "1.5h", "2d", 7)] == [86400, 90, 1800, 5400, 172800, 7]
+    assert [parse_duration(t) for t in ("86400", "90s", "30m", "1.5h", "2d", 7)] == [86400, 90, 1800, 5400, 172800, 7]
     with pytest.raises(ValueError):
-        kb.parse_duration("1w")
+        parse_duration("1w")
 
 
 def test_dns_row_says_which_resolvers_are_allowed(fakekube):

@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 from kubernetes.client import ApiClient
 
-from sandbox_kernel.backends import objects as o
+from sandbox_kernel.backends.kubernetes import objects as o
 
 SCHEMA = "1.37"
 MANAGED = {"app.kubernetes.io/managed-by": "sandbox-kernel"}

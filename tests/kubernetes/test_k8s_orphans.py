@@ -21,7 +21,7 @@ import sys
 import time
 
 from sandbox_kernel.backends import kubernetes as kb
-from sandbox_kernel.backends.objects import SERVE_COMMAND, make_pod, to_dict
+from sandbox_kernel.backends.kubernetes.objects import SERVE_COMMAND, make_pod, to_dict
 
 NS = "user-sandbox-alice"
 

@@ -27,6 +27,7 @@ from kerneltest import CONNECT, KernelDriver
 from realcluster import (CHART_NAMESPACE, CLUSTER_RANGES, GC_SA, HELM, KERNEL_SA, SANDBOX_IMAGE, admin_client, delete_namespace, may,
                          pods, service_account_kubeconfig, wait_for, whoami)
 
+from sandbox_kernel.errors import SandboxStartError
 from sandbox_kernel.notices import NOTICE_MIME
 
 pytestmark = pytest.mark.cluster
@@ -181,7 +182,7 @@ def test_rbac_permits_every_call_of_the_backend_and_gc(kernel_kubeconfig, gc_kub
 def test_rbac_permits_doctors_reads_by_name_and_nothing_wider(kernel_kubeconfig):
     """The chart (rbac.doctor, the default) lets the kernel identity make each read of
     `sandbox-kernel doctor`, on exactly the names it reads, and nothing around them."""
-    from sandbox_kernel import doctor_k8s
+    from sandbox_kernel.backends.kubernetes import doctor as doctor_k8s
 
     kc = kernel_kubeconfig
     assert may(kc, "create", "selfsubjectaccessreviews", group="authorization.k8s.io")
@@ -926,7 +927,7 @@ def test_start_failures_say_what_happened(cluster_admin, kernel_kubeconfig, case
             await first.stop()
 
     expected = {"image": kb.ImagePullFailed, "unschedulable": kb.Unschedulable, "quota": kb.QuotaExceeded,
-                "timeout": kb.SandboxStartError}[case]
+                "timeout": SandboxStartError}[case]
     try:
         with pytest.raises(expected) as err:
             asyncio.run(main())

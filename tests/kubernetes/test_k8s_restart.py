@@ -43,6 +43,8 @@ import pytest
 from realcluster import (CHART_NAMESPACE, KERNEL_SA, SANDBOX_IMAGE, delete_namespace, install_chart,
                          service_account_kubeconfig)
 from sandbox_kernel.backends import kubernetes as kb
+from sandbox_kernel.backends.kubernetes import backend as kb_backend
+from sandbox_kernel.backends.kubernetes.watch import _Watch
 from sandbox_kernel.policy.model import EgressPolicy
 
 pytestmark = pytest.mark.cluster
@@ -107,7 +109,7 @@ class Log:
 def recording_watch(log: Log, watches: list):
     """A ``_Watch`` that behaves as the backend's and logs each request and how it ended."""
 
-    class RecordingWatch(kb._Watch):
+    class RecordingWatch(_Watch):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             watches.append(self)
@@ -143,7 +145,7 @@ def test_a_start_survives_an_api_server_restart(local_cluster, kernel_kubeconfig
 
     admin = str(local_cluster.kubeconfig)
     log, watches = Log(), []
-    monkeypatch.setattr(kb, "_Watch", recording_watch(log, watches))
+    monkeypatch.setattr(kb_backend, "_Watch", recording_watch(log, watches))  # what _wait_ready makes
 
     configuration = client.Configuration()
     config.load_kube_config(config_file=kernel_kubeconfig, client_configuration=configuration)

@@ -7,7 +7,7 @@ import re
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sandbox_kernel.backends.slug import NameTemplateError, label_value, pod_name, slugify, user_namespace
+from sandbox_kernel.backends.kubernetes.slug import NameTemplateError, label_value, pod_name, slugify, user_namespace
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 

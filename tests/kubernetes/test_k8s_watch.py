@@ -15,6 +15,7 @@ import pytest
 
 from fakekube.server import ApiError
 from sandbox_kernel.backends import kubernetes as kb
+from sandbox_kernel.backends.kubernetes.watch import _Watch
 from sandbox_kernel.errors import SandboxStartError
 from sandbox_kernel.policy.model import EgressPolicy
 
@@ -131,7 +132,7 @@ def test_watches_refused_while_the_restarted_server_fills_its_caches_are_retried
 
 def test_a_refusal_that_lasts_is_reported_as_rbac(fakekube, monkeypatch):
     """A 403 that outlasts the retry window is the identity's lost right: the typed error."""
-    monkeypatch.setattr(kb._Watch, "UNREACHABLE_FOR", 1.0)
+    monkeypatch.setattr(_Watch, "UNREACHABLE_FOR", 1.0)
     backend = make_backend(fakekube)
 
     async def main():

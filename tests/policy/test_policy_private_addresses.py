@@ -16,7 +16,7 @@ import struct
 
 import pytest
 
-from sandbox_kernel.backends.dnsproxy import DnsProxy
+from sandbox_kernel.backends.local.dnsproxy import DnsProxy
 from sandbox_kernel.policy.admin import DEFAULT_CLUSTER_RANGES, AdminPolicy
 from sandbox_kernel.policy.destinations import AddressScreen, plan_destinations
 from sandbox_kernel.policy.enforcers import render

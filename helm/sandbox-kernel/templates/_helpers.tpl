@@ -53,7 +53,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/*
 The API resources each enforcer writes: [apiGroup, plural]. Mirrors ENFORCER_KINDS in
-sandbox_kernel/backends/kubernetes.py (tests/helm checks that they agree).
+sandbox_kernel/backends/kubernetes/permissions.py (tests/helm checks that they agree).
 */}}
 {{- define "sandbox-kernel.enforcerResources" -}}
 {{- $kinds := dict

@@ -50,7 +50,7 @@ def _priority(realtime: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m sandbox_kernel.backends.enforcerlog NFLOG_FD DIAG_FD NETNS CGROUP_DIR…``"""
+    """``python -m sandbox_kernel.backends.local.enforcerlog NFLOG_FD DIAG_FD NETNS CGROUP_DIR…``"""
     log_sock = socket.socket(fileno=int(argv[0]))
     log_sock.setblocking(False)
     diag = sockowner.SocketDiag.from_fd(int(argv[1])) if int(argv[1]) >= 0 else None
@@ -124,7 +124,7 @@ class EnforcerLogProcess:
                  deliver: Callable[[nflog.LoggedPacket, dict | None], None], on_exit: Callable[[], None], log):
         fds = [log_sock.fileno()] + ([diag_sock.fileno()] if diag_sock is not None else [])
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "sandbox_kernel.backends.enforcerlog", str(log_sock.fileno()),
+            [sys.executable, "-m", "sandbox_kernel.backends.local.enforcerlog", str(log_sock.fileno()),
              str(diag_sock.fileno() if diag_sock is not None else -1), netns_path, *cgroup_dirs],
             pass_fds=fds, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             close_fds=True)

@@ -1,6 +1,6 @@
 """The local sandbox's namespaces when the kernel does not run as root.
 
-Used by the local backend (``backends/local.py``) when ``c.LocalBackend.rootless`` is set.
+Used by the local backend (``backends/local/backend.py``) when ``c.LocalBackend.rootless`` is set.
 An unprivileged process may create a user namespace and, owned by it, a network namespace;
 inside them it is "root" for that network only. So:
 
@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 
-from ..errors import SandboxStartError
+from ...errors import SandboxStartError
 
 #: the holder: report, then hold the namespaces until stdin closes
 _HOLDER = "echo ready; read _"

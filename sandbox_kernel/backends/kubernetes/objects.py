@@ -123,7 +123,7 @@ def make_limit_range(namespace: str, default_requests: Mapping[str, str], defaul
 def make_default_deny_policy(namespace: str, labels: Mapping[str, str] | None = None) -> client.V1NetworkPolicy:
     """Namespace-wide default deny of ingress and egress (built by the policy compiler,
     so there is one definition of it)."""
-    from ..policy.compile_networkpolicy import make_default_deny
+    from ...policy.compile_networkpolicy import make_default_deny
 
     body = make_default_deny(namespace, labels=base_labels(extra=labels))
     meta, spec = body["metadata"], body["spec"]

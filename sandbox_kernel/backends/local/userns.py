@@ -1,6 +1,6 @@
 """A user namespace of its own for each local sandbox (root mode).
 
-Called by the local backend (``backends/local.py``) before it starts a sandbox's agent; the
+Called by the local backend (``backends/local/backend.py``) before it starts a sandbox's agent; the
 agent's process chain joins the namespace (``nsenter --user``) before bubblewrap runs.
 
 Why: everything the kernel keys by user — above all the per-user keyring, which outlives the
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from ..errors import SandboxStartError
+from ...errors import SandboxStartError
 
 #: holds the new namespace until its maps are written and it has been opened
 _HELPER = "echo ready; read go"

@@ -42,9 +42,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .backends import kubernetes as kb
-from .backends.slug import user_namespace
-from .errors import SandboxError
+from .. import kubernetes as kb
+from ...errors import SandboxError
+from .slug import user_namespace
 
 #: what ``doctor`` reads beyond REQUIRED_PERMISSIONS (apiGroup, resource, verb); each read
 #: only by name: DaemonSets in kube-system named in DOCTOR_DAEMONSETS, CRDs named in
@@ -217,7 +217,8 @@ class _Doctor:
                 self.add(name, FAIL, f"not allowed{': ' + reason if reason else ''} — grant the kernel's "
                                      f"service account '{verb}' on '{resource}' (apiGroup \"{group}\")"
                                      + (f" named {only!r}" if only else "") + " cluster-wide, e.g. with the "
-                                     "Helm chart's ClusterRole (REQUIRED_PERMISSIONS in sandbox_kernel/backends/kubernetes.py)")
+                                     "Helm chart's ClusterRole (REQUIRED_PERMISSIONS in "
+                                     "sandbox_kernel/backends/kubernetes/permissions.py)")
         if scoped:
             self.user_namespace_permissions(namespaced)
 
@@ -494,8 +495,6 @@ class _Doctor:
                               "Whether nodes can pull it shows only when a pod starts")
 
     def namespace(self) -> None:
-        from .backends.slug import user_namespace
-
         try:
             ns = user_namespace(self.backend.user, self.backend.namespace_template)
         except SandboxError as err:
@@ -528,7 +527,7 @@ def format_table(rows: list[Check], width: int | None = None) -> str:
 def configured_backend() -> kb.KubernetesBackend:
     """A backend configured as the kernel's is: ``sandbox_kernel_config.py`` from the Jupyter
     config path (``c.KubernetesBackend.…``), then the environment variables."""
-    from .config import load_config
+    from ...config import load_config
 
     return kb.KubernetesBackend(config=load_config())
 

@@ -1,6 +1,6 @@
 """The local sandbox's seccomp filter, built with libseccomp (through ctypes).
 
-Called by the local backend (``backends/local.py``) when it starts a sandbox: bubblewrap
+Called by the local backend (``backends/local/backend.py``) when it starts a sandbox: bubblewrap
 loads the program with ``--seccomp FD`` just before it runs the agent, so bubblewrap's own
 set-up (namespaces, mounts) is not filtered and everything the sandbox runs is.
 
@@ -30,7 +30,7 @@ import errno
 import os
 from functools import lru_cache
 
-from ..errors import SandboxStartError
+from ...errors import SandboxStartError
 
 CLONE_NEWUSER = 0x10000000
 

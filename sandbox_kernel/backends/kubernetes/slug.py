@@ -1,6 +1,6 @@
 """DNS-safe names for users and kernels (namespaces, pods, label values).
 
-Pure functions, called by :mod:`sandbox_kernel.backends.objects` and the Kubernetes
+Pure functions, called by :mod:`sandbox_kernel.backends.kubernetes.objects` and the Kubernetes
 backend. The rule that makes names collision-free:
 
 * a user name that is already a safe slug (lowercase letters, digits, single ``-``, not
@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from ..errors import SandboxError
+from ...errors import SandboxError
 
 _SAFE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -25,7 +25,6 @@ answer was truncated); each is forwarded upstream over the transport it came on.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import struct
 from typing import Any, Callable
@@ -35,9 +34,9 @@ import dns.message
 import dns.opcode
 import dns.rcode
 
-from ..agent.protocol import BlockedRecord, blocked_record
-from ..policy.compile_nftables import set_for_entry
-from ..policy.resolve import DNSFormatError, from_wire, name_text, parse_resolver, parse_response
+from ...agent.protocol import BlockedRecord, blocked_record
+from ...policy.compile_nftables import set_for_entry
+from ...policy.resolve import DNSFormatError, from_wire, name_text, parse_resolver, parse_response
 from .netns import in_netns
 
 LISTEN = ("127.0.0.53", 53)
@@ -45,20 +44,6 @@ TCP_IDLE = 10.0  # seconds a TCP client may keep a connection without a query
 TCP_MAX_CLIENTS = 64
 MAX_INFLIGHT = 64  # upstream queries (UDP and TCP) waiting for an answer at once
 TYPE_A, TYPE_AAAA = 1, 28
-
-
-def upstream_from_resolv_conf(path: str = "/etc/resolv.conf") -> str | None:
-    """The host's first nameserver (the proxy runs on the host side, so loopback ones work)."""
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] == "nameserver":
-                    ipaddress.ip_address(parts[1].split("%")[0])
-                    return parts[1]
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def name_matches(entry, name: str) -> bool:
@@ -329,4 +314,4 @@ class DnsProxy(asyncio.DatagramProtocol):
             writer.close()
 
 
-__all__ = ["DnsProxy", "upstream_from_resolv_conf", "LISTEN"]
+__all__ = ["DnsProxy", "LISTEN"]
