@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A one-node Kubernetes cluster on this machine, from real components, for the tests.
 #
-#   scripts/cluster.sh up       build what is missing (cached), start everything, wait until ready
+#   scripts/cluster.sh up       build what is missing (cached; also the tests' sandbox image and Helm
+#                               CLI through scripts/cluster-images.sh), start everything, wait until ready
 #   scripts/cluster.sh down     stop everything `up` started and remove what it created (safe twice)
 #   scripts/cluster.sh status   say what runs; exit 0 only when the cluster is ready
 #   scripts/cluster.sh env      print `export KUBECONFIG=... PATH=...` lines (eval "$(... env)")
@@ -141,6 +142,12 @@ oci_image() {  # oci_image ARCHIVE-NAME OCIIMAGE-ARGS...: write $IMAGES/ARCHIVE-
   local out="$IMAGES/$1.tar"; shift
   python3 "$SRC/ociimage.py" --out "$out.new" "$@" || die "could not write the image archive $out"
   mv -f "$out.new" "$out"
+}
+
+# what the tests run besides the cluster (the sandbox image, the Helm CLI): cached by
+# scripts/cluster-images.sh itself, so this costs nothing when they are current
+build_test_images() {
+  bash "$HERE/cluster-images.sh" all || die "scripts/cluster-images.sh failed (the sandbox image or the Helm CLI)"
 }
 
 build_images() {
@@ -513,6 +520,7 @@ cmd_build() {
   ensure_packages   # the kube-router image carries the host's iptables-legacy and ipset
   build_binaries
   build_images
+  build_test_images
 }
 
 cmd_up() {
@@ -522,6 +530,7 @@ cmd_up() {
   ensure_packages
   build_binaries
   build_images
+  build_test_images
   ensure_legacy_iptables
   host_setup
   make_pki
