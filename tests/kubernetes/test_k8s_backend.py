@@ -221,6 +221,78 @@ def test_traits_read_environment(monkeypatch):
         assert "Env: " in trait.help, name
 
 
+class _LateReader:
+    """The transport's log, slowed where the reader thread reports a cut stream: the reader
+    then notices the cut seconds after a send did (as under CPU load on a busy node)."""
+
+    def __init__(self, log, delay: float):
+        self._log, self.delay, self.cuts = log, delay, 0
+
+    def info(self, msg, *args):
+        if msg.startswith("exec stream cut"):
+            self.cuts += 1
+            time.sleep(self.delay)
+        self._log.info(msg, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._log, name)
+
+
+def test_a_send_right_after_the_exec_socket_is_shut_waits_for_the_reattach(fakekube):
+    """The cell sent at once after the exec socket was shut, before the reader thread saw the
+    cut (it is held 2 s): the send waits for the re-attach and the cell runs in the same
+    interpreter. (The writer gave the reader 1 s, then raised the socket's own error, e.g.
+    "socket is already closed": seen once on the real cluster.)"""
+    import socket
+
+    async def main():
+        backend = make_backend(fakekube)
+        await backend.start("k1", EgressPolicy(), lambda line: None)
+        try:
+            transport = await backend.attach()
+            await hello(transport)
+            out, _ = await execute(transport, "kept = 'state'\nprint(1)", "c1")
+            assert out == "1\n"
+            transport.log = late = _LateReader(transport.log, 2.0)
+            transport.ws.sock.sock.shutdown(socket.SHUT_RDWR)
+            out, done = await execute(transport, "print(kept)", "c2")
+            assert (out, done["status"]) == ("state\n", "ok")
+            assert late.cuts == 1 and transport.reattached == 1
+            await transport.close()
+        finally:
+            await backend.stop()
+
+    run(main())
+
+
+def test_a_send_after_the_reattach_gave_up_fails_in_plain_words(fakekube):
+    """The stream is cut and cannot be re-opened (exec now refused): the send says so in plain
+    words, as a ConnectionError (the Session reports the cell as ended), never the socket's
+    own error."""
+    import socket
+
+    async def main():
+        backend = make_backend(fakekube)
+        await backend.start("k1", EgressPolicy(), lambda line: None)
+        try:
+            transport = await backend.attach()
+            await hello(transport)
+            await execute(transport, "print(1)", "c1")
+            transport.MAX_REATTACH, transport.REATTACH_FOR = 1, 0.0
+            transport.log = _LateReader(transport.log, 2.0)
+            fakekube.forbid("create", "pods/exec")
+            transport.ws.sock.sock.shutdown(socket.SHUT_RDWR)
+            with pytest.raises(ConnectionError) as err:
+                await execute(transport, "print(2)", "c2")
+            assert transport.reattached == 0
+            await transport.close()
+            return str(err.value)
+        finally:
+            await backend.stop()
+
+    assert run(main()) == "the exec stream to the sandbox was cut and could not be re-opened"
+
+
 def test_describe_pod_end():
     base = {"metadata": {}, "status": {}}
     assert kb.describe_pod_end(None) == ("the sandbox pod was deleted", None)

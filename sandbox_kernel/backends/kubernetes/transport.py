@@ -6,6 +6,7 @@ import asyncio
 import collections
 import json
 import secrets
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -18,10 +19,17 @@ from ..base import LineTransport
 class _ExecWriter:
     """The writer half LineTransport expects, sending to the exec stdin channel in a thread.
 
-    While the transport re-attaches after a dropped stream, a send waits for the new
-    stream (up to ``REATTACH_WAIT`` s) instead of failing."""
+    A send never fails on its own account while the stream can still come back: when the
+    write fails (the stream was cut, maybe before the reader thread noticed), the writer shuts
+    the old socket so that the reader notices at once, then waits for the reader's verdict —
+    a new stream (the frame goes again; the agent drops a duplicate by ``seq``) or the end
+    for good (:class:`ConnectionError` in plain words; the Session then reports the cell as
+    ended and asks the backend why). It never waits on a wall-clock guess of how fast the
+    reader is: under CPU load that thread can be late by seconds."""
 
-    REATTACH_WAIT = 65.0  # ExecTransport.REATTACH_FOR, and a little
+    #: the longest a send waits for the reader's verdict: the reader's own re-attach limit
+    #: (ExecTransport.REATTACH_FOR) plus what its tries may take beyond it
+    REATTACH_WAIT = 180.0
 
     def __init__(self, ws):
         self.ws = ws
@@ -38,32 +46,50 @@ class _ExecWriter:
         if data:
             try:
                 await asyncio.to_thread(self._send, data)
+            except ConnectionError:
+                self.closed = True
+                raise
             except Exception as err:  # noqa: BLE001 - websocket-client raises several types
                 self.closed = True
-                raise ConnectionError(f"the exec stream to the sandbox is closed: {err}") from None
+                raise ConnectionError(f"the exec stream to the sandbox ended ({type(err).__name__})") from None
 
     def _send(self, data: bytes) -> None:
         deadline = time.monotonic() + self.REATTACH_WAIT
         while True:
             while self.reattaching.is_set() and not self.closed and time.monotonic() < deadline:
                 time.sleep(0.02)
+            if self.closed or self.finished:
+                raise ConnectionError("the exec stream to the sandbox ended and could not be re-opened")
             ws = self.ws
             try:
                 ws.write_stdin(data)
                 return
             except Exception:  # noqa: BLE001 - websocket-client raises several types
-                # the reader thread may not have seen the drop yet: give it a second to re-attach
-                noticed = time.monotonic() + 1.0
-                while self.ws is ws and not self.reattaching.is_set() and time.monotonic() < noticed:
-                    time.sleep(0.02)
-                if self.closed or time.monotonic() > deadline or (self.ws is ws and not self.reattaching.is_set()):
-                    raise
+                pass
+            # cut: make sure the reader sees it now (a shut socket wakes its poll), then wait
+            # until it re-attached (a new ws), gave up (finished) or we are closed
+            _shut(ws)
+            while (self.ws is ws and not self.finished and not self.closed
+                   and time.monotonic() < deadline):
+                time.sleep(0.02)
+            if self.ws is ws or time.monotonic() >= deadline:
+                raise ConnectionError("the exec stream to the sandbox was cut and could not be re-opened")
 
     def is_closing(self) -> bool:
         return self.closed or self.finished
 
     def close(self) -> None:
         self.closed = True
+
+
+def _shut(ws) -> None:
+    """Shut a failed exec WebSocket's socket (both ways), so that a reader polling it wakes."""
+    try:
+        raw = getattr(getattr(ws, "sock", None), "sock", None)
+        if raw is not None:
+            raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class ExecTransport(LineTransport):
