@@ -40,10 +40,13 @@ class ServiceError(SandboxError):
 
     ename = "SandboxServiceError"
 
-    def __init__(self, message: str, status: int = 0, data: dict | None = None):
+    def __init__(self, message: str, status: int = 0, data: dict | None = None, from_service: bool = False):
         super().__init__(message)
         self.status = status
         self.data = data or {}
+        #: the answer came from the sandbox service itself (its errors are JSON objects that
+        #: carry their status), not from something in between (the hub's proxy, a gateway)
+        self.from_service = from_service
 
 
 class HubBackend(Backend):
@@ -128,7 +131,10 @@ class HubBackend(Backend):
         except ValueError:
             data = {"message": (response.body or b"")[:200].decode(errors="replace")}
         if response.code >= 400:
-            raise _error(response.code, data if isinstance(data, dict) else {})
+            own = _from_service(response.code, response.body)
+            err = _error(response.code, data if isinstance(data, dict) else {}, own)
+            err.from_service = own
+            raise err
         return data
 
     def fetch_ceiling(self) -> dict:
@@ -309,31 +315,56 @@ class HubBackend(Backend):
     async def reopen(self, transport: HubTransport):
         """After a dropped stream: a new websocket if the same agent still runs, else None."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.reattach_timeout
+        began = loop.time()
+        deadline = began + self.reattach_timeout
+        log = self.log
+        log.info("re-attach %s: the stream ended; asking the service", self.sandbox_id)
         while self.sandbox_id and transport is self._transport and loop.time() < deadline:
+            at = loop.time() - began
             try:
                 # a short limit per poll: while the service's pod is replaced, a request can hang
                 # on a route to the old pod (seen on the test cluster); the next poll gets through
                 data = await self.call("GET", f"api/sandboxes/{self.sandbox_id}", timeout=10)
-            except ServiceError as err:
-                if err.status in (401, 403, 404):
+            except SandboxError as err:
+                status, own = getattr(err, "status", 0), getattr(err, "from_service", True)
+                log.debug("re-attach %s +%.1fs: status poll: HTTP %s%s: %.200s", self.sandbox_id, at, status,
+                          "" if own else " (not the service's answer)", err)
+                # only the service's own refusal is final: while its pod is replaced, whatever is
+                # in between may answer 403 or 404 for it (seen on the test cluster: a 403
+                # "resolve_deny: denied destination", not JSON, while the Service had no endpoint)
+                if own and status in (401, 403, 404):
+                    log.warning("re-attach %s: the service refused (HTTP %s): %s", self.sandbox_id, status, err)
                     return None
                 await asyncio.sleep(0.5)
                 continue
+            log.debug("re-attach %s +%.1fs: status %s, attached %s, started %s (ours %s)", self.sandbox_id, at,
+                      data.get("state"), data.get("attached"), data.get("started"), self.started)
             if data.get("state") == "starting":
                 await asyncio.sleep(0.5)
                 continue
             if data.get("state") != "running" or data.get("started") != self.started:
+                log.info("re-attach %s: not the same running sandbox (%s)", self.sandbox_id, data.get("state"))
                 return None
             try:
                 ws = await self._open_stream()
-            except SandboxStartError:
+            except SandboxStartError as err:
+                log.debug("re-attach %s: stream refused: %s", self.sandbox_id, err)
                 await asyncio.sleep(0.5)
                 continue
-            hello = await ws.read_message()  # the service replays the agent's greeting: drop it
+            log.debug("re-attach %s: stream open, waiting for the greeting", self.sandbox_id)
+            try:  # the service replays the agent's greeting at once: drop it
+                hello = await asyncio.wait_for(ws.read_message(), 30)
+            except asyncio.TimeoutError:
+                ws.close()
+                hello = None
             if hello is None:
+                log.info("re-attach %s: the stream closed before the greeting (%s %s)", self.sandbox_id,
+                         ws.close_code, ws.close_reason)
                 continue
+            log.info("re-attach %s: re-attached after %.1f s", self.sandbox_id, loop.time() - began)
             return ws
+        if self.sandbox_id and transport is self._transport:
+            log.warning("re-attach %s: gave up after %.0f s", self.sandbox_id, loop.time() - began)
         return None
 
 
@@ -346,17 +377,37 @@ class HubTransport(Transport):
         self._ws = ws
         self._backend = backend
         self._closed = False
+        self._gone = False  # the reader found the stream gone for good (no re-open)
         self._send_lock = asyncio.Lock()
+        #: set whenever the stream was replaced or is gone for good (a waiting send looks again)
+        self._changed = asyncio.Event()
 
     async def send(self, frame: dict) -> None:
+        """Send one frame. A stream found closed (the service restarts, its pod is replaced)
+        is waited for while the reader re-opens it, and the frame goes on the new one; only a
+        stream that is gone for good raises ConnectionError."""
         data = protocol.encode(frame)[:-1].decode("utf-8", "surrogatepass")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backend.reattach_timeout + 60
         async with self._send_lock:
-            if self._closed or self._ws is None:
-                raise ConnectionError("the stream to the sandbox service is closed")
-            try:
-                await self._ws.write_message(data)
-            except websocket.WebSocketClosedError:
-                raise ConnectionError("the stream to the sandbox service is closed") from None
+            while True:
+                ws = self._ws
+                if self._closed or self._gone or ws is None:
+                    raise ConnectionError("the stream to the sandbox service is closed")
+                try:
+                    await ws.write_message(data)
+                    return
+                except websocket.WebSocketClosedError:
+                    pass
+                while self._ws is ws and not (self._closed or self._gone):
+                    self._changed.clear()
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise ConnectionError("the stream to the sandbox service is closed and was not re-opened")
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), left)
+                    except asyncio.TimeoutError:
+                        pass
 
     async def recv(self) -> dict | None:
         while True:
@@ -366,8 +417,11 @@ class HubTransport(Transport):
                     return None
                 ws = await self._backend.reopen(self)
                 if ws is None:
+                    self._gone = True
+                    self._changed.set()
                     return None
                 self._ws = ws
+                self._changed.set()
                 continue
             data = message.encode("utf-8", "surrogatepass") if isinstance(message, str) else message
             frame = protocol.decode(data, _FROM_SERVICE)
@@ -393,6 +447,7 @@ class HubTransport(Transport):
 
     async def close(self) -> None:
         self._closed = True
+        self._changed.set()
         if self._ws is not None:
             self._ws.close()
 
@@ -411,6 +466,14 @@ def unseen_progress(lines: list, count: Any, shown: int) -> tuple[list[str], int
     return [str(line) for line in lines[max(0, len(lines) - (count - shown)):]], count
 
 
+def _from_service(status: int, body) -> bool:
+    """Whether an error answer is the sandbox service's own: the service answers every error
+    with a JSON object carrying its status (service.py, write_error). The hub's proxy, its
+    error page or a gateway in between answer otherwise (HTML, plain text)."""
+    data = _json(body)
+    return data.get("status") == status
+
+
 def _json(body) -> dict:
     try:
         data = json.loads(body or b"{}")
@@ -419,7 +482,7 @@ def _json(body) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _error(status: int, data: dict) -> SandboxError:
+def _error(status: int, data: dict, own: bool = True) -> SandboxError:
     message = str(data.get("message") or f"HTTP {status}")
     if data.get("error") == "ceiling":
         entry = None
@@ -438,5 +501,7 @@ def _error(status: int, data: dict) -> SandboxError:
         err.status = status
         return err
     if status in (401, 403) and data.get("error") is None:
-        message = f"the sandbox service refused this server's token: {message}"
+        message = (f"the sandbox service refused this server's token: {message}" if own else
+                   f"the sandbox service at this address did not answer (HTTP {status} from something in "
+                   f"between: {message})")
     return ServiceError(message, status, data)

@@ -149,3 +149,80 @@ def test_the_kernel_follows_progress_lines_by_their_count():
     assert unseen_progress(["Scheduling…"], 1, 130) == (["Scheduling…"], 1)  # a new start
     # a service that sends no count keeps every line
     assert unseen_progress(["a", "b", "c"], None, 1) == (["b", "c"], 3)
+
+
+class _Gateway:
+    """What answered on the service's address while the chart's service pod was replaced on
+    the test cluster: a 403 in plain text, not the service's (its errors are JSON). Serves
+    the stopped service's port on 127.0.0.1 until :meth:`close`; counts the requests."""
+
+    def __init__(self, port: int):
+        import http.server
+        import threading
+
+        gateway = self
+        self.requests = 0
+
+        class Deny(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                gateway.requests += 1
+                body = b"resolve_deny: denied destination"
+                self.send_response(403)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Deny)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def test_a_403_not_from_the_service_during_its_restart_does_not_end_the_reattach(k8s_kernels, k8s_service, hub):
+    """While the service is down, something else answers on its address with a 403 that is
+    not the service's (plain text): the kernel keeps polling and re-attaches once the service
+    is back, and a cell sent while the stream is down waits for the re-attach and runs in the
+    same interpreter. (The kernel took any 403 for the service refusing its token and gave up:
+    the chart's service on the test cluster, 3 of 5 runs; a send on the closed stream failed
+    the cell, and the session then stopped the sandbox.)"""
+    svc, kernels = k8s_service, k8s_kernels
+    alice = kernels.open("alice", proxied=False)
+    result, out = kernels.execute(alice, "kept = 41\nprint('set')")
+    assert out.stdout() == "set\n", out.frames
+    stream = alice.backend._transport._ws
+
+    async def main():
+        await asyncio.to_thread(svc.stop)
+        gateway = _Gateway(svc.port)
+        try:
+            # the kernel saw its stream end and polls: it is answered by the gateway (twice,
+            # so the first 403 was not taken as final)
+            started = time.monotonic()
+            while gateway.requests < 2:
+                assert time.monotonic() - started < 120, "the kernel did not poll the service"
+                await asyncio.sleep(0.05)
+            assert alice.backend._transport is not None and alice.backend._transport._ws is stream
+            cell = asyncio.ensure_future(alice.execute("print(kept + 1)", sink))
+            await asyncio.sleep(0.5)
+            assert not cell.done(), cell  # waits for the stream, not failed
+        finally:
+            gateway.close()
+        await asyncio.to_thread(svc.start)
+        return await asyncio.wait_for(cell, 120)
+
+    sink = kernels.Sink()
+    result = kernels.run(main(), 240)
+    assert result.crashed is None and result.exit_status == 0, result
+    assert sink.stdout() == "42\n", sink.frames
+    assert alice.backend._transport._ws is not stream
+    assert any(e.get("action") == "adopt" for e in svc.audit())
