@@ -2,14 +2,14 @@
 
 One object per kernel holds the policy in force and the administrator's ceiling, changes the
 policy (:meth:`Controls.set_policy`: the ceiling, then an atomic apply), says the status, keeps
-the recently blocked connections, and owns the timed grants (grants.py) and learn mode
-(learn.py). The ``%sandbox`` magics (magics.py), the policy panel (widgets.py) and the learn
+the recently blocked connections, and owns the timed grants (grants.py), learn mode
+(learn.py) and, in hub mode, the requests for access (access.py). The ``%sandbox`` magics (magics.py), the policy panel (widgets.py) and the learn
 view (learnview.py) take this object, never the kernel; they hear of changes as
 :class:`ControlsObserver`\\ s. The kernel (kernel.py) builds it, binds the Session, and tells it
 when a cell starts and ends and what was blocked.
 
-Imports go one way: kernel → magics → widgets → learnview → views → controls → grants, learn,
-policy (tests/test_layers.py).
+Imports go one way: kernel → magics → widgets → learnview → views → controls → access, grants,
+learn, policy (tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Callable
 
+from .access import AccessRequests
 from .errors import SandboxError
 from .grants import Grants, format_left
 from .learn import Learner
@@ -53,6 +54,10 @@ class ControlsObserver:
     def learn_changed(self) -> None:
         """Learn mode started or stopped, or saw a new destination."""
 
+    def access_changed(self) -> None:
+        """Hub mode: a request for access was sent, or the service said something about one
+        (granted, denied, a grant or a timed entry ended)."""
+
 
 class Controls:
     """The policy in force, the ceiling, the status, the blocked history, and who to tell."""
@@ -79,6 +84,8 @@ class Controls:
         self._observers: weakref.WeakSet[ControlsObserver] = weakref.WeakSet()
         self.grants = Grants(self)
         self.learner = Learner(self)
+        #: hub mode: requests for access to the administrator (``%sandbox request``, access.py)
+        self.access = AccessRequests(self)
 
     def bind(self, session: Session) -> None:
         self.session = session
@@ -94,6 +101,11 @@ class Controls:
         """Called by the learner."""
         for observer in self._each():
             observer.learn_changed()
+
+    def access_changed(self) -> None:
+        """Called by the requests for access (access.py)."""
+        for observer in self._each():
+            observer.access_changed()
 
     # -- what the kernel tells ------------------------------------------------------------
     def remember_blocked(self, conn: BlockedConnection) -> None:
@@ -123,6 +135,7 @@ class Controls:
         except SandboxError as err:
             self.log.warning("could not read the ceiling from the sandbox service: %s", err)
         self.backend.on_policy_forced = self._forced
+        self.backend.on_access = self.access.on_frame
 
     def _forced(self, policy, reason) -> None:
         self.policy = policy
@@ -154,6 +167,10 @@ class Controls:
         for observer in self._each():
             observer.policy_changed()
 
+    def policy_changed(self) -> None:
+        """Tell the views the policy changed (the hub service changed it: access.py)."""
+        self._policy_changed()
+
     async def apply(self, new: EgressPolicy, who: str = "user") -> str:
         """:meth:`set_policy`, then what is in force and how long enforcing it took."""
         started = time.monotonic()
@@ -171,10 +188,10 @@ class Controls:
             new = new.with_mode("allowlist")
         text = await self.apply(new)
         if seconds is None:
-            self.grants.make_permanent(entries)
+            await self.grants.commit(entries, None)
             return text
         timed = [e for e in entries if e not in permanent]
-        self.grants.add(timed, seconds)
+        await self.grants.commit(timed, seconds)  # in hub mode: on the sandbox service's clock
         if timed:
             text += f" · {', '.join(map(str, timed))} for {format_left(seconds)}"
         if permanent:

@@ -11,11 +11,14 @@ which only ask the API server a question):
 - every permission the backend uses with the configured enforcers
   (:func:`~sandbox_kernel.backends.kubernetes.required_permissions`), one
   SelfSubjectAccessReview each, asked for all namespaces (user namespaces are created on
-  demand, so a grant must hold in every one of them);
-- NetworkPolicy enforcement: ``list daemonsets`` in kube-system, looking for the agents of
+  demand, so a grant must hold in every one of them); with a ``namespace_role`` (as the
+  Helm chart configures kernels) only the cluster-scoped ones (``bind`` asked for that role
+  by name), and the namespaced ones in the user's namespace when it exists;
+- NetworkPolicy enforcement: the DaemonSets in kube-system, looking for the agents of
   the dataplanes that enforce NetworkPolicy (GKE Dataplane V2 ``anetd``, Cilium, Calico,
-  …); if none, ``get`` of the Calico / Cilium CRDs (operator installs run outside
-  kube-system);
+  …), a ``get`` of each name in :data:`DOCTOR_DAEMONSETS` (by name, so that the Helm
+  chart can grant exactly these and nothing else in kube-system); if none,
+  ``get`` of the Calico / Cilium CRDs (operator installs run outside kube-system);
 - DNS: from the same DaemonSet list, whether NodeLocal DNSCache (``node-local-dns``) or
   GKE (``anetd``, ``gke-metadata-server``) runs, against the ``node_local_dns`` and
   ``gke_cloud_dns`` settings (a resolver the policy leaves out means no lookup works);
@@ -23,8 +26,12 @@ which only ask the API server a question):
 - FQDN policy CRDs: ``get customresourcedefinitions/<name>`` for GKE FQDN and Cilium;
 - the configured image (syntax only: a pull can only be tried by a pod).
 
-The doctor's own reads beyond :data:`REQUIRED_PERMISSIONS` are :data:`DOCTOR_PERMISSIONS`;
-without them the rows that need them fail with "could not check" and say what to grant.
+The doctor's own reads beyond :data:`REQUIRED_PERMISSIONS` are :data:`DOCTOR_PERMISSIONS`,
+on the names in :data:`DOCTOR_DAEMONSETS` and :data:`DOCTOR_CRDS` and the RuntimeClass.
+It asks the API server (SelfSubjectAccessReview) before each of them and makes only the
+reads it is allowed; a row it could not check says so ("could not check"), why, and what
+to grant. With the Helm chart's RBAC (``rbac.doctor``, on by default) the kernel identity
+may make every one of them.
 """
 
 from __future__ import annotations
@@ -36,14 +43,18 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .backends import kubernetes as kb
+from .backends.slug import user_namespace
 from .errors import SandboxError
 
-#: what ``doctor`` reads beyond REQUIRED_PERMISSIONS (apiGroup, resource, verb, where)
+#: what ``doctor`` reads beyond REQUIRED_PERMISSIONS (apiGroup, resource, verb); each read
+#: only by name: DaemonSets in kube-system named in DOCTOR_DAEMONSETS, CRDs named in
+#: DOCTOR_CRDS, the configured RuntimeClass (or ``gvisor``). The Helm chart grants exactly
+#: these (``rbac.doctor``).
 DOCTOR_PERMISSIONS: tuple[tuple[str, str, str], ...] = (
-    ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),  # "may I?" for each of the above
-    ("apps", "daemonsets", "list"),  # in kube-system only: which dataplane runs
-    ("apiextensions.k8s.io", "customresourcedefinitions", "get"),  # FQDN / Calico / Cilium CRDs
-    ("node.k8s.io", "runtimeclasses", "get"),  # gVisor
+    ("authorization.k8s.io", "selfsubjectaccessreviews", "create"),  # "may I?" for each call
+    ("apps", "daemonsets", "get"),  # in kube-system, by name: which dataplane and DNS cache run
+    ("apiextensions.k8s.io", "customresourcedefinitions", "get"),  # by name: FQDN / Calico / Cilium
+    ("node.k8s.io", "runtimeclasses", "get"),  # by name: gVisor
 )
 
 OK, FAIL, WARN, INFO = "ok", "FAIL", "warn", "info"
@@ -80,6 +91,15 @@ FQDN_CRDS: tuple[tuple[str, str, str, str], ...] = (
     ("ciliumnetworkpolicies.cilium.io", "v2", "cilium", "install Cilium as the cluster's CNI"),
 )
 
+#: DaemonSets (kube-system) that tell DNS: NodeLocal DNSCache; GKE's own agents
+DNS_DAEMONSETS: tuple[str, ...] = ("node-local-dns", "gke-metadata-server", "fluentbit-gke")
+
+#: every DaemonSet the doctor reads by name in kube-system (the chart grants ``get`` on these)
+DOCTOR_DAEMONSETS: tuple[str, ...] = tuple(ENFORCING_DAEMONSETS) + DNS_DAEMONSETS
+
+#: every CRD the doctor reads by name (the chart grants ``get`` on these)
+DOCTOR_CRDS: tuple[str, ...] = tuple(dict.fromkeys([*ENFORCER_CRDS, *(c[0] for c in FQDN_CRDS)]))
+
 _IMAGE_RE = re.compile(
     r"^(?:[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?/)?"      # registry host (optional)
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"                 # first path component
@@ -100,8 +120,11 @@ class _Doctor:
     def __init__(self, backend: kb.KubernetesBackend):
         self.backend = backend
         self.rows: list[Check] = []
-        self.daemonsets: list[str] | None = None  # names in kube-system, once listed
+        self.daemonsets: list[str] | None = None  # names seen in kube-system, once read
+        self.unread: list[str] = []  # DOCTOR_DAEMONSETS it was not allowed to read
         self.git_version = ""
+        self._reviews: dict[tuple, tuple[bool | None, str]] = {}
+        self._no_reviews = ""  # why SelfSubjectAccessReviews cannot be made, once seen
 
     def add(self, name: str, status: str, detail: str = "") -> Check:
         row = Check(name, status, detail)
@@ -173,64 +196,140 @@ class _Doctor:
         return True
 
     def permissions(self) -> None:
-        from kubernetes import client
-
-        api = client.AuthorizationV1Api(self.backend.api_client())
         scoped = bool(self.backend.namespace_role)
         perms = kb.required_permissions(self.backend.enforcers, namespace_role=scoped)
+        namespaced = [p for p in perms if (p[0], p[1]) not in kb.CLUSTER_SCOPED]
         if scoped:
-            namespaced = [p for p in perms if (p[0], p[1]) not in kb.CLUSTER_SCOPED]
             perms = [p for p in perms if (p[0], p[1]) in kb.CLUSTER_SCOPED]
-            self.add("RBAC in user namespaces", INFO,
-                     f"{len(namespaced)} namespaced permissions come from ClusterRole {self.backend.namespace_role!r}, "
-                     f"bound by the RoleBinding '{kb.objects.ROLE_BINDING}' the backend creates in each user namespace "
-                     f"(for {self.backend.role_subject}); nowhere else")
         for group, resource, verb in perms:
+            # `bind` is granted on the one role the backend binds (RBAC resourceNames)
+            only = self.backend.namespace_role if (group, resource) == ("rbac.authorization.k8s.io", "clusterroles") else None
             name = f"RBAC {verb} {resource}{'.' + group if group else ''}"
-            allowed, reason = self._can(api, verb, group, resource, None)
+            allowed, reason = self._can(verb, group, resource, None, only)
             if allowed is None:
                 self.add(name, FAIL, f"could not ask the API server: {reason}")
                 if "selfsubjectaccessreviews" in reason:
                     return  # every further question would fail the same way
             elif allowed:
-                self.add(name, OK, "allowed" if resource in _CLUSTER_SCOPED else "allowed in all namespaces")
+                self.add(name, OK, f"allowed for ClusterRole {only!r}" if only
+                         else "allowed" if resource in _CLUSTER_SCOPED else "allowed in all namespaces")
             else:
                 self.add(name, FAIL, f"not allowed{': ' + reason if reason else ''} — grant the kernel's "
-                                     f"service account '{verb}' on '{resource}' (apiGroup \"{group}\") "
-                                     "cluster-wide, e.g. with the Helm chart's ClusterRole "
-                                     "(REQUIRED_PERMISSIONS in sandbox_kernel/backends/kubernetes.py)")
+                                     f"service account '{verb}' on '{resource}' (apiGroup \"{group}\")"
+                                     + (f" named {only!r}" if only else "") + " cluster-wide, e.g. with the "
+                                     "Helm chart's ClusterRole (REQUIRED_PERMISSIONS in sandbox_kernel/backends/kubernetes.py)")
+        if scoped:
+            self.user_namespace_permissions(namespaced)
 
-    def _can(self, api, verb: str, group: str, resource: str, namespace: str | None) -> tuple[bool | None, str]:
+    def user_namespace_permissions(self, namespaced: list[tuple[str, str, str]]) -> None:
+        """With a namespace_role the namespaced rights exist only in user namespaces, through
+        the RoleBinding the backend creates: checked in this user's namespace when it exists."""
         from kubernetes import client
 
+        b = self.backend
+        name = "RBAC in user namespaces"
+        how = (f"{len(namespaced)} namespaced permissions come from ClusterRole {b.namespace_role!r}, bound by the "
+               f"RoleBinding '{kb.objects.ROLE_BINDING}' the backend creates in each user namespace "
+               f"(for {b.role_subject}); nowhere else")
+        try:
+            ns = user_namespace(b.user, b.namespace_template)
+            b._call("get", "namespaces", None, client.CoreV1Api(b.api_client()).read_namespace, ns)
+        except kb._NotFound:
+            self.add(name, INFO, f"{how}. Not checked: user {b.user!r}'s namespace {ns} does not exist yet (its "
+                                 "first start creates it and the RoleBinding); run the doctor as a user who "
+                                 "has started a sandbox to check them")
+            return
+        except SandboxError as err:
+            self.add(name, INFO, f"{how}. Not checked: {_short(err)}")
+            return
+        refused = []
+        for group, resource, verb in namespaced:
+            allowed, reason = self._can(verb, group, resource, ns)
+            if not allowed:
+                refused.append(f"{verb} {resource}{'.' + group if group else ''}" + (f" ({reason})" if reason else ""))
+        if refused:
+            self.add(name, FAIL, f"in {ns} not allowed: {', '.join(refused)} — ClusterRole {b.namespace_role!r} "
+                                 "must grant them (the Helm chart's <release>-sandbox role does); "
+                                 f"{how}")
+        else:
+            self.add(name, OK, f"all {len(namespaced)} allowed in {ns}; {how}")
+
+    def _can(self, verb: str, group: str, resource: str, namespace: str | None,
+             name: str | None = None) -> tuple[bool | None, str]:
+        """SelfSubjectAccessReview (cached): (allowed, the authorizer's reason); (None, why)
+        when the question itself could not be asked."""
+        from kubernetes import client
+
+        key = (verb, group, resource, namespace, name)
+        if key in self._reviews:
+            return self._reviews[key]
+        if self._no_reviews:
+            return None, self._no_reviews
         plural, _, sub = resource.partition("/")
-        attrs = client.V1ResourceAttributes(verb=verb, group=group, resource=plural,
+        attrs = client.V1ResourceAttributes(verb=verb, group=group, resource=plural, name=name,
                                             subresource=sub or None, namespace=namespace)
         body = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attrs))
+        api = client.AuthorizationV1Api(self.backend.api_client())
         try:
             review = self.backend._call("create", "selfsubjectaccessreviews", None,
                                         api.create_self_subject_access_review, body, group="authorization.k8s.io")
         except SandboxError as err:
+            if isinstance(err, kb.KubernetesForbidden):
+                self._no_reviews = str(err)  # every further question would be refused the same way
             return None, str(err)
         status = review.status
-        return bool(status and status.allowed), (status.reason or "") if status else ""
+        self._reviews[key] = answer = (bool(status and status.allowed), (status.reason or "") if status else "")
+        return answer
 
-    def network_policy(self) -> None:
+    def _read(self, verb: str, group: str, resource: str, namespace: str | None, name: str, call):
+        """A read the doctor makes only when the API server says it may: (object or None
+        when absent, why it was not read or ""). A failed review does not stop the read."""
+        allowed, reason = self._can(verb, group, resource, namespace, name)
+        where = f" in {namespace}" if namespace else ""
+        if allowed is False:
+            return None, (f"this identity may not {verb} {resource}{'.' + group if group else ''} {name!r}{where}"
+                          + (f" ({reason})" if reason else ""))
+        try:
+            return self.backend._call(verb, resource, namespace, call, group=group), ""
+        except kb._NotFound:
+            return None, ""
+        except SandboxError as err:
+            return None, _short(err)
+
+    def _read_daemonsets(self) -> tuple[list[Any], str]:
+        """The DOCTOR_DAEMONSETS that exist in kube-system, each read by name; sets
+        :attr:`daemonsets` and :attr:`unread`. Returns (objects, why some were not read)."""
         from kubernetes import client
 
+        apps = client.AppsV1Api(self.backend.api_client())
+        found, unread, why = [], [], ""
+        for ds in DOCTOR_DAEMONSETS:
+            obj, error = self._read("get", "apps", "daemonsets", "kube-system", ds,
+                                    lambda n=ds: apps.read_namespaced_daemon_set(n, "kube-system"))
+            if error:
+                unread.append(ds)
+                why = why or error
+            elif obj is not None:
+                found.append(obj)
+        self.unread = unread
+        self.daemonsets = None if len(unread) == len(DOCTOR_DAEMONSETS) else [d.metadata.name for d in found]
+        return found, why
+
+    def _absent(self, daemonset: str) -> bool:
+        """Seen not to exist (not merely unreadable)."""
+        return self.daemonsets is not None and daemonset not in self.daemonsets and daemonset not in self.unread
+
+    def network_policy(self) -> None:
         name = "NetworkPolicy enforcement"
-        api = self.backend.api_client()
         why = ("without it the default-deny and egress NetworkPolicies are stored but NOT enforced, "
                "so sandboxes can reach anything")
-        try:
-            daemonsets = self.backend._call("list", "daemonsets", "kube-system",
-                                            client.AppsV1Api(api).list_namespaced_daemon_set, "kube-system",
-                                            group="apps").items
-        except SandboxError as err:
-            self.add(name, FAIL, f"could not check: {_short(err)} — grant list on daemonsets.apps in "
-                                 f"kube-system (DOCTOR_PERMISSIONS), or run the doctor as a cluster admin")
+        grant = ("grant get on daemonsets.apps in kube-system named " + ", ".join(DOCTOR_DAEMONSETS)
+                 + " (DOCTOR_DAEMONSETS; the Helm chart does with rbac.doctor=true, the default), "
+                 "or run the doctor as a cluster admin")
+        daemonsets, error = self._read_daemonsets()
+        if self.daemonsets is None:
+            self.add(name, FAIL, f"could not check: {error} — {grant}")
             return
-        self.daemonsets = [d.metadata.name for d in daemonsets]
         found = [f"{ENFORCING_DAEMONSETS[d.metadata.name]} (DaemonSet kube-system/{d.metadata.name})"
                  for d in daemonsets if d.metadata.name in ENFORCING_DAEMONSETS and d.metadata.name != "kindnet"]
         kindnet = next((d for d in daemonsets if d.metadata.name == "kindnet"), None)
@@ -255,6 +354,11 @@ class _Doctor:
             self.add(name, WARN, f"no enforcing DaemonSet in kube-system, but the CRDs of {', '.join(crds)} exist; "
                                  "check that its agent runs on every node")
             return
+        unread = [d for d in self.unread if d in ENFORCING_DAEMONSETS]
+        if unread:
+            self.add(name, FAIL, f"no NetworkPolicy enforcer among the DaemonSets it could read, and it could not "
+                                 f"check {', '.join(unread)}: {error} — {grant}")
+            return
         self.add(name, FAIL, f"no NetworkPolicy enforcer found (looked for DaemonSets "
                              f"{', '.join(ENFORCING_DAEMONSETS)} in kube-system and the Calico/Cilium CRDs): {why}. "
                              "On GKE create the cluster with Dataplane V2 (--enable-dataplane-v2) or enable "
@@ -276,7 +380,8 @@ class _Doctor:
             allowed.append("Cloud DNS for GKE 169.254.169.254")
         said = f"allowed on port 53 (UDP, TCP) only: {', '.join(allowed)}"
         if self.daemonsets is None:
-            self.add("DNS", WARN, f"{said}; could not see which resolvers run (list daemonsets in kube-system)")
+            self.add("DNS", WARN, f"{said}; could not see which resolvers run (get daemonsets in kube-system "
+                                  f"named {', '.join(DNS_DAEMONSETS)}: see the NetworkPolicy enforcement row)")
             return
         has_node_local = "node-local-dns" in self.daemonsets
         gke = bool({"anetd", "gke-metadata-server", "fluentbit-gke"} & set(self.daemonsets))
@@ -296,14 +401,9 @@ class _Doctor:
         """(the CRD or None, error text when it could not be read)."""
         from kubernetes import client
 
-        try:
-            return self.backend._call("get", "customresourcedefinitions", None,
-                                      client.ApiextensionsV1Api(self.backend.api_client()).read_custom_resource_definition,
-                                      crd, group="apiextensions.k8s.io"), ""
-        except kb._NotFound:
-            return None, ""
-        except SandboxError as err:
-            return None, _short(err)
+        api = client.ApiextensionsV1Api(self.backend.api_client())
+        return self._read("get", "apiextensions.k8s.io", "customresourcedefinitions", None, crd,
+                          lambda: api.read_custom_resource_definition(crd))
 
     def runtime_class(self) -> None:
         from kubernetes import client
@@ -311,15 +411,13 @@ class _Doctor:
         wanted = self.backend.runtime_class
         rc_name = wanted or "gvisor"
         name = f"RuntimeClass {rc_name}"
-        try:
-            rc = self.backend._call("get", "runtimeclasses", None,
-                                    client.NodeV1Api(self.backend.api_client()).read_runtime_class, rc_name,
-                                    group="node.k8s.io")
-        except kb._NotFound:
-            rc = None
-        except SandboxError as err:
-            self.add(name, FAIL if wanted else WARN,
-                     f"could not check: {_short(err)} — grant get on runtimeclasses.node.k8s.io (DOCTOR_PERMISSIONS)")
+        api = client.NodeV1Api(self.backend.api_client())
+        rc, error = self._read("get", "node.k8s.io", "runtimeclasses", None, rc_name,
+                               lambda: api.read_runtime_class(rc_name))
+        if error:
+            self.add(name, FAIL if wanted else INFO,
+                     f"could not check: {error} — grant get on runtimeclasses.node.k8s.io named {rc_name!r} "
+                     "(DOCTOR_PERMISSIONS; the Helm chart does with rbac.doctor=true)")
             return
         if wanted and rc is None:
             self.add(name, FAIL, f"c.KubernetesBackend.runtime_class is {wanted!r} but no such RuntimeClass exists, "
@@ -342,7 +440,7 @@ class _Doctor:
                  "the project (FQDN network policy is a GKE Enterprise feature), kube-dns or Cloud DNS (not "
                  "a custom CoreDNS), no Cloud Service Mesh; GKE programs at most 50 addresses per "
                  "FQDNNetworkPolicy, so the backend writes one object per name")
-        if self.daemonsets is not None and "anetd" not in self.daemonsets:
+        if self._absent("anetd"):
             self.add(name, FAIL, f"no GKE Dataplane V2 (DaemonSet kube-system/anetd): FQDNNetworkPolicies would be "
                                  f"stored but never enforced. Needs: {needs}")
             return
@@ -352,8 +450,8 @@ class _Doctor:
             if (minor, patch, gke) < (26, 4, 500) or (minor == 27 and (patch, gke) < (1, 400)):
                 self.add(name, FAIL, f"{self.git_version} is older than FQDN network policies need. Needs: {needs}")
                 return
-        seen = "Dataplane V2 runs" if self.daemonsets is not None else "could not see the dataplane"
-        self.add(name, WARN if self.daemonsets is None else INFO,
+        seen = "could not see the dataplane" if "anetd" in self.unread or self.daemonsets is None else "Dataplane V2 runs"
+        self.add(name, INFO if seen == "Dataplane V2 runs" else WARN,
                  f"{seen}; GKE Enterprise cannot be checked from the cluster. Needs: {needs}")
 
     def fqdn_crds(self) -> None:
@@ -365,8 +463,9 @@ class _Doctor:
             obj, error = self._crd(crd)
             used = enforcer in enforcers
             if error:
-                self.add(name, FAIL if used else WARN,
-                         f"could not check: {error} — grant get on customresourcedefinitions (DOCTOR_PERMISSIONS)")
+                self.add(name, FAIL if used else INFO,
+                         f"could not check: {error} — grant get on customresourcedefinitions named {crd!r} "
+                         "(DOCTOR_CRDS; the Helm chart does with rbac.doctor=true)")
             elif obj is None:
                 self.add(name, FAIL if used else INFO,
                          f"missing, and the '{enforcer}' enforcer needs it: {todo}" if used

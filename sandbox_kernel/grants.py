@@ -7,8 +7,11 @@ every other change, and tells the notebook: in the cell that is running, or at t
 of the next one. An entry allowed again without ``--for`` becomes permanent; one revoked
 by hand drops its grant.
 
-Hub mode does not take ``--for`` yet: there the sandbox service owns the policy and the
-expiry would have to live in the service to survive a kernel restart (issue #18, point 3).
+In hub mode the sandbox service keeps the clock (``Sandbox.timed``, hub/access.py): the
+kernel sends the duration with the change (:meth:`Grants.commit`), the service removes the
+entries when their time comes — also across kernel and service restarts — and tells the
+kernel (a ``hub_access`` frame), which then only shows what the service says
+(:meth:`Grants.follow_service`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .errors import SandboxError
-from .policy.model import Entry
+from .policy.model import Entry, parse_entry
 
 if TYPE_CHECKING:
     from .controls import Controls
@@ -56,6 +59,8 @@ class Grants:
         self._timer: asyncio.TimerHandle | None = None
         #: lines for the notebook that no cell has shown yet
         self.pending: list[str] = []
+        #: hub mode: the service ends the entries; this only mirrors its clock
+        self.service_clock = bool(getattr(controls.backend, "enforces_ceiling", False))
 
     # -- what the magics and status read ---------------------------------------------
     def left(self, entry: Entry) -> float | None:
@@ -77,6 +82,34 @@ class Grants:
             self._grants[entry] = Grant(entry, seconds, now + seconds, wall + seconds)
         self._schedule()
 
+    async def commit(self, entries: list[Entry], seconds: float | None) -> None:
+        """After ``%sandbox allow`` applied ``entries``: start their clock (``seconds``) or,
+        with None, make them permanent. In hub mode the service is told and keeps the clock."""
+        if not self.service_clock:
+            if seconds is None:
+                self.make_permanent(entries)
+            else:
+                self.add(entries, seconds)
+            return
+        clocks = {str(e): seconds for e in entries if seconds is not None or self.left(e) is not None}
+        if clocks:
+            timed = await self.controls.backend.set_timed(clocks)
+            self.follow_service(self.controls.policy, timed)
+
+    def follow_service(self, policy, timed: dict) -> None:
+        """Hub mode: the service's clocks (entry -> wall-clock end) replace the kernel's."""
+        now, wall = self.clock(), time.time()
+        grants: dict[Entry, Grant] = {}
+        for text, end in timed.items():
+            try:
+                entry = parse_entry(text)
+            except SandboxError:
+                continue
+            if entry in policy.entries and isinstance(end, (int, float)):
+                old = self._grants.get(entry)
+                grants[entry] = Grant(entry, old.seconds if old else max(0.0, end - wall), now + (end - wall), end)
+        self._grants = grants
+
     def make_permanent(self, entries: list[Entry]) -> None:
         for entry in entries:
             self._grants.pop(entry, None)
@@ -94,7 +127,7 @@ class Grants:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._grants:
+        if not self._grants or self.service_clock:
             return
         first = min(g.expires for g in self._grants.values())
         loop = asyncio.get_event_loop()

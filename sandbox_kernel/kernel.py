@@ -494,7 +494,8 @@ class SandboxKernel(Kernel):
             self.controls.remember_blocked(merged[0])
 
     def _new_board(self) -> NoticeBoard:
-        return NoticeBoard(self.controls.policy, self.controls.admin, limit=self.notice_limit)
+        return NoticeBoard(self.controls.policy, self.controls.admin, limit=self.notice_limit,
+                           requests=self.sandbox_backend.takes_requests)
 
     def _publish_error(self, content: dict) -> None:
         self.send_response(self.iopub_socket, "error", content)

@@ -110,6 +110,8 @@ class Proposed:
     sandbox_reported: bool = False
     #: a preset's place-takers: the entries it replaced (used when the preset is refused)
     parts: list = field(default_factory=list)
+    #: beyond the ceiling, but an administrator could grant it (hub mode: ``%sandbox request``)
+    requestable: bool = False
 
     def verdict(self) -> str:
         if self.kind == "invalid":
@@ -119,7 +121,7 @@ class Proposed:
     def to_json(self) -> dict:
         return {"kind": self.kind, "text": self.text, "covers": self.covers, "allowed": self.allowed,
                 "verdict": self.verdict(), "reason": self.reason, "note": self.note,
-                "sandbox_reported": self.sandbox_reported}
+                "sandbox_reported": self.sandbox_reported, "requestable": self.requestable}
 
 
 @dataclass
@@ -128,6 +130,8 @@ class Proposal:
 
     items: list[Proposed]
     tried: list[Tried]
+    #: whether this kernel can ask an administrator (hub mode's sandbox service)
+    requests: bool = False
 
     def allowed(self) -> list[Proposed]:
         return [p for p in self.items if p.allowed]
@@ -142,7 +146,16 @@ class Proposal:
                   if not p.allowed and p.kind != "invalid"]
         if beyond:
             out.append("# beyond your administrator's limits (ask them): " + ", ".join(beyond))
+        if self.request_line():
+            out.append(f"# to ask: {self.request_line()}")
         return out
+
+    def request_line(self) -> str:
+        """The ``%sandbox request`` line for what is beyond the ceiling but grantable ("" if none,
+        or when no administrator can be asked from this kernel)."""
+        entries = [p.text for p in self.items if p.kind == "entry" and not p.allowed and p.requestable]
+        return f"%sandbox request {' '.join(entries)} --reason \"learned from this notebook\"" \
+            if entries and self.requests else ""
 
     def text(self) -> str:
         if not self.items:
@@ -156,7 +169,8 @@ class Proposal:
                 extra += " · reported by the sandbox only"
             rows.append(f"  {name:<{width}}  {p.verdict()}  ({', '.join(p.covers)}){extra}")
         return (f"smallest allowlist for what the cells tried ({_count(len(self.tried), 'destination')}):\n"
-                + "\n".join(rows) + "\napply: %sandbox learn apply · as a cell: %sandbox learn insert")
+                + "\n".join(rows) + "\napply: %sandbox learn apply · as a cell: %sandbox learn insert"
+                + (f"\nask your administrator for the rest: {self.request_line()}" if self.request_line() else ""))
 
     def html(self) -> str:
         body = "".join(
@@ -170,7 +184,7 @@ class Proposal:
 
     def to_json(self) -> dict:
         return {"items": [p.to_json() for p in self.items], "tried": [t.to_json() for t in self.tried],
-                "lines": self.lines()}
+                "lines": self.lines(), "request": self.request_line()}
 
 
 class Learner:
@@ -298,7 +312,7 @@ class Learner:
             await self._reapply()
         except SandboxError as err:  # the rules still log accepted packets; nothing records them
             self.controls.log.warning("could not turn learn mode's reporting off: %s", err)
-        self.proposal = propose(self.tried(), self.controls.admin)
+        self.proposal = propose(self.tried(), self.controls.admin, requests=self.controls.access.available)
         self.controls.learn_changed()
         return self.proposal
 
@@ -365,7 +379,7 @@ class Learner:
 
 # -- the proposal ----------------------------------------------------------------------
 
-def propose(tried: list[Tried], admin: AdminPolicy) -> Proposal:
+def propose(tried: list[Tried], admin: AdminPolicy, *, requests: bool = False) -> Proposal:
     """The smallest allowlist that lets every destination in ``tried`` through.
 
     One entry per destination (a name when the program asked for one, else the address),
@@ -419,7 +433,7 @@ def propose(tried: list[Tried], admin: AdminPolicy) -> Proposal:
             decided += item.parts
         else:
             decided.append(item)
-    return Proposal(decided, tried)
+    return Proposal(decided, tried, requests)
 
 
 def _count(n: int, one: str, many: str | None = None) -> str:
@@ -478,6 +492,7 @@ def _decide(item: Proposed, admin: AdminPolicy) -> None:
         decision = admin.decide(entry)
         if not decision.allowed:
             item.allowed, item.reason = False, decision.reason
+            item.requestable = item.kind == "entry" and decision.requestable
             return
     item.allowed, item.reason = True, "within your administrator's limits"
 

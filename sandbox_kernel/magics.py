@@ -26,7 +26,7 @@ from .policy.presets import PRESETS
 if TYPE_CHECKING:
     from .controls import Controls
 
-VERBS = ("status", "policy", "allow", "revoke", "mode", "preset", "blocked", "learn", "restart", "help")
+VERBS = ("status", "policy", "allow", "revoke", "mode", "preset", "blocked", "learn", "request", "restart", "help")
 LEARN_VERBS = ("start", "stop", "status", "apply", "insert")
 
 HELP = """%sandbox — the sandbox and its egress policy (handled by the kernel, not the sandbox)
@@ -47,6 +47,9 @@ HELP = """%sandbox — the sandbox and its egress policy (handled by the kernel,
   %sandbox learn status        learning or not, destinations so far, the last proposal
   %sandbox learn apply         allow what the proposal says you may (as %sandbox allow does)
   %sandbox learn insert        put the proposal's %sandbox lines into a new cell
+  %sandbox request ENTRY… [--reason TEXT]
+                               hub mode: ask your administrator for destinations beyond your
+                               limits; the answer shows here and in the panel when it comes
   %sandbox restart             replace the sandbox with a fresh one (the policy is kept)
   %sandbox help                this text
 """
@@ -154,9 +157,6 @@ class SandboxMagics:
         if not args:
             raise UsageError("%sandbox allow: name at least one destination, e.g. %sandbox allow pypi.org:443")
         entries = [parse_entry(a) for a in args]
-        if seconds is not None and self.controls.backend.enforces_ceiling:
-            raise UsageError("%sandbox allow --for: timed access is not available in hub mode yet "
-                             "(the sandbox service would have to keep the clock); allow without --for")
         return MagicOutput(await self.controls.allow(entries, seconds))
 
     async def do_revoke(self, args) -> MagicOutput:
@@ -201,6 +201,16 @@ class SandboxMagics:
             return MagicOutput(await learner.apply())
         payload = learner.insert_payload()
         return MagicOutput(f"the next cell holds: {payload['text'].strip()}", payload=[payload])
+
+    async def do_request(self, args) -> MagicOutput:
+        from .access import split_request_args
+        from .widgets import request_view_for
+
+        entries, reason = split_request_args(args)
+        record = await self.controls.access.request(entries, reason)
+        return MagicOutput(f"request {record['id']} sent to your administrator; the answer will show here "
+                           "(and in %sandbox policy) when it comes, without a new cell",
+                           displays=[request_view_for(self.controls, record["id"]).bundle()])
 
     async def do_restart(self, args) -> MagicOutput:
         self._no_args("restart", args)

@@ -116,7 +116,10 @@ class BlockedConnection:
             return f"policy: {label} · you may allow it: {self.remedy['command']}"
         if self.remedy.get("action") == "unverified":
             return f"policy: {label} · {UNVERIFIED}"
-        return f"policy: {label} · {forbidden_text(self.remedy.get('reason', ''))}"
+        text = f"policy: {label} · {forbidden_text(self.remedy.get('reason', ''))}"
+        if self.remedy.get("request"):
+            text += f" · Request access: {self.remedy['request']} --reason '…'"
+        return text
 
     def text(self) -> str:
         return f"{self.headline()}\n   {self.advice()}"
@@ -134,6 +137,9 @@ class BlockedConnection:
             detail = forbidden_text(self.remedy.get("reason", ""))[len(FORBIDDEN):].lstrip(": ")
             tail = (f"policy: {html.escape(self.policy.get('label', ''))} · <b>{FORBIDDEN}</b>"
                     + (f": {html.escape(detail)}" if detail else ""))
+            if self.remedy.get("request"):
+                tail += (f" · <b>Request access</b>: <code>{html.escape(self.remedy['request'])} "
+                         "--reason '…'</code>")
         # a notice the sandbox reported looks different: grey and dashed, never the red bar
         kind, colours = (("sandbox-kernel-notice", "border-left:4px solid #c62828;background:#fff3f3") if self.verified
                          else ("sandbox-kernel-notice sandbox-kernel-notice-unverified",
@@ -158,10 +164,13 @@ class NoticeBoard:
     only counted (:attr:`more`, :attr:`more_changed`): one line says how many.
     """
 
-    def __init__(self, policy: Any, admin: Any, limit: int = NOTICE_LIMIT):
+    def __init__(self, policy: Any, admin: Any, limit: int = NOTICE_LIMIT, requests: bool = False):
         self._policy = policy_view(policy)
         self._admin = admin
         self._limit = limit
+        #: an administrator can be asked (hub mode): a verified notice of something beyond the
+        #: ceiling that could be granted offers ``%sandbox request``
+        self._requests = requests
         self._by_key: dict[tuple, BlockedConnection] = {}
         self._shown = {True: 0, False: 0}  # connections shown, by verified
         self._more_keys: set = set()
@@ -265,7 +274,10 @@ class NoticeBoard:
             if not verified:
                 return {"action": "unverified", "reason": UNVERIFIED}
             return {"action": "allow", "command": f"%sandbox allow {decision.entry}", "entry": str(decision.entry)}
-        return {"action": "forbidden", "reason": decision.reason}
+        remedy = {"action": "forbidden", "reason": decision.reason}
+        if self._requests and verified and decision.requestable and decision.entry is not None:
+            remedy.update(request=f"%sandbox request {decision.entry}", entry=str(decision.entry))
+        return remedy
 
 
 FORBIDDEN = "not permitted by your administrator"

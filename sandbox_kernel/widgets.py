@@ -10,6 +10,11 @@ Allow button does exactly what the notice's remedy, ``%sandbox allow ENTRY``, do
 (:meth:`Controls.allow`), and only a notice the kernel verified (enforcer, DNS proxy) has
 one: rows the sandbox reported show a disabled button.
 
+In hub mode the panel also lists the user's requests for access (``%sandbox request``) with the
+administrator's answers, updated when the answer comes; a blocked row an administrator could
+grant has a **Request access** button instead of a disabled Allow. :class:`RequestView` is one
+request's display in the cell that asked, updated in place the same way.
+
 New rows are batched: a panel redraws its blocked list at most every
 :data:`PANEL_INTERVAL` seconds (and when the cell ends), with at most
 :data:`MAX_BLOCKED_ROWS` rows, so a flood of blocked connections costs a few comm
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 import ipywidgets as w
 
+from .access import describe as describe_request
 from .errors import SandboxError
 from .learnview import learn_view_for
 from .policy.model import EgressPolicy, parse_entry
@@ -77,12 +83,17 @@ class PolicyPanel(View):
         self.status = w.HTML()
         self.blocked_box = w.VBox()
         self.learn = learn_view_for(controls)
+        # hub mode: the requests for access and the administrator's answers, updated as they come
+        self.requests = w.HTML()
+        self.requests.add_class("sandbox-kernel-requests")
         self.widget = w.VBox([
             self.title, self.mode, self.entries, self.validation,
             w.HBox([w.Label("Presets"), *self.preset_buttons]),
             w.HBox([self.apply, self.revert]), self.status,
-            w.HTML("<b>Recently blocked</b>"), self.blocked_box, self.learn.widget,
+            w.HTML("<b>Recently blocked</b>"), self.blocked_box,
+            *([self.requests] if controls.access.available else []), self.learn.widget,
         ], layout=w.Layout(border="1px solid #ccc", padding="6px", width="fit-content"))
+        self.access_changed()
 
         self.show_policy()
         self.mode.observe(self._edited, names="value")
@@ -103,6 +114,12 @@ class PolicyPanel(View):
 
     def cell_ended(self) -> None:
         self.flush_blocked()
+
+    def access_changed(self) -> None:
+        records = list(self.controls.access.requests.values())[-10:]
+        self.requests.value = ("<b>Requests for access</b><ul style='margin:2px 0'>"
+                               + "".join(f"<li>{html.escape(describe_request(r))}</li>" for r in records)
+                               + "</ul>") if records else ""
 
     # -- display ------------------------------------------------------------------------
     def bundle(self) -> dict:
@@ -270,6 +287,14 @@ class PolicyPanel(View):
             button.on_click(lambda _, entry=conn.remedy["entry"]: self._spawn(self._allow(entry)))
             self._allow_buttons.append((button, conn.remedy.get("entry", "")))
             self._mark_allowed()
+        elif conn.remedy.get("request"):
+            # beyond the ceiling, but an administrator could grant it (hub mode)
+            reason = conn.remedy.get("reason", "not permitted by your administrator")
+            button = w.Button(description="Request access", icon="envelope", tooltip=conn.remedy["request"],
+                              disabled=self.controls.admin.locked)
+            button.add_class("sandbox-kernel-request-access")
+            button.on_click(lambda _, entry=conn.remedy["entry"]: self._spawn(self._request(entry)))
+            label.value += f" <span style='color:#888'>— {html.escape(reason)}</span>"
         else:
             reason = conn.remedy.get("reason", "not permitted by your administrator")
             button = w.Button(description="Allow", icon="ban", disabled=True, tooltip=reason)
@@ -281,3 +306,49 @@ class PolicyPanel(View):
     async def _allow(self, entry: str) -> None:
         """The Allow button: what the notice's remedy, ``%sandbox allow ENTRY``, does."""
         await self._change(lambda: self.controls.allow([parse_entry(entry)]), remember=True)
+
+    async def _request(self, entry: str) -> None:
+        """The Request access button: what ``%sandbox request ENTRY`` does (no reason given)."""
+        async def ask() -> str:
+            record = await self.controls.access.request([entry], "")
+            return f"request {record['id']} sent to your administrator"
+
+        await self._change(ask, remember=False)
+
+
+def request_view_for(controls: Controls, request_id: str) -> RequestView:
+    """The display of one request for access (``%sandbox request``)."""
+    return RequestView(controls, request_id)
+
+
+class RequestView(View):
+    """One request for access and its state, in the cell that asked; it changes in place when
+    the administrator's answer comes (the service's ``hub_access`` frame, access.py)."""
+
+    COLOURS = {"pending": "#9a6700", "granted": "#1a7f37", "denied": "#c62828"}
+
+    def __init__(self, controls: Controls, request_id: str):
+        super().__init__(controls)
+        self.request_id = request_id
+        self.widget = w.HTML()
+        self.widget.add_class("sandbox-kernel-request")
+        # the controls hold views weakly; ipywidgets keeps the widget while it is shown, and the
+        # widget keeps its view (a panel's buttons' callbacks do the same for the panel)
+        self.widget._sandbox_view = self
+        self.access_changed()
+
+    def _record(self) -> dict:
+        return self.controls.access.requests.get(self.request_id) or {"id": self.request_id}
+
+    def access_changed(self) -> None:
+        record = self._record()
+        state = str(record.get("state", "pending"))
+        colour = self.COLOURS.get(state, "#555")
+        self.widget.value = (f"<div class='sandbox-kernel-request-{html.escape(state)}' style='border-left:4px solid "
+                             f"{colour};background:#f6f8fa;color:#222;padding:4px 8px;margin:2px 0;font-size:12px'>"
+                             f"{html.escape(describe_request(record))}</div>")
+
+    def bundle(self) -> dict:
+        data = self.mimebundle(describe_request(self._record()))
+        data["text/html"] = self.widget.value  # front ends without widgets show the state at the time
+        return data

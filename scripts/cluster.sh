@@ -6,6 +6,10 @@
 #   scripts/cluster.sh status   say what runs; exit 0 only when the cluster is ready
 #   scripts/cluster.sh env      print `export KUBECONFIG=... PATH=...` lines (eval "$(... env)")
 #   scripts/cluster.sh build    only build the binaries and images
+#   scripts/cluster.sh restart-apiserver
+#                               stop kube-apiserver alone (SIGTERM, as a control-plane upgrade
+#                               does) and start it again with the same flags; returns once
+#                               /readyz answers (tests of watches and streams that survive it)
 #
 # Components: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy,
 # kubectl, etcd (one multi-call binary built from the Go modules in scripts/cluster/kube),
@@ -430,7 +434,7 @@ start_etcd() {
   wait_for etcd 60 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 }
 
-start_control_plane() {
+start_apiserver() {
   port_free "$NODE_IP" "$API_PORT" || pid_of kube-apiserver >/dev/null || die "port $API_PORT is taken (kube-apiserver)"
   start kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
@@ -443,8 +447,15 @@ start_control_plane() {
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
     --allow-privileged=true --profiling=false --v=1
-  wait_for kube-apiserver 120 curl -fsS --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
-    "https://$NODE_IP:$API_PORT/readyz"
+  wait_for kube-apiserver 120 apiserver_ready
+}
+
+apiserver_ready() {
+  curl -fsS --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" "https://$NODE_IP:$API_PORT/readyz"
+}
+
+start_control_plane() {
+  start_apiserver
   start kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$RUN/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$RUN/controller-manager.kubeconfig" \
@@ -630,6 +641,23 @@ cmd_down() {
   log "cluster down"
 }
 
+cmd_restart_apiserver() {  # stop kube-apiserver only and start it again with the same flags
+  need_root
+  pid_of kube-apiserver >/dev/null || die "kube-apiserver is not running: nothing to restart (run $0 up)"
+  local t0 down
+  t0="$(now_ms)"
+  stop kube-apiserver
+  down="$(now_ms)"
+  start_apiserver
+  log "kube-apiserver restarted: stopped in $((down - t0)) ms, ready again $(($(now_ms) - t0)) ms after the stop began"
+  # the other components reconnect by themselves; return once `status` would say ready again
+  wait_for "node $NODE_NAME Ready after the restart" "$TIMEOUT" node_ready
+  wait_for "CoreDNS ready after the restart" "$TIMEOUT" dns_ready
+  wait_for "kube-router ready after the restart" "$TIMEOUT" policy_ready
+}
+
+now_ms() { local t="$EPOCHREALTIME"; echo $(( ${t/./} / 1000 )); }
+
 cmd_status() {
   local c pid ok=0
   for c in $COMPONENTS; do
@@ -660,5 +688,6 @@ case "${1:-}" in
   status) cmd_status ;;
   env) cmd_env ;;
   build) lock; cmd_build ;;
-  *) echo "usage: $0 up|down|status|env|build" >&2; exit 2 ;;
+  restart-apiserver) lock; cmd_restart_apiserver ;;
+  *) echo "usage: $0 up|down|status|env|build|restart-apiserver" >&2; exit 2 ;;
 esac

@@ -18,7 +18,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sandbox_kernel"
 #: the modules between the kernel and the user: none of them may reach the kernel
-UI = ["magics", "widgets", "learnview", "views", "controls", "grants", "learn", "history",
+UI = ["magics", "widgets", "learnview", "views", "controls", "access", "grants", "learn", "history",
       "notices", "cellstate", "footer"]
 
 

@@ -284,3 +284,20 @@ def test_a_port_refused_on_an_allowed_name_is_one_destination_named(fresh_kernel
     tried = {(t["port"], t["verdict"]): t for t in proposal["tried"] if t["protocol"] == "tcp"}
     assert set(tried) == {(8080, "allowed"), (9000, "blocked")}
     assert tried[(9000, "blocked")]["count"] == 1 and tried[(9000, "blocked")]["sources"] == ["enforcer", "guard"]
+
+
+def test_what_an_administrator_could_grant_is_offered_as_a_request_in_hub_mode():
+    tried = [_tried("pypi.org", "192.0.2.1", 443, "tcp"), _tried(None, "169.254.169.254", 80, "tcp"),
+             _tried(None, "10.231.7.2", 8080, "tcp")]
+    admin = AdminPolicy(user_may_allow=["10.231.0.0/16"])
+    hub = propose(tried, admin, requests=True)
+    # pypi.org is beyond the ceiling but grantable; the metadata address is always blocked: never offered
+    assert [(i.text, i.allowed, i.requestable) for i in hub.items] == [
+        ("pypi.org:443/tcp", False, True), ("169.254.169.254:80/tcp", False, False), ("10.231.7.2:8080/tcp", True, False)]
+    line = '%sandbox request pypi.org:443/tcp --reason "learned from this notebook"'
+    assert hub.request_line() == line and hub.lines()[-1] == f"# to ask: {line}"
+    assert hub.text().endswith(f"ask your administrator for the rest: {line}")
+    assert hub.to_json()["request"] == line
+    # without a service to ask (the local backend), nothing is offered
+    local = propose(tried, admin)
+    assert local.request_line() == "" and not any("%sandbox request" in x for x in local.lines() + [local.text()])

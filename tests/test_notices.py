@@ -45,20 +45,6 @@ def only_notice(cell):
     return found[0]
 
 
-def _until_named(run, attempts: int = 5):
-    """Run a cell (``run()`` returns it) until its notice names the process, at most
-    ``attempts`` times. Naming is best effort (docs/notices.md): the lookup races the program
-    closing its socket, and lost that race now and then (about one run of this file in three
-    on the test machine once every change of the day was in). What follows is exact about the
-    name and pid when one is found."""
-    cell = None
-    for _ in range(attempts):
-        cell = run()
-        if only_notice(cell).get("process") is not None:
-            break
-    return cell
-
-
 @pytest.mark.parametrize(
     ("name", "code", "verdict", "process"),
     [
@@ -78,8 +64,7 @@ def _until_named(run, attempts: int = 5):
 )
 def test_each_path_yields_exactly_one_notice(kernel, test_host, name, code, verdict, process):
     host = test_host(8080)
-    run = lambda: kernel.execute(code.format(ip=host.ip, port=host.port))  # noqa: E731
-    cell = _until_named(run) if process else run()
+    cell = kernel.execute(code.format(ip=host.ip, port=host.port))
     notice = only_notice(cell)
     assert notice["ip"] == host.ip and notice["port"] == host.port
     assert notice["protocol"] == "tcp"
@@ -335,10 +320,17 @@ def test_a_flood_of_forged_reports_is_capped_and_counted(kernel):
 UNROUTED = "10.213.7.2"
 TCP_CONNECT = ("!python3 -c \"import os, socket; print('pid', os.getpid(), flush=True); s=socket.socket(); "
                "s.settimeout(2); print('result', s.connect_ex(('{ip}', {port})))\"")
-# a datagram and a wait for the answer (as a DNS client does): the socket is open while it waits
-UDP_SEND = ("!python3 -c \"import os, select, socket; print('pid', os.getpid(), flush=True); "
-            "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('{ip}', {port})); "
-            "select.select([s], [], [], 1)\"")
+# a datagram and a wait for the answer (as a DNS client does): the socket is open while it waits.
+# Under drop, sendto fails with EPERM (nftables gives the sender its verdict): this client waits
+# all the same, as one that tries again would. One that exits at once is named only when the
+# reader wins the race with its exit (docs/notices.md).
+UDP_SEND = ("open('/tmp/udp_send.py', 'w').write('''import os, select, socket, sys\n"
+            "print('pid', os.getpid(), flush=True)\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "try:\n    s.sendto(b'x', (sys.argv[1], int(sys.argv[2])))\n"
+            "except OSError as e:\n    print('errno', e.errno, flush=True)\n"
+            "select.select([s], [], [], 1)\n''')\n"
+            "!python3 /tmp/udp_send.py {ip} {port}")
 
 
 def _sender_pid(cell) -> int:
@@ -358,7 +350,7 @@ def test_rejected_connection_of_an_unguarded_process_names_it(kernel):
 
 @pytest.mark.parametrize("protocol", ["tcp", "udp"])
 def test_rejected_notice_names_the_sender_with_its_sandbox_pid(kernel, protocol):
-    cell = _until_named(lambda: kernel.execute((TCP_CONNECT if protocol == "tcp" else UDP_SEND).format(ip=UNROUTED, port=8090)))
+    cell = kernel.execute((TCP_CONNECT if protocol == "tcp" else UDP_SEND).format(ip=UNROUTED, port=8090))
     notice = only_notice(cell)
     assert (notice["verdict"], notice["protocol"], notice["port"]) == ("rejected", protocol, 8090)
     # the pid as the sandbox sees it (what os.getpid() printed there), not the host's
@@ -368,9 +360,11 @@ def test_rejected_notice_names_the_sender_with_its_sandbox_pid(kernel, protocol)
 @pytest.mark.parametrize("protocol", ["tcp", "udp"])
 def test_dropped_notice_names_the_sender(fresh_kernel, protocol):
     kernel = fresh_kernel({"SANDBOX_KERNEL_REFUSE_WITH": "drop"})
-    cell = _until_named(lambda: kernel.execute((TCP_CONNECT if protocol == "tcp" else UDP_SEND).format(ip=UNROUTED, port=8091)))
+    cell = kernel.execute((TCP_CONNECT if protocol == "tcp" else UDP_SEND).format(ip=UNROUTED, port=8091))
     if protocol == "tcp":
         assert "result 11" in cell.stream()  # EAGAIN: timed out, the SYN was dropped
+    else:
+        assert "errno 1" in cell.stream()  # EPERM: the drop is the sender's error
     notice = only_notice(cell)
     assert (notice["verdict"], notice["protocol"], notice["port"]) == ("dropped", protocol, 8091)
     assert notice["process"] == {"name": "python3", "pid": _sender_pid(cell)}

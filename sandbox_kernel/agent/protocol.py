@@ -52,6 +52,8 @@ against :data:`AGENT_TYPES`)
 --------------------------------------------------------------------------------------------
 ``hub_enforcer_blocked`` {record} — a record of the sandbox's enforcer (NFLOG, DNS proxy)
 ``hub_policy``           {policy, reason} — the policy an administrator's ceiling imposed
+``hub_access``           {event, message, request, policy, ceiling, timed} — a request for access
+                         decided, a grant or a timed entry ended (sandbox_kernel/hub/access.py)
 
 Sequence numbers (socket channel only, i.e. Kubernetes exec): agent frames carry ``seq``,
 and ``done``/``reply``/``pong`` also ``ack`` (the highest kernel ``seq`` processed); kernel
@@ -99,7 +101,8 @@ AGENT_TYPES = frozenset(
 #: frames only the hub's sandbox service makes (see above)
 ENFORCER_FRAME = "hub_enforcer_blocked"
 POLICY_FRAME = "hub_policy"
-SERVICE_TYPES = frozenset({ENFORCER_FRAME, POLICY_FRAME})
+ACCESS_FRAME = "hub_access"
+SERVICE_TYPES = frozenset({ENFORCER_FRAME, POLICY_FRAME, ACCESS_FRAME})
 KERNEL_TYPES = frozenset(
     {
         "execute",

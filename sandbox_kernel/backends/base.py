@@ -141,6 +141,11 @@ class Backend(LoggingConfigurable):
     #: against the ceiling itself, so the kernel only advises and never refuses on its own
     enforces_ceiling: bool = False
 
+    #: True when an administrator can be asked for entries beyond the ceiling
+    #: (``%sandbox request``: the hub service's requests for access); notices, refusals and the
+    #: panel then offer "Request access"
+    takes_requests: bool = False
+
     #: what :meth:`apply_policy` last put in force (see :attr:`applied`)
     _applied: dict[str, Any] = {}
 

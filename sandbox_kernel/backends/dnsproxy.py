@@ -30,16 +30,20 @@ import socket
 import struct
 from typing import Any, Callable
 
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+
 from ..agent.protocol import BlockedRecord, blocked_record
 from ..policy.compile_nftables import set_for_entry
-from ..policy.resolve import DNSFormatError, decode_name, parse_resolver, parse_response
+from ..policy.resolve import DNSFormatError, from_wire, name_text, parse_resolver, parse_response
 from .netns import in_netns
 
 LISTEN = ("127.0.0.53", 53)
 TCP_IDLE = 10.0  # seconds a TCP client may keep a connection without a query
 TCP_MAX_CLIENTS = 64
 MAX_INFLIGHT = 64  # upstream queries (UDP and TCP) waiting for an answer at once
-RCODE_REFUSED = 5
 TYPE_A, TYPE_AAAA = 1, 28
 
 
@@ -70,17 +74,13 @@ def name_matches(entry, name: str) -> bool:
 
 
 def parse_question(query: bytes) -> tuple[int, str, int]:
-    """(id, name, qtype) of a query; DNSFormatError when it is not one question."""
-    if len(query) < 12:
-        raise DNSFormatError("shorter than a DNS header")
-    qid, flags, qdcount = struct.unpack("!HHH", query[:6])
-    if flags & 0x8000 or qdcount != 1:
+    """(id, name, qtype) of a query (dnspython reads its header and question, nothing after);
+    DNSFormatError when it is not one question, or not a query."""
+    message = from_wire(query, question_only=True)
+    if message.flags & dns.flags.QR or len(message.question) != 1:
         raise DNSFormatError("not a single-question query")
-    name, offset = decode_name(query, 12)
-    if offset + 4 > len(query):
-        raise DNSFormatError("truncated question")
-    (qtype,) = struct.unpack("!H", query[offset : offset + 2])
-    return qid, name, qtype
+    (question,) = message.question
+    return message.id, name_text(question.name), int(question.rdtype)
 
 
 def bind_here() -> tuple[socket.socket, socket.socket]:
@@ -102,12 +102,26 @@ def bind_here() -> tuple[socket.socket, socket.socket]:
 
 
 def refused(query: bytes) -> bytes:
-    """A REFUSED answer to ``query`` (same id and question, no records)."""
-    qid, flags = struct.unpack("!HH", query[:4])
-    _, offset = decode_name(query, 12)
-    question = query[12 : offset + 4]
-    flags = 0x8000 | (flags & 0x0100) | 0x0080 | RCODE_REFUSED  # QR, RD copied, RA, REFUSED
-    return struct.pack("!HHHHHH", qid, flags, 1, 0, 0, 0) + question
+    """A REFUSED answer to ``query`` (same id and question, as it was sent, no records)."""
+    return _answer_with(from_wire(query, question_only=True), dns.rcode.REFUSED)
+
+
+def format_error(query: bytes) -> bytes | None:
+    """A FORMERR answer to a malformed query: its id, no question; None when not even a DNS
+    header came (nothing to answer to)."""
+    if len(query) < 12:
+        return None
+    response = dns.message.Message(id=int.from_bytes(query[:2], "big"))
+    response.flags = dns.flags.QR | dns.flags.RA | (int.from_bytes(query[2:4], "big") & dns.flags.RD)
+    response.set_rcode(dns.rcode.FORMERR)
+    return response.to_wire()
+
+
+def _answer_with(query: dns.message.Message, rcode: dns.rcode.Rcode) -> bytes:
+    response = dns.message.make_response(query, recursion_available=True)
+    response.set_opcode(dns.opcode.QUERY)
+    response.set_rcode(rcode)
+    return response.to_wire()
 
 
 class DnsProxy(asyncio.DatagramProtocol):
@@ -170,6 +184,9 @@ class DnsProxy(asyncio.DatagramProtocol):
         try:
             _, name, _ = parse_question(data)
         except DNSFormatError:
+            answer = format_error(data)
+            if answer is not None and self._transport is not None:
+                self._transport.sendto(answer, addr)
             return
         if not self.decide(name)[0]:
             response = self._refuse(data, name)
@@ -235,7 +252,7 @@ class DnsProxy(asyncio.DatagramProtocol):
         try:
             _, name, qtype = parse_question(query)
         except DNSFormatError:
-            return None
+            return format_error(query)
         allowed, entries = self.decide(name)
         if not allowed:
             return self._refuse(query, name)

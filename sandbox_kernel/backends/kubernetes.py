@@ -467,7 +467,13 @@ class KubernetesBackend(Backend):
             progress("Scheduling…")
             await self._wait_ready(pod["metadata"]["resourceVersion"], progress)
         except BaseException:
-            await self.stop()
+            try:
+                await self.stop()
+            except SandboxError as cleanup:
+                # the cause of the failed start is what the user must see, not a refusal
+                # met while cleaning up after it (an identity that may not start a sandbox
+                # may not delete its objects either)
+                self.log.warning("cleaning up after the failed start of %s failed: %s", self.pod, cleanup)
             raise
         self._info = SandboxInfo(self.name, self.pod, {
             "namespace": self.namespace, "pod": self.pod, "image": self.image,
@@ -1175,7 +1181,8 @@ class _Watch:
     * an ERROR event or a 410 Gone (the resourceVersion was compacted away): list again,
       emit what the list shows (a pod that is gone as ``DELETED``), and watch from the
       list's resourceVersion;
-    * the connection failing (the API server is down for a moment): retry with backoff
+    * the connection failing (the API server is down for a moment), a 5xx, or a 429 (a
+      restarted server refuses watches until its cache is filled): retry with backoff
       for :attr:`UNREACHABLE_FOR` s, then report KubernetesUnavailable.
 
     Any other error event or status is reported as the typed error :func:`_api_error`
@@ -1191,6 +1198,7 @@ class _Watch:
         self.func, self.args = func, args
         self.field_selector, self.resource_version, self.timeout_seconds = field_selector, resource_version, timeout_seconds
         self.rewatches = self.relists = 0
+        self.allowed_once = False  # a watch was opened (the identity may watch)
         self._stopped = threading.Event()
         self._resp = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"sandbox-watch-{source}")
@@ -1226,13 +1234,15 @@ class _Watch:
 
         failing_since: float | None = None
         while not self._stopped.is_set():
+            refused = None  # a 403 being retried
             try:
                 outcome = self._watch_once()
                 failing_since = None
             except ApiException as err:
+                refused = err if err.status == 403 else None
                 if err.status == 410:
                     outcome = "gone"
-                elif err.status == 0 or err.status >= 500:
+                elif _retryable(err.status) or self._refused_after_allowed(err):
                     outcome = f"failed: {err.status} {err.reason}"
                 else:
                     self._error(_api_error(err, "watch", self.resource, self.namespace))
@@ -1250,9 +1260,10 @@ class _Watch:
                 try:
                     self._relist()
                 except ApiException as err:
-                    if err.status and err.status < 500:
+                    if not (_retryable(err.status) or self._refused_after_allowed(err)):
                         self._error(_api_error(err, "list", self.resource, self.namespace))
                         return
+                    refused = err if err.status == 403 else None
                     outcome = f"failed: {err.status} {err.reason}"
                 except Exception as err:  # noqa: BLE001 - as above
                     outcome = f"failed: {err}"
@@ -1260,12 +1271,22 @@ class _Watch:
                 now = time.monotonic()
                 failing_since = failing_since if failing_since is not None else now
                 if now - failing_since > self.UNREACHABLE_FOR:
-                    self._error(KubernetesUnavailable(f"watching {self.resource} failed for "
-                                                      f"{self.UNREACHABLE_FOR:.0f} s: {outcome[8:]}"))
+                    if refused is not None:  # still refused: the identity lost the right
+                        self._error(_api_error(refused, "watch", self.resource, self.namespace))
+                    else:
+                        self._error(KubernetesUnavailable(f"watching {self.resource} failed for "
+                                                          f"{self.UNREACHABLE_FOR:.0f} s: {outcome[8:]}"))
                     return
                 self._stopped.wait(min(0.2 * 2 ** min(int(now - failing_since), 4), 2.0))
             else:
                 self.rewatches += 1
+
+    def _refused_after_allowed(self, err) -> bool:
+        """A 403 for a watch this identity was allowed to open a moment ago: a restarting
+        API server serves before its RBAC caches are filled and refuses meanwhile (seen on
+        the test cluster: 'clusterrole … not found' for every role), so it is retried like
+        an unreachable server; one that lasts :attr:`UNREACHABLE_FOR` s is reported."""
+        return err.status == 403 and self.allowed_once
 
     def _watch_once(self) -> str:
         """One watch request from :attr:`resource_version`; returns "closed" (clean end) or
@@ -1278,6 +1299,7 @@ class _Watch:
         self._resp = resp
         try:
             _check_status(resp)
+            self.allowed_once = True
             for event in _json_lines(resp):
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
@@ -1285,7 +1307,7 @@ class _Watch:
                         return "gone"
                     err = ApiException(status=obj.get("code") or 500, reason=obj.get("reason", ""))
                     err.body = json.dumps(obj)
-                    if err.status >= 500:
+                    if _retryable(err.status):
                         raise err
                     raise _WatchError(_api_error(err, "watch", self.resource, self.namespace))
                 version = (obj.get("metadata") or {}).get("resourceVersion")
@@ -1316,6 +1338,13 @@ class _Watch:
         if not items and self.source == "pod":
             self._put((self.source, "DELETED", {}))
         self.resource_version = (listed.get("metadata") or {}).get("resourceVersion") or self.resource_version
+
+
+def _retryable(status: int | None) -> bool:
+    """A watch or list answer to retry: no answer (0), a 5xx, or 429 — which a restarting
+    API server sends ("storage is (re)initializing", Retry-After) until its watch cache is
+    filled again, after its port already accepts connections."""
+    return not status or status >= 500 or status == 429
 
 
 class _WatchError(Exception):
@@ -1358,7 +1387,7 @@ class _ExecWriter:
     While the transport re-attaches after a dropped stream, a send waits for the new
     stream (up to ``REATTACH_WAIT`` s) instead of failing."""
 
-    REATTACH_WAIT = 15.0
+    REATTACH_WAIT = 65.0  # ExecTransport.REATTACH_FOR, and a little
 
     def __init__(self, ws):
         self.ws = ws
@@ -1410,7 +1439,9 @@ class ExecTransport(LineTransport):
     StreamReader with whole lines only; the channel-3 status is kept as :attr:`status`
     when the exec ends. When the stream is cut without a status (a load balancer, an API
     server restart, a network blip) and ``alive()`` says the pod still runs, the thread
-    re-attaches with ``reopen()`` (up to :attr:`MAX_REATTACH` tries): the agent is the
+    re-attaches with ``reopen()`` (at least :attr:`MAX_REATTACH` tries, and for up to
+    :attr:`REATTACH_FOR` s while the API server cannot answer or refuses: a restarting one
+    is down for seconds, then refuses until its RBAC caches are filled): the agent is the
     pod's main process and keeps the interpreter. Frames are numbered both ways (see
     agent/protocol.py): the new stream opens with ``resume {since}`` and the frames the
     agent has not acknowledged are sent again, the agent replays what it wrote after
@@ -1422,6 +1453,7 @@ class ExecTransport(LineTransport):
     """
 
     MAX_REATTACH = 5
+    REATTACH_FOR = 60.0
     #: kernel frames kept for resending until the agent acknowledges them
     MAX_UNACKED = 4096
 
@@ -1513,8 +1545,13 @@ class ExecTransport(LineTransport):
             return False
         writer = self._writer
         writer.reattaching.set()
+        deadline = time.monotonic() + self.REATTACH_FOR
+        attempt = -1
         try:
-            for attempt in range(self.MAX_REATTACH):
+            while True:
+                attempt += 1
+                if attempt >= self.MAX_REATTACH and time.monotonic() > deadline:
+                    return False
                 if writer.closed:
                     return False
                 try:
@@ -1535,7 +1572,6 @@ class ExecTransport(LineTransport):
                 self.reattached += 1
                 self.log.warning("the exec stream to the sandbox dropped; re-attached (%d)", self.reattached)
                 return True
-            return False
         finally:
             writer.reattaching.clear()
 

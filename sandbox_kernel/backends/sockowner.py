@@ -11,7 +11,11 @@ the kernel runs as root and sees the sandbox's processes in /proc. In this order
    NETLINK_SOCK_DIAG in the sandbox's namespace (:class:`SocketDiag`; microseconds, unlike reading
    ``/proc/net/tcp``, which walks the host's whole connection table): found for a connection still
    waiting (dropped TCP, SYN_SENT) and for any UDP socket still open, refused or dropped;
-3. a TCP connect refused by a reset leaves its socket closed, out of every table (its port is
+3. a datagram whose socket is in the snapshot but no longer open when step 2 looks (the sender
+   exited at once: under ``drop`` its ``sendto`` fails with EPERM, the rules' verdict, and a
+   program that gives up then closes the socket within a millisecond or two): the one process
+   whose UDP socket closed in between is named;
+4. a TCP connect refused by a reset leaves its socket closed, out of every table (its port is
    released at once), but still open in the process until it closes it: then the process that
    holds TCP sockets is the one; if several do, the sockets in the tables are left out
    (``/proc/<pid>/net/tcp*``, slow, read only then) and the youngest remaining process is named.
@@ -34,13 +38,19 @@ _TABLES = {"tcp": ("tcp", "tcp6"), "udp": ("udp", "udp6")}
 
 
 def sandbox_pids(cgroup_dirs, netns_path: str | None) -> list[int]:
-    """The processes of a sandbox: its cgroup's members, else every process in its netns."""
+    """The processes of a sandbox: its cgroup's members, else every process in its netns.
+
+    One controller's list is enough: the backend puts the sandbox's first process in each of its
+    cgroups, and children inherit them all. Reading one (of cgroup v1's several) halves the time
+    this takes, and it runs while the sender may be about to close its socket."""
     pids: set[int] = set()
     for directory in cgroup_dirs:
         try:
-            pids |= {int(p) for p in Path(directory, "cgroup.procs").read_text().split()}
+            pids = {int(p) for p in Path(directory, "cgroup.procs").read_text().split()}
         except (OSError, ValueError):
             continue
+        if pids:
+            break
     if pids or netns_path is None:
         return sorted(pids)
     try:
@@ -196,12 +206,12 @@ def owner(pids: list[int], protocol: str, src: str, sport: int | None, dst: str 
     if not pids or sport is None or protocol not in _TABLES:
         return None
     kinds = ("TCP", "TCPv6") if protocol == "tcp" else ("UDP", "UDPv6")
-    held: dict[int, list[str]] = {}  # pid -> inodes of its sockets of this protocol
+    held: dict[int, list[tuple[str, str]]] = {}  # pid -> (inode, fd path) of its sockets of this protocol
     who: dict[int, dict | None] = {}
     for pid in pids:
         for inode, path in _sockets_of(pid):
             if _kind(path) in kinds:
-                held.setdefault(pid, []).append(inode)
+                held.setdefault(pid, []).append((inode, path))
         if pid in held:
             who[pid] = _describe(pid)
     if not held:
@@ -209,7 +219,14 @@ def owner(pids: list[int], protocol: str, src: str, sport: int | None, dst: str 
     if diag is not None and dst is not None and dport is not None:
         inode = diag.inode(protocol, src, sport, dst, dport)
         if inode is not None:
-            return next((who[pid] for pid, inodes in held.items() if inode in inodes), None)
+            return next((who[pid] for pid, socks in held.items() if any(i == inode for i, _ in socks)), None)
+        if protocol == "udp":
+            # the datagram's socket is open no more, yet was a moment ago, in the snapshot above:
+            # a sender that exits at once (a drop makes sendto fail with EPERM, and a datagram
+            # needs no answer). The one process whose UDP socket closed since then sent it.
+            closed = [pid for pid, socks in held.items() if any(not _still_open(path, i) for i, path in socks)]
+            if len(closed) == 1:
+                return who[closed[0]]
     if len(held) == 1 and protocol == "tcp":
         return next(iter(who.values()))
     table: dict[str, tuple[str, int]] = {}
@@ -217,10 +234,18 @@ def owner(pids: list[int], protocol: str, src: str, sport: int | None, dst: str 
         if os.path.exists(f"/proc/{pid}"):
             table = _table_inodes(pid, protocol)
             break
-    for pid, inodes in held.items():
-        if any(table.get(i, ("", -1))[1] == sport and table[i][0] in (src, "0.0.0.0", "::") for i in inodes):
+    for pid, socks in held.items():
+        if any(table.get(i, ("", -1))[1] == sport and table[i][0] in (src, "0.0.0.0", "::") for i, _ in socks):
             return who[pid]
     if protocol != "tcp":
         return None
-    closed = [pid for pid, inodes in held.items() if any(i not in table for i in inodes)]
+    closed = [pid for pid, socks in held.items() if any(i not in table for i, _ in socks)]
     return who[max(closed, key=_start_time)] if closed else None
+
+
+def _still_open(path: str, inode: str) -> bool:
+    """Whether the descriptor at ``path`` (``/proc/<pid>/fd/<n>``) still holds socket ``inode``."""
+    try:
+        return os.readlink(path) == f"socket:[{inode}]"
+    except OSError:
+        return False

@@ -1,13 +1,15 @@
-"""The admin page of the sandbox service: every user's sandboxes, the ceilings (with exam mode
-for a class in one click), and the audit log, in the browser.
+"""The admin page of the sandbox service: users' requests for access (grant or deny), the
+grants in force, every user's sandboxes, the ceilings (with exam mode for a class in one
+click), and the audit log, in the browser.
 
 Login is the JupyterHub way (``HubOAuth``: a hub admin opening ``/services/sandbox/admin`` is
 sent through the hub's login and back with a cookie); the kernels' token API is unchanged.
 Changes go through the same :class:`~sandbox_kernel.hub.manager.Manager` methods as the API,
 so they are checked and audited the same way, with the admin's name as ``by``. Forms carry
 tornado's XSRF token (the cookie alone cannot change anything). The page is server-rendered
-HTML with no script and nothing from elsewhere; everything user-controlled (user and group
-names, policy entries, audit fields) is escaped.
+HTML with no script and nothing from elsewhere, from tornado templates (``templates/``) with
+autoescape on: everything user-controlled (user and group names, policy entries, reasons,
+audit fields) is HTML-escaped by the template engine, not by hand.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-from urllib.parse import urlparse
-from html import escape
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import web
 
 from ..errors import PolicyError
+from .access import AccessRefused
 from .manager import CEILING_KEYS, NotFound
 
 #: the overrides "exam mode" sets: no egress at all, and no changes by users
@@ -32,16 +35,12 @@ AUDIT_ROWS = 100
 FLASH_COOKIE = "sandbox-admin-flash"
 FLASH_MAX_AGE_DAYS = 1 / 1440  # a minute
 
-STYLE = """
-body{font:14px/1.45 system-ui,sans-serif;margin:1.5rem 2rem;color:#1f2328;max-width:80rem}
-h1{font-size:1.4rem;margin:0 0 .2rem}h2{font-size:1.1rem;margin:1.6rem 0 .5rem}
-table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #d0d7de;
-vertical-align:top}th{background:#f6f8fa}code{font-size:.9em}.muted{color:#656d76}.ok{color:#1a7f37}
-.bad{color:#cf222e}form.inline{display:inline}button{font:inherit;padding:.2rem .7rem;cursor:pointer}
-.exam{background:#cf222e;color:#fff;border:1px solid #a40e26;border-radius:4px}
-.box{border:1px solid #d0d7de;border-radius:6px;padding:.8rem 1rem;margin:.5rem 0}
-input,select{font:inherit;padding:.15rem .3rem}
-"""
+#: the page's templates (tornado, autoescaped: every ``{{ }}`` is HTML-escaped)
+TEMPLATES = Path(__file__).with_name("templates")
+#: how long a grant lasts, as the page offers it: (seconds or "" for until revoked, label)
+DURATIONS = (("", "until revoked"), ("600", "for 10 minutes"), ("3600", "for 1 hour"),
+             ("14400", "for 4 hours"), ("86400", "for 1 day"), ("604800", "for 1 week"))
+DECIDED_ROWS = 20
 
 
 def _when(ts: Any) -> str:
@@ -50,17 +49,8 @@ def _when(ts: Any) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _conformed(sb) -> str:
-    """When a ceiling change last forced the sandbox's policy, by whom and why (escaped)."""
-    c = sb.conformed if isinstance(sb.conformed, dict) else None
-    if not c:
-        return ""
-    return (f"{_when(c.get('time'))} by {escape(str(c.get('by')))}"
-            f"<br><span class=muted>{escape(str(c.get('reason') or ''))}</span>")
-
-
 def _summary(event: dict) -> str:
-    """One line for an audit record (already escaped)."""
+    """One line for an audit record (plain text: the template escapes it)."""
     kind = event.get("event")
     if kind == "policy":
         to = event.get("to") or {}
@@ -74,10 +64,14 @@ def _summary(event: dict) -> str:
         text = f"sandbox {event.get('action')}"
     elif kind == "denied":
         text = f"denied {event.get('request')}"
+    elif kind == "access":
+        entries = event.get("entries")
+        entries = ", ".join(str(e) for e in entries) if isinstance(entries, list) else str(entries or "")
+        text = f"access {event.get('action')} {event.get('request_id') or event.get('grant') or ''} {entries}".rstrip()
     else:
         text = str(kind)
     reason = event.get("reason")
-    return escape(text + (f" — {reason}" if reason else ""))
+    return text + (f" — {reason}" if reason else "")
 
 
 class _AdminHandler(HubOAuthenticated, web.RequestHandler):
@@ -140,15 +134,22 @@ class _AdminHandler(HubOAuthenticated, web.RequestHandler):
             raise web.HTTPError(403, "only hub admins (or members of the admin groups) may open this page")
         return user["name"]
 
+    def get_template_path(self):
+        return str(TEMPLATES)
+
     def write_error(self, status_code, **kwargs):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         message = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else self._reason
-        elsewhere = getattr(self, "_elsewhere", None)
-        link = (f"<p>The admin page is at <a href='{escape(elsewhere)}'>{escape(elsewhere)}</a>.</p>"
-                if elsewhere else "")
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.finish(f"<!doctype html><title>{status_code}</title><style>{STYLE}</style>"
-                    f"<h1>{status_code} {escape(self._reason)}</h1><p>{escape(message)}</p>{link}")
+        self.finish(self.render_string("admin_error.html", status_code=status_code, reason=self._reason,
+                                       message=message, elsewhere=getattr(self, "_elsewhere", None)))
+
+    def flash(self, message: str) -> None:
+        """Show ``message`` once on the page the form redirects to (a cookie signed with the
+        service's secret: a link or a page elsewhere cannot put words there)."""
+        self.set_signed_cookie(FLASH_COOKIE, message, expires_days=None, path=self.service.url_prefix + "admin",
+                               httponly=True, samesite="Strict", secure=self.request.protocol == "https")
+        self.redirect(f"{self.service.url_prefix}admin")
 
 
 class AdminPageHandler(_AdminHandler):
@@ -170,100 +171,31 @@ class AdminPageHandler(_AdminHandler):
         self.clear_cookie(FLASH_COOKIE, path=self.service.url_prefix + "admin")
         return raw.decode("utf-8", "replace")
 
-    def render_page(self, me: str, user_filter: str, message: str, audit: tuple[list[dict], int]) -> str:
-        m, prefix = self.manager, self.service.url_prefix
-        xsrf = self.xsrf_form_html()
+    def render_page(self, me: str, user_filter: str, message: str, audit: tuple[list[dict], int]) -> bytes:
+        m = self.manager
         user = self.current_user
         why = "hub admin" if user.get("admin") else "member of " + ", ".join(
             sorted(set(user.get("groups") or []) & set(self.service.admin_groups)))
-        out = [f"<!doctype html><html lang=en><meta charset=utf-8><title>Sandbox service — admin</title>"
-               f"<style>{STYLE}</style><h1>Sandbox service</h1>"
-               f"<p class=muted>Signed in as <b>{escape(me)}</b> ({escape(why)}). Backend "
-               f"<code>{escape(m.backend_name)}</code>.</p>"]
-        if message:
-            out.append(f"<p class=box id=message>{escape(message)}</p>")
-
-        # ceilings
-        base = {key: getattr(m.base, key) for key in CEILING_KEYS}
-        out.append("<h2>Ceilings</h2><div class=box><b>Base</b> (the service's configuration): "
-                   f"<code>{escape(json.dumps(base, default=str))}</code></div>")
-        out.append("<table id=overrides><tr><th>override of</th><th>settings</th><th></th></tr>")
-        overrides = [(kind, name, layer) for kind in ("groups", "users")
-                     for name, layer in sorted(m.ceilings[kind].items())]
-        for kind, name, layer in overrides:
-            label = "exam mode" if all(layer.get(k) == v for k, v in EXAM_MODE.items()) else ""
-            out.append(
-                f"<tr><td>{kind[:-1]} <b>{escape(name)}</b> <span class=bad>{label}</span></td>"
-                f"<td><code>{escape(json.dumps(layer, default=str))}</code></td>"
-                f"<td><form class=inline method=post action='{escape(prefix)}admin/ceilings'>{xsrf}"
-                f"<input type=hidden name=kind value='{kind}'><input type=hidden name=name value='{escape(name)}'>"
-                f"<button name=action value=clear>Clear</button></form></td></tr>")
-        if not overrides:
-            out.append("<tr><td colspan=3 class=muted>none: every user has the base ceiling</td></tr>")
-        out.append("</table>")
-        groups = sorted({g for gs in m.user_groups.values() for g in gs})
-        options = "".join(f"<option value='{escape(g)}'>" for g in groups)
-        out.append(
-            f"<form id=set-ceiling class=box method=post action='{escape(prefix)}admin/ceilings'>{xsrf}"
-            "<select name=kind><option value=groups>group</option><option value=users>user</option></select> "
-            f"<input name=name required placeholder='group or user name' list=known-groups>"
-            f"<datalist id=known-groups>{options}</datalist> "
-            "<button class=exam name=action value=exam>Exam mode: no egress, locked</button> "
-            "<button name=action value=clear>Clear override</button></form>")
-
-        # sandboxes
-        out.append("<h2>Sandboxes</h2><table id=sandboxes><tr><th>user</th><th>sandbox</th><th>state</th>"
-                   "<th>backend</th><th>policy</th><th>started</th><th>blocked</th><th>kernel attached</th>"
-                   "<th>conformed</th></tr>")
-        boxes = sorted(m.sandboxes.values(), key=lambda sb: (sb.user, sb.created))
-        for sb in boxes:
-            entries = ", ".join(str(e) for e in sb.policy.entries) + \
-                ("; presets " + ", ".join(sb.policy.presets) if sb.policy.presets else "")
-            state_class = "ok" if sb.state == "running" else "muted"
-            out.append(
-                f"<tr><td>{escape(sb.user)}</td><td><code>{escape(sb.id)}</code></td>"
-                f"<td class={state_class}>{escape(sb.state)}</td><td>{escape(sb.backend_name)}</td>"
-                f"<td>{escape(sb.policy.describe())}<br><span class=muted>{escape(entries)}</span></td>"
-                f"<td>{_when(sb.started)}</td><td class=blocked>{sb.blocked}</td>"
-                f"<td>{'yes' if sb.subscriber is not None else 'no'}</td><td class=conformed>{_conformed(sb)}</td></tr>")
-        if not boxes:
-            out.append("<tr><td colspan=9 class=muted>no sandboxes</td></tr>")
-        out.append("</table>")
-
-        # users: what each has running against the per-user limit, and the groups the hub says
+        overrides = [(kind, name, json.dumps(layer, default=str),
+                      all(layer.get(k) == v for k, v in EXAM_MODE.items()))
+                     for kind in ("groups", "users") for name, layer in sorted(m.ceilings[kind].items())]
         limit = m.max_per_user
-        out.append(f"<h2>Users</h2><p class=muted>at most {limit if limit > 0 else 'any number of'} "
-                   "sandboxes starting or running per user</p><table id=users><tr><th>user</th><th>groups</th>"
-                   "<th>starting or running</th><th>records</th></tr>")
         names = sorted({sb.user for sb in m.sandboxes.values()} | set(m.user_groups))
-        for name in names:
-            active = len(m.active(name))
-            full = limit > 0 and active >= limit
-            out.append(f"<tr><td>{escape(name)}</td><td>{escape(', '.join(m.user_groups.get(name, [])))}</td>"
-                       f"<td class='{'bad' if full else ''} active'>{active}{f' of {limit}' if limit > 0 else ''}</td>"
-                       f"<td>{len(m.list(name))}</td></tr>")
-        if not names:
-            out.append("<tr><td colspan=4 class=muted>nobody yet</td></tr>")
-        out.append("</table>")
-
-        # audit log
+        decided = sorted((r for r in m.access.requests.values() if r.state != "pending"),
+                         key=lambda r: r.decided_at or r.time, reverse=True)[:DECIDED_ROWS]
         events, skipped = audit
-        events = events[::-1]
-        out.append(f"<h2>Audit log</h2><form method=get action='{escape(prefix)}admin'>"
-                   f"<input name=user value='{escape(user_filter)}' placeholder='user'> "
-                   f"<button>Filter</button></form>"
-                   f"<p class=muted>the newest {AUDIT_ROWS} records; more: <code>GET api/audit?limit=N</code>"
-                   + (f"; <span class=bad id=skipped>{skipped} unreadable line(s) skipped</span>" if skipped else "")
-                   + "</p>"
-                   "<table id=audit><tr><th>time</th><th>user</th><th>by</th><th>result</th><th>what</th></tr>")
-        for event in events:
-            result = str(event.get("result") or "")
-            css = "bad" if result in ("refused", "failed") or event.get("event") in ("blocked", "denied") else ""
-            out.append(f"<tr><td>{_when(event.get('time'))}</td><td>{escape(str(event.get('user') or ''))}</td>"
-                       f"<td>{escape(str(event.get('by') or ''))}</td><td class={css}>{escape(result)}</td>"
-                       f"<td>{_summary(event)}</td></tr>")
-        out.append("</table></html>")
-        return "".join(out)
+        return self.render_string(
+            "admin.html", me=me, why=why, backend=m.backend_name, message=message, prefix=self.service.url_prefix,
+            pending=m.access.pending(), grants=m.access.active_grants(), decided=decided,
+            user_groups=m.user_groups, durations=DURATIONS,
+            base=json.dumps({key: getattr(m.base, key) for key in CEILING_KEYS}, default=str),
+            overrides=overrides, known_groups=sorted({g for gs in m.user_groups.values() for g in gs}),
+            boxes=sorted(m.sandboxes.values(), key=lambda sb: (sb.user, sb.created)),
+            entries_of=lambda sb: ", ".join(str(e) for e in sb.policy.entries)
+            + ("; presets " + ", ".join(sb.policy.presets) if sb.policy.presets else ""),
+            limit=limit, users=[(n, m.user_groups.get(n, []), len(m.active(n)), len(m.list(n))) for n in names],
+            user_filter=user_filter, audit_rows=AUDIT_ROWS, skipped=skipped, events=events[::-1],
+            when=_when, summary=_summary)
 
 
 class AdminCeilingHandler(_AdminHandler):
@@ -287,10 +219,47 @@ class AdminCeilingHandler(_AdminHandler):
             message += f"; members: {', '.join(result['members']) or 'none'}"
         if result.get("warning"):
             message += f" (warning: {result['warning']})"
-        self.set_signed_cookie(FLASH_COOKIE, message, expires_days=None, path=self.service.url_prefix + "admin",
-                               httponly=True, samesite="Strict",
-                               secure=self.request.protocol == "https")
-        self.redirect(f"{self.service.url_prefix}admin")
+        self.flash(message)
+
+
+class AdminRequestHandler(_AdminHandler):
+    """The requests list's forms: ``request``, ``action=grant|deny``, ``scope`` (``user`` or
+    ``group:NAME``), ``for`` (seconds, empty: until revoked), ``reason``. The same
+    ``AccessDesk.decide`` as ``POST api/requests/ID/grant|deny``: checked and audited alike."""
+
+    @web.authenticated
+    async def post(self):
+        me = self.admin_caller()  # XSRF was checked before this (tornado, xsrf_cookies)
+        rid, action, scope, seconds, reason = (self.get_body_argument(k, "").strip()
+                                               for k in ("request", "action", "scope", "for", "reason"))
+        try:
+            req = await self.manager.access.decide(me, rid, action, scope=scope or "user", seconds=seconds or None,
+                                                   answer=reason)
+        except AccessRefused as err:
+            self.flash(f"request {rid}: not done: {err}")
+            return
+        if req.state == "granted":
+            grant = self.manager.access.grants.get(req.grant or "")
+            self.flash(f"request {req.id} of {req.user} granted: {grant.describe() if grant else ', '.join(req.entries)}")
+        else:
+            self.flash(f"request {req.id} of {req.user} denied: {req.answer}")
+
+
+class AdminGrantHandler(_AdminHandler):
+    """The grants list's Revoke buttons: ``grant``, ``action=revoke``."""
+
+    @web.authenticated
+    async def post(self):
+        me = self.admin_caller()
+        gid, action = (self.get_body_argument(k, "").strip() for k in ("grant", "action"))
+        if action != "revoke":
+            raise web.HTTPError(400, "say grant and action (revoke)")
+        try:
+            grant = await self.manager.access.revoke(me, gid)
+        except AccessRefused as err:
+            self.flash(f"grant {gid}: not done: {err}")
+            return
+        self.flash(f"grant {grant.id} revoked: {grant.describe()}")
 
 
 class OAuthCallbackHandler(HubOAuthCallbackHandler):
@@ -303,6 +272,7 @@ class OAuthCallbackHandler(HubOAuthCallbackHandler):
 
     service = _AdminHandler.service
     set_default_headers = _AdminHandler.set_default_headers
+    get_template_path = _AdminHandler.get_template_path
     navigation_only = True
     prepare = _AdminHandler.prepare
     write_error = _AdminHandler.write_error
@@ -312,6 +282,8 @@ def admin_routes(prefix: str, hub_auth) -> list[tuple]:
     return [
         (prefix + "admin", AdminPageHandler, {"hub_auth": hub_auth}),
         (prefix + "admin/ceilings", AdminCeilingHandler, {"hub_auth": hub_auth}),
+        (prefix + "admin/requests", AdminRequestHandler, {"hub_auth": hub_auth}),
+        (prefix + "admin/grants", AdminGrantHandler, {"hub_auth": hub_auth}),
         (prefix + "oauth_callback", OAuthCallbackHandler, {"hub_auth": hub_auth}),
         (prefix, web.RedirectHandler, {"url": prefix + "admin"}),  # there: the origin is checked
     ]

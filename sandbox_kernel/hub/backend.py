@@ -26,10 +26,10 @@ from tornado import httpclient, websocket
 from traitlets import Float, Unicode, default
 
 from ..agent import protocol
-from ..agent.protocol import ENFORCER_FRAME, POLICY_FRAME
+from ..agent.protocol import ACCESS_FRAME, ENFORCER_FRAME, POLICY_FRAME
 from ..errors import IsolationUnavailable, PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import CeilingRefused
-from ..policy.model import EgressPolicy
+from ..policy.model import EgressPolicy, parse_entry
 from ..backends.base import Backend, Progress, SandboxInfo, Transport
 
 _FROM_SERVICE = protocol.AGENT_TYPES | protocol.SERVICE_TYPES
@@ -80,6 +80,8 @@ class HubBackend(Backend):
     #: kernel does not refuse on its own, so that a refusal through the magic or the panel is
     #: in the audit log like one by hand-made HTTP
     enforces_ceiling = True
+    #: an administrator can be asked for more (``%sandbox request``, hub/access.py)
+    takes_requests = True
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -94,6 +96,9 @@ class HubBackend(Backend):
         #: called with (policy, reason) when the service changes the policy by itself
         #: (an administrator's ceiling change); the kernel makes it its policy in force
         self.on_policy_forced: Callable[[EgressPolicy, str], None] | None = None
+        #: called with each ACCESS_FRAME (a request decided, a grant or a timed entry ended):
+        #: the kernel's AccessRequests.on_frame
+        self.on_access: Callable[[dict], None] | None = None
 
     # -- plumbing --------------------------------------------------------------------
     def _url(self, path: str) -> str:
@@ -219,6 +224,24 @@ class HubBackend(Backend):
         self._applied = data.get("applied") or {}
         return dict(self._applied)
 
+    async def set_timed(self, timed: dict[str, float | None]) -> dict:
+        """Entries of the policy in force that end after so many seconds (None: no longer end);
+        the service keeps the clock, so the expiry survives a kernel or service restart.
+        Returns the sandbox's ``timed`` map (entry -> wall-clock end)."""
+        if not self.sandbox_id or self.policy is None:
+            raise PolicyError("no sandbox is running")
+        data = await self.call("PUT", f"api/sandboxes/{self.sandbox_id}/policy",
+                               {"policy": self.policy.to_dict(), "timed": timed})
+        return data.get("timed") or {}
+
+    async def request_access(self, entries: list[str], reason: str) -> dict:
+        """Ask the administrator for ``entries`` (beyond the ceiling) for this kernel's sandbox;
+        the service's answer is the recorded request (a refusal raises ServiceError)."""
+        if not self.sandbox_id:
+            raise PolicyError("no sandbox is running")
+        return await self.call("POST", "api/requests", {"sandbox": self.sandbox_id, "entries": entries,
+                                                        "reason": reason})
+
     async def interrupt(self) -> None:
         if self.sandbox_id:
             try:
@@ -262,6 +285,16 @@ class HubBackend(Backend):
     def info(self) -> SandboxInfo | None:
         return self._info
 
+
+    def _access(self, frame: dict) -> None:
+        policy = frame.get("policy")
+        if policy is not None:
+            try:
+                self.policy = EgressPolicy.parse(policy)
+            except PolicyError:
+                frame["policy"] = None
+        if self.on_access is not None:
+            self.on_access(frame)
 
     def _forced(self, policy: EgressPolicy, reason: str) -> None:
         self.policy = policy
@@ -344,6 +377,12 @@ class HubTransport(Transport):
                     continue
                 self._backend._forced(policy, str(frame.get("reason") or "changed by your administrator"))
                 continue
+            if frame["type"] == ACCESS_FRAME:
+                try:
+                    self._backend._access(frame)
+                except Exception:  # noqa: BLE001 - the stream goes on whatever the kernel makes of it
+                    self._backend.log.exception("handling the service's access frame failed")
+                continue
             return frame
 
     async def close(self) -> None:
@@ -377,7 +416,15 @@ def _json(body) -> dict:
 def _error(status: int, data: dict) -> SandboxError:
     message = str(data.get("message") or f"HTTP {status}")
     if data.get("error") == "ceiling":
-        err = CeilingRefused(str(data.get("reason") or message))
+        entry = None
+        if data.get("entry"):
+            try:
+                entry = parse_entry(data["entry"])
+            except PolicyError:
+                entry = None
+        # the service says whether an administrator could grant it: the refusal offers the request
+        err = CeilingRefused(str(data.get("reason") or message), entry, requestable=bool(data.get("requestable")),
+                             request_hint=True)
         err.status = status
         return err
     if data.get("error") == "policy":

@@ -36,7 +36,8 @@ from ..agentlink import AgentLink
 from ..backends.base import Backend
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import AdminPolicy, CeilingRefused, agent_view
-from ..policy.model import EgressPolicy
+from ..policy.model import EgressPolicy, parse_entry
+from .access import MAX_GRANT_SECONDS, AccessDesk, policy_has
 from .store import AuditLog, StateFile
 
 #: AdminPolicy settings an admin may override per user or per group
@@ -98,6 +99,9 @@ class Sandbox:
     conformed: dict | None = None
     #: connections blocked so far (the admin page counts them without reading the audit log)
     blocked: int = 0
+    #: entries the user allowed for a time (``%sandbox allow … --for``): entry -> wall-clock end;
+    #: the service's clock removes them (access.AccessDesk.expire_due)
+    timed: dict = field(default_factory=dict)
     # -- runtime only
     #: since when no kernel is attached (monotonic; None while one is)
     detached_since: float | None = None
@@ -118,7 +122,7 @@ class Sandbox:
                 "policy": self.policy.to_dict(), "state": self.state, "created": self.created,
                 "exit_reason": self.exit_reason, "exit_status": self.exit_status,
                 "details": jsonable(self.details), "restarts": self.restarts, "started": self.started,
-                "ended": self.ended, "conformed": self.conformed, "blocked": self.blocked}
+                "ended": self.ended, "conformed": self.conformed, "blocked": self.blocked, "timed": self.timed}
 
     @classmethod
     def from_state(cls, data: dict) -> Sandbox:
@@ -127,7 +131,8 @@ class Sandbox:
                    created=data.get("created", time.time()), exit_reason=data.get("exit_reason"),
                    exit_status=data.get("exit_status"), details=data.get("details") or {},
                    restarts=data.get("restarts", 0), started=data.get("started"), ended=data.get("ended"),
-                   conformed=data.get("conformed"), blocked=data.get("blocked") or 0)
+                   conformed=data.get("conformed"), blocked=data.get("blocked") or 0,
+                   timed={str(k): float(v) for k, v in (data.get("timed") or {}).items()})
 
     def public(self) -> dict:
         """What the owner sees (``GET api/sandboxes[/id]``)."""
@@ -168,12 +173,15 @@ class Manager:
                 self.sandboxes[sid] = Sandbox.from_state(data)
             except (KeyError, PolicyError) as err:
                 log.error("state.json: sandbox %s is unreadable and dropped: %s", sid, err)
+        #: users' requests for access and the grants that answer them (access.py)
+        self.access = AccessDesk(self, state)
         self.closing = False
         self._tasks: set[asyncio.Task] = set()
 
     def save(self) -> None:
         self.store.save({"ceilings": self.ceilings, "groups": self.user_groups,
-                         "sandboxes": {sid: sb.to_state() for sid, sb in self.sandboxes.items()}})
+                         "sandboxes": {sid: sb.to_state() for sid, sb in self.sandboxes.items()},
+                         **self.access.to_state()})
 
     # -- ceilings -------------------------------------------------------------------
     def note_groups(self, user: str, groups: list[str]) -> bool:
@@ -235,16 +243,21 @@ class Manager:
     def ceiling_for(self, user: str) -> AdminPolicy:
         """The user's effective ceiling: the service's AdminPolicy, then each of the user's
         groups' overrides (group names in sorted order), then the user's own; ``locked`` by
-        any of them locks."""
+        any of them locks. Grants in force for the user or their groups (access.py) add
+        exactly their entries to ``user_may_allow``."""
         values = {key: getattr(self.base, key) for key in (*CEILING_KEYS, *BASE_ONLY_KEYS)}
         locked = values["locked"]
-        layers = [self.ceilings["groups"].get(g) for g in self.user_groups.get(user, [])]
+        groups = self.user_groups.get(user, [])
+        layers = [self.ceilings["groups"].get(g) for g in groups]
         layers.append(self.ceilings["users"].get(user))
         for layer in layers:
             if layer:
                 values.update(layer)
                 locked = locked or bool(layer.get("locked"))
         values["locked"] = locked
+        granted = self.access.granted_entries(user, groups)
+        if granted:
+            values["user_may_allow"] = [*values["user_may_allow"], *granted]
         return AdminPolicy(parent=None, **values)
 
     def ceiling_view(self, user: str) -> dict:
@@ -319,6 +332,7 @@ class Manager:
                     await self._halt(sb, "stopped")
                     reason += f"; enforcing it failed ({err}), so the sandbox was stopped"
             sb.policy = target
+            sb.timed = {e: t for e, t in sb.timed.items() if policy_has(target, e)}
             sb.conformed = {"time": time.time(), "by": by, "reason": f"{why}: {reason}"}
             self.save()
             self.audit.write("policy", user=sb.user, by=by, sandbox=sb.id, kernel_id=sb.kernel_id,
@@ -523,6 +537,40 @@ class Manager:
         self.audit.write("blocked", user=sb.user, sandbox=sb.id, kernel_id=sb.kernel_id, source=source,
                          policy=sb.policy.describe(), **fields)
 
+    def deliver(self, sb: Sandbox, frame: dict) -> None:
+        """Send ``frame`` to the kernel attached to ``sb``, or keep it for the next attach."""
+        self._deliver(sb, frame)
+
+    async def impose(self, sb: Sandbox, new: EgressPolicy, by: str, why: str, check: bool = False) -> bool:
+        """Make ``new`` the policy of ``sb`` on the service's own initiative (a grant applied,
+        a grant or a timed entry ended); with ``check``, only if the owner's ceiling permits
+        it. Audited; returns whether the policy changed (False: refused or not enforceable,
+        the old one stays)."""
+        async with sb.lock:
+            old = sb.policy
+            if new == old:
+                return False
+            common = {"user": sb.user, "by": by, "sandbox": sb.id, "kernel_id": sb.kernel_id,
+                      "from": old.to_dict(), "to": new.to_dict(), "reason": why}
+            if check:
+                try:
+                    self.ceiling_for(sb.user).check_change(old, new, who="user")
+                except CeilingRefused as err:
+                    self.audit.write("policy", **{**common, "reason": f"{why}: {err.reason}"}, result="refused")
+                    return False
+            if sb.state == "running" and sb.backend is not None:
+                try:
+                    await sb.backend.apply_policy(new)
+                except SandboxError as err:
+                    self.audit.write("policy", **common, result="failed", error=str(err))
+                    return False
+            sb.policy = new
+            sb.timed = {e: t for e, t in sb.timed.items() if policy_has(new, e)}
+            self.save()
+            self.audit.write("policy", **common, result="accepted", forced=True)
+            self._tell_agent(sb)
+            return True
+
     def _deliver(self, sb: Sandbox, frame: dict) -> None:
         if sb.subscriber is not None:
             try:
@@ -574,11 +622,16 @@ class Manager:
         await sb.link.send(frame)
 
     # -- policy ---------------------------------------------------------------------------
-    async def apply_policy(self, sb: Sandbox, by: str, requested: Any) -> dict:
+    async def apply_policy(self, sb: Sandbox, by: str, requested: Any, timed: Any = None) -> dict:
         """Check against the owner's ceiling, enforce, record, audit. Raises CeilingRefused
-        (nothing changed) or PolicyError (invalid, or the enforcer failed: nothing changed)."""
+        (nothing changed) or PolicyError (invalid, or the enforcer failed: nothing changed).
+
+        ``timed`` (``{entry: seconds or None}``): entries of the new policy that end after so
+        many seconds (``%sandbox allow … --for``; the service's clock removes them), or, with
+        None, no longer end."""
         try:
             new = EgressPolicy.parse(requested)
+            clocks = _timed(timed, new)
         except PolicyError as err:
             self.audit.write("policy", user=sb.user, by=by, sandbox=sb.id, kernel_id=sb.kernel_id,
                              **{"from": sb.policy.to_dict()}, to=jsonable(requested), result="refused",
@@ -594,15 +647,25 @@ class Manager:
                 self.audit.write("policy", **common, result="refused", reason=err.reason)
                 raise
             details: dict = {}
-            if sb.state == "running" and sb.backend is not None:
+            if new == old and sb.backend is not None:
+                details = dict(sb.backend.applied or {})  # only clocks change: nothing to enforce again
+            elif sb.state == "running" and sb.backend is not None:
                 try:
                     details = await sb.backend.apply_policy(new)
                 except SandboxError as err:
                     self.audit.write("policy", **common, result="failed", reason=str(err))
                     raise
             sb.policy = new
+            now = time.time()
+            sb.timed = {e: t for e, t in sb.timed.items() if policy_has(new, e)}
+            for entry, seconds in clocks.items():
+                if seconds is None:
+                    sb.timed.pop(entry, None)
+                else:
+                    sb.timed[entry] = now + seconds
             self.save()
-            self.audit.write("policy", **common, result="accepted")
+            self.audit.write("policy", **common, result="accepted",
+                             **({"timed": {e: s for e, s in clocks.items()}} if clocks else {}))
             self._tell_agent(sb)
             return jsonable(details)
 
@@ -729,6 +792,24 @@ async def adopt_kubernetes(backend: Backend, sb: Sandbox):
         return None
     return await backend.adopt(sb.kernel_id, namespace, pod, policy=sb.policy)
 
+
+
+def _timed(timed: Any, policy: EgressPolicy) -> dict[str, float | None]:
+    """``{entry: seconds or None}`` checked: entries of ``policy``, seconds within a week."""
+    if timed is None:
+        return {}
+    if not isinstance(timed, dict) or len(timed) > 1000:
+        raise PolicyError("'timed' is an object {entry: seconds or null}")
+    out: dict[str, float | None] = {}
+    for text, seconds in timed.items():
+        entry = parse_entry(text)
+        if entry not in policy.entries:
+            raise PolicyError(f"timed entry {entry} is not in the policy")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                    or not 0 < seconds <= MAX_GRANT_SECONDS):
+            raise PolicyError(f"timed entry {entry}: seconds between 1 and {MAX_GRANT_SECONDS}, or null")
+        out[str(entry)] = None if seconds is None else float(seconds)
+    return out
 
 
 def jsonable(value: Any) -> Any:

@@ -31,6 +31,13 @@ GET      api/ceilings                         admins: every per-user and per-gro
 PUT      api/ceilings/users|groups/NAME       admins: set overrides (``{"locked": true}`` …)
 DELETE   api/ceilings/users|groups/NAME       admins: remove them
 GET      api/audit[?user=NAME&limit=N]       admins: the newest N (1000) audit records, ``skipped_lines``
+GET      api/requests[?all=1]                 the caller's requests for access (admins, ``all``: everyone's)
+POST     api/requests                         ``{sandbox, entries, reason?}``: ask an administrator for entries
+                                              beyond the ceiling (access.py); 201 with the request
+POST     api/requests/ID/grant                admins: ``{scope: "user"|"group:NAME", for: seconds|null, reason?}``
+POST     api/requests/ID/deny                 admins: ``{reason}``
+GET      api/grants                           admins: the grants in force
+DELETE   api/grants/ID                        admins: revoke one
 GET      admin (and the prefix itself)        admins, in a browser: the admin page (admin.py)
 =======  ===================================  ==============================================
 
@@ -54,6 +61,7 @@ from ..agent import protocol
 from ..config import env_default
 from ..errors import PolicyError, SandboxError, SandboxStartError
 from ..policy.admin import AdminPolicy, CeilingRefused
+from .access import AccessRefused
 from .manager import Forbidden, Manager, NotFound, NotRunning, TooManySandboxes, jsonable
 
 _TOKEN = re.compile(r"(?:token|bearer)\s+(\S+)\s*$", re.IGNORECASE)
@@ -231,9 +239,9 @@ class _Handler(web.RequestHandler):
     def log_exception_quietly(self, status, e):
         self.service.log.info("%s %s → %s: %.300s", self.request.method, self.request.path, status, e)
 
-    def require_admin(self, what: str) -> None:
+    def require_admin(self, what: str, event: str | None = None) -> None:
         if not self.caller.admin:
-            self.manager.audit.write("ceiling" if "ceiling" in what else "denied", by=self.caller.name,
+            self.manager.audit.write(event or ("ceiling" if "ceiling" in what else "denied"), by=self.caller.name,
                                      request=f"{self.request.method} {self.request.path}",
                                      result="refused", reason="not an admin")
             raise Forbidden(f"only hub admins (or members of {', '.join(self.service.admin_groups) or 'no group'}) may {what}")
@@ -250,7 +258,10 @@ def error_status(e: BaseException) -> tuple[int | None, dict]:
     if isinstance(e, NotFound):
         return 404, {"error": "not-found"}
     if isinstance(e, CeilingRefused):
-        return 403, {"error": "ceiling", "reason": e.reason, "entry": str(e.entry) if e.entry else None}
+        return 403, {"error": "ceiling", "reason": e.reason, "entry": str(e.entry) if e.entry else None,
+                     "requestable": e.requestable}
+    if isinstance(e, AccessRefused):
+        return e.status, {"error": "access"}
     if isinstance(e, Forbidden):
         return 403, {"error": "forbidden"}
     if isinstance(e, NotRunning):
@@ -308,8 +319,9 @@ class PolicyHandler(_Handler):
         if "policy" not in body:
             raise web.HTTPError(400, "the body must have a 'policy'")
         check_policy_size(body["policy"])
-        details = await self.manager.apply_policy(sb, self.caller.name, body["policy"])
-        self.reply({"policy": sb.policy.to_dict(), "label": sb.policy.describe(), "applied": details})
+        details = await self.manager.apply_policy(sb, self.caller.name, body["policy"], body.get("timed"))
+        self.reply({"policy": sb.policy.to_dict(), "label": sb.policy.describe(), "applied": details,
+                    "timed": sb.timed})
 
 
 class InterruptHandler(_Handler):
@@ -355,6 +367,52 @@ class AuditHandler(_Handler):
         # read in a thread: the log may be large, the event loop serves everyone's kernels
         events, skipped = await asyncio.to_thread(self.manager.audit.tail, limit, user)
         self.reply({"events": events, "skipped_lines": skipped})
+
+
+class RequestsHandler(_Handler):
+    """A user's requests for access (access.py)."""
+
+    def get(self):
+        desk = self.manager.access
+        if self.get_query_argument("all", "") in ("1", "true"):
+            self.require_admin("read everyone's requests for access", event="access")
+            self.reply({"requests": [r.public() for r in desk.requests.values()],
+                        "grants": [g.public() for g in desk.active_grants()]})
+            return
+        groups = self.manager.user_groups.get(self.caller.name, [])
+        self.reply({"requests": [r.public() for r in desk.of_user(self.caller.name)],
+                    "grants": [g.public() for g in desk.active_grants() if g.covers(self.caller.name, groups)]})
+
+    async def post(self):
+        body = self.body()
+        sid = body.get("sandbox")
+        if not isinstance(sid, str) or not sid:
+            raise web.HTTPError(400, "say which of your sandboxes needs the access: {\"sandbox\": ID, …}")
+        sb = self.sandbox(sid)  # another user's: 404, audited
+        req = await self.manager.access.request(self.caller.name, sb, body.get("entries"), body.get("reason"))
+        self.reply(req.public(), 201)
+
+
+class DecisionHandler(_Handler):
+    async def post(self, rid, action):
+        self.require_admin(f"{action} requests for access", event="access")
+        body = self.body()
+        req = await self.manager.access.decide(self.caller.name, rid, action, scope=body.get("scope", "user"),
+                                               seconds=body.get("for"), answer=body.get("reason"),
+                                               entries=body.get("entries"))
+        self.reply(req.public())
+
+
+class GrantsHandler(_Handler):
+    def get(self):
+        self.require_admin("read the grants", event="access")
+        self.reply({"grants": [g.public() for g in self.manager.access.active_grants()]})
+
+
+class GrantHandler(_Handler):
+    async def delete(self, gid):
+        self.require_admin("revoke grants", event="access")
+        self.reply((await self.manager.access.revoke(self.caller.name, gid)).public())
 
 
 class StreamHandler(_Handler, websocket.WebSocketHandler):
@@ -592,6 +650,10 @@ class SandboxService(Application):
             (p + "api/ceilings", CeilingsHandler),
             (p + r"api/ceilings/(users|groups)/([^/]+)", CeilingOverrideHandler),
             (p + "api/audit", AuditHandler),
+            (p + "api/requests", RequestsHandler),
+            (p + r"api/requests/([0-9a-f]{1,32})/(grant|deny)", DecisionHandler),
+            (p + "api/grants", GrantsHandler),
+            (p + r"api/grants/([0-9a-f]{1,32})", GrantHandler),
             *admin_routes(p, self.hub_auth),  # the admin page (browser login; see admin.py)
         ]
         # xsrf_cookies: the admin page's forms; the token API opts out (no cookies, see _Handler)
@@ -642,12 +704,14 @@ class SandboxService(Application):
         restoring = asyncio.ensure_future(self.manager.restore())
         collecting = asyncio.ensure_future(self._collect_forever())
         refreshing = asyncio.ensure_future(self._refresh_groups_forever(restoring))
+        expiring = asyncio.ensure_future(self._expire_forever(restoring))
         await stop.wait()
         self.log.info("shutting down")
         server.stop()
         restoring.cancel()
         collecting.cancel()
         refreshing.cancel()
+        expiring.cancel()
         await self.manager.shutdown()
 
     async def _collect_forever(self) -> None:
@@ -662,6 +726,21 @@ class SandboxService(Application):
                     self.log.info("collect: %s", line)
             except Exception:  # noqa: BLE001 - try again next time
                 self.log.exception("collecting abandoned sandboxes failed")
+
+    async def _expire_forever(self, restoring: asyncio.Future) -> None:
+        """The clock of grants and timed entries (access.AccessDesk.expire_due), every second
+        once the sandboxes are restored: what ended while the service was down ends first."""
+        try:
+            await asyncio.shield(restoring)
+        except Exception:  # noqa: BLE001 - restore logs its own failures
+            pass
+        while True:
+            try:
+                for line in await self.manager.access.expire_due():
+                    self.log.info("expiry: %s", line)
+            except Exception:  # noqa: BLE001 - try again next second
+                self.log.exception("ending expired grants failed")
+            await asyncio.sleep(1.0)
 
     async def _refresh_groups_forever(self, restoring: asyncio.Future) -> None:
         """Manager.refresh_groups() once the sandboxes are restored, then every

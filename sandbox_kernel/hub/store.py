@@ -19,7 +19,8 @@ STATE_VERSION = 1
 
 
 class StateFile:
-    """``state.json``: ceilings (per user, per group), users' last known groups, sandboxes."""
+    """``state.json``: ceilings (per user, per group), users' last known groups, sandboxes,
+    requests for access and grants."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -51,7 +52,8 @@ class StateFile:
 
 
 def empty_state() -> dict[str, Any]:
-    return {"version": STATE_VERSION, "ceilings": {"users": {}, "groups": {}}, "groups": {}, "sandboxes": {}}
+    return {"version": STATE_VERSION, "ceilings": {"users": {}, "groups": {}}, "groups": {}, "sandboxes": {},
+            "requests": {}, "grants": {}}
 
 
 #: the longest string an audit record keeps of any field (the rest is summarised)

@@ -72,13 +72,17 @@ class CeilingRefused(PolicyError):
 
     ename = "CeilingRefused"
 
-    def __init__(self, reason: str, entry: Entry | None = None):
+    def __init__(self, reason: str, entry: Entry | None = None, requestable: bool = False,
+                 request_hint: bool = False):
         self.reason = reason
         self.entry = entry
-        super().__init__(
-            f"Refused by your administrator's rule: {reason}. "
-            "The policy in force was not changed; ask your administrator if you need this."
-        )
+        #: an administrator could grant the entry (it is only outside ``user_may_allow``)
+        self.requestable = requestable and entry is not None
+        ask = "ask your administrator if you need this"
+        if request_hint and self.requestable:
+            # hub mode: the request reaches the administrator through the sandbox service
+            ask = f"to ask your administrator for it: %sandbox request {entry} --reason '…'"
+        super().__init__(f"Refused by your administrator's rule: {reason}. The policy in force was not changed; {ask}.")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class Decision:
     allowed: bool
     reason: str
     entry: Entry | None = None
+    #: refused only because it is outside ``user_may_allow``: an administrator could grant it
+    #: (hub mode: ``%sandbox request``); always-blocked ranges and exam mode are not requestable
+    requestable: bool = False
 
 
 class AdminPolicy(Configurable):
@@ -289,7 +296,8 @@ class AdminPolicy(Configurable):
         if any(_permits(pattern, entry) for pattern in self.user_may_allow):
             return Decision(True, f"you may allow it: %sandbox allow {entry}", entry)
         allowed = ", ".join(self.user_may_allow) or "nothing"
-        return _refuse(f"{entry} is outside what your administrator lets users allow ({allowed})", entry)
+        return Decision(False, f"not permitted by your administrator: {entry} is outside what your administrator "
+                               f"lets users allow ({allowed})", entry, requestable=True)
 
     def decide_connection(self, ip: Any, port: int | None, protocol: str | None, host: str | None = None) -> Decision:
         """Advice for a blocked connection: the narrowest entry that would allow it, decided."""
@@ -338,7 +346,8 @@ class AdminPolicy(Configurable):
                 continue
             decision = self.decide(entry)
             if not decision.allowed:
-                raise CeilingRefused(decision.reason.removeprefix("not permitted by your administrator: "), entry)
+                raise CeilingRefused(decision.reason.removeprefix("not permitted by your administrator: "), entry,
+                                     requestable=decision.requestable)
 
 
 def _permits(pattern: str, entry: Entry) -> bool:

@@ -25,6 +25,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rdataclass
+import dns.rdatatype
+
 from .model import EgressPolicy
 
 DEFAULT_TTL = 60.0
@@ -34,8 +41,7 @@ MAX_TTL = 3600.0
 #: a failed name is retried this soon
 ERROR_RETRY = 30.0
 
-TYPE_A, TYPE_CNAME, TYPE_AAAA, TYPE_OPT = 1, 5, 28, 41
-CLASS_IN = 1
+TYPE_A, TYPE_CNAME, TYPE_AAAA = 1, 5, 28
 _EDNS_UDP_SIZE = 1232  # the DNS-flag-day size: large answers, no IP fragmentation
 
 
@@ -99,47 +105,41 @@ def parse_resolver(text: str) -> tuple[str, int]:
 
 
 def build_query(qid: int, name: str, qtype: int) -> bytes:
-    """A recursive query for ``name``/``qtype`` with an EDNS0 OPT record."""
-    header = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 1)
-    opt = b"\x00" + struct.pack("!HHIH", TYPE_OPT, _EDNS_UDP_SIZE, 0, 0)
-    return header + encode_name(name) + struct.pack("!HH", qtype, CLASS_IN) + opt
+    """A recursive query for ``name``/``qtype`` with an EDNS0 OPT record (dnspython)."""
+    try:
+        query = dns.message.make_query(_name(name), qtype, use_edns=0, payload=_EDNS_UDP_SIZE, id=qid)
+    except dns.exception.DNSException as err:
+        raise ValueError(f"bad DNS name {name!r}: {err}") from None
+    return query.to_wire()
 
 
-def encode_name(name: str) -> bytes:
-    out = b""
-    for label in name.rstrip(".").split("."):
-        raw = label.encode("ascii")
-        if not 0 < len(raw) < 64:
-            raise ValueError(f"bad DNS label in {name!r}")
-        out += bytes([len(raw)]) + raw
-    return out + b"\x00"
+def _name(text: str) -> dns.name.Name:
+    """``text`` as an absolute DNS name: ASCII labels of 1 to 63 bytes (ValueError if not)."""
+    labels = text.rstrip(".").split(".")
+    if any(not 0 < len(label.encode("ascii", "replace")) < 64 for label in labels) or not text.isascii():
+        raise ValueError(f"bad DNS label in {text!r}")
+    try:
+        return dns.name.from_text(text.rstrip(".") + ".")
+    except dns.exception.DNSException as err:
+        raise ValueError(f"bad DNS name {text!r}: {err}") from None
 
 
-def decode_name(msg: bytes, offset: int) -> tuple[str, int]:
-    """Read a (possibly compressed) name at ``offset``; return it and the offset after it."""
-    labels, end, jumps = [], None, 0
-    while True:
-        if offset >= len(msg):
-            raise DNSFormatError("name runs past the end of the message")
-        length = msg[offset]
-        if length & 0xC0 == 0xC0:
-            if offset + 1 >= len(msg):
-                raise DNSFormatError("truncated compression pointer")
-            jumps += 1
-            if jumps > 32:
-                raise DNSFormatError("compression pointer loop")
-            if end is None:
-                end = offset + 2
-            offset = ((length & 0x3F) << 8) | msg[offset + 1]
-            continue
-        if length & 0xC0:
-            raise DNSFormatError("unknown label type")
-        offset += 1
-        if length == 0:
-            break
-        labels.append(msg[offset : offset + length].decode("ascii", "replace").lower())
-        offset += length
-    return ".".join(labels), end if end is not None else offset
+def name_text(name: dns.name.Name) -> str:
+    """A name as the policy compares it: lower case, no final dot, the root as ``""``."""
+    if name == dns.name.root:
+        return ""
+    return name.to_text(omit_final_dot=True).lower()
+
+
+def from_wire(msg: bytes, *, question_only: bool = False) -> dns.message.Message:
+    """A DNS message parsed by dnspython; :class:`DNSFormatError` for anything malformed
+    (it may come from the sandbox: nothing it sends raises anything else)."""
+    try:
+        return dns.message.from_wire(msg, question_only=question_only, ignore_trailing=question_only)
+    except dns.exception.DNSException as err:
+        raise DNSFormatError(f"malformed DNS message: {type(err).__name__}: {err}") from None
+    except (ValueError, IndexError, TypeError, UnicodeError) as err:  # dnspython's own checks
+        raise DNSFormatError(f"malformed DNS message: {err}") from None
 
 
 @dataclass
@@ -156,36 +156,26 @@ class Answer:
 
 def parse_response(msg: bytes) -> Answer:
     """Parse a response into an :class:`Answer`; :class:`DNSFormatError` if malformed."""
-    if len(msg) < 12:
-        raise DNSFormatError("shorter than a DNS header")
-    qid, flags, qdcount, ancount, _, _ = struct.unpack("!HHHHHH", msg[:12])
-    if not flags & 0x8000:
+    message = from_wire(msg)
+    if not message.flags & dns.flags.QR:
         raise DNSFormatError("not a response")
-    offset, question = 12, ("", 0)
-    for _ in range(qdcount):
-        qname, offset = decode_name(msg, offset)
-        if offset + 4 > len(msg):
-            raise DNSFormatError("truncated question")
-        qtype, _ = struct.unpack("!HH", msg[offset : offset + 4])
-        offset += 4
-        question = (qname, qtype)
+    question = ("", 0)
+    for rrset in message.question:
+        question = (name_text(rrset.name), int(rrset.rdtype))
     cnames: dict[str, tuple[str, int]] = {}
     addresses: dict[str, list[tuple[str, int]]] = {}
-    for _ in range(ancount):
-        owner, offset = decode_name(msg, offset)
-        if offset + 10 > len(msg):
-            raise DNSFormatError("truncated record")
-        rtype, rclass, ttl, rdlen = struct.unpack("!HHIH", msg[offset : offset + 10])
-        offset += 10
-        rdata = msg[offset : offset + rdlen]
-        if len(rdata) != rdlen:
-            raise DNSFormatError("truncated record data")
-        if rclass == CLASS_IN and rtype == TYPE_CNAME:
-            cnames[owner] = (decode_name(msg, offset)[0], ttl)
-        elif rclass == CLASS_IN and (rtype, rdlen) in ((TYPE_A, 4), (TYPE_AAAA, 16)):
-            addresses.setdefault(owner, []).append((str(ipaddress.ip_address(rdata)), ttl))
-        offset += rdlen
-    return Answer(qid, flags & 0x000F, bool(flags & 0x0200), question, cnames, addresses)
+    for rrset in message.answer:
+        if rrset.rdclass != dns.rdataclass.IN:
+            continue
+        owner = name_text(rrset.name)
+        if rrset.rdtype == dns.rdatatype.CNAME:
+            for rdata in rrset:
+                cnames[owner] = (name_text(rdata.target), int(rrset.ttl))
+        elif rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            for rdata in rrset:
+                addresses.setdefault(owner, []).append((str(ipaddress.ip_address(rdata.address)), int(rrset.ttl)))
+    return Answer(message.id, message.rcode() & 0x000F, bool(message.flags & dns.flags.TC), question,
+                  cnames, addresses)
 
 
 def follow(answer: Answer, name: str) -> tuple[list[str], float]:

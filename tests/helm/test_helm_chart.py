@@ -25,16 +25,19 @@ def test_every_rendered_object_is_valid(case, render, validate_object):
     assert objects, name
     for obj in objects:
         validate_object(obj)
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "RuntimeClass", "NetworkLogging",
-                               "CiliumClusterwideNetworkPolicy", "ValidatingAdmissionPolicy",
-                               "ValidatingAdmissionPolicyBinding"):
+        if obj["kind"] in ("Role", "RoleBinding") and obj["metadata"]["name"].endswith("-doctor"):
+            assert obj["metadata"]["namespace"] == "kube-system"  # the doctor's reads there, by name
+        elif obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "RuntimeClass", "NetworkLogging",
+                                 "CiliumClusterwideNetworkPolicy", "ValidatingAdmissionPolicy",
+                                 "ValidatingAdmissionPolicyBinding"):
             assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
         assert len(obj["metadata"]["name"]) <= 63
 
 
 def test_defaults_render_only_the_core(render):
     kinds = sorted(o["kind"] for o in render({}))
-    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "ServiceAccount",
+    assert kinds == ["ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
+                     "ConfigMap", "Role", "RoleBinding", "ServiceAccount",
                      "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
 
 

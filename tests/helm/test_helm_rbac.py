@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sandbox_kernel.backends.kubernetes import CLUSTER_SCOPED, ENFORCER_KINDS, REQUIRED_PERMISSIONS
-from sandbox_kernel.doctor_k8s import DOCTOR_PERMISSIONS
+from sandbox_kernel.doctor_k8s import DOCTOR_CRDS, DOCTOR_DAEMONSETS, DOCTOR_PERMISSIONS
 
 from helm_testlib import GC_IMAGE, NAMESPACE, requires_helm
 
@@ -134,12 +134,49 @@ def test_bindings_tie_each_role_to_its_own_account(render):
 def test_existing_service_account_and_no_rbac(render):
     objects = render({"serviceAccount": {"create": False, "name": "hub-users"}})
     assert not [o for o in objects if o["kind"] == "ServiceAccount"]
-    (binding,) = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
-    assert binding["subjects"][0]["name"] == "hub-users"
-    assert not [o for o in render({"rbac": {"create": False}}) if o["kind"].startswith("ClusterRole")]
+    bindings = [o for o in objects if o["kind"] in ("ClusterRoleBinding", "RoleBinding")]
+    assert sorted(b["metadata"]["name"].rsplit("-", 1)[1] for b in bindings) == ["doctor", "doctor", "kernel"]
+    assert {b["subjects"][0]["name"] for b in bindings} == {"hub-users"}
+    assert not [o for o in render({"rbac": {"create": False}}) if "Role" in o["kind"]]
 
 
-@pytest.mark.parametrize("template", ["rbac.yaml", "gc.yaml"])
+def doctor_objects(objects: list[dict]) -> dict[str, dict]:
+    return {o["kind"]: o for o in objects if o["metadata"]["name"].endswith("-doctor")}
+
+
+@pytest.mark.parametrize("hub", [False, True])
+def test_doctor_reads_are_granted_by_name_only(hub, render):
+    """`sandbox-kernel doctor` as the kernel identity: exactly its reads (DOCTOR_PERMISSIONS
+    beyond the reviews), each limited to the names it reads; in kube-system nothing but
+    `get` on those DaemonSets; bound to the identity the kernels (or the hub service) use."""
+    from helm_testlib import HUB
+
+    objects = render({"hub": HUB} if hub else {})
+    doctor = doctor_objects(objects)
+    assert set(doctor) == {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+    assert doctor["Role"]["metadata"]["namespace"] == doctor["RoleBinding"]["metadata"]["namespace"] == "kube-system"
+    (rule,) = doctor["Role"]["rules"]
+    assert rule == {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"],
+                    "resourceNames": list(DOCTOR_DAEMONSETS)}
+    crds, runtime = doctor["ClusterRole"]["rules"]
+    assert crds == {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+                    "verbs": ["get"], "resourceNames": list(DOCTOR_CRDS)}
+    assert runtime == {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "verbs": ["get"],
+                       "resourceNames": ["gvisor"]}
+    granted = {(g, r, v) for o in (doctor["Role"], doctor["ClusterRole"]) for rule in o["rules"]
+               for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert granted == set(DOCTOR_PERMISSIONS) - {REVIEWS}
+    kernel_binding = next(o for o in objects if o["kind"] == "ClusterRoleBinding" and o["metadata"]["name"].endswith("-kernel"))
+    for kind, role in (("RoleBinding", "Role"), ("ClusterRoleBinding", "ClusterRole")):
+        assert doctor[kind]["subjects"] == kernel_binding["subjects"]
+        assert doctor[kind]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role,
+                                           "name": doctor[role]["metadata"]["name"]}
+    custom = doctor_objects(render({"gvisor": {"runtimeClassName": "kata-gvisor"}}))["ClusterRole"]
+    assert custom["rules"][1]["resourceNames"] == ["kata-gvisor"]
+    assert doctor_objects(render({"rbac": {"doctor": False}})) == {}
+
+
+@pytest.mark.parametrize("template", ["rbac.yaml", "gc.yaml", "doctor-rbac.yaml"])
 def test_every_rule_is_commented_with_why(template, render_files):
     files = render_files({"sandbox": {"enforcers": list(ENFORCER_KINDS)}, "gc": {"enabled": True, "image": GC_IMAGE}})
     lines = files[f"sandbox-kernel/templates/{template}"].splitlines()

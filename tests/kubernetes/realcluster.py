@@ -105,16 +105,31 @@ def whoami(kubeconfig: str) -> str:
 
 
 def may(kubeconfig: str, verb: str, resource: str, namespace: str | None = None, group: str = "",
-        subresource: str | None = None) -> bool:
-    """SelfSubjectAccessReview as the identity of ``kubeconfig``."""
+        subresource: str | None = None, name: str | None = None) -> bool:
+    """SelfSubjectAccessReview as the identity of ``kubeconfig`` (``name``: one object)."""
     from kubernetes import client, config
 
     api = config.new_client_from_config(config_file=kubeconfig)
     attrs = client.V1ResourceAttributes(verb=verb, resource=resource, namespace=namespace, group=group,
-                                        subresource=subresource)
+                                        subresource=subresource, name=name)
     review = client.AuthorizationV1Api(api).create_self_subject_access_review(
         client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attrs)))
     return bool(review.status.allowed)
+
+
+def chart_kernel_config(admin_kubeconfig: str, out_dir: Path, namespace: str = CHART_NAMESPACE) -> Path:
+    """The chart's kernel configuration (its ConfigMap's ``sandbox_kernel_config.json``)
+    written into ``out_dir``, a Jupyter config directory (``JUPYTER_CONFIG_DIR``): a
+    kernel, ``gc`` or ``doctor`` run with it is configured as the chart configures them."""
+    from kubernetes import client
+
+    for cm in client.CoreV1Api(admin_client(admin_kubeconfig)).list_namespaced_config_map(namespace).items:
+        text = (cm.data or {}).get("sandbox_kernel_config.json")
+        if text:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "sandbox_kernel_config.json").write_text(text)
+            return out_dir
+    raise AssertionError(f"no ConfigMap with sandbox_kernel_config.json in {namespace}: is the chart installed?")
 
 
 def delete_namespace(admin_kubeconfig: str, namespace: str, wait: float = 0) -> None:

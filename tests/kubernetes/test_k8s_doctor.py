@@ -48,8 +48,13 @@ def test_ready_cluster_exit_0_and_only_read_or_review_calls(fakekube):
     assert {v for _, _, v in used} <= {"get", "list", "create"}
     assert {p for p in used if p[2] == "create"} == {("authorization.k8s.io", "selfsubjectaccessreviews", "create")}
     assert used - set(kb.REQUIRED_PERMISSIONS) - set(doctor_k8s.DOCTOR_PERMISSIONS) == set()
+    # one review per backend permission, and one before each of the doctor's own reads, all
+    # by name (the chart can grant exactly those): DaemonSets, the RuntimeClass, the FQDN CRDs
     reviews = fakekube.count("create", "selfsubjectaccessreviews")
-    assert reviews == len(kb.required_permissions(["gke-fqdn"]))
+    assert reviews == len(kb.required_permissions(["gke-fqdn"])) + len(doctor_k8s.DOCTOR_DAEMONSETS) + 1 \
+        + len(doctor_k8s.FQDN_CRDS)
+    assert ("apps", "daemonsets", "list") not in used
+    assert fakekube.count("get", "daemonsets") == len(doctor_k8s.DOCTOR_DAEMONSETS)
 
 
 def test_each_failure_says_what_to_do(fakekube):
@@ -106,13 +111,21 @@ def test_unused_gvisor_is_a_warning(fakekube):
     assert doctor_k8s.ready(list(table.values()))  # warnings do not make a cluster unready
 
 
-def test_missing_doctor_permissions_say_what_to_grant(fakekube):
-    fakekube.forbid("list", "daemonsets", group="apps")
+def test_missing_doctor_permissions_say_what_to_grant_and_no_refused_call_is_made(fakekube):
+    fakekube.forbid("get", "daemonsets", group="apps")
     fakekube.forbid("get", "runtimeclasses", group="node.k8s.io")
+    fakekube.forbid("get", "customresourcedefinitions", group="apiextensions.k8s.io")
     table = rows(fakekube, runtime_class="gvisor")
     np = table["NetworkPolicy enforcement"]
     assert np.status == "FAIL" and "could not check" in np.detail and "daemonsets.apps in kube-system" in np.detail
+    assert "may not get daemonsets.apps 'anetd' in kube-system" in np.detail and "rbac.doctor" in np.detail
     assert "could not check" in table["RuntimeClass gvisor"].detail
+    assert table["DNS"].status == "warn" and "could not see which resolvers run" in table["DNS"].detail
+    crd = table["CRD ciliumnetworkpolicies.cilium.io"]
+    assert crd.status == "info" and "could not check" in crd.detail  # not configured: not a failure
+    # the doctor asked first and did not make the reads it was refused
+    for resource in ("daemonsets", "runtimeclasses", "customresourcedefinitions"):
+        assert fakekube.count("get", resource) == 0, resource
 
 
 def test_access_reviews_forbidden_stop_after_one(fakekube):

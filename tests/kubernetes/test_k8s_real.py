@@ -23,7 +23,7 @@ import uuid
 
 import pytest
 
-from kerneltest import KernelDriver
+from kerneltest import CONNECT, KernelDriver
 from realcluster import (CHART_NAMESPACE, CLUSTER_RANGES, GC_SA, HELM, KERNEL_SA, SANDBOX_IMAGE, admin_client, delete_namespace, may,
                          pods, service_account_kubeconfig, wait_for, whoami)
 
@@ -178,12 +178,25 @@ def test_rbac_permits_every_call_of_the_backend_and_gc(kernel_kubeconfig, gc_kub
     assert _refused(gc_kubeconfig, gc, namespace=None) == []  # --all-namespaces lists
 
 
-@pytest.mark.xfail(strict=True, reason="the chart grants the kernel identity none of doctor's reads "
-                                        "(DaemonSets in kube-system, CRDs, RuntimeClasses): doctor cannot check them")
-def test_rbac_permits_doctors_reads(kernel_kubeconfig):
+def test_rbac_permits_doctors_reads_by_name_and_nothing_wider(kernel_kubeconfig):
+    """The chart (rbac.doctor, the default) lets the kernel identity make each read of
+    `sandbox-kernel doctor`, on exactly the names it reads, and nothing around them."""
     from sandbox_kernel import doctor_k8s
 
-    assert _refused(kernel_kubeconfig, doctor_k8s.DOCTOR_PERMISSIONS) == []
+    kc = kernel_kubeconfig
+    assert may(kc, "create", "selfsubjectaccessreviews", group="authorization.k8s.io")
+    refused = [ds for ds in doctor_k8s.DOCTOR_DAEMONSETS if not may(kc, "get", "daemonsets", "kube-system", "apps", name=ds)]
+    refused += [crd for crd in doctor_k8s.DOCTOR_CRDS
+                if not may(kc, "get", "customresourcedefinitions", group="apiextensions.k8s.io", name=crd)]
+    refused += [rc for rc in ["gvisor"] if not may(kc, "get", "runtimeclasses", group="node.k8s.io", name=rc)]
+    assert refused == []
+    wider = [("list", "daemonsets", "kube-system", "apps", None), ("get", "daemonsets", "kube-system", "apps", "kube-proxy"),
+             ("get", "daemonsets", "default", "apps", "kube-router"), ("watch", "daemonsets", "kube-system", "apps", None),
+             ("get", "pods", "kube-system", "", None), ("get", "configmaps", "kube-system", "", "coredns"),
+             ("list", "customresourcedefinitions", None, "apiextensions.k8s.io", None),
+             ("get", "customresourcedefinitions", None, "apiextensions.k8s.io", "certificates.cert-manager.io"),
+             ("list", "runtimeclasses", None, "node.k8s.io", None)]
+    assert [w for w in wider if may(kc, w[0], w[1], w[2], w[3], name=w[4])] == []
 
 
 def test_rbac_denies_what_the_kernel_identity_must_not_do(kernel_kubeconfig):
@@ -315,6 +328,60 @@ def test_pod_deleted_from_outside_then_next_cell_in_a_new_pod(cluster_admin, ker
     assert "after\n" in said.stream(), said.outputs
     new = the_pod(cluster_admin, kernel.user)
     assert new["metadata"]["name"] != pod["metadata"]["name"]
+
+
+def test_refusals_between_cells_are_said_in_the_notebook(cluster_admin, kernel_kubeconfig):
+    """Between two cells of one kernel the cluster changes under it, as an administrator
+    would change it: the pod is deleted and the namespace's RoleBinding removed, so the
+    replacement is refused by RBAC (a real 403); the binding comes back but the quota is
+    full (a real "exceeded quota"); the quota is restored and the next cell gets a fresh pod.
+    Each refusal is shown in the notebook, in plain words."""
+    from kubernetes import client
+
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    driver = KernelDriver(kernel_env(kernel_kubeconfig, user))
+    api = admin_client(cluster_admin)
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    try:
+        assert "x=1\n" in driver.execute("print('x=1')", timeout=240).stream()
+        pod = the_pod(cluster_admin, user)
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        binding = rbac.read_namespaced_role_binding("sandbox-kernel", namespace)
+        rbac.delete_namespaced_role_binding("sandbox-kernel", namespace)
+        wait_for("RBAC to drop the binding", lambda: not may(kernel_kubeconfig, "create", "pods", namespace), timeout=30)
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=1)
+        wait_for("the pod to be gone", lambda: name not in [p.metadata.name for p in core.list_namespaced_pod(namespace).items],
+                 timeout=60)
+        denied = driver.execute("print('after')", timeout=240)
+        if denied.reply["content"].get("ename") == "SandboxCrashed":  # the loss was seen during the cell
+            assert "deleted" in denied.reply["content"]["evalue"]
+            denied = driver.execute("print('after')", timeout=240)
+        content = denied.reply["content"]
+        assert content.get("ename") == "KubernetesForbidden", content
+        assert f'namespace "{namespace}"' in content["evalue"] and "cannot " in content["evalue"], content["evalue"]
+        assert "Kubernetes refused" in str(denied.outputs)  # shown in the notebook, not only in the reply
+
+        # the binding is back, the quota is full
+        core.patch_namespaced_resource_quota("sandbox-quota", namespace, {"spec": {"hard": {"pods": "0"}}})
+        rbac.create_namespaced_role_binding(namespace, {
+            "metadata": {"name": "sandbox-kernel", "labels": binding.metadata.labels},
+            "roleRef": api.sanitize_for_serialization(binding.role_ref),
+            "subjects": api.sanitize_for_serialization(binding.subjects)})
+        wait_for("RBAC to see the binding again", lambda: may(kernel_kubeconfig, "create", "pods", namespace), timeout=30)
+        full = driver.execute("print('after')", timeout=240)
+        assert full.reply["content"].get("ename") == "QuotaExceeded", full.reply["content"]
+        assert f"quota in namespace {namespace}" in full.reply["content"]["evalue"]
+        assert "exceeded quota: sandbox-quota" in str(full.outputs)
+
+        # and once there is room again, the next cell gets a fresh sandbox
+        core.patch_namespaced_resource_quota("sandbox-quota", namespace, {"spec": {"hard": {"pods": "4"}}})
+        again = driver.execute("print('fresh')", timeout=240)
+        assert "fresh\n" in again.stream(), again.outputs
+        assert the_pod(cluster_admin, user)["metadata"]["name"] != name
+    finally:
+        driver.shutdown()
+        for ns in _user_namespaces(cluster_admin, user):
+            delete_namespace(cluster_admin, ns)
 
 
 def test_pod_security_restricted_rejects_a_violating_pod(cluster_admin, kernel_kubeconfig, kernel):
@@ -536,20 +603,108 @@ def test_gc_removes_an_orphan_and_leaves_a_live_sandbox(cluster_admin, kernel_ku
             delete_namespace(cluster_admin, ns)
 
 
+def test_an_orphaned_pod_ends_by_itself_and_the_next_start_collects_it(cluster_admin, kernel_kubeconfig):
+    """Issue 15 point 4 on a real pod: the kernel goes away without stopping its sandbox
+    (its exec stream closes, nothing deletes the pod); the agent, the pod's main process,
+    exits after ``orphan_timeout`` with no client attached, so the pod ends (Succeeded) by
+    itself; the user's next start sweeps it away. Its egress policy is younger than gc's
+    10 minutes and stays for now (another start may own it)."""
+    from kubernetes import client
+
+    from sandbox_kernel.policy.model import EgressPolicy
+
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(admin_client(cluster_admin))
+
+    async def main():
+        orphan = _backend(kernel_kubeconfig, user, orphan_timeout=3.0, gc_on_start=True)
+        await orphan.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
+        await orphan._gc_task
+        transport = await orphan.attach()
+        assert (await asyncio.wait_for(transport.recv(), 60))["type"] == "hello"
+        namespace, pod = orphan.namespace, orphan.pod
+        await transport.close()  # the kernel is gone: no stop()
+        await asyncio.to_thread(wait_for, "the orphaned pod to end by itself",
+                                lambda: core.read_namespaced_pod(pod, namespace).status.phase == "Succeeded",
+                                120)
+        fresh = _backend(kernel_kubeconfig, user, gc_on_start=True)
+        await fresh.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
+        removed = await fresh._gc_task
+        await fresh.stop()
+        return namespace, pod, removed
+
+    try:
+        namespace, pod, removed = asyncio.run(main())
+        assert f"pods {namespace}/{pod}" in removed, removed
+        wait_for("the orphan to be gone", lambda: pod not in [p.metadata.name for p in core.list_namespaced_pod(namespace).items],
+                 timeout=60)
+        net = client.NetworkingV1Api(admin_client(cluster_admin))
+        assert f"{pod}-egress" in [n.metadata.name for n in net.list_namespaced_network_policy(namespace).items]
+    finally:
+        for ns in _user_namespaces(cluster_admin, user):
+            delete_namespace(cluster_admin, ns)
+
+
+def test_learn_mode_records_what_the_guard_let_through(cluster_admin, kernel_kubeconfig, test_host):
+    """Learn mode on a real pod: there is no enforcer log, so the kernel asks the agent's
+    guard what it let through; the proposal has the allowed port and the refused one, and
+    learning changes nothing about the policy in force (kube-router still lets 8080 through)."""
+    from sandbox_kernel.learn import LEARN_MIME
+
+    host = test_host(8080)
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    driver = KernelDriver(kernel_env(kernel_kubeconfig, user))
+    try:
+        assert driver.execute(f"%sandbox allow {host.ip}:8080/tcp", timeout=240).status == "ok"
+        # NetworkPolicy is programmed asynchronously: wait until the allowed port connects
+        wait_for("the allowed port to connect through kube-router",
+                 lambda: "connected" in driver.execute(CONNECT.format(ip=host.ip, port=8080)).stream(),
+                 timeout=60, interval=0)
+        started = driver.execute("%sandbox learn")
+        assert "allowed ones as the sandbox's guard reports them" in started.stream(), started.stream()
+        assert "connected" in driver.execute(CONNECT.format(ip=host.ip, port=8080)).stream()
+        assert "refused" in driver.execute(CONNECT.format(ip=host.ip, port=8081)).stream()
+        stop = driver.execute("%sandbox learn stop")
+        [proposal] = [m["content"]["data"][LEARN_MIME] for m in stop.of_type("display_data")
+                      if LEARN_MIME in m["content"]["data"]]
+        assert {(t["port"], t["verdict"], tuple(t["sources"])) for t in proposal["tried"]} == {
+            (8080, "allowed", ("guard",)), (8081, "blocked", ("guard",))}, proposal["tried"]
+        [item] = proposal["items"]
+        assert item["text"] == f"{host.ip}:8080-8081/tcp" and item["sandbox_reported"]
+        assert "connected" in driver.execute(CONNECT.format(ip=host.ip, port=8080)).stream()
+    finally:
+        driver.shutdown()
+        for ns in _user_namespaces(cluster_admin, user):
+            delete_namespace(cluster_admin, ns)
+
+
 # -- helm and doctor -------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="doctor checks gc's cluster-wide 'list pods/networkpolicies' as kernel "
-                                        "permissions, and the chart grants the kernel identity no 'list daemonsets' "
-                                        "in kube-system, so the enforcement row says 'could not check'")
-def test_doctor_as_the_kernel_identity_reports_networkpolicy_enforcement(kernel_kubeconfig):
-    env = {**os.environ, "KUBECONFIG": kernel_kubeconfig, "KUBERNETES_SERVICE_HOST": "",
-           "SANDBOX_KERNEL_K8S_IMAGE": SANDBOX_IMAGE}
+def test_doctor_as_the_kernel_identity_reports_networkpolicy_enforcement(cluster_admin, kernel_kubeconfig, kernel,
+                                                                          tmp_path):
+    """`sandbox-kernel doctor`, configured as the chart configures kernels (its ConfigMap) and
+    authenticated as the chart's kernel ServiceAccount: every row checked (no "could not
+    check"), kube-router found enforcing NetworkPolicy, the namespaced rights checked in a
+    user namespace that exists, and ready."""
+    from realcluster import chart_kernel_config
+
+    assert "up\n" in kernel.execute("print('up')", timeout=240).stream()  # its user namespace exists
+    config_dir = chart_kernel_config(cluster_admin, tmp_path / "jupyter-config")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_KERNEL_K8S_")},
+           "KUBECONFIG": kernel_kubeconfig, "KUBERNETES_SERVICE_HOST": "", "JUPYTER_CONFIG_DIR": str(config_dir),
+           "SANDBOX_KERNEL_USER": kernel.user}
     done = subprocess.run(["sandbox-kernel", "doctor", "--backend", "kubernetes"], capture_output=True, text=True,
                           env=env, timeout=120)
     out = done.stdout + done.stderr
-    row = [line for line in out.splitlines() if line.startswith("NetworkPolicy enforcement")]
-    assert row and "kube-router" in row[0] and "FAIL" not in row[0], out
-    assert done.returncode == 0, out
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    row = rows.get("NetworkPolicy enforcement", "")
+    assert " ok " in row and "kube-router (DaemonSet kube-system/kube-router)" in row, out
+    namespaced = rows.get("RBAC in user namespaces", "")
+    assert " ok " in namespaced and f"user-sandbox-{kernel.user}" in namespaced, out
+    assert " ok " in rows.get("RBAC bind clusterroles.rbac.authorization.k8s.io", ""), out
+    assert " ok " in rows.get("DNS", "") and "no NodeLocal DNSCache DaemonSet" in rows["DNS"], out
+    assert "could not check" not in out and "FAIL" not in out, out
+    assert done.returncode == 0 and out.rstrip().endswith("ready"), out
 
 
 def test_helm_install_in_hub_mode_binds_the_role_to_the_service(cluster_admin):
@@ -597,12 +752,156 @@ def _backend(kubeconfig: str, user: str, **kw):
     kw.setdefault("requests", {"cpu": "50m", "memory": "128Mi"})
     kw.setdefault("namespace_role", f"{KERNEL_SA}-sandbox")  # as the chart configures its kernels
     kw.setdefault("role_subject", f"ServiceAccount:{CHART_NAMESPACE}:{KERNEL_SA}")
-    backend = kb.KubernetesBackend(client_configuration=configuration, user=user, start_timeout=120, **kw)
+    kw.setdefault("start_timeout", 120)
+    backend = kb.KubernetesBackend(client_configuration=configuration, user=user, **kw)
     backend.always_blocked = ["169.254.0.0/16"]
     return backend
 
 
-@pytest.mark.parametrize("case", ["image", "unschedulable", "quota"])
+async def _cell(transport, code: str, cell_id: int) -> tuple[str, int]:
+    """Run one cell over a backend transport: (its stdout, its exit status)."""
+    await transport.send({"type": "execute", "id": cell_id, "code": code, "silent": False,
+                          "store_history": True, "user_expressions": {}, "allow_stdin": False})
+    out = []
+    while True:
+        frame = await asyncio.wait_for(transport.recv(), 60)
+        assert frame is not None, "the stream ended during a cell"
+        if frame["type"] == "stream" and frame.get("name", "stdout") == "stdout":
+            out.append(frame["text"])
+        if frame["type"] == "done":
+            return "".join(out), frame["exit_status"]
+
+
+def test_api_requests_per_start_and_no_polling(cluster_admin, kernel_kubeconfig):
+    """On the real API server, as the chart's identity: the first start in a new namespace
+    applies its objects (namespace, RoleBinding, ServiceAccount, quota, limits, default deny,
+    agent ConfigMap, then the setup mark); a start in a set-up namespace is 5 requests — GET
+    namespace, apply the egress NetworkPolicy, create the pod, watch the pod and watch its
+    events, both from the create's resourceVersion — and no GET or LIST of the pod while it
+    waits; after Ready, the start's sweep lists the user's pods and policies once each. Stop
+    deletes the pod and the kernel's NetworkPolicy; the namespace and its default deny stay."""
+    from urllib.parse import parse_qs, urlparse
+
+    from kubernetes import client
+
+    from sandbox_kernel.policy.model import EgressPolicy
+
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+
+    async def start(calls: list):
+        backend = _backend(kernel_kubeconfig, user, gc_on_start=True)
+        rest = backend.api_client().rest_client
+        plain = rest.request
+
+        def request(method, url, *args, **kwargs):
+            parsed = urlparse(url)
+            calls.append((method, parsed.path, {k: v[-1] for k, v in parse_qs(parsed.query).items()}))
+            return plain(method, url, *args, **kwargs)
+
+        rest.request = request
+        lines: list[str] = []
+        await backend.start(uuid.uuid4().hex, EgressPolicy(), lines.append)
+        ready_at = len(calls)
+        await backend._gc_task
+        return backend, lines, ready_at
+
+    async def main():
+        first_calls, second_calls = [], []
+        first, first_lines, _ = await start(first_calls)
+        second, second_lines, ready_at = await start(second_calls)
+        # cells; a second transport (a new attach, as after a restart of the sandbox service)
+        # finds the interpreter's state
+        t1 = await second.attach()
+        assert (await asyncio.wait_for(t1.recv(), 60))["type"] == "hello"
+        assert await _cell(t1, "secret = 'kept'\nprint(6 * 7)", 1) == ("42\n", 0)
+        assert (await _cell(t1, "raise SystemExit(3)", 2))[1] == 3
+        await t1.close()
+        t2 = await second.attach()
+        assert (await asyncio.wait_for(t2.recv(), 60))["type"] == "hello"
+        assert await _cell(t2, "print(secret)", 3) == ("kept\n", 0)
+        await t2.close()
+        namespace = second.namespace
+        pod = second.pod
+        net = client.NetworkingV1Api(admin_client(cluster_admin))
+        egress = [n.metadata.name for n in net.list_namespaced_network_policy(namespace).items]
+        await first.stop()
+        await second.stop()
+        wait_for("the pods to be gone", lambda: not pods(cluster_admin, namespace), timeout=60)
+        left = [n.metadata.name for n in net.list_namespaced_network_policy(namespace).items]
+        return first_calls, first_lines, second_calls, second_lines, ready_at, namespace, pod, egress, left
+
+    try:
+        (first_calls, first_lines, second_calls, second_lines, ready_at, namespace, pod, egress,
+         left) = asyncio.run(main())
+    finally:
+        for ns in _user_namespaces(cluster_admin, user):
+            delete_namespace(cluster_admin, ns)
+    # the first start prepared the namespace (RBAC may need a moment to see the new
+    # RoleBinding: an apply refused meanwhile is retried, so count kinds, not requests)
+    assert first_lines[0] == f"Preparing namespace {namespace}…", first_lines
+    patched = {path.split("/")[-2] for method, path, _ in first_calls if method == "PATCH"}  # plural/name
+    assert {"namespaces", "rolebindings", "serviceaccounts", "resourcequotas", "limitranges", "networkpolicies",
+            "configmaps"} <= patched, first_calls
+    # the second: five requests until Ready, none of them a poll
+    before_ready = second_calls[:ready_at]
+    summary = [(m, p.split("/")[-1] if q.get("watch") else p, q.get("watch")) for m, p, q in before_ready]
+    assert len(before_ready) == 5, summary
+    (m0, p0, _), (m1, p1, _), (m2, p2, _) = before_ready[:3]
+    assert (m0, p0) == ("GET", f"/api/v1/namespaces/{namespace}"), summary
+    assert (m1, p1) == ("PATCH", f"/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies/{pod}-egress"), summary
+    assert (m2, p2) == ("POST", f"/api/v1/namespaces/{namespace}/pods"), summary
+    watches = sorted((p, q.get("fieldSelector", "")) for _, p, q in before_ready[3:] if q.get("watch") == "true")
+    assert watches == [(f"/api/v1/namespaces/{namespace}/events", f"involvedObject.name={pod}"),
+                       (f"/api/v1/namespaces/{namespace}/pods", f"metadata.name={pod}")], summary
+    assert all(q.get("resourceVersion") for _, _, q in before_ready[3:]), summary
+    # after Ready: the sweep, one LIST per kind in that namespace
+    sweep = sorted(p for m, p, q in second_calls[ready_at:] if m == "GET" and not q.get("watch"))
+    assert sweep == [f"/api/v1/namespaces/{namespace}/pods",
+                     f"/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies"], second_calls[ready_at:]
+    assert "sandbox-default-deny" in egress and f"{pod}-egress" in egress, egress
+    assert left == ["sandbox-default-deny"], left
+    assert "Preparing namespace" not in " ".join(second_lines)
+
+
+def test_rbac_refusal_names_the_verb_the_resource_and_the_servers_words(cluster_admin, gc_kubeconfig):
+    """A real RBAC 403: the chart's gc identity may not read namespaces, so a start with its
+    token fails at its first call, and says which permission is missing."""
+    from sandbox_kernel.backends import kubernetes as kb
+    from sandbox_kernel.policy.model import EgressPolicy
+
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(kb.KubernetesForbidden) as err:
+        asyncio.run(_backend(gc_kubeconfig, user).start(uuid.uuid4().hex, EgressPolicy(), lambda line: None))
+    assert (err.value.verb, err.value.resource) == ("get", "namespaces")
+    assert 'cannot get resource "namespaces"' in str(err.value), str(err.value)
+    assert f"system:serviceaccount:{CHART_NAMESPACE}:{GC_SA}" in str(err.value), str(err.value)
+    assert _user_namespaces(cluster_admin, user) == []  # nothing was created
+
+
+def test_idle_timeout_removes_the_pod(cluster_admin, kernel_kubeconfig):
+    from sandbox_kernel.policy.model import EgressPolicy
+
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+
+    async def main():
+        backend = _backend(kernel_kubeconfig, user, idle_timeout=2.0)
+        await backend.start(uuid.uuid4().hex, EgressPolicy(), lambda line: None)
+        transport = await backend.attach()
+        assert (await asyncio.wait_for(transport.recv(), 60))["type"] == "hello"
+        assert await _cell(transport, "import time; time.sleep(3); print('done')", 1) == ("done\n", 0)  # busy, not idle
+        assert await asyncio.wait_for(transport.recv(), 60) is None  # then idle: the pod goes
+        return backend.namespace, await backend.exit_reason()
+
+    try:
+        namespace, reason = asyncio.run(main())
+        assert "idle_timeout" in reason, reason
+        wait_for("the idle pod to be gone", lambda: not pods(cluster_admin, namespace), timeout=60)
+    finally:
+        for ns in _user_namespaces(cluster_admin, user):
+            delete_namespace(cluster_admin, ns)
+
+
+@pytest.mark.parametrize("case", ["image", "unschedulable", "quota", "timeout"])
 def test_start_failures_say_what_happened(cluster_admin, kernel_kubeconfig, case):
     import asyncio
 
@@ -612,7 +911,10 @@ def test_start_failures_say_what_happened(cluster_admin, kernel_kubeconfig, case
     user = f"ci-{uuid.uuid4().hex[:6]}"
     kw = {"image": {"image": "sandbox-kernel.local/no-such-image:1", "image_pull_policy": "IfNotPresent"},
           "unschedulable": {"node_selector": {"sandbox-kernel.io/no-such-node": "x"}, "schedule_timeout": 3},
-          "quota": {"quota": {"pods": "1"}}}[case]
+          "quota": {"quota": {"pods": "1"}},
+          # never scheduled (schedule_timeout far away): the start timeout ends it
+          "timeout": {"node_selector": {"sandbox-kernel.io/no-such-node": "x"}, "schedule_timeout": 600,
+                      "start_timeout": 5}}[case]
     lines: list[str] = []
 
     async def main():
@@ -626,14 +928,25 @@ def test_start_failures_say_what_happened(cluster_admin, kernel_kubeconfig, case
         finally:
             await first.stop()
 
-    expected = {"image": kb.ImagePullFailed, "unschedulable": kb.Unschedulable, "quota": kb.QuotaExceeded}[case]
+    expected = {"image": kb.ImagePullFailed, "unschedulable": kb.Unschedulable, "quota": kb.QuotaExceeded,
+                "timeout": kb.SandboxStartError}[case]
     try:
         with pytest.raises(expected) as err:
             asyncio.run(main())
         words = {"image": "could not be pulled", "unschedulable": "No node could run the sandbox",
-                 "quota": "quota in namespace user-sandbox-"}[case]
+                 "quota": "quota in namespace user-sandbox-", "timeout": "was not ready within 5 s"}[case]
         assert words in str(err.value), str(err.value)
-        assert "Kubernetes said:" in str(err.value)
+        assert "Kubernetes said:" in str(err.value) or case == "timeout"
+        # what the user saw while it waited, and the server's own words
+        if case == "image":
+            assert "Pulling image sandbox-kernel.local/no-such-image:1…" in lines, lines
+        elif case == "unschedulable":
+            assert [line for line in lines if line.startswith("Waiting for a node: ")], lines
+            assert "didn't match Pod's node affinity/selector" in str(err.value), str(err.value)
+        elif case == "quota":
+            assert "exceeded quota" in str(err.value), str(err.value)
+        else:
+            assert "c.KubernetesBackend.start_timeout" in str(err.value) and "last state: " in str(err.value)
         # nothing of the failed start is left behind
         for ns in _user_namespaces(cluster_admin, user):
             wait_for("the failed pod to go", lambda: not pods(cluster_admin, ns), timeout=60)

@@ -95,6 +95,66 @@ def test_error_event_relists_or_rewatches(fakekube, code):
         assert len(_watch_requests(fakekube, "pods")) >= 2  # watched again after the 500
 
 
+RESTARTING = {
+    429: ("TooManyRequests", "storage is (re)initializing"),
+    # what the test cluster's kube-apiserver answered, just restarted, before its RBAC caches were filled
+    403: ("Forbidden", 'pods is forbidden: User "system:serviceaccount:skci-chart:skci-sandbox-kernel" cannot watch '
+                       'resource "pods" in API group "" in the namespace "user-sandbox-alice": RBAC: [clusterrole.'
+                       'rbac.authorization.k8s.io "skci-sandbox-kernel-sandbox" not found]'),
+}
+
+
+@pytest.mark.parametrize("code", sorted(RESTARTING))
+def test_watches_refused_while_the_restarted_server_fills_its_caches_are_retried(fakekube, code):
+    """A restarted kube-apiserver serves before its caches are filled: watches get 429
+    "storage is (re)initializing", and 403 while its RBAC authorizer has not seen the roles
+    yet (test_k8s_restart.py met the 403 on the real cluster, at a moment it cannot choose):
+    a watch the identity was allowed to open before is retried, not reported."""
+    backend = make_backend(fakekube)
+    reason, message = RESTARTING[code]
+
+    async def main():
+        task = await started_watching(fakekube, backend)
+        await asyncio.to_thread(fakekube.hold_watches)
+        for resource in ("pods", "events"):
+            await asyncio.to_thread(fakekube.fail, "watch", resource, code, reason, message, times=2)
+        assert await asyncio.to_thread(fakekube.end_watches) == 2
+        await asyncio.to_thread(fakekube.update_pod, backend.namespace, backend.pod, ready)
+        await asyncio.to_thread(fakekube.release_watches)
+        info = await asyncio.wait_for(task, 20)
+        await backend.stop()
+        return info
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)).details["pod"]
+    assert len(_watch_requests(fakekube, "pods")) >= 4  # the first, two refused, the one that saw Ready
+
+
+def test_a_refusal_that_lasts_is_reported_as_rbac(fakekube, monkeypatch):
+    """A 403 that outlasts the retry window is the identity's lost right: the typed error."""
+    monkeypatch.setattr(kb._Watch, "UNREACHABLE_FOR", 1.0)
+    backend = make_backend(fakekube)
+
+    async def main():
+        task = await started_watching(fakekube, backend)
+        await asyncio.to_thread(fakekube.hold_watches)
+        for resource in ("pods", "events"):
+            await asyncio.to_thread(fakekube.fail, "watch", resource, 403, *RESTARTING[403], times=None)
+        assert await asyncio.to_thread(fakekube.end_watches) == 2
+        await asyncio.to_thread(fakekube.release_watches)
+        with pytest.raises(kb.KubernetesForbidden, match="watch (pods|events)"):
+            await asyncio.wait_for(task, 20)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_first_watch_refused_is_reported_at_once(fakekube):
+    """Never allowed: no retry (the identity lacks the right)."""
+    fakekube.forbid("watch", "pods")
+    backend = make_backend(fakekube)
+    with pytest.raises(kb.KubernetesForbidden, match="watch pods"):
+        asyncio.run(asyncio.wait_for(backend.start("c0ffee0123", EgressPolicy(), lambda line: None), 10))
+
+
 def test_pod_deleted_while_the_watch_was_gone_is_reported(fakekube):
     backend = make_backend(fakekube)
 
