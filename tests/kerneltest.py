@@ -266,10 +266,15 @@ threading.Event().wait()
 _HOST_INDEX = itertools.count(1)
 
 #: a cell that prints ``connected`` or ``refused <error>`` for a TCP connection to
-#: ``{ip}:{port}`` (fill in with ``CONNECT.format(ip=..., port=...)``)
+#: ``{ip}:{port}`` (fill in with ``CONNECT.format(ip=..., port=...)``). ``connected`` is printed
+#: once the host's greeting has arrived: the test host logs a contact before it greets, so after
+#: ``connected`` :meth:`TestHost.seen` counts it (a finished handshake alone says nothing about
+#: whether the host's server has taken the connection yet)
 CONNECT = ("import socket\n"
            "try:\n"
-           "    socket.create_connection(({ip!r}, {port}), timeout=3).close(); print('connected')\n"
+           "    with socket.create_connection(({ip!r}, {port}), timeout=3) as c:\n"
+           "        c.recv(1)\n"
+           "    print('connected')\n"
            "except OSError as e:\n"
            "    print('refused', type(e).__name__)\n")
 

@@ -27,8 +27,10 @@ def test_interrupt_reaches_the_cell_and_spares_the_attached_stream(tmp_path):
     pyz = tmp_path / "agent.pyz"
     pyz.write_bytes(build_pyz())
     sock = tmp_path / "agent.sock"
-    agent = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(pyz), "serve",
-                              "--socket", str(sock)], stdin=subprocess.DEVNULL)
+    # --kill-child: killing unshare (below, after the test) must end the agent too; with --fork
+    # alone the agent, PID 1 of its namespace, outlived the test
+    agent = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, str(pyz),
+                              "serve", "--socket", str(sock)], stdin=subprocess.DEVNULL)
     attach = None
     try:
         deadline = time.monotonic() + 60

@@ -713,7 +713,10 @@ def test_helm_install_in_hub_mode_binds_the_role_to_the_service(cluster_admin):
 
     from realcluster import install_chart
 
-    release, namespace = "skcihub", "skci-hub"
+    # names of this run only: the cluster is shared, and a namespace of the same name deleted by an
+    # earlier run stays "Terminating" for seconds, refusing the next install into it
+    suffix = uuid.uuid4().hex[:6]
+    release, namespace = f"skcihub-{suffix}", f"skci-hub-{suffix}"
     try:
         install_chart(cluster_admin, release=release, namespace=namespace, wait=False, values={
             "hub.enabled": "true", "hub.image.name": "sandbox-kernel.local/hub", "hub.image.tag": "none",
