@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -357,13 +359,14 @@ class FakeKube:
                                                                   "x-kubernetes-preserve-unknown-fields": True}}}
                                   for i, v in enumerate(versions)]}})
 
-    def drop_exec_streams(self) -> int:
+    def drop_exec_streams(self, reset: bool = False) -> int:
         """Cut every open exec WebSocket at the TCP level, as a load balancer or a node
-        restart of the API server would (no close frame, no status). Returns how many."""
+        restart of the API server would (no close frame, no status); with ``reset``, by a TCP
+        reset (the client's next read fails with ECONNRESET). Returns how many."""
         def do():
             handlers = list(self._exec_handlers)
             for handler in handlers:
-                handler.drop()
+                handler.drop(reset)
             return len(handlers)
         return self._call(do)
 
@@ -964,10 +967,12 @@ class ExecHandler(_Base, tornado.websocket.WebSocketHandler):
                 self.proc.stdin.close()
         # channel 4 (resize) is accepted and ignored: no TTYs here
 
-    def drop(self) -> None:
+    def drop(self, reset: bool = False) -> None:
         """Close the TCP connection without a close frame or status (see FakeKube.drop_exec_streams)."""
         stream = self.ws_connection.stream if self.ws_connection is not None else None
         if stream is not None:
+            if reset and stream.socket is not None:
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             stream.close()
 
     def on_close(self) -> None:

@@ -265,6 +265,30 @@ def test_a_send_right_after_the_exec_socket_is_shut_waits_for_the_reattach(fakek
     run(main())
 
 
+def test_an_exec_stream_cut_by_a_tcp_reset_is_reattached(fakekube):
+    """The API server's side resets the exec connection (seen on the real cluster after the
+    kernel's socket was shut: the reader's read fails with ECONNRESET first). The reader
+    re-attaches and the next cell runs in the same interpreter. (The reader's read of the exit
+    status after the cut polled the dead socket once more, raised "Connection to remote host
+    was lost." and ended the reader without a re-attach; the cell then failed.)"""
+    async def main():
+        backend = make_backend(fakekube)
+        await backend.start("k1", EgressPolicy(), lambda line: None)
+        try:
+            transport = await backend.attach()
+            await hello(transport)
+            await execute(transport, "kept = 'state'", "c1")
+            assert fakekube.drop_exec_streams(reset=True) == 1
+            out, done = await execute(transport, "print(kept)", "c2")
+            assert (out, done["status"]) == ("state\n", "ok")
+            assert transport.reattached == 1
+            await transport.close()
+        finally:
+            await backend.stop()
+
+    run(main())
+
+
 def test_a_send_after_the_reattach_gave_up_fails_in_plain_words(fakekube):
     """The stream is cut and cannot be re-opened (exec now refused): the send says so in plain
     words, as a ConnectionError (the Session reports the cell as ended), never the socket's

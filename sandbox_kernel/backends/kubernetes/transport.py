@@ -177,7 +177,14 @@ class ExecTransport(LineTransport):
                             self.log.info("sandbox agent stderr: %s", err.decode("utf-8", "replace").rstrip())
                 except Exception as err:  # noqa: BLE001 - "Connection to remote host was lost." and others
                     self.log.info("exec stream cut: %s", err)
-                status = ws.read_channel(3)
+                try:
+                    status = ws.read_channel(3)
+                except Exception as err:  # noqa: BLE001 - the dead socket again: no status came
+                    # (a cut seen first as ECONNRESET leaves websocket-client's socket marked
+                    # open, and this read polls it once more: "Connection to remote host was
+                    # lost." here ended the reader without a re-attach)
+                    self.log.info("exec stream: no exit status (%s)", err)
+                    status = None
                 if status:
                     try:
                         self.status = json.loads(status)
