@@ -53,17 +53,6 @@ HUB_IMAGE = os.environ.get("SANDBOX_KERNEL_CLUSTER_HUB_IMAGE", "sandbox-kernel.l
 SANDBOX_IMAGE = os.environ.get("SANDBOX_KERNEL_CLUSTER_SANDBOX_IMAGE", "sandbox-kernel.local/sandbox:cluster")
 STATE_CLASS = "skhub-state"                 # a class name no provisioner serves: only our PV binds
 
-LISTEN = """
-import socket, threading
-accepted = []
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(('0.0.0.0', 8000)); srv.listen(8)
-def serve():
-    while True:
-        c, peer = srv.accept(); accepted.append(peer[0]); c.sendall(b'hi'); c.close()
-threading.Thread(target=serve, daemon=True).start()
-print('listening')
-"""
 
 
 def _connect(ip: str, port: int) -> str:
@@ -229,7 +218,7 @@ def test_two_users_are_isolated_and_a_change_beyond_the_ceiling_is_refused(clust
 
     from sandbox_kernel.policy.admin import CeilingRefused
     from sandbox_kernel.policy.model import EgressPolicy
-    from realcluster import wait_for
+    from realcluster import LISTEN, wait_for
 
     ch = cluster_hub
     kernels = ch.kernels

@@ -38,6 +38,19 @@ CHART_VALUES = {"gc.enabled": "true", "gc.schedule": "0 0 1 1 *",
 CLUSTER_RANGES = "10.244.0.0/16 10.96.0.0/16 10.245.0.1/32"
 
 
+#: a cell that serves TCP 8000 in a sandbox pod (greets, records who connected in `accepted`)
+LISTEN = """
+import socket, threading
+accepted = []
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(('0.0.0.0', 8000)); srv.listen(8)
+def serve():
+    while True:
+        c, peer = srv.accept(); accepted.append(peer[0]); c.sendall(b'hi'); c.close()
+threading.Thread(target=serve, daemon=True).start()
+print('listening')
+"""
+
 def admin_client(admin_kubeconfig: str):
     from kubernetes import config
 

@@ -24,7 +24,7 @@ import uuid
 import pytest
 
 from kerneltest import CONNECT, KernelDriver
-from realcluster import (CHART_NAMESPACE, CLUSTER_RANGES, GC_SA, HELM, KERNEL_SA, SANDBOX_IMAGE, admin_client, delete_namespace, may,
+from realcluster import (CHART_NAMESPACE, CLUSTER_RANGES, GC_SA, HELM, KERNEL_SA, LISTEN, SANDBOX_IMAGE, admin_client, delete_namespace, may,
                          pods, service_account_kubeconfig, wait_for, whoami)
 
 from sandbox_kernel.errors import SandboxStartError
@@ -958,17 +958,6 @@ def test_start_failures_say_what_happened(cluster_admin, kernel_kubeconfig, case
 
 # -- isolation between users ------------------------------------------------------------------------
 
-LISTEN = """
-import socket, threading
-accepted = []
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(('0.0.0.0', 8000)); srv.listen(8)
-def serve():
-    while True:
-        c, peer = srv.accept(); accepted.append(peer[0]); c.sendall(b'hi'); c.close()
-threading.Thread(target=serve, daemon=True).start()
-print('listening')
-"""
 
 
 def test_another_users_pod_is_unreachable_and_ingress_is_refused(cluster_admin, kernel_kubeconfig, kernel):
