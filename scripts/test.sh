@@ -14,6 +14,17 @@ if [ -x /usr/local/go/bin/go ] && ! command -v go >/dev/null; then
   export PATH="$PATH:/usr/local/go/bin"
 fi
 export SANDBOX_KERNEL_TEST_CLUSTER="${SANDBOX_KERNEL_TEST_CLUSTER:-auto}"
+# The rootless tests run a kernel as uid 65534 from this checkout, so every directory above it
+# must be traversable by others (search only, not listing); a clone made in a private directory
+# (`mktemp -d` is 0700) is not, and those kernels would die at start.
+d="$repo"
+while [ "$d" != / ]; do
+  d="$(dirname "$d")"
+  if [ -n "$(find "$d" -maxdepth 0 ! -perm -o+x)" ]; then
+    echo "test.sh: chmod o+x $d (the rootless tests' kernel, uid 65534, must reach this checkout)" >&2
+    chmod o+x "$d"
+  fi
+done
 status=0
 python -m pytest -p no:cacheprovider "$@" || status=$?
 if [ "$status" = 5 ]; then
